@@ -1,0 +1,295 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ConversationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONVERSATION_STATUS_UNSPECIFIED: _ClassVar[ConversationStatus]
+    CONVERSATION_STATUS_STARTING: _ClassVar[ConversationStatus]
+    CONVERSATION_STATUS_RUNNING: _ClassVar[ConversationStatus]
+    CONVERSATION_STATUS_STOPPED: _ClassVar[ConversationStatus]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_ACTION: _ClassVar[EventKind]
+    EVENT_KIND_OBSERVATION: _ClassVar[EventKind]
+CONVERSATION_STATUS_UNSPECIFIED: ConversationStatus
+CONVERSATION_STATUS_STARTING: ConversationStatus
+CONVERSATION_STATUS_RUNNING: ConversationStatus
+CONVERSATION_STATUS_STOPPED: ConversationStatus
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_ACTION: EventKind
+EVENT_KIND_OBSERVATION: EventKind
+
+class Conversation(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    status: ConversationStatus
+    agent: str
+    agent_state: str
+    latest_event_id: int
+    create_time: _timestamp_pb2.Timestamp
+    last_active_time: _timestamp_pb2.Timestamp
+    connection_count: int
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ...) -> None: ...
+
+class Connection(_message.Message):
+    __slots__ = ("connection_id", "conversation_id", "user_id", "client_instance_id")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    conversation_id: str
+    user_id: str
+    client_instance_id: str
+    def __init__(self, connection_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., client_instance_id: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("conversation_id", "id", "timestamp", "source", "kind", "name", "payload")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    id: int
+    timestamp: _timestamp_pb2.Timestamp
+    source: str
+    kind: EventKind
+    name: str
+    payload: _struct_pb2.Struct
+    def __init__(self, conversation_id: _Optional[str] = ..., id: _Optional[int] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class StartConversationRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_USER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    agent: str
+    settings: _struct_pb2.Struct
+    initial_user_message: _struct_pb2.Struct
+    replay_events: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., initial_user_message: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., replay_events: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StartConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+
+class JoinConversationRequest(_message.Message):
+    __slots__ = ("conversation_id", "connection_id", "user_id", "settings", "client_instance_id", "request_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    connection_id: str
+    user_id: str
+    settings: _struct_pb2.Struct
+    client_instance_id: str
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., user_id: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., client_instance_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class JoinConversationResponse(_message.Message):
+    __slots__ = ("conversation", "connection")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    connection: Connection
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ...) -> None: ...
+
+class SendEventRequest(_message.Message):
+    __slots__ = ("connection_id", "conversation_id", "user_id", "event", "request_id")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    conversation_id: str
+    user_id: str
+    event: _struct_pb2.Struct
+    request_id: str
+    def __init__(self, connection_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SendEventResponse(_message.Message):
+    __slots__ = ("conversation_id", "event_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    event_id: int
+    def __init__(self, conversation_id: _Optional[str] = ..., event_id: _Optional[int] = ...) -> None: ...
+
+class DisconnectConnectionRequest(_message.Message):
+    __slots__ = ("connection_id", "user_id", "request_id")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    user_id: str
+    request_id: str
+    def __init__(self, connection_id: _Optional[str] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DisconnectConnectionResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: bool = ...) -> None: ...
+
+class CloseConversationRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "request_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CloseConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+
+class GetConversationRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class GetConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+
+class ListConversationsRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_ids", "page_size", "page_token")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_ids: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListConversationsResponse(_message.Message):
+    __slots__ = ("conversations", "next_page_token")
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    conversations: _containers.RepeatedCompositeFieldContainer[Conversation]
+    next_page_token: str
+    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListConnectionsRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_ids", "page_size", "page_token")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_ids: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListConnectionsResponse(_message.Message):
+    __slots__ = ("connections", "next_page_token")
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    connections: _containers.RepeatedCompositeFieldContainer[Connection]
+    next_page_token: str
+    def __init__(self, connections: _Optional[_Iterable[_Union[Connection, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SearchEventsRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "start_id", "end_id", "reverse", "page_size", "page_token")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_ID_FIELD_NUMBER: _ClassVar[int]
+    END_ID_FIELD_NUMBER: _ClassVar[int]
+    REVERSE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    start_id: int
+    end_id: int
+    reverse: bool
+    page_size: int
+    page_token: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., start_id: _Optional[int] = ..., end_id: _Optional[int] = ..., reverse: bool = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class SearchEventsResponse(_message.Message):
+    __slots__ = ("events", "next_page_token")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "start_id", "max_batch_size")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    start_id: int
+    max_batch_size: int
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., start_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class StreamEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("client_instance_id",)
+    CLIENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    client_instance_id: str
+    def __init__(self, client_instance_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("connection_count", "ttl_seconds")
+    CONNECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    connection_count: int
+    ttl_seconds: float
+    def __init__(self, connection_count: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
