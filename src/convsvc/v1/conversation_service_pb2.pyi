@@ -275,10 +275,12 @@ class StreamEventsRequest(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., start_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class StreamEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "status_update")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_UPDATE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    status_update: _struct_pb2.Struct
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., status_update: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_instance_id",)
