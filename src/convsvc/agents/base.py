@@ -1,0 +1,63 @@
+"""The plug-in interface for agent loops.
+
+The engine owns each loop's lifecycle and calls it from one task per conversation, so a loop
+never sees two calls at once. A loop talks back only through its :class:`AgentContext`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
+
+from convsvc.domain import EventSource, JsonObject
+
+
+class AgentContext(Protocol):
+    """What the engine offers a running loop."""
+
+    @property
+    def conversation_id(self) -> str:
+        """The conversation the loop runs."""
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The settings the loop was started with, secrets included (in memory only)."""
+
+    async def emit(self, payload: JsonObject, source: EventSource) -> int:
+        """Appends an event (an OpenHands event dict without id/timestamp/source) to the
+        conversation's log; returns its id once it is durable."""
+
+
+class AgentLoop(ABC):
+    """One conversation's agent. Implementations are registered by name (see ``agents``).
+
+    Before ``start`` the engine has already reported the agent state ``loading``; ``start``
+    reports the state the agent is in once ready (normally ``awaiting_user_input``).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, context: AgentContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Sets the agent up."""
+
+    @abstractmethod
+    async def on_user_event(self, event: JsonObject) -> None:
+        """Handles one user event (already in the log, ``id`` included), in log order."""
+
+    async def stop(self) -> None:  # noqa: B027 - most loops hold nothing to release
+        """Releases what the loop holds; the engine then reports the state ``stopped``."""
+
+
+def agent_state_changed(state: str) -> JsonObject:
+    """An OpenHands AgentStateChangedObservation for ``state``."""
+    return {
+        "observation": "agent_state_changed",
+        "content": "",
+        "extras": {"agent_state": state, "reason": ""},
+        "message": f"Agent state changed to {state}",
+    }

@@ -1,0 +1,108 @@
+"""The one encoding of events, on disk and on the wire.
+
+An event is stored as a serialized ``convsvc.v1.Event``. Using the wire message as the disk
+format means a stream or search sends stored events without decoding and re-encoding them:
+a ``repeated Event`` field is the concatenation of its tagged, length-prefixed elements.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from convsvc.domain import Event, EventKind, JsonObject
+from convsvc.v1 import conversation_service_pb2 as pb
+
+_KIND_TO_PB = {
+    EventKind.ACTION: pb.EVENT_KIND_ACTION,
+    EventKind.OBSERVATION: pb.EVENT_KIND_OBSERVATION,
+}
+_REPEATED_EVENTS_TAG = b"\x0a"  # field 1 (events), wire type 2 (length-delimited)
+
+
+def dict_to_struct(data: JsonObject) -> struct_pb2.Struct:
+    """Converts a JSON object to a Struct; numbers become doubles (exact up to 2^53)."""
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def _value_to_python(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_python(v) for v in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        # JSON numbers travel as doubles; integral ones were ints (OpenHands ids, counts).
+        return int(number) if number.is_integer() else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> JsonObject:
+    """Converts a Struct back to a JSON object, turning integral doubles back into ints."""
+    return {key: _value_to_python(value) for key, value in struct.fields.items()}
+
+
+def encode_event(event: Event) -> bytes:
+    """Serializes an event as a ``convsvc.v1.Event``."""
+    message = pb.Event(
+        conversation_id=event.conversation_id,
+        id=event.id,
+        source=event.source,
+        kind=_KIND_TO_PB[event.kind],
+        name=event.name,
+        payload=dict_to_struct(event.payload),
+    )
+    message.timestamp.FromDatetime(event.timestamp)
+    encoded: bytes = message.SerializeToString()
+    return encoded
+
+
+def decode_event(encoded: bytes) -> Event:
+    """Parses a serialized ``convsvc.v1.Event`` back into a domain event."""
+    message = pb.Event.FromString(encoded)
+    kind = EventKind.ACTION if message.kind == pb.EVENT_KIND_ACTION else EventKind.OBSERVATION
+    timestamp: datetime = message.timestamp.ToDatetime(tzinfo=UTC)
+    return Event(
+        conversation_id=message.conversation_id,
+        id=message.id,
+        timestamp=timestamp,
+        source=message.source,
+        kind=kind,
+        name=message.name,
+        payload=struct_to_dict(message.payload),
+        encoded=encoded,
+    )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_event_batch(encoded_events: list[bytes]) -> bytes:
+    """Builds the bytes of a message whose field 1 is ``repeated Event`` from encoded events.
+
+    Valid for ``StreamEventsResponse`` and ``SearchEventsResponse``, whose field 1 is the events.
+    """
+    parts: list[bytes] = []
+    for encoded in encoded_events:
+        parts.append(_REPEATED_EVENTS_TAG)
+        parts.append(_varint(len(encoded)))
+        parts.append(encoded)
+    return b"".join(parts)

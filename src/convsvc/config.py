@@ -1,0 +1,121 @@
+"""Configuration, read once at start-up from ``CONVSVC_*`` environment variables and flags.
+
+Small typed objects per concern, passed down; nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineConfig(BaseModel):
+    """The rules the engine keeps (OpenHands' defaults where it has one)."""
+
+    model_config = {"frozen": True}
+
+    max_concurrent_conversations: int = Field(3, ge=1)
+    """Running conversations per user; a new start closes the least recently active."""
+    close_delay_seconds: float = Field(3600.0, ge=0)
+    """Idle time after which a loop that is not running and has no connection is closed."""
+    cleanup_interval_seconds: float = Field(15.0, gt=0)
+    connection_ttl_seconds: float = Field(60.0, gt=0)
+    """How long connections of a client instance live without a heartbeat."""
+    subscriber_buffer_events: int = Field(10_000, ge=1)
+    """Events a live subscriber may fall behind before it is dropped."""
+    max_event_bytes: int = Field(1024 * 1024, ge=1024)
+    default_agent: str = "echo"
+    idempotency_ttl_seconds: float = Field(24 * 3600.0, gt=0)
+    default_page_size: int = 100
+    max_page_size: int = 1000
+    max_stream_batch: int = 1000
+
+
+class TlsConfig(BaseModel):
+    """Server TLS; with ``client_ca_file`` clients must present a certificate (mTLS)."""
+
+    model_config = {"frozen": True}
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class StorageConfig(BaseModel):
+    """Where and how the event log is kept."""
+
+    model_config = {"frozen": True}
+
+    data_dir: Path
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    group_commit: bool = True
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "convsvc.sqlite3"
+
+
+class Settings(BaseSettings):
+    """Everything ``convsvc serve`` needs; flags override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVSVC_", env_nested_delimiter="__")
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./convsvc-data")
+    ready_file: Path | None = None
+    """Written with the bound host:port once the server serves (useful with port 0)."""
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    group_commit: bool = True
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    shutdown_grace_seconds: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    use_uvloop: bool = True
+    engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("CONVSVC_TLS_CERT_FILE and CONVSVC_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("CONVSVC_TLS_CLIENT_CA_FILE needs CONVSVC_TLS_CERT_FILE")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("set CONVSVC_AUTH_TOKEN or CONVSVC_AUTH_TOKEN_FILE, not both")
+        return self
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return TlsConfig(
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            client_ca_file=self.tls_client_ca_file,
+        )
+
+    @property
+    def storage(self) -> StorageConfig:
+        return StorageConfig(
+            data_dir=self.data_dir,
+            sqlite_synchronous=self.sqlite_synchronous,
+            group_commit=self.group_commit,
+        )
+
+    def resolved_auth_token(self) -> str | None:
+        """The bearer token, read from the file when one is named."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"{self.auth_token_file} is empty")
+            return token
+        return None

@@ -1,0 +1,107 @@
+"""Domain types of the engine: plain dataclasses, free of protobuf and gRPC."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+class ConversationStatus(enum.StrEnum):
+    """OpenHands' ConversationStatus values that an agent loop can be in."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+
+
+class EventKind(enum.StrEnum):
+    """OpenHands splits events into actions and observations."""
+
+    ACTION = "action"
+    OBSERVATION = "observation"
+
+
+class EventSource(enum.StrEnum):
+    """Who produced an event, as OpenHands' EventSource names it."""
+
+    USER = "user"
+    AGENT = "agent"
+    ENVIRONMENT = "environment"
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    """What the store keeps of a conversation (settings already stripped of secrets)."""
+
+    conversation_id: str
+    user_id: str | None
+    agent: str
+    settings: JsonObject
+    create_time: datetime
+    last_active_time: datetime
+
+
+@dataclass(slots=True)
+class ConversationView:
+    """A conversation as callers see it: the record plus its live state."""
+
+    conversation_id: str
+    user_id: str | None
+    agent: str
+    status: ConversationStatus
+    agent_state: str
+    latest_event_id: int
+    create_time: datetime
+    last_active_time: datetime
+    connection_count: int
+
+
+@dataclass(slots=True, frozen=True)
+class Connection:
+    """A connection (a browser socket held by a web server) joined to a conversation."""
+
+    connection_id: str
+    conversation_id: str
+    user_id: str | None
+    client_instance_id: str | None
+
+
+@dataclass(slots=True)
+class Event:
+    """One event of a conversation's log.
+
+    ``payload`` is the whole OpenHands event dict (``id``, ``timestamp`` and ``source``
+    included); ``encoded`` is its wire/disk encoding, made once when the event is appended.
+    """
+
+    conversation_id: str
+    id: int
+    timestamp: datetime
+    source: str
+    kind: EventKind
+    name: str
+    payload: JsonObject
+    encoded: bytes = field(default=b"", repr=False)
+
+
+@dataclass(slots=True, frozen=True)
+class StoredEvent:
+    """An event as the store returns it: its id and its encoding, ready to stream."""
+
+    id: int
+    encoded: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class IdempotencyRecord:
+    """The first answer to a mutating call made with a request id (AIP-155)."""
+
+    scope: str
+    request_id: str
+    method: str
+    fingerprint: str
+    result: JsonObject

@@ -1,0 +1,101 @@
+"""One running conversation: its agent loop, the task that feeds it and its live state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from convsvc.agents import AgentLoop, agent_state_changed
+from convsvc.domain import ConversationRecord, ConversationStatus, EventSource, JsonObject
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
+
+
+class ConversationRuntime:
+    """The live part of a conversation; it exists only while its loop starts or runs.
+
+    The engine creates it, and it owns exactly one task: the one that starts the agent and
+    then hands it user events one at a time, in log order.
+    """
+
+    def __init__(
+        self,
+        record: ConversationRecord,
+        settings: Mapping[str, Any],
+        agent_factory: Callable[[ConversationRuntime], AgentLoop],
+        emit: Emit,
+        next_event_id: int,
+        now: float,
+    ) -> None:
+        self.record = record
+        self._settings = dict(settings)
+        self._emit = emit
+        self.status = ConversationStatus.STARTING
+        self.agent_state = "loading"
+        self.next_event_id = next_event_id
+        self.latest_event_id = next_event_id - 1
+        """The newest committed id (``next_event_id`` runs ahead while appends are in flight)."""
+        self.last_active = now
+        self.last_active_time: datetime = record.last_active_time
+        self.closing = False
+        self.closed = asyncio.Event()
+        self._inbox: asyncio.Queue[JsonObject] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.agent = agent_factory(self)
+
+    # AgentContext
+    @property
+    def conversation_id(self) -> str:
+        return self.record.conversation_id
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self._settings
+
+    async def emit(self, payload: JsonObject, source: EventSource) -> int:
+        return await self._emit(self, payload, source)
+
+    # Engine side
+    def deliver(self, event: JsonObject) -> None:
+        """Queues a committed user event for the agent."""
+        self._inbox.put_nowait(event)
+
+    def launch(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"agent:{self.conversation_id}")
+
+    async def shutdown(self) -> None:
+        """Stops the task and lets the agent release what it holds."""
+        if self._task is not None:
+            self._task.cancel()
+            # A task that died of an error has logged it already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        try:
+            await self.agent.stop()
+        except Exception:
+            log.exception("agent.stop_failed", conversation_id=self.conversation_id)
+
+    async def _run(self) -> None:
+        bound = log.bind(conversation_id=self.conversation_id, agent=self.record.agent)
+        try:
+            await self.agent.start()
+        except Exception:
+            bound.exception("agent.start_failed")
+            await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
+        self.status = ConversationStatus.RUNNING
+        while True:
+            event = await self._inbox.get()
+            try:
+                await self.agent.on_user_event(event)
+            except Exception:
+                # The loop stays up: OpenHands reports an agent error and waits for the user.
+                bound.exception("agent.event_failed", event_id=event.get("id"))
+                await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)

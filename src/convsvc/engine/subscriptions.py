@@ -1,0 +1,108 @@
+"""Live fan-out of committed events to stream subscribers.
+
+Publishing never waits: each subscriber has a bounded buffer, and one that falls further
+behind than the buffer allows is dropped (it resumes by id), so a slow reader cannot stall
+the conversation or the other readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Iterable, Sequence
+
+from convsvc.domain import JsonObject, StoredEvent
+from convsvc.errors import ConvsvcError
+
+StreamItem = StoredEvent | JsonObject
+"""A committed event, or a transient status update (a JSON object)."""
+
+
+class SubscriberTooSlow(ConvsvcError):
+    """The subscriber's buffer overflowed; it must resume from the last id it received."""
+
+    reason = "SUBSCRIBER_TOO_SLOW"
+
+
+class Subscription:
+    """One stream's buffer of items not yet sent."""
+
+    __slots__ = ("_error", "_items", "_limit", "_wakeup", "conversation_id")
+
+    def __init__(self, conversation_id: str, limit: int) -> None:
+        self.conversation_id = conversation_id
+        self._limit = limit
+        self._items: deque[StreamItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._error: ConvsvcError | None = None
+
+    def push(self, items: Iterable[StreamItem]) -> bool:
+        """Buffers items; returns False (and fails the subscription) on overflow."""
+        if self._error is not None:
+            return False
+        self._items.extend(items)
+        if len(self._items) > self._limit:
+            self._items.clear()
+            self.fail(
+                SubscriberTooSlow(
+                    f"the stream fell more than {self._limit} events behind and was dropped; "
+                    "resume from the last id received"
+                )
+            )
+            return False
+        self._wakeup.set()
+        return True
+
+    def fail(self, error: ConvsvcError) -> None:
+        """Ends the subscription with ``error`` once buffered items are taken."""
+        if self._error is None:
+            self._error = error
+        self._wakeup.set()
+
+    async def next_items(self, max_events: int) -> list[StreamItem]:
+        """Waits for and takes up to ``max_events`` buffered items."""
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        count = min(max_events, len(self._items))
+        return [self._items.popleft() for _ in range(count)]
+
+
+class Broadcaster:
+    """Subscribers per conversation."""
+
+    def __init__(self, buffer_limit: int) -> None:
+        self._buffer_limit = buffer_limit
+        self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
+
+    def subscribe(self, conversation_id: str) -> Subscription:
+        subscription = Subscription(conversation_id, self._buffer_limit)
+        self._subscribers[conversation_id].add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subscribers = self._subscribers.get(subscription.conversation_id)
+        if subscribers is not None:
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._subscribers[subscription.conversation_id]
+
+    def publish(self, conversation_id: str, items: Sequence[StreamItem]) -> None:
+        subscribers = self._subscribers.get(conversation_id)
+        if not subscribers:
+            return
+        for subscription in list(subscribers):
+            if not subscription.push(items):
+                subscribers.discard(subscription)
+
+    def subscriber_count(self, conversation_id: str) -> int:
+        return len(self._subscribers.get(conversation_id, ()))
+
+    def fail_all(self, error: ConvsvcError) -> None:
+        """Ends every subscription, e.g. on shutdown."""
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                subscription.fail(error)
+        self._subscribers.clear()

@@ -1,0 +1,79 @@
+"""Checks on what callers send, with messages a person can act on."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from convsvc.errors import InvalidArgument
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@+|-]{1,255}")
+ID_RULE = "1 to 128 characters of A-Z a-z 0-9 _ . : - beginning with a letter or digit"
+
+
+def check_id(kind: str, value: str) -> str:
+    """Returns ``value`` if it is a valid id of ``kind`` (e.g. "conversation_id")."""
+    if not ID_PATTERN.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidArgument(
+            f"{kind} {shown!r} is not valid: use {ID_RULE}",
+            reason="INVALID_ID",
+            metadata={"field": kind},
+        )
+    return value
+
+
+def check_optional_id(kind: str, value: str) -> str | None:
+    """Like :func:`check_id` but an empty value means "none"."""
+    return check_id(kind, value) if value else None
+
+
+def check_user_id(value: str) -> str | None:
+    """Returns the user id, or None for an empty (trusted, service-wide) one."""
+    if not value:
+        return None
+    if not USER_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            "user_id is not valid: use 1 to 255 characters of A-Z a-z 0-9 _ . : @ + | -",
+            reason="INVALID_ID",
+            metadata={"field": "user_id"},
+        )
+    return value
+
+
+def check_user_event(event: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """Validates an event a user sends: a JSON object with a non-empty string ``action``."""
+    action = event.get("action")
+    if not isinstance(action, str) or not action:
+        raise InvalidArgument(
+            'the event must be a JSON object with a non-empty string "action", '
+            'e.g. {"action": "message", "args": {"content": "hi"}}',
+            reason="INVALID_EVENT",
+            metadata={"field": "event"},
+        )
+    check_size("event", event, max_bytes)
+    return event
+
+
+def check_size(field: str, value: Any, max_bytes: int) -> None:
+    """Rejects a JSON value whose encoding is larger than ``max_bytes``."""
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"{field} is {size} bytes as JSON; the limit is {max_bytes}",
+            reason="PAYLOAD_TOO_LARGE",
+            metadata={"field": field, "limit_bytes": str(max_bytes)},
+        )
+
+
+def check_page_size(page_size: int, default: int, maximum: int) -> int:
+    """Turns a requested page size into the one to use (AIP-158)."""
+    if page_size < 0:
+        raise InvalidArgument(
+            f"page_size must not be negative (got {page_size})",
+            reason="INVALID_PAGE_SIZE",
+            metadata={"field": "page_size"},
+        )
+    return min(page_size or default, maximum)

@@ -1,0 +1,70 @@
+"""The storage interface the engine depends on.
+
+Backends: SQLite (embedded, the default) and, for several nodes, Redis. Whatever the backend,
+``append_events`` returns only once the events are durable, and committed events are reported
+to the commit listener in commit order, which is how live subscribers learn of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Protocol
+
+from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
+
+CommitListener = Callable[[Sequence[Event]], None]
+
+
+class StorageError(Exception):
+    """The backend failed; the engine treats it as fatal for durability."""
+
+
+class ConversationStore(Protocol):
+    """Conversations, their event logs and idempotency records."""
+
+    async def open(self) -> None:
+        """Connects, creating the schema if needed."""
+
+    async def close(self) -> None:
+        """Flushes pending writes and disconnects."""
+
+    def set_commit_listener(self, listener: CommitListener) -> None:
+        """Registers the callback told of every committed batch, in commit order."""
+
+    async def save_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        """Creates or updates a conversation record (durable on return)."""
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """Returns a conversation record, or None."""
+
+    async def latest_event_id(self, conversation_id: str) -> int:
+        """Returns the conversation's newest event id, or -1."""
+
+    async def append_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        """Appends encoded events (ids already assigned) and, atomically with them, an
+        idempotency record. Returns once durable."""
+
+    async def read_events(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        """Returns up to ``limit`` events with ``start_id <= id <= end_id``."""
+
+    async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
+        """Returns the recorded answer of an earlier call with this request id."""
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        """Records the answer of a call that changed no event log."""
+
+    async def prune_idempotency(self, older_than: datetime) -> int:
+        """Forgets request ids recorded before ``older_than``; returns how many."""

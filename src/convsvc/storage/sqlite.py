@@ -1,0 +1,289 @@
+"""The embedded backend: one SQLite file in WAL mode, written with group commit.
+
+Every write goes through one writer task that takes all writes waiting at that moment and
+commits them in a single transaction, so many concurrent appends share one fsync. Reads use a
+second connection, which WAL lets proceed while the writer commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import structlog
+
+from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
+from convsvc.storage.base import CommitListener, StorageError
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id TEXT PRIMARY KEY,
+    user_id TEXT,
+    agent TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    create_time TEXT NOT NULL,
+    last_active_time TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    conversation_id TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    encoded BLOB NOT NULL,
+    PRIMARY KEY (conversation_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    scope TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    PRIMARY KEY (scope, request_id)
+) WITHOUT ROWID;
+"""
+
+_UPSERT_CONVERSATION = """
+INSERT INTO conversations (conversation_id, user_id, agent, settings, create_time, last_active_time)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (conversation_id) DO UPDATE SET
+    agent = excluded.agent, settings = excluded.settings,
+    last_active_time = excluded.last_active_time
+"""
+_INSERT_EVENT = "INSERT INTO events (conversation_id, id, encoded) VALUES (?, ?, ?)"
+_INSERT_REQUEST = """
+INSERT OR IGNORE INTO requests (scope, request_id, method, fingerprint, result, create_time)
+VALUES (?, ?, ?, ?, ?, ?)
+"""
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+@dataclass(slots=True)
+class _PendingWrite:
+    conversations: list[ConversationRecord] = field(default_factory=list)
+    events: Sequence[Event] = ()
+    requests: list[IdempotencyRecord] = field(default_factory=list)
+    done: asyncio.Future[None] | None = None
+
+
+class SqliteStore:
+    """ConversationStore on one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        group_commit: bool = True,
+        max_batch: int = 1024,
+    ) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._max_batch = max_batch if group_commit else 1
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_PendingWrite | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._listener: CommitListener | None = None
+        self._failure: StorageError | None = None
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await aiosqlite.connect(self._path, isolation_level=None)
+        await self._writer.execute("PRAGMA journal_mode=WAL")
+        await self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
+        await self._writer.executescript(SCHEMA)
+        self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+        await self._reader.execute("PRAGMA query_only=ON")
+        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    async def close(self) -> None:
+        if self._writer_task is not None:
+            await self._queue.put(None)  # drains what is queued before it, then stops
+            await self._writer_task
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    def set_commit_listener(self, listener: CommitListener) -> None:
+        self._listener = listener
+
+    async def save_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        await self._write(
+            _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+        )
+
+    async def append_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        await self._write(
+            _PendingWrite(events=events, requests=[idempotency] if idempotency else [])
+        )
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        await self._write(_PendingWrite(requests=[record]))
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        rows = await self._read(
+            "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
+            "FROM conversations WHERE conversation_id = ?",
+            (conversation_id,),
+        )
+        if not rows:
+            return None
+        cid, user_id, agent, settings, create_time, last_active_time = rows[0]
+        return ConversationRecord(
+            conversation_id=cid,
+            user_id=user_id,
+            agent=agent,
+            settings=json.loads(settings),
+            create_time=datetime.fromisoformat(create_time),
+            last_active_time=datetime.fromisoformat(last_active_time),
+        )
+
+    async def latest_event_id(self, conversation_id: str) -> int:
+        rows = await self._read(
+            "SELECT MAX(id) FROM events WHERE conversation_id = ?", (conversation_id,)
+        )
+        latest = rows[0][0] if rows else None
+        return -1 if latest is None else int(latest)
+
+    async def read_events(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        order = "DESC" if reverse else "ASC"
+        rows = await self._read(
+            "SELECT id, encoded FROM events WHERE conversation_id = ? AND id >= ? AND id <= ? "
+            f"ORDER BY id {order} LIMIT ?",
+            (conversation_id, start_id, end_id if end_id is not None else 2**63 - 1, limit),
+        )
+        return [StoredEvent(id=row[0], encoded=row[1]) for row in rows]
+
+    async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
+        rows = await self._read(
+            "SELECT method, fingerprint, result FROM requests WHERE scope = ? AND request_id = ?",
+            (scope, request_id),
+        )
+        if not rows:
+            return None
+        method, fingerprint, result = rows[0]
+        return IdempotencyRecord(scope, request_id, method, fingerprint, json.loads(result))
+
+    async def prune_idempotency(self, older_than: datetime) -> int:
+        assert self._writer is not None
+        cursor = await self._writer.execute(
+            "DELETE FROM requests WHERE create_time < ?", (older_than.timestamp(),)
+        )
+        return int(cursor.rowcount)
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        if self._reader is None:
+            raise StorageError("the store is closed")
+        try:
+            async with self._reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except aiosqlite.Error as exc:
+            raise StorageError(f"reading {self._path.name} failed: {exc}") from exc
+
+    async def _write(self, write: _PendingWrite) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._writer_task is None:
+            raise StorageError("the store is closed")
+        write.done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(write)
+        await write.done
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_PendingWrite]) -> None:
+        assert self._writer is not None
+        conversations = [c for w in batch for c in w.conversations]
+        events = [e for w in batch for e in w.events]
+        requests = [r for w in batch for r in w.requests]
+        try:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            if conversations:
+                await self._writer.executemany(
+                    _UPSERT_CONVERSATION,
+                    [
+                        (
+                            c.conversation_id,
+                            c.user_id,
+                            c.agent,
+                            json.dumps(c.settings),
+                            c.create_time.isoformat(),
+                            c.last_active_time.isoformat(),
+                        )
+                        for c in conversations
+                    ],
+                )
+            if events:
+                await self._writer.executemany(
+                    _INSERT_EVENT, [(e.conversation_id, e.id, e.encoded) for e in events]
+                )
+            if requests:
+                now = time.time()
+                await self._writer.executemany(
+                    _INSERT_REQUEST,
+                    [
+                        (r.scope, r.request_id, r.method, r.fingerprint, json.dumps(r.result), now)
+                        for r in requests
+                    ],
+                )
+            await self._writer.execute("COMMIT")
+        except (aiosqlite.Error, ValueError) as exc:
+            with contextlib.suppress(aiosqlite.Error):
+                await self._writer.execute("ROLLBACK")
+            # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
+            # failed commit stops all further writes (the health check reports it).
+            self._failure = StorageError(f"committing to {self._path.name} failed: {exc}")
+            log.error("storage.commit_failed", error=str(exc), batch=len(batch))
+            for write in batch:
+                assert write.done is not None
+                if not write.done.done():
+                    write.done.set_exception(self._failure)
+            return
+        if events and self._listener is not None:
+            self._listener(events)
+        for write in batch:
+            assert write.done is not None
+            if not write.done.done():
+                write.done.set_result(None)
+
+    @property
+    def failed(self) -> bool:
+        """Whether a commit failed, after which the store accepts no writes."""
+        return self._failure is not None
