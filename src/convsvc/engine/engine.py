@@ -98,20 +98,24 @@ class ConversationEngine:
         """Starts the periodic cleanup (idle loops, silent client instances)."""
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="engine-cleanup")
 
-    async def stop(self) -> None:
-        """Ends every stream, then closes every loop; the store is flushed by its owner."""
+    def end_streams(self) -> None:
+        """Ends every event stream with UNAVAILABLE so clients resume elsewhere (shutdown)."""
         self._stopping = True
-        if self._cleanup_task is not None:
-            self._cleanup_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup_task
-            self._cleanup_task = None
         self._broadcaster.fail_all(
             Unavailable(
                 "the server is shutting down; resume the stream on another server or later",
                 reason="SHUTTING_DOWN",
             )
         )
+
+    async def stop(self) -> None:
+        """Ends streams, stops cleanup and closes every loop; the store's owner flushes it."""
+        self.end_streams()
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
+            self._cleanup_task = None
         await asyncio.gather(
             *(self._close_runtime(rt) for rt in list(self._runtimes.values())),
             return_exceptions=True,
@@ -327,9 +331,6 @@ class ConversationEngine:
                 reason="INVALID_ARGUMENT",
                 metadata={"field": "target"},
             )
-        payload = self._user_payload(
-            validation.check_user_event(event, self._config.max_event_bytes)
-        )
         if connection_id:
             conn_id = validation.check_id("connection_id", connection_id)
             connection = self._connections.get(conn_id)
@@ -342,6 +343,9 @@ class ConversationEngine:
             cid = connection.conversation_id
         else:
             cid = validation.check_id("conversation_id", conversation_id)
+        payload = self._user_payload(
+            validation.check_user_event(event, self._config.max_event_bytes)
+        )
         key = self._request_key(user, request_id, "SendEvent", {"c": cid, "e": payload})
         recalled = await self._recall(key)
         if recalled is not None:

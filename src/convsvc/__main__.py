@@ -1,0 +1,3 @@
+from convsvc.cli import main
+
+raise SystemExit(main())

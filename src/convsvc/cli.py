@@ -1,0 +1,65 @@
+"""The ``convsvc`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from convsvc.app import run
+from convsvc.config import Settings
+from convsvc.logs import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convsvc", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run the service. Every flag also reads from CONVSVC_<NAME> (flags win).",
+    )
+    serve.add_argument("--listen", help="host:port to listen on (CONVSVC_LISTEN)")
+    serve.add_argument("--data-dir", type=Path, help="where the event log lives (CONVSVC_DATA_DIR)")
+    serve.add_argument(
+        "--ready-file", type=Path, help="write the bound host:port here once serving"
+    )
+    serve.add_argument("--auth-token-file", type=Path, help="require this bearer token")
+    serve.add_argument("--tls-cert-file", type=Path)
+    serve.add_argument("--tls-key-file", type=Path)
+    serve.add_argument("--tls-client-ca-file", type=Path, help="require client certificates (mTLS)")
+    serve.add_argument("--log-level")
+    serve.add_argument("--log-format", choices=["json", "console"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if v is not None and k != "command"
+    }
+    try:
+        settings = Settings(**overrides)
+        settings.resolved_auth_token()
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(run(settings))
+            return 0
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Structured logging (structlog), JSON by default, with secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from convsvc.engine.secrets import redact
+
+
+def _mask_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # Defence in depth: code never logs settings, but a secret-named field is masked anyway.
+    masked: MutableMapping[str, Any] = redact(dict(event_dict))
+    return masked
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Sends structured logs to stderr; call once at start-up."""
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s", force=True)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _mask_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

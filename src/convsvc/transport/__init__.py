@@ -1,0 +1,1 @@
+"""The gRPC edge: servicer, error mapping, auth, health and reflection. No business rules."""

@@ -1,0 +1,62 @@
+"""Optional bearer-token authentication for every RPC but health and reflection."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from convsvc.errors import Unauthenticated
+from convsvc.transport.status import to_grpc_status
+
+# Operators and load balancers must reach these without credentials.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Admits calls whose ``authorization`` metadata is ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+        status = to_grpc_status(
+            Unauthenticated(
+                "missing or wrong credentials: send metadata 'authorization: Bearer <token>'",
+                reason="UNAUTHENTICATED",
+            )
+        )
+
+        async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort_with_status(status)
+
+        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort_with_status(status)
+            yield  # makes this an async generator, as a streaming handler must be
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny_unary)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        if method.startswith(OPEN_SERVICES):
+            return await continuation(handler_call_details)
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                presented = value.encode() if isinstance(value, str) else value
+                break
+        if hmac.compare_digest(presented, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is not None and handler.unary_stream is not None:
+            return self._deny_stream
+        return self._deny_unary

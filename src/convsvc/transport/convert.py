@@ -1,0 +1,74 @@
+"""Conversions between protobuf messages and engine domain types (the edge only)."""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+
+from convsvc.codec import dict_to_struct, encode_event_batch, struct_to_dict
+from convsvc.domain import Connection, ConversationStatus, ConversationView, JsonObject
+from convsvc.engine.subscriptions import StreamItem
+from convsvc.v1 import conversation_service_pb2 as pb
+
+_STATUS = {
+    ConversationStatus.STARTING: pb.CONVERSATION_STATUS_STARTING,
+    ConversationStatus.RUNNING: pb.CONVERSATION_STATUS_RUNNING,
+    ConversationStatus.STOPPED: pb.CONVERSATION_STATUS_STOPPED,
+}
+
+
+def optional_struct(message: Message, field: str) -> JsonObject | None:
+    """The JSON object in a Struct field, or None when the field is unset."""
+    if not message.HasField(field):
+        return None
+    value: struct_pb2.Struct = getattr(message, field)
+    return struct_to_dict(value)
+
+
+def conversation_to_pb(view: ConversationView) -> pb.Conversation:
+    message = pb.Conversation(
+        conversation_id=view.conversation_id,
+        user_id=view.user_id or "",
+        status=_STATUS[view.status],
+        agent=view.agent,
+        agent_state=view.agent_state,
+        latest_event_id=view.latest_event_id,
+        connection_count=view.connection_count,
+    )
+    message.create_time.FromDatetime(view.create_time)
+    message.last_active_time.FromDatetime(view.last_active_time)
+    return message
+
+
+def connection_to_pb(connection: Connection) -> pb.Connection:
+    return pb.Connection(
+        connection_id=connection.connection_id,
+        conversation_id=connection.conversation_id,
+        user_id=connection.user_id or "",
+        client_instance_id=connection.client_instance_id or "",
+    )
+
+
+def stream_items_to_bytes(items: list[StreamItem]) -> list[bytes]:
+    """Serialized StreamEventsResponse messages: consecutive events share one message;
+    a status update gets one of its own."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    for item in items:
+        if isinstance(item, dict):
+            if run:
+                out.append(encode_event_batch(run))
+                run = []
+            update = pb.StreamEventsResponse(status_update=dict_to_struct(item))
+            out.append(update.SerializeToString())
+        else:
+            run.append(item.encoded)
+    if run:
+        out.append(encode_event_batch(run))
+    return out
+
+
+def search_page_to_bytes(encoded_events: list[bytes], next_page_token: str) -> bytes:
+    """A serialized SearchEventsResponse built from stored event encodings."""
+    tail = pb.SearchEventsResponse(next_page_token=next_page_token).SerializeToString()
+    return encode_event_batch(encoded_events) + tail

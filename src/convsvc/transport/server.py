@@ -1,0 +1,81 @@
+"""The grpc.aio server: ConversationService, health, reflection, auth and TLS."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from convsvc.config import TlsConfig
+from convsvc.engine import ConversationEngine
+from convsvc.transport.auth import BearerTokenInterceptor
+from convsvc.transport.service import SERVICE_NAME, conversation_service_handler
+from convsvc.transport.servicer import ConversationServicer
+
+
+class GrpcServer:
+    """Owns the grpc.aio server and its health status."""
+
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        listen: str,
+        *,
+        auth_token: str | None = None,
+        tls: TlsConfig | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._server.add_generic_rpc_handlers(
+            (conversation_service_handler(ConversationServicer(engine)),)
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        if tls is None:
+            self.port = self._server.add_insecure_port(listen)
+        else:
+            self.port = self._server.add_secure_port(listen, _credentials(tls))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.host = listen.rsplit(":", 1)[0]
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound (the port is chosen by the OS when 0 was asked)."""
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def enter_shutdown(self) -> None:
+        """Reports NOT_SERVING so that balancers stop sending new calls."""
+        await self._health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new calls and gives running ones ``grace`` seconds to finish."""
+        await self._server.stop(grace)
+
+
+def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    key = tls.key_file.read_bytes()
+    cert = tls.cert_file.read_bytes()
+    if tls.client_ca_file is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=tls.client_ca_file.read_bytes(),
+        require_client_auth=True,
+    )

@@ -1,0 +1,154 @@
+"""ConversationService over gRPC: unpacks requests, calls the engine, packs responses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from convsvc.codec import struct_to_dict
+from convsvc.engine import ConversationEngine
+from convsvc.transport.convert import (
+    connection_to_pb,
+    conversation_to_pb,
+    optional_struct,
+    search_page_to_bytes,
+    stream_items_to_bytes,
+)
+from convsvc.v1 import conversation_service_pb2 as pb
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class ConversationServicer:
+    """One method per RPC; errors are mapped by the handler table (``transport.service``)."""
+
+    def __init__(self, engine: ConversationEngine) -> None:
+        self._engine = engine
+
+    async def StartConversation(
+        self, request: pb.StartConversationRequest, context: Context
+    ) -> pb.StartConversationResponse:
+        view = await self._engine.start_conversation(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            agent=request.agent,
+            settings=optional_struct(request, "settings"),
+            initial_user_message=optional_struct(request, "initial_user_message"),
+            replay_events=[struct_to_dict(event) for event in request.replay_events],
+            request_id=request.request_id,
+        )
+        return pb.StartConversationResponse(conversation=conversation_to_pb(view))
+
+    async def JoinConversation(
+        self, request: pb.JoinConversationRequest, context: Context
+    ) -> pb.JoinConversationResponse:
+        view, connection = await self._engine.join_conversation(
+            conversation_id=request.conversation_id,
+            connection_id=request.connection_id,
+            user_id=request.user_id,
+            settings=optional_struct(request, "settings"),
+            client_instance_id=request.client_instance_id,
+            request_id=request.request_id,
+        )
+        return pb.JoinConversationResponse(
+            conversation=conversation_to_pb(view), connection=connection_to_pb(connection)
+        )
+
+    async def SendEvent(
+        self, request: pb.SendEventRequest, context: Context
+    ) -> pb.SendEventResponse:
+        event = optional_struct(request, "event")
+        conversation_id, event_id = await self._engine.send_event(
+            event=event if event is not None else {},
+            connection_id=request.connection_id,
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+        return pb.SendEventResponse(conversation_id=conversation_id, event_id=event_id)
+
+    async def DisconnectConnection(
+        self, request: pb.DisconnectConnectionRequest, context: Context
+    ) -> pb.DisconnectConnectionResponse:
+        removed = await self._engine.disconnect(
+            connection_id=request.connection_id,
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+        return pb.DisconnectConnectionResponse(removed=removed)
+
+    async def CloseConversation(
+        self, request: pb.CloseConversationRequest, context: Context
+    ) -> pb.CloseConversationResponse:
+        view = await self._engine.close_conversation(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+        return pb.CloseConversationResponse(conversation=conversation_to_pb(view))
+
+    async def GetConversation(
+        self, request: pb.GetConversationRequest, context: Context
+    ) -> pb.GetConversationResponse:
+        view = await self._engine.get_conversation(request.conversation_id, request.user_id)
+        return pb.GetConversationResponse(conversation=conversation_to_pb(view))
+
+    async def ListConversations(
+        self, request: pb.ListConversationsRequest, context: Context
+    ) -> pb.ListConversationsResponse:
+        views, token = self._engine.list_conversations(
+            user_id=request.user_id,
+            conversation_ids=list(request.conversation_ids),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListConversationsResponse(
+            conversations=[conversation_to_pb(v) for v in views], next_page_token=token
+        )
+
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: Context
+    ) -> pb.ListConnectionsResponse:
+        connections, token = self._engine.list_connections(
+            user_id=request.user_id,
+            conversation_ids=list(request.conversation_ids),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListConnectionsResponse(
+            connections=[connection_to_pb(c) for c in connections], next_page_token=token
+        )
+
+    async def SearchEvents(self, request: pb.SearchEventsRequest, context: Context) -> bytes:
+        rows, token = await self._engine.search_events(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            start_id=request.start_id,
+            end_id=request.end_id if request.HasField("end_id") else None,
+            reverse=request.reverse,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        # Stored events are already wire-encoded: the response is assembled, not re-encoded.
+        return search_page_to_bytes([row.encoded for row in rows], token)
+
+    async def StreamEvents(
+        self, request: pb.StreamEventsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        stream = self._engine.stream_events(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            start_id=request.start_id,
+            max_batch=request.max_batch_size,
+        )
+        async for items in stream:
+            for message in stream_items_to_bytes(items):
+                yield message
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
+        count, ttl = self._engine.heartbeat(request.client_instance_id)
+        return pb.HeartbeatResponse(connection_count=count, ttl_seconds=ttl)

@@ -1,0 +1,52 @@
+"""The one place where convsvc errors become gRPC statuses with google.rpc.ErrorInfo."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from convsvc import errors
+from convsvc.storage import StorageError
+
+ERROR_DOMAIN = "convsvc.v1"
+
+_CODES: list[tuple[type[errors.ConvsvcError], int]] = [
+    (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+]
+
+
+def _code_for(error: errors.ConvsvcError) -> int:
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return int(code)
+    return int(code_pb2.INTERNAL)
+
+
+def to_grpc_status(error: errors.ConvsvcError) -> grpc.Status:
+    """A status carrying the error's message and an ErrorInfo with its stable reason."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=_code_for(error), message=error.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def storage_failure(error: StorageError) -> errors.ConvsvcError:
+    return errors.Unavailable(
+        "the event store failed; this server accepts no more writes (see its log)",
+        reason="STORAGE_FAILED",
+    )
+
+
+def internal_error() -> errors.ConvsvcError:
+    return errors.ConvsvcError("internal error: the server logged the details", reason="INTERNAL")
