@@ -1,0 +1,105 @@
+"""Test helpers: read a conversation's event stream until a condition holds, with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from convsvc.codec import decode_event, struct_to_dict
+from convsvc.domain import JsonObject, StoredEvent
+from convsvc.engine import ConversationEngine
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+
+
+async def engine_events_until(
+    engine: ConversationEngine,
+    conversation_id: str,
+    done: Callable[[list[JsonObject]], bool],
+    *,
+    start_id: int = 0,
+    timeout: float = 10.0,
+    user_id: str = "",
+) -> list[JsonObject]:
+    """Event payloads from the engine's stream until ``done(payloads)`` holds."""
+    payloads: list[JsonObject] = []
+
+    async def collect() -> None:
+        async for batch in engine.stream_events(
+            conversation_id=conversation_id, start_id=start_id, user_id=user_id
+        ):
+            for item in batch:
+                if isinstance(item, StoredEvent):
+                    payloads.append(decode_event(item.encoded).payload)
+                else:
+                    payloads.append({"status_update_item": item})
+            if done(payloads):
+                return
+
+    await asyncio.wait_for(collect(), timeout)
+    return payloads
+
+
+async def grpc_events_until(
+    stub: pb_grpc.ConversationServiceStub,
+    conversation_id: str,
+    done: Callable[[list[JsonObject]], bool],
+    *,
+    start_id: int = 0,
+    timeout: float = 10.0,
+    **request: Any,
+) -> list[JsonObject]:
+    """Event payloads from StreamEvents until ``done(payloads)`` holds."""
+    payloads: list[JsonObject] = []
+    call = stub.StreamEvents(
+        pb.StreamEventsRequest(conversation_id=conversation_id, start_id=start_id, **request),
+        timeout=timeout,
+    )
+    try:
+        async for response in call:
+            payloads.extend(struct_to_dict(e.payload) for e in response.events)
+            if response.HasField("status_update"):
+                payloads.append({"status_update_item": struct_to_dict(response.status_update)})
+            if done(payloads):
+                return payloads
+    finally:
+        call.cancel()
+    raise AssertionError(f"stream ended before the condition held: {payloads}")
+
+
+def echo_of(content: str) -> Callable[[list[JsonObject]], bool]:
+    """True once the echo agent's answer with ``content`` is among the payloads."""
+
+    def done(payloads: list[JsonObject]) -> bool:
+        return any(
+            p.get("source") == "agent"
+            and p.get("action") == "message"
+            and p.get("message") == content
+            for p in payloads
+        )
+
+    return done
+
+
+def ids(payloads: list[JsonObject]) -> list[int]:
+    return [p["id"] for p in payloads if "id" in p and "status_update_item" not in p]
+
+
+def agent_state_is(state: str) -> Callable[[list[JsonObject]], bool]:
+    """True once the newest agent state change among the payloads is ``state``."""
+
+    def done(payloads: list[JsonObject]) -> bool:
+        states = [
+            p.get("extras", {}).get("agent_state")
+            for p in payloads
+            if p.get("observation") == "agent_state_changed"
+        ]
+        return bool(states) and states[-1] == state
+
+    return done
+
+
+async def settled(engine: ConversationEngine, conversation_id: str) -> None:
+    """Waits until a conversation's agent awaits user input (its start has finished)."""
+    await engine_events_until(engine, conversation_id, agent_state_is("awaiting_user_input"))
