@@ -1,0 +1,63 @@
+"""A call made for user A can neither see nor touch user B's conversations."""
+
+from __future__ import annotations
+
+import pytest
+
+from convsvc.errors import NotFound
+from tests.conftest import EngineHarness
+
+HI = {"action": "message", "args": {"content": "hi"}}
+
+
+@pytest.fixture
+async def alice_conversation(engine: EngineHarness) -> EngineHarness:
+    await engine.engine.join_conversation(
+        conversation_id="alices", connection_id="alice-sock", user_id="alice"
+    )
+    return engine
+
+
+async def test_other_users_cannot_read_it(alice_conversation: EngineHarness) -> None:
+    engine = alice_conversation.engine
+    with pytest.raises(NotFound):
+        await engine.get_conversation("alices", user_id="bob")
+    with pytest.raises(NotFound):
+        await engine.search_events(conversation_id="alices", user_id="bob")
+    with pytest.raises(NotFound):
+        async for _ in engine.stream_events(conversation_id="alices", user_id="bob"):
+            pass
+    assert engine.list_conversations(user_id="bob")[0] == []
+    assert engine.list_connections(user_id="bob")[0] == []
+    assert [v.conversation_id for v in engine.list_conversations(user_id="alice")[0]] == ["alices"]
+
+
+async def test_other_users_cannot_change_it(alice_conversation: EngineHarness) -> None:
+    engine = alice_conversation.engine
+    with pytest.raises(NotFound):
+        await engine.send_event(conversation_id="alices", user_id="bob", event=HI)
+    with pytest.raises(NotFound):
+        await engine.send_event(connection_id="alice-sock", user_id="bob", event=HI)
+    with pytest.raises(NotFound):
+        await engine.close_conversation(conversation_id="alices", user_id="bob")
+    with pytest.raises(NotFound):
+        await engine.start_conversation(conversation_id="alices", user_id="bob")
+    with pytest.raises(NotFound):
+        await engine.join_conversation(
+            conversation_id="alices", connection_id="bob-sock", user_id="bob"
+        )
+    assert await engine.disconnect(connection_id="alice-sock", user_id="bob") is False
+    view = await engine.get_conversation("alices", user_id="alice")
+    assert view.connection_count == 1
+    assert view.status.value == "RUNNING" or view.status.value == "STARTING"
+
+
+async def test_a_stopped_conversation_stays_private(alice_conversation: EngineHarness) -> None:
+    engine = alice_conversation.engine
+    await engine.close_conversation(conversation_id="alices", user_id="alice")
+    with pytest.raises(NotFound) as caught:
+        await engine.get_conversation("alices", user_id="bob")
+    # indistinguishable from a conversation that never existed
+    with pytest.raises(NotFound) as missing:
+        await engine.get_conversation("never", user_id="bob")
+    assert caught.value.reason == missing.value.reason == "CONVERSATION_NOT_FOUND"
