@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from typing import Any
 
 import structlog
+from prometheus_client import start_http_server
 
 from convsvc.agents import available_agents
 from convsvc.config import Settings
@@ -30,6 +32,7 @@ class ConvsvcApp:
         )
         self.engine = ConversationEngine(settings.engine, self.store, available_agents())
         self.server: GrpcServer | None = None
+        self._metrics: Any = None
 
     async def start(self) -> str:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
@@ -43,6 +46,9 @@ class ConvsvcApp:
             max_message_bytes=self.settings.max_message_bytes,
         )
         await self.server.start()
+        if self.settings.metrics_listen:
+            host, port = self.settings.metrics_listen.rsplit(":", 1)
+            self._metrics, _ = start_http_server(int(port), addr=host)
         address = self.server.address
         if self.settings.ready_file is not None:
             tmp = self.settings.ready_file.with_suffix(".tmp")
@@ -61,6 +67,8 @@ class ConvsvcApp:
             await self.server.stop(self.settings.shutdown_grace_seconds)
         await self.engine.stop()
         await self.store.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
         log.info("server.stopped")
 
 

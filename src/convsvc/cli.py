@@ -32,19 +32,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert-file", type=Path)
     serve.add_argument("--tls-key-file", type=Path)
     serve.add_argument("--tls-client-ca-file", type=Path, help="require client certificates (mTLS)")
+    serve.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=["json", "console"])
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, with the command line's flags taking precedence."""
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k, v in vars(args).items() if v is not None and k != "command"
     }
+    settings = Settings(**overrides)
+    settings.resolved_auth_token()  # fail at start-up, not at the first call
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        settings = Settings(**overrides)
-        settings.resolved_auth_token()
+        settings = build_settings(argv)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     use_uvloop: bool = True
+    metrics_listen: str | None = None
+    """host:port for a Prometheus /metrics endpoint; off when unset."""
     engine: EngineConfig = EngineConfig()
 
     @model_validator(mode="after")
