@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -147,3 +148,17 @@ async def test_health_serving_then_not_serving_on_shutdown(app) -> None:
         await app.server.enter_shutdown()
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(app, stub) -> None:
+    await stub.StartConversation(pb.StartConversationRequest(conversation_id="c1"))
+    # Make the next commit fail as a full disk or I/O error would: the id is already taken.
+    runtime = app.engine._runtimes["c1"]
+    runtime.next_event_id = 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("x")))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "event store failed" in (caught.value.details() or "")
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

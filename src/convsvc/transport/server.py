@@ -34,10 +34,10 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._server.add_generic_rpc_handlers(
-            (conversation_service_handler(ConversationServicer(engine)),)
-        )
         self._health = health.aio.HealthServicer()
+        self._server.add_generic_rpc_handlers(
+            (conversation_service_handler(ConversationServicer(engine), self._not_serving),)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -59,6 +59,11 @@ class GrpcServer:
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _not_serving(self) -> None:
+        # A failed store accepts no writes: balancers should send traffic elsewhere.
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def enter_shutdown(self) -> None:
         """Reports NOT_SERVING so that balancers stop sending new calls."""

@@ -39,11 +39,21 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+OnStorageFailure = Callable[[], Awaitable[None]]
+
+
+async def _abort(
+    method: str,
+    context: grpc.aio.ServicerContext,
+    exc: Exception,
+    on_storage_failure: OnStorageFailure | None,
+) -> None:
     if isinstance(exc, ConvsvcError):
         error = exc
     elif isinstance(exc, StorageError):
         log.error("rpc.storage_failed", method=method, error=str(exc))
+        if on_storage_failure is not None:
+            await on_storage_failure()
         error = storage_failure(exc)
     else:
         log.exception("rpc.internal_error", method=method)
@@ -54,7 +64,9 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
 
 
 def _guard_unary(
-    method: str, fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+    method: str,
+    fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    on_storage_failure: OnStorageFailure | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     latency = LATENCY.labels(method)
     ok = CALLS.labels(method, "OK")
@@ -66,7 +78,7 @@ def _guard_unary(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(method, context, exc)
+            await _abort(method, context, exc, on_storage_failure)
             raise  # unreachable: abort raises
         ok.inc()
         latency.observe(time.perf_counter() - started)
@@ -76,7 +88,9 @@ def _guard_unary(
 
 
 def _guard_stream(
-    method: str, fn: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+    method: str,
+    fn: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    on_storage_failure: OnStorageFailure | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
@@ -85,14 +99,19 @@ def _guard_stream(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(method, context, exc)
+            await _abort(method, context, exc, on_storage_failure)
         CALLS.labels(method, "OK").inc()
 
     return handle
 
 
-def conversation_service_handler(servicer: ConversationServicer) -> grpc.GenericRpcHandler:
-    """The generic handler serving every ConversationService method."""
+def conversation_service_handler(
+    servicer: ConversationServicer, on_storage_failure: OnStorageFailure | None = None
+) -> grpc.GenericRpcHandler:
+    """The generic handler serving every ConversationService method.
+
+    ``on_storage_failure`` runs when a call fails because the store did (health reporting).
+    """
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     service = pb.DESCRIPTOR.services_by_name["ConversationService"]
     for method in service.methods:
@@ -102,13 +121,13 @@ def conversation_service_handler(servicer: ConversationServicer) -> grpc.Generic
         behaviour = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(method.name, behaviour),
+                _guard_stream(method.name, behaviour, on_storage_failure),
                 request_deserializer=request_type.FromString,
                 response_serializer=serialize,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(method.name, behaviour),
+                _guard_unary(method.name, behaviour, on_storage_failure),
                 request_deserializer=request_type.FromString,
                 response_serializer=serialize,
             )

@@ -1,0 +1,83 @@
+"""The SQLite store: group commit, durability across reopen, and a failed commit stops writes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from convsvc.codec import encode_event
+from convsvc.domain import Event, EventKind
+from convsvc.storage import StorageError
+from convsvc.storage.sqlite import SqliteStore
+
+
+def make_event(cid: str, event_id: int) -> Event:
+    event = Event(
+        cid,
+        event_id,
+        datetime.now(UTC),
+        "user",
+        EventKind.ACTION,
+        "message",
+        {"id": event_id, "action": "message", "args": {"content": str(event_id)}},
+    )
+    event.encoded = encode_event(event)
+    return event
+
+
+async def test_concurrent_appends_share_commits_and_are_reported_in_order(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    batches: list[list[int]] = []
+    store.set_commit_listener(lambda events: batches.append([e.id for e in events]))
+    await store.open()
+    await asyncio.gather(*(store.append_events([make_event("c1", n)]) for n in range(200)))
+    await store.close()
+    assert [i for batch in batches for i in batch] == list(range(200))
+    assert len(batches) < 200  # group commit: fewer transactions than writes
+
+
+async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3", group_commit=False)
+    batches: list[Sequence[Event]] = []
+    store.set_commit_listener(batches.append)
+    await store.open()
+    await asyncio.gather(*(store.append_events([make_event("c1", n)]) for n in range(20)))
+    await store.close()
+    assert len(batches) == 20
+
+
+async def test_committed_events_are_read_back_after_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    await store.append_events([make_event("c1", n) for n in range(5)])
+    await store.close()
+
+    reopened = SqliteStore(path)
+    await reopened.open()
+    assert await reopened.latest_event_id("c1") == 4
+    assert await reopened.latest_event_id("other") == -1
+    rows = await reopened.read_events("c1", 1, 3)
+    assert [r.id for r in rows] == [1, 2, 3]
+    rows = await reopened.read_events("c1", 0, reverse=True, limit=2)
+    assert [r.id for r in rows] == [4, 3]
+    await reopened.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_failed_commit_refuses_all_later_writes(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.append_events([make_event("c1", 0)])
+    with pytest.raises(StorageError):
+        await store.append_events([make_event("c1", 0)])  # duplicate id: the commit fails
+    assert store.failed
+    with pytest.raises(StorageError):
+        await store.append_events([make_event("c1", 1)])  # no gap can follow a lost write
+    await store.close()
