@@ -7,8 +7,10 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from convsvc.codec import struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
-from tests.helpers import echo_of, grpc_events_until, ids
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.helpers import agent_state_is, echo_of, grpc_events_until, ids
 
 
 def message(text: str) -> struct_pb2.Struct:
@@ -162,3 +164,43 @@ async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(a
     async with grpc.aio.insecure_channel(app.server.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_eviction_status_update_reaches_streams_over_grpc(tmp_path) -> None:
+    from convsvc.config import EngineConfig
+    from tests.conftest import running_app
+
+    async with (
+        running_app(tmp_path / "data", engine=EngineConfig(max_concurrent_conversations=1)) as app,
+        grpc.aio.insecure_channel(app.server.address) as channel,
+    ):
+        stub = pb_grpc.ConversationServiceStub(channel)
+        await stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="first", user_id="alice")
+        )
+        call = stub.StreamEvents(pb.StreamEventsRequest(conversation_id="first"), timeout=10)
+        await call.read()  # subscribed and caught up
+        await stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="second", user_id="alice")
+        )
+        update = None
+        async for response in call:
+            if response.HasField("status_update"):
+                update = struct_to_dict(response.status_update)
+                break
+        call.cancel()
+    assert update is not None
+    assert update["id"] == "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
+    assert update["status_update"] is True
+
+
+async def test_echo_reply_delay_keeps_the_agent_running_meanwhile(stub) -> None:
+    settings = struct_pb2.Struct()
+    settings.update({"echo_reply_delay_seconds": 5})
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c1", settings=settings)
+    )
+    await stub.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("slow")))
+    await grpc_events_until(stub, "c1", agent_state_is("running"))
+    got = await stub.GetConversation(pb.GetConversationRequest(conversation_id="c1"))
+    assert got.conversation.agent_state == "running"  # the echo is still being "thought about"
