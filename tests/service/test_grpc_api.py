@@ -8,8 +8,10 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convsvc.codec import struct_to_dict
+from convsvc.config import EngineConfig
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.conftest import running_app
 from tests.helpers import agent_state_is, echo_of, grpc_events_until, ids
 
 
@@ -167,9 +169,6 @@ async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(a
 
 
 async def test_eviction_status_update_reaches_streams_over_grpc(tmp_path) -> None:
-    from convsvc.config import EngineConfig
-    from tests.conftest import running_app
-
     async with (
         running_app(tmp_path / "data", engine=EngineConfig(max_concurrent_conversations=1)) as app,
         grpc.aio.insecure_channel(app.server.address) as channel,
@@ -184,10 +183,10 @@ async def test_eviction_status_update_reaches_streams_over_grpc(tmp_path) -> Non
             pb.StartConversationRequest(conversation_id="second", user_id="alice")
         )
         update = None
-        async for response in call:
+        while update is None:
+            response = await call.read()
             if response.HasField("status_update"):
                 update = struct_to_dict(response.status_update)
-                break
         call.cancel()
     assert update is not None
     assert update["id"] == "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
