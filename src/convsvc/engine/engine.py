@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -462,22 +462,20 @@ class ConversationEngine:
         page_token: str = "",
     ) -> tuple[list[ConversationView], str]:
         """Running (and starting) conversations, by id, one page at a time."""
-        user = validation.check_user_id(user_id)
-        wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
-        size = self._page_size(page_size)
-        query = ["conversations", user, sorted(wanted)]
-        after = decode_token(page_token, query) if page_token else ""
-        ids = sorted(
-            cid
-            for cid, rt in self._runtimes.items()
-            if cid > after
-            and not rt.closing
-            and (user is None or rt.record.user_id == user)
-            and (not wanted or cid in wanted)
+
+        def candidates(user: str | None, wanted: set[str]) -> Iterator[tuple[str, Any]]:
+            for cid, runtime in self._runtimes.items():
+                if (
+                    not runtime.closing
+                    and (user is None or runtime.record.user_id == user)
+                    and (not wanted or cid in wanted)
+                ):
+                    yield cid, runtime
+
+        runtimes, token = self._page(
+            "conversations", user_id, conversation_ids, page_size, page_token, candidates
         )
-        page = ids[:size]
-        token = encode_token(query, page[-1]) if len(ids) > size else ""
-        return [self._view(self._runtimes[cid]) for cid in page], token
+        return [self._view(runtime) for runtime in runtimes], token
 
     def list_connections(
         self,
@@ -488,24 +486,39 @@ class ConversationEngine:
         page_token: str = "",
     ) -> tuple[list[Connection], str]:
         """Connections, by id, one page at a time."""
+
+        def candidates(user: str | None, wanted: set[str]) -> Iterator[tuple[str, Any]]:
+            for connection in self._connections.all():
+                if (user is None or connection.user_id == user) and (
+                    not wanted or connection.conversation_id in wanted
+                ):
+                    yield connection.connection_id, connection
+
+        return self._page(
+            "connections", user_id, conversation_ids, page_size, page_token, candidates
+        )
+
+    def _page(
+        self,
+        kind: str,
+        user_id: str,
+        conversation_ids: Sequence[str],
+        page_size: int,
+        page_token: str,
+        candidates: Callable[[str | None, set[str]], Iterator[tuple[str, Any]]],
+    ) -> tuple[list[Any], str]:
+        """One page of (key, item) candidates ordered by key; the token holds the last key."""
         user = validation.check_user_id(user_id)
         wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
         size = self._page_size(page_size)
-        query = ["connections", user, sorted(wanted)]
+        query = [kind, user, sorted(wanted)]
         after = decode_token(page_token, query) if page_token else ""
         matching = sorted(
-            (
-                c
-                for c in self._connections.all()
-                if c.connection_id > after
-                and (user is None or c.user_id == user)
-                and (not wanted or c.conversation_id in wanted)
-            ),
-            key=lambda c: c.connection_id,
+            (item for item in candidates(user, wanted) if item[0] > after), key=lambda i: i[0]
         )
         page = matching[:size]
-        token = encode_token(query, page[-1].connection_id) if len(matching) > size else ""
-        return page, token
+        token = encode_token(query, page[-1][0]) if len(matching) > size else ""
+        return [item for _, item in page], token
 
     async def search_events(
         self,
