@@ -277,7 +277,11 @@ class SqliteStore:
                     write.done.set_exception(self._failure)
             return
         if events and self._listener is not None:
-            self._listener(events)
+            try:
+                self._listener(events)
+            except Exception:
+                # The events are durable; a listener bug must not stop the writer.
+                log.exception("storage.listener_failed", batch=len(events))
         for write in batch:
             assert write.done is not None
             if not write.done.done():
