@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -160,6 +161,10 @@ async def test_secrets_in_settings_never_reach_disk_or_logs(server_process, tmp_
     for path in files:
         assert secret.encode() not in path.read_bytes(), path.name
     assert secret not in server.logs()
+    records = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    started = [r for r in records if r["event"] == "conversation.started"]
+    assert started and started[0]["conversation_id"] == "c1"  # structured, with the id
+    assert all("level" in r and "timestamp" in r for r in records)
     with contextlib.closing(sqlite3.connect(data_dir / "convsvc.sqlite3")) as db:
         (stored,) = db.execute("SELECT settings FROM conversations").fetchone()
     assert "gpt-4o" in stored  # non-secret settings are kept
