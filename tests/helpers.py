@@ -1,10 +1,15 @@
-"""Test helpers: read a conversation's event stream until a condition holds, with a deadline."""
+"""Test helpers: streams read until a condition holds (with a deadline), and gRPC error checks."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from convsvc.codec import decode_event, struct_to_dict
 from convsvc.domain import JsonObject, StoredEvent
@@ -48,6 +53,7 @@ async def grpc_events_until(
     *,
     start_id: int = 0,
     timeout: float = 10.0,
+    metadata: Any = None,
     **request: Any,
 ) -> list[JsonObject]:
     """Event payloads from StreamEvents until ``done(payloads)`` holds."""
@@ -55,6 +61,7 @@ async def grpc_events_until(
     call = stub.StreamEvents(
         pb.StreamEventsRequest(conversation_id=conversation_id, start_id=start_id, **request),
         timeout=timeout,
+        metadata=metadata,
     )
     try:
         async for response in call:
@@ -103,3 +110,25 @@ def agent_state_is(state: str) -> Callable[[list[JsonObject]], bool]:
 async def settled(engine: ConversationEngine, conversation_id: str) -> None:
     """Waits until a conversation's agent awaits user input (its start has finished)."""
     await engine_events_until(engine, conversation_id, agent_state_is("awaiting_user_input"))
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    raise AssertionError("no ErrorInfo in the status details")
+
+
+async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    info = error_info(caught.value)
+    assert info.domain == "convsvc.v1"
+    assert info.reason == reason
+    details = caught.value.details() or ""
+    assert "Traceback" not in details
+    return details

@@ -7,10 +7,9 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from convsvc.v1 import conversation_service_pb2 as pb
+from tests.helpers import error_info, expect_error
 
 HI = {"action": "message", "args": {"content": "hi"}}
 
@@ -19,28 +18,6 @@ def struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    raise AssertionError("no ErrorInfo in the status details")
-
-
-async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-    info = error_info(caught.value)
-    assert info.domain == "convsvc.v1"
-    assert info.reason == reason
-    details = caught.value.details() or ""
-    assert "Traceback" not in details
-    return details
 
 
 @pytest.fixture
