@@ -1,0 +1,209 @@
+"""The README's grpcurl walkthrough, run with the real grpcurl binary against `convsvc serve`.
+
+The commands are read from the README, so the documentation and this test cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+README = Path(__file__).parents[2] / "README.md"
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+COMMAND_TIMEOUT = 30.0
+
+
+def walkthrough_commands() -> dict[str, list[str]]:
+    """The grpcurl lines of the README's grpcurl section, keyed by the method they call."""
+    text = README.read_text()
+    section = text.split("## Try it with grpcurl", 1)[1].split("\n## ", 1)[0]
+    commands: dict[str, list[str]] = {}
+    in_code = False
+    for line in section.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        line = line.removeprefix("$ ")
+        if in_code and line.startswith("grpcurl "):
+            argv = shlex.split(line)
+            key = argv[-1] if "/" in argv[-1] else "list"
+            commands.setdefault(key, argv)
+    return commands
+
+
+def expand(argv: list[str], address: str) -> list[str]:
+    return [str(GRPCURL), *(address if arg == "$ADDR" else arg for arg in argv[1:])]
+
+
+async def grpcurl(argv: list[str], address: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *expand(argv, address),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def grpcurl_json(argv: list[str], address: str) -> dict[str, Any]:
+    code, output = await grpcurl(argv, address)
+    assert code == 0, output
+    parsed: dict[str, Any] = json.loads(output)
+    return parsed
+
+
+class StreamReader:
+    """Parses the JSON messages grpcurl prints for a server stream, as they arrive."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self._buffer = ""
+        self._decoder = json.JSONDecoder()
+        self.events: list[dict[str, Any]] = []
+
+    async def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> None:
+        async def read() -> None:
+            assert self._process.stdout is not None
+            while not done(self.events):
+                chunk = await self._process.stdout.read(65536)
+                if not chunk:
+                    raise AssertionError(f"grpcurl's stream ended early: {self._buffer}")
+                self._buffer += chunk.decode()
+                self._parse()
+
+        await asyncio.wait_for(read(), COMMAND_TIMEOUT)
+
+    def _parse(self) -> None:
+        while True:
+            text = self._buffer.lstrip()
+            if not text:
+                return
+            try:
+                message, end = self._decoder.raw_decode(text)
+            except json.JSONDecodeError:
+                return  # the rest of this message has not arrived yet
+            self._buffer = text[end:]
+            self.events.extend(event["payload"] for event in message.get("events", []))
+
+
+def has_agent_state(state: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda events: any(
+        e.get("observation") == "agent_state_changed" and e["extras"]["agent_state"] == state
+        for e in events
+    )
+
+
+def has_echo(content: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda events: any(
+        e.get("source") == "agent" and e.get("action") == "message" and e["message"] == content
+        for e in events
+    )
+
+
+@pytest.fixture
+def address(server_process: Callable[..., Any]) -> str:
+    server = server_process()
+    started: str = server.start()
+    return started
+
+
+async def test_readme_walkthrough(address: str) -> None:
+    commands = walkthrough_commands()
+    service = "convsvc.v1.ConversationService"
+
+    code, listing = await grpcurl(commands["list"], address)
+    assert code == 0, listing
+    assert set(listing.split()) >= {service, "grpc.health.v1.Health"}
+
+    health = await grpcurl_json(commands["grpc.health.v1.Health/Check"], address)
+    assert health == {"status": "SERVING"}
+
+    started = await grpcurl_json(commands[f"{service}/StartConversation"], address)
+    assert started["conversation"]["conversation_id"] == "demo"
+    assert started["conversation"]["user_id"] == "alice"
+
+    joined = await grpcurl_json(commands[f"{service}/JoinConversation"], address)
+    assert joined["connection"]["connection_id"] == "browser-1"
+
+    stream = await asyncio.create_subprocess_exec(
+        *expand(commands[f"{service}/StreamEvents"], address),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        reader = StreamReader(stream)
+        await reader.until(has_agent_state("awaiting_user_input"))
+
+        sent = await grpcurl_json(commands[f"{service}/SendEvent"], address)
+        assert sent["conversation_id"] == "demo"
+        await reader.until(has_echo("hi"))
+        ids = [event["id"] for event in reader.events]
+        assert ids == list(range(len(ids)))
+        assert int(sent["event_id"]) in ids  # int64 is a JSON string in proto3 JSON
+
+        conversations = await grpcurl_json(commands[f"{service}/ListConversations"], address)
+        [conversation] = conversations["conversations"]
+        assert conversation["conversation_id"] == "demo"
+        assert conversation["status"] == "CONVERSATION_STATUS_RUNNING"
+
+        connections = await grpcurl_json(commands[f"{service}/ListConnections"], address)
+        assert [c["connection_id"] for c in connections["connections"]] == ["browser-1"]
+
+        disconnected = await grpcurl_json(commands[f"{service}/DisconnectConnection"], address)
+        assert disconnected == {"removed": True}
+
+        closed = await grpcurl_json(commands[f"{service}/CloseConversation"], address)
+        assert closed["conversation"]["status"] == "CONVERSATION_STATUS_STOPPED"
+        await reader.until(has_agent_state("stopped"))
+    finally:
+        stream.kill()
+        await stream.wait()
+
+    after = await grpcurl_json(commands[f"{service}/ListConversations"], address)
+    assert after.get("conversations", []) == []
+
+
+async def test_readme_error_example(address: str) -> None:
+    code, output = await grpcurl(
+        walkthrough_commands()["convsvc.v1.ConversationService/GetConversation"], address
+    )
+    assert code != 0
+    documented = README.read_text().split("$ grpcurl", 1)[1].split("```", 1)[0]
+    for expected in ("Code: NotFound", "Message: conversation nope does not exist"):
+        assert expected in documented
+        assert expected in output
+    assert '"reason":"CONVERSATION_NOT_FOUND"' in output
+
+
+@pytest.mark.parametrize(
+    ("method", "request_json", "code", "reason"),
+    [
+        ("GetConversation", {"conversation_id": "bad id"}, "InvalidArgument", "INVALID_ID"),
+        (
+            "SendEvent",
+            {"conversation_id": "demo", "event": {"args": {"content": "hi"}}},
+            "InvalidArgument",
+            "INVALID_EVENT",
+        ),
+        ("ListConversations", {"page_size": -1}, "InvalidArgument", "INVALID_PAGE_SIZE"),
+        ("DisconnectConnection", {}, "InvalidArgument", "INVALID_ID"),
+    ],
+)
+async def test_bad_requests_show_code_and_reason(
+    address: str, method: str, request_json: dict[str, Any], code: str, reason: str
+) -> None:
+    argv = ["grpcurl", "-plaintext", "-d", json.dumps(request_json), "$ADDR"]
+    exit_code, output = await grpcurl([*argv, f"convsvc.v1.ConversationService/{method}"], address)
+    assert exit_code != 0
+    assert f"Code: {code}" in output
+    assert re.search(rf'"reason":\s*"{reason}"', output), output
+    assert "Traceback" not in output
