@@ -1,0 +1,60 @@
+"""The polyglot path: a Node.js client built from protos/ alone (@grpc/grpc-js and
+@grpc/proto-loader from npm) drives a real `convsvc serve`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+NODE_PROJECT = Path(__file__).parent / "node"
+PROTOS = Path(__file__).parents[2] / "protos"
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """The Node project with its npm packages installed (exact versions, no lock file)."""
+    for tool in ("node", "npm"):
+        assert shutil.which(tool), f"{tool} is needed for the polyglot test (Node.js 18+)"
+    subprocess.run(
+        ["npm", "install", "--no-package-lock", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=NODE_PROJECT,
+        check=True,
+        timeout=300,
+    )
+    return NODE_PROJECT / "client.mjs"
+
+
+def test_node_client_drives_the_service(
+    node_client: Path, server_process: Callable[..., Any]
+) -> None:
+    address = server_process().start()
+    finished = subprocess.run(
+        ["node", str(node_client), address, str(PROTOS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    steps = {line["step"]: line for line in map(json.loads, finished.stdout.splitlines())}
+
+    assert steps["start"]["conversation_id"] == "node-demo"
+    assert steps["join"]["connection_id"] == "node-conn"
+    assert steps["stream"]["echo"] == "hello from node"
+    ids = steps["stream"]["ids"]
+    assert ids == list(range(len(ids)))
+    assert steps["send"]["event_id"] in ids
+    assert steps["list"]["conversations"] == [["node-demo", "CONVERSATION_STATUS_RUNNING"]]
+    assert steps["close"]["status"] == "CONVERSATION_STATUS_STOPPED"
+    assert steps["error"]["code"] == "NOT_FOUND"
+    assert steps["error"]["info"] == {
+        "reason": "CONVERSATION_NOT_FOUND",
+        "domain": "convsvc.v1",
+        "metadata": {"conversation_id": "no-such-conversation"},
+    }
