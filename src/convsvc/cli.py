@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from convsvc.app import run
 from convsvc.config import Settings
+from convsvc.healthcheck import check_health, local_address
 from convsvc.logs import configure_logging
 
 
@@ -35,12 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=["json", "console"])
+    health = commands.add_parser(
+        "health",
+        help="check that a running server is SERVING (exit status 0) or not (1)",
+        description="Ask a server's gRPC health service about convsvc.v1.ConversationService.",
+    )
+    health.add_argument(
+        "--address", help="host:port of the server (default: derived from CONVSVC_LISTEN)"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    health.add_argument("--tls-ca-file", type=Path, help="the server uses TLS signed by this CA")
     return parser
 
 
 def build_settings(argv: list[str] | None = None) -> Settings:
     """Settings from the environment, with the command line's flags taking precedence."""
-    args = _parser().parse_args(argv)
+    return _settings_from(_parser().parse_args(argv))
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         k: v for k, v in vars(args).items() if v is not None and k != "command"
     }
@@ -50,8 +64,12 @@ def build_settings(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        settings = build_settings(argv)
+        if args.command == "health":
+            address = args.address or local_address(Settings().listen)
+            return check_health(address, timeout=args.timeout, tls_ca_file=args.tls_ca_file)
+        settings = _settings_from(args)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
         return 2
