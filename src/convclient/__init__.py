@@ -1,0 +1,50 @@
+"""convclient: the typed Python client of convsvc (async and blocking), with no OpenHands
+dependency. The OpenHands adapter lives in ``convclient.openhands``."""
+
+from convclient.client import AsyncConvsvcClient
+from convclient.config import ClientSettings
+from convclient.errors import (
+    AlreadyExistsError,
+    ConvsvcClientError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    ServiceUnavailableError,
+    UnauthenticatedError,
+)
+from convclient.models import (
+    Connection,
+    Conversation,
+    ConversationStatus,
+    Event,
+    EventBatch,
+    HeartbeatResult,
+    Page,
+    SendResult,
+)
+from convclient.sync_client import ConvsvcClient
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncConvsvcClient",
+    "ClientSettings",
+    "Connection",
+    "Conversation",
+    "ConversationStatus",
+    "ConvsvcClient",
+    "ConvsvcClientError",
+    "Event",
+    "EventBatch",
+    "FailedPreconditionError",
+    "HeartbeatResult",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "Page",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "SendResult",
+    "ServiceUnavailableError",
+    "UnauthenticatedError",
+]

@@ -1,0 +1,83 @@
+"""Channel construction shared by the async and sync clients: credentials, message limits and
+gRPC's own retry policy."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from convclient.config import ClientSettings
+
+SERVICE = "convsvc.v1.ConversationService"
+
+# gRPC retries a call that failed with UNAVAILABLE (nothing reached the service, or it was
+# restarting). That is safe for every unary method: reads change nothing, and every mutation
+# carries a request_id the client fixed before the first attempt, so the service applies it
+# once. The event stream is resumed by the client itself, by event id.
+_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+UNARY_METHODS = (
+    "StartConversation",
+    "JoinConversation",
+    "SendEvent",
+    "DisconnectConnection",
+    "CloseConversation",
+    "GetConversation",
+    "ListConversations",
+    "ListConnections",
+    "SearchEvents",
+    "Heartbeat",
+)
+
+
+def service_config() -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE, "method": method} for method in UNARY_METHODS],
+                    "retryPolicy": _RETRY_POLICY,
+                }
+            ]
+        }
+    )
+
+
+def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config()),
+        # Notice a dead peer on a quiet stream within a minute rather than hours.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    return options
+
+
+def credentials(settings: ClientSettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext."""
+    if not settings.uses_tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None,
+        private_key=settings.client_key_file.read_bytes() if settings.client_key_file else None,
+        certificate_chain=settings.client_cert_file.read_bytes()
+        if settings.client_cert_file
+        else None,
+    )
+
+
+def call_metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:
+    token = settings.resolved_token()
+    return (("authorization", f"Bearer {token}"),) if token else ()

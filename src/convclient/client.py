@@ -1,0 +1,213 @@
+"""The async client: every ConversationService call with a deadline, typed answers and typed
+errors, plus event tails that survive a service restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import grpc
+
+from convclient import channel as channels
+from convclient import convert, requests
+from convclient.config import ClientSettings
+from convclient.errors import ConvsvcClientError, ServiceUnavailableError, from_rpc_error
+from convclient.models import Connection, Conversation, Event, EventBatch
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Stream failures after which a tail reconnects and resumes by id: the service went away or
+# is shutting down (UNAVAILABLE), or dropped this stream for falling behind.
+_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_RECONNECT_FIRST_DELAY = 0.1
+_RECONNECT_MAX_DELAY = 2.0
+
+
+def _unary(
+    prepare: Callable[P, requests.Prepared[R]],
+) -> Callable[Concatenate[AsyncConvsvcClient, P], Awaitable[R]]:
+    async def call(self: AsyncConvsvcClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._invoke(prepare(*args, **kwargs))
+
+    call.__doc__ = prepare.__doc__
+    call.__name__ = prepare.__name__
+    return call
+
+
+class AsyncConvsvcClient:
+    """Talks to convsvc from asyncio code. Use ``async with`` or call :meth:`close`.
+
+    Settings come from ``CONVSVC_*`` environment variables; keyword arguments override them,
+    e.g. ``AsyncConvsvcClient(address="10.0.0.5:50051")``.
+    """
+
+    def __init__(self, settings: ClientSettings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = ClientSettings(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self._metadata = channels.call_metadata(settings)
+        credentials = channels.credentials(settings)
+        options = channels.channel_options(settings)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(settings.address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(settings.address, credentials, options)
+        self._stub = pb_grpc.ConversationServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncConvsvcClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _invoke(self, prepared: requests.Prepared[R]) -> R:
+        method = getattr(self._stub, prepared.method)
+        try:
+            response = await method(
+                prepared.request, timeout=self.settings.timeout_seconds, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return prepared.read(response)
+
+    def _error(self, exc: grpc.RpcError) -> ConvsvcClientError:
+        return from_rpc_error(
+            exc, address=self.settings.address, timeout=self.settings.timeout_seconds
+        )
+
+    start_conversation = _unary(requests.start_conversation)
+    join_conversation = _unary(requests.join_conversation)
+    send_event = _unary(requests.send_event)
+    disconnect = _unary(requests.disconnect)
+    close_conversation = _unary(requests.close_conversation)
+    get_conversation = _unary(requests.get_conversation)
+    list_conversations = _unary(requests.list_conversations)
+    list_connections = _unary(requests.list_connections)
+    search_events = _unary(requests.search_events)
+    heartbeat = _unary(requests.heartbeat)
+
+    async def iter_conversations(
+        self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0
+    ) -> AsyncIterator[Conversation]:
+        """Every running conversation matching the filters, page after page."""
+        wanted = list(conversation_ids)
+        token = ""
+        while True:
+            page = await self.list_conversations(
+                user_id=user_id, conversation_ids=wanted, page_size=page_size, page_token=token
+            )
+            for item in page.items:
+                yield item
+            if not (token := page.next_page_token):
+                return
+
+    async def iter_connections(
+        self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0
+    ) -> AsyncIterator[Connection]:
+        """Every connection matching the filters, page after page."""
+        wanted = list(conversation_ids)
+        token = ""
+        while True:
+            page = await self.list_connections(
+                user_id=user_id, conversation_ids=wanted, page_size=page_size, page_token=token
+            )
+            for item in page.items:
+                yield item
+            if not (token := page.next_page_token):
+                return
+
+    async def iter_events(
+        self,
+        conversation_id: str,
+        *,
+        user_id: str = "",
+        start_id: int = 0,
+        end_id: int | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[Event]:
+        """Stored events in the id range (inclusive), page after page, at most ``limit``."""
+        token = ""
+        returned = 0
+        while limit is None or returned < limit:
+            page = await self.search_events(
+                conversation_id,
+                user_id=user_id,
+                start_id=start_id,
+                end_id=end_id,
+                reverse=reverse,
+                page_size=page_size,
+                page_token=token,
+            )
+            for item in page.items[: None if limit is None else limit - returned]:
+                returned += 1
+                yield item
+            if not (token := page.next_page_token):
+                return
+
+    async def tail_events(
+        self,
+        conversation_id: str,
+        *,
+        user_id: str = "",
+        start_id: int = 0,
+        max_batch_size: int = 0,
+    ) -> AsyncIterator[EventBatch]:
+        """Every event from ``start_id`` on, stored then live, in batches; never ends by itself.
+
+        When the service restarts, drops the stream or becomes unreachable, the tail reconnects
+        and resumes after the last id it yielded: no event is skipped or yielded twice. It gives
+        up with ServiceUnavailableError after ``stream_reconnect_seconds`` without success.
+        """
+        next_id = start_id
+        failing_since: float | None = None
+        delay = _RECONNECT_FIRST_DELAY
+        while True:
+            call = self._stub.StreamEvents(
+                requests.stream_events(
+                    conversation_id,
+                    user_id=user_id,
+                    start_id=next_id,
+                    max_batch_size=max_batch_size,
+                ),
+                metadata=self._metadata,
+            )
+            failure: grpc.aio.AioRpcError | None = None
+            try:
+                async for response in call:
+                    failing_since, delay = None, _RECONNECT_FIRST_DELAY
+                    batch = convert.event_batch(response)
+                    fresh = [event for event in batch.events if event.id >= next_id]
+                    if fresh:
+                        next_id = fresh[-1].id + 1
+                    if fresh or batch.status_update is not None:
+                        yield EventBatch(events=fresh, status_update=batch.status_update)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise self._error(exc) from None
+                failure = exc
+            finally:
+                call.cancel()
+            now = time.monotonic()
+            failing_since = failing_since if failing_since is not None else now
+            if now - failing_since >= self.settings.stream_reconnect_seconds:
+                cause = f": {failure.details()}" if failure is not None else ""
+                raise ServiceUnavailableError(
+                    f"lost the event stream of {conversation_id} at {self.settings.address} and "
+                    f"could not resume it within {self.settings.stream_reconnect_seconds:g} s"
+                    f"{cause}",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                    reason="STREAM_LOST",
+                )
+            await asyncio.sleep(delay)  # back off before reconnecting
+            delay = min(delay * 2, _RECONNECT_MAX_DELAY)

@@ -1,0 +1,103 @@
+"""Between the generated protobuf messages and the client's models and plain JSON objects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from convclient.models import (
+    Connection,
+    Conversation,
+    ConversationStatus,
+    Event,
+    EventBatch,
+)
+from convsvc.v1 import conversation_service_pb2 as pb
+
+_STATUS = {
+    pb.CONVERSATION_STATUS_STARTING: ConversationStatus.STARTING,
+    pb.CONVERSATION_STATUS_RUNNING: ConversationStatus.RUNNING,
+    pb.CONVERSATION_STATUS_STOPPED: ConversationStatus.STOPPED,
+}
+_KIND = {pb.EVENT_KIND_ACTION: "action", pb.EVENT_KIND_OBSERVATION: "observation"}
+
+
+def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a Struct (numbers become doubles: integers are exact up to 2^53)."""
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return from_struct(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() else number  # ids and counts were ints
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _value(value) for key, value in struct.fields.items()}
+
+
+def _time(message: pb.Conversation, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def conversation(message: pb.Conversation) -> Conversation:
+    return Conversation(
+        conversation_id=message.conversation_id,
+        user_id=message.user_id,
+        status=_STATUS.get(message.status, ConversationStatus.STOPPED),
+        agent=message.agent,
+        agent_state=message.agent_state,
+        latest_event_id=message.latest_event_id,
+        create_time=_time(message, "create_time"),
+        last_active_time=_time(message, "last_active_time"),
+        connection_count=message.connection_count,
+    )
+
+
+def connection(message: pb.Connection) -> Connection:
+    return Connection(
+        connection_id=message.connection_id,
+        conversation_id=message.conversation_id,
+        user_id=message.user_id,
+        client_instance_id=message.client_instance_id,
+    )
+
+
+def event(message: pb.Event) -> Event:
+    return Event(
+        conversation_id=message.conversation_id,
+        id=message.id,
+        timestamp=message.timestamp.ToDatetime(tzinfo=UTC),
+        source=message.source,
+        kind=_KIND.get(message.kind, "observation"),
+        name=message.name,
+        payload=from_struct(message.payload),
+    )
+
+
+def event_batch(message: pb.StreamEventsResponse) -> EventBatch:
+    return EventBatch(
+        events=[event(item) for item in message.events],
+        status_update=from_struct(message.status_update)
+        if message.HasField("status_update")
+        else None,
+    )

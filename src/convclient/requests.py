@@ -1,0 +1,223 @@
+"""Each call once: the request message and how to read its answer. The async and sync
+clients only differ in how they send it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from convclient import convert
+from convclient.models import Connection, Conversation, Event, HeartbeatResult, Page, SendResult
+from convsvc.v1 import conversation_service_pb2 as pb
+
+R = TypeVar("R")
+JsonMapping = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Prepared(Generic[R]):
+    method: str
+    request: Any
+    read: Callable[[Any], R]
+
+
+def new_request_id() -> str:
+    """Fixed before the first attempt, so every retry of the call carries the same id."""
+    return uuid.uuid4().hex
+
+
+def start_conversation(
+    conversation_id: str,
+    *,
+    user_id: str = "",
+    agent: str = "",
+    settings: JsonMapping | None = None,
+    initial_user_message: JsonMapping | None = None,
+    replay_events: Sequence[JsonMapping] = (),
+    request_id: str | None = None,
+) -> Prepared[Conversation]:
+    request = pb.StartConversationRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        agent=agent,
+        replay_events=[convert.to_struct(e) for e in replay_events],
+        request_id=request_id or new_request_id(),
+    )
+    if settings is not None:
+        request.settings.CopyFrom(convert.to_struct(settings))
+    if initial_user_message is not None:
+        request.initial_user_message.CopyFrom(convert.to_struct(initial_user_message))
+    return Prepared("StartConversation", request, lambda r: convert.conversation(r.conversation))
+
+
+def join_conversation(
+    conversation_id: str,
+    connection_id: str,
+    *,
+    user_id: str = "",
+    settings: JsonMapping | None = None,
+    client_instance_id: str = "",
+    request_id: str | None = None,
+) -> Prepared[tuple[Conversation, Connection]]:
+    request = pb.JoinConversationRequest(
+        conversation_id=conversation_id,
+        connection_id=connection_id,
+        user_id=user_id,
+        client_instance_id=client_instance_id,
+        request_id=request_id or new_request_id(),
+    )
+    if settings is not None:
+        request.settings.CopyFrom(convert.to_struct(settings))
+    return Prepared(
+        "JoinConversation",
+        request,
+        lambda r: (convert.conversation(r.conversation), convert.connection(r.connection)),
+    )
+
+
+def send_event(
+    event: JsonMapping,
+    *,
+    connection_id: str | None = None,
+    conversation_id: str | None = None,
+    user_id: str = "",
+    request_id: str | None = None,
+) -> Prepared[SendResult]:
+    if (connection_id is None) == (conversation_id is None):
+        raise ValueError("send_event needs exactly one of connection_id and conversation_id")
+    request = pb.SendEventRequest(
+        user_id=user_id,
+        event=convert.to_struct(event),
+        request_id=request_id or new_request_id(),
+    )
+    if connection_id is not None:
+        request.connection_id = connection_id
+    elif conversation_id is not None:
+        request.conversation_id = conversation_id
+    return Prepared(
+        "SendEvent",
+        request,
+        lambda r: SendResult(conversation_id=r.conversation_id, event_id=r.event_id),
+    )
+
+
+def disconnect(
+    connection_id: str, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[bool]:
+    request = pb.DisconnectConnectionRequest(
+        connection_id=connection_id, user_id=user_id, request_id=request_id or new_request_id()
+    )
+    return Prepared("DisconnectConnection", request, lambda r: bool(r.removed))
+
+
+def close_conversation(
+    conversation_id: str, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[Conversation]:
+    request = pb.CloseConversationRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        request_id=request_id or new_request_id(),
+    )
+    return Prepared("CloseConversation", request, lambda r: convert.conversation(r.conversation))
+
+
+def get_conversation(conversation_id: str, *, user_id: str = "") -> Prepared[Conversation]:
+    request = pb.GetConversationRequest(conversation_id=conversation_id, user_id=user_id)
+    return Prepared("GetConversation", request, lambda r: convert.conversation(r.conversation))
+
+
+def list_conversations(
+    *,
+    user_id: str = "",
+    conversation_ids: Iterable[str] = (),
+    page_size: int = 0,
+    page_token: str = "",
+) -> Prepared[Page[Conversation]]:
+    request = pb.ListConversationsRequest(
+        user_id=user_id,
+        conversation_ids=list(conversation_ids),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Prepared(
+        "ListConversations",
+        request,
+        lambda r: Page[Conversation](
+            items=[convert.conversation(c) for c in r.conversations],
+            next_page_token=r.next_page_token,
+        ),
+    )
+
+
+def list_connections(
+    *,
+    user_id: str = "",
+    conversation_ids: Iterable[str] = (),
+    page_size: int = 0,
+    page_token: str = "",
+) -> Prepared[Page[Connection]]:
+    request = pb.ListConnectionsRequest(
+        user_id=user_id,
+        conversation_ids=list(conversation_ids),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Prepared(
+        "ListConnections",
+        request,
+        lambda r: Page[Connection](
+            items=[convert.connection(c) for c in r.connections],
+            next_page_token=r.next_page_token,
+        ),
+    )
+
+
+def search_events(
+    conversation_id: str,
+    *,
+    user_id: str = "",
+    start_id: int = 0,
+    end_id: int | None = None,
+    reverse: bool = False,
+    page_size: int = 0,
+    page_token: str = "",
+) -> Prepared[Page[Event]]:
+    request = pb.SearchEventsRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        start_id=start_id,
+        reverse=reverse,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    if end_id is not None:
+        request.end_id = end_id
+    return Prepared(
+        "SearchEvents",
+        request,
+        lambda r: Page[Event](
+            items=[convert.event(e) for e in r.events], next_page_token=r.next_page_token
+        ),
+    )
+
+
+def heartbeat(client_instance_id: str) -> Prepared[HeartbeatResult]:
+    request = pb.HeartbeatRequest(client_instance_id=client_instance_id)
+    return Prepared(
+        "Heartbeat",
+        request,
+        lambda r: HeartbeatResult(connection_count=r.connection_count, ttl_seconds=r.ttl_seconds),
+    )
+
+
+def stream_events(
+    conversation_id: str, *, user_id: str = "", start_id: int = 0, max_batch_size: int = 0
+) -> pb.StreamEventsRequest:
+    return pb.StreamEventsRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        start_id=start_id,
+        max_batch_size=max_batch_size,
+    )

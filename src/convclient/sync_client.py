@@ -1,0 +1,126 @@
+"""The blocking client, for code that cannot await (OpenHands' event stores are iterated
+synchronously). Same calls, deadlines, retries and errors as the async client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import grpc
+
+from convclient import channel as channels
+from convclient import requests
+from convclient.config import ClientSettings
+from convclient.errors import from_rpc_error
+from convclient.models import Event
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unary(
+    prepare: Callable[P, requests.Prepared[R]],
+) -> Callable[Concatenate[ConvsvcClient, P], R]:
+    def call(self: ConvsvcClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._invoke(prepare(*args, **kwargs))
+
+    call.__doc__ = prepare.__doc__
+    call.__name__ = prepare.__name__
+    return call
+
+
+class ConvsvcClient:
+    """Talks to convsvc from blocking code. Use ``with`` or call :meth:`close`."""
+
+    def __init__(self, settings: ClientSettings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = ClientSettings(**overrides)
+        elif overrides:
+            settings = settings.model_copy(update=overrides)
+        self.settings = settings
+        self._metadata = channels.call_metadata(settings)
+        credentials = channels.credentials(settings)
+        options = channels.channel_options(settings)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(settings.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(settings.address, credentials, options)
+        self._stub = pb_grpc.ConversationServiceStub(self._channel)
+
+    def __enter__(self) -> ConvsvcClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _invoke(self, prepared: requests.Prepared[R]) -> R:
+        method = getattr(self._stub, prepared.method)
+        try:
+            response = method(
+                prepared.request, timeout=self.settings.timeout_seconds, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(
+                exc, address=self.settings.address, timeout=self.settings.timeout_seconds
+            ) from None
+        return prepared.read(response)
+
+    start_conversation = _unary(requests.start_conversation)
+    join_conversation = _unary(requests.join_conversation)
+    send_event = _unary(requests.send_event)
+    disconnect = _unary(requests.disconnect)
+    close_conversation = _unary(requests.close_conversation)
+    get_conversation = _unary(requests.get_conversation)
+    list_conversations = _unary(requests.list_conversations)
+    list_connections = _unary(requests.list_connections)
+    search_events = _unary(requests.search_events)
+    heartbeat = _unary(requests.heartbeat)
+
+    def iter_events(
+        self,
+        conversation_id: str,
+        *,
+        user_id: str = "",
+        start_id: int = 0,
+        end_id: int | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+        page_size: int = 0,
+    ) -> Iterator[Event]:
+        """Stored events in the id range (inclusive), page after page, at most ``limit``."""
+        token = ""
+        returned = 0
+        while limit is None or returned < limit:
+            page = self.search_events(
+                conversation_id,
+                user_id=user_id,
+                start_id=start_id,
+                end_id=end_id,
+                reverse=reverse,
+                page_size=page_size,
+                page_token=token,
+            )
+            for item in page.items[: None if limit is None else limit - returned]:
+                returned += 1
+                yield item
+            if not (token := page.next_page_token):
+                return
+
+    def all_conversation_ids(
+        self, *, user_id: str = "", conversation_ids: Iterable[str] = ()
+    ) -> list[str]:
+        """Ids of every running conversation matching the filters."""
+        wanted = list(conversation_ids)
+        found: list[str] = []
+        token = ""
+        while True:
+            page = self.list_conversations(
+                user_id=user_id, conversation_ids=wanted, page_token=token
+            )
+            found.extend(c.conversation_id for c in page.items)
+            if not (token := page.next_page_token):
+                return found
