@@ -1,0 +1,299 @@
+"""RemoteConversationManager: OpenHands' ConversationManager, with the agent loops in convsvc.
+
+OpenHands builds it with ``get_instance`` at import time and opens it with ``async with`` in
+its app's lifespan; the channels, the heartbeat and the relays live between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+import socketio
+from openhands.core.config import OpenHandsConfig
+from openhands.events.action import MessageAction
+from openhands.events.serialization import event_to_dict
+from openhands.server.config.server_config import ServerConfig
+from openhands.server.conversation_manager.conversation_manager import ConversationManager
+from openhands.server.data_models.agent_loop_info import AgentLoopInfo
+from openhands.server.monitoring import MonitoringListener
+from openhands.storage.data_models.conversation_status import (
+    ConversationStatus as OpenHandsStatus,
+)
+from openhands.storage.data_models.settings import Settings
+from openhands.storage.files import FileStore
+
+from convclient.client import AsyncConvsvcClient
+from convclient.config import ClientSettings
+from convclient.errors import ConvsvcClientError, NotFoundError
+from convclient.models import Conversation, ConversationStatus
+from convclient.openhands.compat import replays_through_join
+from convclient.openhands.conversation import RemoteConversation
+from convclient.openhands.event_store import RemoteEventStore
+from convclient.openhands.relay import ConnectionRelay
+from convclient.sync_client import ConvsvcClient
+
+log = logging.getLogger(__name__)
+
+ROOM_KEY = "room:{sid}"  # OpenHands' socket.io room of a conversation
+_STATUS = {
+    ConversationStatus.STARTING: OpenHandsStatus.STARTING,
+    ConversationStatus.RUNNING: OpenHandsStatus.RUNNING,
+    ConversationStatus.STOPPED: OpenHandsStatus.STOPPED,
+}
+# Containers of git tokens and custom secrets the agent loop in convsvc has no use for yet.
+_UNSENT_SETTINGS = {"secrets_store", "git_provider_tokens", "custom_secrets"}
+
+
+def settings_to_json(settings: Settings) -> dict[str, Any]:
+    """The user's settings as JSON, secrets included: convsvc needs the LLM key to run an
+    agent, and it redacts secrets before anything is stored or logged."""
+    fields = set(type(settings).model_fields) - _UNSENT_SETTINGS
+    dumped: dict[str, Any] = settings.model_dump(
+        mode="json", include=fields, context={"expose_secrets": True}
+    )
+    return dumped
+
+
+def _user(user_id: str | None) -> str:
+    return user_id or ""  # OpenHands without auth has no user: a trusted, service-wide call
+
+
+def _requested_start_id(environ: dict[str, Any] | None) -> int:
+    """One past the ``latest_event_id`` the browser connected with (-1: it has none)."""
+    query = parse_qs((environ or {}).get("QUERY_STRING", ""))
+    try:
+        return max(int(query.get("latest_event_id", ["-1"])[0]) + 1, 0)
+    except ValueError:
+        return 0
+
+
+class RemoteConversationManager(ConversationManager):
+    """Runs OpenHands conversations in convsvc; configured by ``CONVSVC_*`` (see convclient)."""
+
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        config: OpenHandsConfig,
+        file_store: FileStore,
+        server_config: ServerConfig,
+        monitoring_listener: MonitoringListener | None = None,
+        client_settings: ClientSettings | None = None,
+    ) -> None:
+        self.sio = sio
+        self.config = config
+        self.file_store = file_store
+        self.server_config = server_config
+        self.monitoring_listener = monitoring_listener
+        self.client_settings = client_settings or ClientSettings()
+        # One instance id per web process: its connections expire together if it dies.
+        self.client_instance_id = f"openhands-{uuid.uuid4().hex}"
+        self._client: AsyncConvsvcClient | None = None
+        self._sync_client: ConvsvcClient | None = None
+        self._relays: dict[str, ConnectionRelay] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    def get_instance(
+        cls,
+        sio: socketio.AsyncServer,
+        config: OpenHandsConfig,
+        file_store: FileStore,
+        server_config: ServerConfig,
+        monitoring_listener: MonitoringListener,
+    ) -> RemoteConversationManager:
+        return cls(sio, config, file_store, server_config, monitoring_listener)
+
+    async def __aenter__(self) -> RemoteConversationManager:
+        self._client = AsyncConvsvcClient(self.client_settings)
+        self._sync_client = ConvsvcClient(self.client_settings)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="convsvc-heartbeat")
+        log.info("conversations run in convsvc at %s", self.client_settings.address)
+        return self
+
+    async def __aexit__(self, exc_type: object, exc_value: object, traceback: object) -> None:
+        tasks = [relay.stop() for relay in self._relays.values()]
+        self._relays.clear()
+        await asyncio.gather(*tasks)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        if self._sync_client is not None:
+            self._sync_client.close()
+
+    @property
+    def client(self) -> AsyncConvsvcClient:
+        if self._client is None:
+            raise RuntimeError("RemoteConversationManager is used before `async with` opened it")
+        return self._client
+
+    @property
+    def sync_client(self) -> ConvsvcClient:
+        if self._sync_client is None:
+            raise RuntimeError("RemoteConversationManager is used before `async with` opened it")
+        return self._sync_client
+
+    # -- conversations ----------------------------------------------------------------------
+
+    async def maybe_start_agent_loop(
+        self,
+        sid: str,
+        settings: Settings,
+        user_id: str | None,
+        initial_user_msg: MessageAction | None = None,
+        replay_json: str | None = None,
+    ) -> AgentLoopInfo:
+        conversation = await self.client.start_conversation(
+            sid,
+            user_id=_user(user_id),
+            settings=settings_to_json(settings),
+            initial_user_message=event_to_dict(initial_user_msg) if initial_user_msg else None,
+            replay_events=json.loads(replay_json) if replay_json else (),
+        )
+        return self._loop_info(conversation, user_id)
+
+    async def join_conversation(
+        self, sid: str, connection_id: str, settings: Settings, user_id: str | None
+    ) -> AgentLoopInfo | None:
+        await self.sio.enter_room(connection_id, ROOM_KEY.format(sid=sid))
+        conversation, _ = await self.client.join_conversation(
+            sid,
+            connection_id,
+            user_id=_user(user_id),
+            settings=settings_to_json(settings),
+            client_instance_id=self.client_instance_id,
+        )
+        replay_by_openhands = replays_through_join()
+        relay = ConnectionRelay(
+            client=self.client,
+            emit=lambda data: self.sio.emit("oh_event", data, to=connection_id),
+            conversation_id=sid,
+            user_id=_user(user_id),
+            start_id=_requested_start_id(self.sio.get_environ(connection_id)),
+            backlog_end=conversation.latest_event_id,
+            replay_by_openhands=replay_by_openhands,
+        )
+        previous = self._relays.pop(connection_id, None)
+        if previous is not None:
+            await previous.stop()
+        self._relays[connection_id] = relay
+        relay.start()
+        store = RemoteEventStore(
+            self.sync_client,
+            sid,
+            user_id,
+            on_search_complete=relay.backlog_replayed if replay_by_openhands else None,
+        )
+        return self._loop_info(conversation, user_id, store)
+
+    async def send_to_event_stream(self, connection_id: str, data: dict[str, Any]) -> None:
+        await self.client.send_event(data, connection_id=connection_id)
+
+    async def send_event_to_conversation(self, sid: str, data: dict[str, Any]) -> None:
+        await self.client.send_event(data, conversation_id=sid)
+
+    async def disconnect_from_session(self, connection_id: str) -> None:
+        relay = self._relays.pop(connection_id, None)
+        if relay is not None:
+            await relay.stop()
+        await self.client.disconnect(connection_id)
+
+    async def close_session(self, sid: str) -> None:
+        await self.client.close_conversation(sid)
+
+    # -- what OpenHands' routes ask ---------------------------------------------------------
+
+    async def attach_to_conversation(
+        self, sid: str, user_id: str | None = None
+    ) -> RemoteConversation | None:
+        try:
+            await self.client.get_conversation(sid, user_id=_user(user_id))
+        except NotFoundError:
+            return None
+        store = RemoteEventStore(self.sync_client, sid, user_id)
+        return RemoteConversation(sid, user_id, store, self.config)
+
+    async def detach_from_conversation(self, conversation: Any) -> None:
+        """Nothing is held for an attached conversation."""
+
+    async def get_running_agent_loops(
+        self, user_id: str | None = None, filter_to_sids: set[str] | None = None
+    ) -> set[str]:
+        return {c.conversation_id for c in await self._running(user_id, filter_to_sids)}
+
+    async def get_connections(
+        self, user_id: str | None = None, filter_to_sids: set[str] | None = None
+    ) -> dict[str, str]:
+        if filter_to_sids is not None and not filter_to_sids:
+            return {}
+        return {
+            connection.connection_id: connection.conversation_id
+            async for connection in self.client.iter_connections(
+                user_id=_user(user_id), conversation_ids=sorted(filter_to_sids or ())
+            )
+        }
+
+    async def get_agent_loop_info(
+        self, user_id: str | None = None, filter_to_sids: set[str] | None = None
+    ) -> list[AgentLoopInfo]:
+        return [
+            self._loop_info(conversation, user_id)
+            for conversation in await self._running(user_id, filter_to_sids)
+        ]
+
+    def get_agent_session(self, sid: str) -> None:
+        """The agent session runs in convsvc: there is none in this process."""
+        return None
+
+    async def request_llm_completion(
+        self, sid: str, service_id: str, llm_config: Any, messages: list[dict[str, str]]
+    ) -> str:
+        raise NotImplementedError(
+            "LLM completions for a conversation (e.g. generated titles) are not available "
+            "while conversations run in convsvc"
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _running(
+        self, user_id: str | None, filter_to_sids: set[str] | None
+    ) -> list[Conversation]:
+        if filter_to_sids is not None and not filter_to_sids:
+            return []
+        return [
+            conversation
+            async for conversation in self.client.iter_conversations(
+                user_id=_user(user_id), conversation_ids=sorted(filter_to_sids or ())
+            )
+        ]
+
+    def _loop_info(
+        self,
+        conversation: Conversation,
+        user_id: str | None,
+        store: RemoteEventStore | None = None,
+    ) -> AgentLoopInfo:
+        return AgentLoopInfo(
+            conversation_id=conversation.conversation_id,
+            url=None,
+            session_api_key=None,
+            event_store=store
+            or RemoteEventStore(self.sync_client, conversation.conversation_id, user_id),
+            status=_STATUS[conversation.status],
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        interval = 10.0
+        while True:
+            try:
+                result = await self.client.heartbeat(self.client_instance_id)
+                interval = max(result.ttl_seconds / 3, 0.5)
+            except ConvsvcClientError as exc:
+                log.warning("heartbeat to convsvc failed: %s", exc)
+            await asyncio.sleep(interval)  # the next beat; nothing to wait on but time
