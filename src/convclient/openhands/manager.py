@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -35,6 +36,7 @@ from convclient.openhands.compat import replays_through_join
 from convclient.openhands.conversation import RemoteConversation
 from convclient.openhands.event_store import RemoteEventStore
 from convclient.openhands.relay import ConnectionRelay
+from convclient.requests import new_request_id
 from convclient.sync_client import ConvsvcClient
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,13 @@ def _requested_start_id(environ: dict[str, Any] | None) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class _Join:
+    sid: str
+    user_id: str
+    settings: dict[str, Any]
+
+
 class RemoteConversationManager(ConversationManager):
     """Runs OpenHands conversations in convsvc; configured by ``CONVSVC_*`` (see convclient)."""
 
@@ -95,6 +104,8 @@ class RemoteConversationManager(ConversationManager):
         self._client: AsyncConvsvcClient | None = None
         self._sync_client: ConvsvcClient | None = None
         self._relays: dict[str, ConnectionRelay] = {}
+        # What each local connection joined with, to join again after a service restart.
+        self._joins: dict[str, _Join] = {}
         self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
@@ -162,13 +173,9 @@ class RemoteConversationManager(ConversationManager):
         self, sid: str, connection_id: str, settings: Settings, user_id: str | None
     ) -> AgentLoopInfo | None:
         await self.sio.enter_room(connection_id, ROOM_KEY.format(sid=sid))
-        conversation, _ = await self.client.join_conversation(
-            sid,
-            connection_id,
-            user_id=_user(user_id),
-            settings=settings_to_json(settings),
-            client_instance_id=self.client_instance_id,
-        )
+        join = _Join(sid, _user(user_id), settings_to_json(settings))
+        conversation = await self._join(connection_id, join)
+        self._joins[connection_id] = join
         replay_by_openhands = replays_through_join()
         relay = ConnectionRelay(
             client=self.client,
@@ -193,12 +200,27 @@ class RemoteConversationManager(ConversationManager):
         return self._loop_info(conversation, user_id, store)
 
     async def send_to_event_stream(self, connection_id: str, data: dict[str, Any]) -> None:
-        await self.client.send_event(data, connection_id=connection_id)
+        request_id = new_request_id()  # the same for the retry below: the event lands once
+        try:
+            await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
+        except ConvsvcClientError as exc:
+            join = self._joins.get(connection_id)
+            # A restarted service has forgotten connections and stopped loops; a connection of
+            # this process joins again (restarting the loop) and the event is sent once more.
+            if join is None or exc.reason not in (
+                "CONNECTION_NOT_FOUND",
+                "CONVERSATION_NOT_RUNNING",
+            ):
+                raise
+            log.info("rejoining %s to %s after a service restart", connection_id, join.sid)
+            await self._join(connection_id, join)
+            await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
 
     async def send_event_to_conversation(self, sid: str, data: dict[str, Any]) -> None:
         await self.client.send_event(data, conversation_id=sid)
 
     async def disconnect_from_session(self, connection_id: str) -> None:
+        self._joins.pop(connection_id, None)
         relay = self._relays.pop(connection_id, None)
         if relay is not None:
             await relay.stop()
@@ -260,6 +282,16 @@ class RemoteConversationManager(ConversationManager):
         )
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _join(self, connection_id: str, join: _Join) -> Conversation:
+        conversation, _ = await self.client.join_conversation(
+            join.sid,
+            connection_id,
+            user_id=join.user_id,
+            settings=join.settings,
+            client_instance_id=self.client_instance_id,
+        )
+        return conversation
 
     async def _running(
         self, user_id: str | None, filter_to_sids: set[str] | None

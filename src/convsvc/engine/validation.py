@@ -8,9 +8,9 @@ from typing import Any
 
 from convsvc.errors import InvalidArgument
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@+|-]{1,255}")
-ID_RULE = "1 to 128 characters of A-Z a-z 0-9 _ . : - beginning with a letter or digit"
+ID_RULE = "1 to 128 characters of A-Z a-z 0-9 _ . : -"
 
 
 def check_id(kind: str, value: str) -> str:

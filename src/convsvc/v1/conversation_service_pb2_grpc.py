@@ -10,7 +10,7 @@ class ConversationServiceStub(object):
     connections that watch them and their durable, gap-free event logs.
 
     Identifiers (conversation, connection, client instance, request) are 1 to 128 characters of
-    [A-Za-z0-9_.:-] beginning with a letter or digit. User ids are 1 to 255 characters of
+    [A-Za-z0-9_.:-] (socket.io session ids, used as connection ids, may begin with _ or -). User ids are 1 to 255 characters of
     [A-Za-z0-9_.:@+|-]. Every request may name the user it is made for in `user_id`: such a call
     only sees and changes that user's conversations (others answer NOT_FOUND). An empty `user_id`
     is a trusted, service-wide call, as OpenHands' web tier makes when it is not acting for a user.
@@ -87,7 +87,7 @@ class ConversationServiceServicer(object):
     connections that watch them and their durable, gap-free event logs.
 
     Identifiers (conversation, connection, client instance, request) are 1 to 128 characters of
-    [A-Za-z0-9_.:-] beginning with a letter or digit. User ids are 1 to 255 characters of
+    [A-Za-z0-9_.:-] (socket.io session ids, used as connection ids, may begin with _ or -). User ids are 1 to 255 characters of
     [A-Za-z0-9_.:@+|-]. Every request may name the user it is made for in `user_id`: such a call
     only sees and changes that user's conversations (others answer NOT_FOUND). An empty `user_id`
     is a trusted, service-wide call, as OpenHands' web tier makes when it is not acting for a user.
@@ -251,7 +251,7 @@ class ConversationService(object):
     connections that watch them and their durable, gap-free event logs.
 
     Identifiers (conversation, connection, client instance, request) are 1 to 128 characters of
-    [A-Za-z0-9_.:-] beginning with a letter or digit. User ids are 1 to 255 characters of
+    [A-Za-z0-9_.:-] (socket.io session ids, used as connection ids, may begin with _ or -). User ids are 1 to 255 characters of
     [A-Za-z0-9_.:@+|-]. Every request may name the user it is made for in `user_id`: such a call
     only sees and changes that user's conversations (others answer NOT_FOUND). An empty `user_id`
     is a trusted, service-wide call, as OpenHands' web tier makes when it is not acting for a user.

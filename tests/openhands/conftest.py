@@ -1,0 +1,175 @@
+"""Real processes for the OpenHands tests: convsvc (run from the main venv, whose path
+scripts/test-openhands passes in CONVSVC_SERVER_BIN) and OpenHands' own web server under
+uvicorn, with RemoteConversationManager selected by CONVERSATION_MANAGER_CLASS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+MANAGER_CLASS = "convclient.openhands.RemoteConversationManager"
+LLM_KEY = "sk-convsvc-test-4f1b2c3d9e8a7b6c"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited early:\n{log.read_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready in {timeout}s:\n{log.read_text()[-5000:]}")
+        time.sleep(0.1)  # polling another process's start-up; there is no event to wait on
+
+
+@dataclass
+class Convsvc:
+    """A `convsvc serve` process on a fixed port, so that it can restart at the same address."""
+
+    data_dir: Path
+    log_path: Path
+    address: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = os.environ.get("CONVSVC_SERVER_BIN")
+        assert binary, (
+            "CONVSVC_SERVER_BIN must name the convsvc console script "
+            "(scripts/test-openhands sets it)"
+        )
+        ready = self.data_dir.parent / f"convsvc-ready-{time.monotonic_ns()}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "serve",
+                    "--listen",
+                    self.address,
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--ready-file",
+                    str(ready),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        wait_until(ready.exists, "convsvc", self.process, self.log_path, 30)
+
+    def restart(self, how: signal.Signals = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(how)
+        self.process.wait(30)
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def stored_and_logged_bytes(self) -> bytes:
+        """Everything convsvc wrote: its data directory and its log."""
+        blobs = [p.read_bytes() for p in self.data_dir.rglob("*") if p.is_file()]
+        return b"".join(blobs) + self.log_path.read_bytes()
+
+
+@dataclass
+class OpenHandsServer:
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def convsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Convsvc]:
+    root = tmp_path_factory.mktemp("convsvc")
+    server = Convsvc(root / "data", root / "convsvc.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_openhands(root: Path, convsvc_address: str, **extra_env: str) -> OpenHandsServer:
+    port = free_port()
+    log_path = root / "openhands.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
+        "SERVE_FRONTEND": "false",
+        "FILE_STORE_PATH": str(root / "file-store"),
+        "CONVERSATION_MANAGER_CLASS": MANAGER_CLASS,
+        "CONVSVC_ADDRESS": convsvc_address,
+        # DELETE /api/conversations/{id} also asks the configured runtime class to delete the
+        # conversation's sandbox; the web tier runs none, and the default (docker) needs a
+        # Docker daemon for that. The README tells operators the same.
+        "RUNTIME": "local",
+        **extra_env,
+    }
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "openhands.server.listen:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/api/options/config", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, "OpenHands", process, log_path, 120)
+    return OpenHandsServer(url, log_path, process)
+
+
+@pytest.fixture(scope="module")
+def openhands(
+    tmp_path_factory: pytest.TempPathFactory, convsvc: Convsvc
+) -> Iterator[OpenHandsServer]:
+    server = start_openhands(tmp_path_factory.mktemp("openhands"), convsvc.address)
+    yield server
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()

@@ -1,0 +1,151 @@
+"""OpenHands' own web server with RemoteConversationManager, driven as its frontend does:
+REST for settings and conversations, socket.io for events."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import socketio
+
+from convclient import AsyncConvsvcClient
+from tests.openhands.conftest import LLM_KEY, Convsvc, OpenHandsServer
+
+EVENT_TIMEOUT = 30.0
+
+
+class Browser:
+    """A socket.io client connected to one conversation, recording its oh_event messages."""
+
+    def __init__(self, server: OpenHandsServer) -> None:
+        self._server = server
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+        @self.sio.on("oh_event")
+        async def on_event(data: dict[str, Any]) -> None:
+            self.events.append(data)
+            self._changed.set()
+
+    async def connect(self, conversation_id: str, latest_event_id: int = -1) -> None:
+        await self.sio.connect(
+            f"{self._server.url}?conversation_id={conversation_id}"
+            f"&latest_event_id={latest_event_id}",
+            transports=["websocket"],
+            wait_timeout=EVENT_TIMEOUT,
+        )
+
+    async def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> None:
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not done(self.events):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def say(self, content: str) -> None:
+        await self.sio.emit("oh_user_action", {"action": "message", "args": {"content": content}})
+
+    def ids(self) -> list[int]:
+        return [e["id"] for e in self.events if "id" in e]
+
+    async def close(self) -> None:
+        await self.sio.disconnect()
+
+
+def echo_of(content: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda events: any(
+        e.get("source") == "agent" and e.get("action") == "message" and e.get("message") == content
+        for e in events
+    )
+
+
+@pytest.fixture
+async def rest(openhands: OpenHandsServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=openhands.url, timeout=EVENT_TIMEOUT) as client:
+        response = await client.post(
+            "/api/settings",
+            json={"llm_model": "openai/gpt-4o", "llm_api_key": LLM_KEY, "agent": "CodeActAgent"},
+        )
+        assert response.status_code == 200, response.text
+        yield client
+
+
+async def new_conversation(rest: httpx.AsyncClient, message: str) -> str:
+    response = await rest.post("/api/conversations", json={"initial_user_msg": message})
+    assert response.status_code == 200, response.text
+    conversation_id: str = response.json()["conversation_id"]
+    return conversation_id
+
+
+async def test_a_conversation_through_openhands(
+    openhands: OpenHandsServer, rest: httpx.AsyncClient, convsvc: Convsvc
+) -> None:
+    conversation_id = await new_conversation(rest, "hello from the browser")
+
+    browser = Browser(openhands)
+    await browser.connect(conversation_id)
+    await browser.until(echo_of("hello from the browser"))
+    await browser.say("second message")
+    await browser.until(echo_of("second message"))
+    first_ids = browser.ids()
+    assert len(first_ids) == len(set(first_ids)), f"duplicates: {first_ids}"
+    last_seen = max(first_ids)
+    await browser.close()
+
+    # Events the browser misses while away, sent straight to the service.
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        await client.send_event(
+            {"action": "message", "args": {"content": "while you were away"}},
+            conversation_id=conversation_id,
+        )
+    again = Browser(openhands)
+    await again.connect(conversation_id, latest_event_id=last_seen)
+    await again.until(echo_of("while you were away"))
+    missed = again.ids()
+    assert len(missed) == len(set(missed)), f"duplicates: {missed}"
+    assert min(missed) > last_seen
+    # The replay follows OpenHands' rules: every missed event but agent state changes, then
+    # the latest agent state.
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        later = [e async for e in client.iter_events(conversation_id, start_id=last_seen + 1)]
+    not_states = [e.id for e in later if e.name != "agent_state_changed"]
+    assert [i for i in missed if i in not_states] == not_states
+    assert again.events[-1]["observation"] == "agent_state_changed"
+
+    info = (await rest.get(f"/api/conversations/{conversation_id}")).json()
+    assert info["status"] == "RUNNING"
+    listed = (await rest.get("/api/conversations")).json()
+    assert conversation_id in [c["conversation_id"] for c in listed["results"]]
+
+    await again.close()
+    deleted = await rest.delete(f"/api/conversations/{conversation_id}")
+    assert deleted.status_code == 200, deleted.text
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        assert (await client.get_conversation(conversation_id)).status.value == "STOPPED"
+
+    assert LLM_KEY.encode() not in convsvc.stored_and_logged_bytes()
+
+
+async def test_a_service_restart_loses_no_event_at_the_browser(
+    openhands: OpenHandsServer, rest: httpx.AsyncClient, convsvc: Convsvc
+) -> None:
+    conversation_id = await new_conversation(rest, "before the restart")
+    browser = Browser(openhands)
+    await browser.connect(conversation_id)
+    await browser.until(echo_of("before the restart"))
+
+    await asyncio.to_thread(convsvc.restart, signal.SIGKILL)
+    await browser.say("after the restart")
+    await browser.until(echo_of("after the restart"))
+    ids = browser.ids()
+    assert len(ids) == len(set(ids)), f"duplicates: {ids}"
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        stored = [e async for e in client.iter_events(conversation_id)]
+    # Every stored event a browser is shown (OpenHands' rules) reached it, in order.
+    shown = [e.id for e in stored if e.payload.get("source") in ("user", "agent")]
+    assert [i for i in ids if i in shown] == shown
+    await browser.close()
