@@ -148,4 +148,48 @@ async def test_a_service_restart_loses_no_event_at_the_browser(
     # Every stored event a browser is shown (OpenHands' rules) reached it, in order.
     shown = [e.id for e in stored if e.payload.get("source") in ("user", "agent")]
     assert [i for i in ids if i in shown] == shown
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        # The restarted service forgot the connection; the adapter joined it again.
+        connections = [c async for c in client.iter_connections(conversation_ids=[conversation_id])]
+    assert len(connections) == 1
+    await browser.close()
+
+
+async def test_routes_that_need_the_sandbox_say_why(
+    rest: httpx.AsyncClient,
+) -> None:
+    conversation_id = await new_conversation(rest, "sandbox?")
+    response = await rest.get(f"/api/conversations/{conversation_id}/config")
+    assert response.status_code == 501
+    assert "sandbox runtime" in response.json()["detail"]
+
+    events = await rest.get(f"/api/conversations/{conversation_id}/events", params={"limit": 5})
+    assert events.status_code == 200, events.text  # the event routes search remotely
+    assert [e["id"] for e in events.json()["events"]] == list(range(len(events.json()["events"])))
+
+
+async def test_events_appended_while_a_browser_connects_arrive_once(
+    openhands: OpenHandsServer, rest: httpx.AsyncClient, convsvc: Convsvc
+) -> None:
+    conversation_id = await new_conversation(rest, "start")
+    total = 30
+
+    async def keep_sending(client: AsyncConvsvcClient) -> None:
+        for n in range(total):
+            await client.send_event(
+                {"action": "message", "args": {"content": f"burst-{n}"}},
+                conversation_id=conversation_id,
+            )
+
+    browser = Browser(openhands)
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        sender = asyncio.create_task(keep_sending(client))
+        await browser.connect(conversation_id)
+        await sender
+        await browser.until(echo_of(f"burst-{total - 1}"))
+        stored = [e async for e in client.iter_events(conversation_id)]
+    ids = browser.ids()
+    assert len(ids) == len(set(ids)), f"duplicates: {ids}"
+    messages = [e.id for e in stored if e.name == "message"]
+    assert [i for i in ids if i in messages] == messages  # none missing, in order
     await browser.close()
