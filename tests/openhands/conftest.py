@@ -5,6 +5,7 @@ uvicorn, with RemoteConversationManager selected by CONVERSATION_MANAGER_CLASS."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,9 +119,11 @@ def convsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Convsvc]:
     server.stop()
 
 
-def start_openhands(root: Path, convsvc_address: str, **extra_env: str) -> OpenHandsServer:
+def start_openhands(
+    root: Path, convsvc_address: str, name: str = "openhands", **extra_env: str
+) -> OpenHandsServer:
     port = free_port()
-    log_path = root / "openhands.log"
+    log_path = root / f"{name}.log"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
         "SERVE_FRONTEND": "false",
@@ -162,14 +165,72 @@ def start_openhands(root: Path, convsvc_address: str, **extra_env: str) -> OpenH
     return OpenHandsServer(url, log_path, process)
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 @pytest.fixture(scope="module")
 def openhands(
     tmp_path_factory: pytest.TempPathFactory, convsvc: Convsvc
 ) -> Iterator[OpenHandsServer]:
     server = start_openhands(tmp_path_factory.mktemp("openhands"), convsvc.address)
     yield server
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    stop_process(server.process)
+
+
+@pytest.fixture(scope="module")
+def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's package; scripts/test-openhands installs it)."""
+    binary = shutil.which("redis-server")
+    assert binary, "the multi-replica test needs redis-server (apt-get install redis-server)"
+    root = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    log_path = root / "redis.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(root),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(answers, "redis-server", process, log_path, 30)
+    yield f"127.0.0.1:{port}"
+    stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tmp_path_factory: pytest.TempPathFactory, convsvc: Convsvc, redis_address: str
+) -> Iterator[tuple[OpenHandsServer, OpenHandsServer]]:
+    """Two OpenHands web servers sharing a file store and a Redis socket.io manager."""
+    root = tmp_path_factory.mktemp("replicas")
+    first = start_openhands(root, convsvc.address, "replica-a", REDIS_HOST=redis_address)
+    second = start_openhands(root, convsvc.address, "replica-b", REDIS_HOST=redis_address)
+    yield first, second
+    stop_process(first.process)
+    stop_process(second.process)

@@ -196,3 +196,26 @@ async def test_events_appended_while_a_browser_connects_arrive_once(
     messages = [e.id for e in stored if e.name == "message"]
     assert [i for i in ids if i in messages] == messages  # none missing, in order
     await browser.close()
+
+
+async def test_replicas_sharing_redis_deliver_each_event_once(
+    replicas: tuple[OpenHandsServer, OpenHandsServer],
+) -> None:
+    first, second = replicas
+    async with httpx.AsyncClient(base_url=first.url, timeout=EVENT_TIMEOUT) as rest:
+        settings = {"llm_model": "openai/gpt-4o", "llm_api_key": LLM_KEY, "agent": "CodeActAgent"}
+        assert (await rest.post("/api/settings", json=settings)).status_code == 200
+        conversation_id = await new_conversation(rest, "one")
+
+    on_first, on_second = Browser(first), Browser(second)
+    await on_first.connect(conversation_id)
+    await on_second.connect(conversation_id)
+    await on_first.until(echo_of("one"))
+    await on_second.until(echo_of("one"))
+    await on_first.say("two")
+    await on_first.until(echo_of("two"))
+    await on_second.until(echo_of("two"))
+    for browser in (on_first, on_second):
+        ids = browser.ids()
+        assert len(ids) == len(set(ids)), f"an event arrived twice: {ids}"
+        await browser.close()
