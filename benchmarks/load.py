@@ -1,0 +1,277 @@
+"""Load generators. Each public function runs in its own process (see processes.in_processes)
+and drives a server over real gRPC with the generated stubs: these measure the service, not a
+client library."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from benchmarks import floor
+from benchmarks.processes import run_async
+from benchmarks.stats import latency_summary
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+# A user action the echo agent ignores: a send then costs one event, not a whole reply.
+NOTE = {"action": "bench_note", "args": {"n": 0}}
+
+
+def struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(data)
+    return message
+
+
+def message(content: str) -> struct_pb2.Struct:
+    return struct({"action": "message", "args": {"content": content}})
+
+
+async def _workers(concurrency: int, count: int, call: Any) -> tuple[float, list[float]]:
+    """Runs ``count`` calls, ``concurrency`` at a time; returns (elapsed, latencies)."""
+    latencies: list[float] = []
+    per_worker = [
+        count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)
+    ]
+
+    async def worker(index: int, calls: int) -> None:
+        for n in range(calls):
+            began = time.perf_counter()
+            await call(index, n)
+            latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(i, calls) for i, calls in enumerate(per_worker)))
+    return time.perf_counter() - began, latencies
+
+
+def _rate(count: int, elapsed: float, latencies: list[float]) -> dict[str, float]:
+    return {"calls_per_s": count / elapsed, **latency_summary(latencies)}
+
+
+# -- the floor --------------------------------------------------------------------------------
+
+
+def floor_unary(address: str, concurrency: int, count: int) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            empty = channel.unary_unary(floor.EMPTY)
+            for _ in range(50):  # warm-up
+                await empty(b"")
+            elapsed, latencies = await _workers(concurrency, count, lambda i, n: empty(b""))
+        return _rate(count, elapsed, latencies)
+
+    return run_async(run())
+
+
+def floor_stream(address: str, count: int, batch: int) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stream = channel.unary_stream(floor.STREAM)
+            began = time.perf_counter()
+            async for _ in stream(f"{count},{batch}".encode()):
+                pass
+            elapsed = time.perf_counter() - began
+        return {"items_per_s": count / elapsed}
+
+    return run_async(run())
+
+
+# -- convsvc ----------------------------------------------------------------------------------
+
+
+def send_events(address: str, concurrency: int, count: int, tag: str) -> dict[str, float]:
+    """SendEvent calls, each worker to its own running conversation."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            ids = [f"{tag}-{i}" for i in range(concurrency)]
+            for cid in ids:
+                await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+            event = struct(NOTE)
+            for cid in ids:  # warm-up
+                await stub.SendEvent(pb.SendEventRequest(conversation_id=cid, event=event))
+
+            def call(index: int, n: int) -> Any:
+                return stub.SendEvent(pb.SendEventRequest(conversation_id=ids[index], event=event))
+
+            elapsed, latencies = await _workers(concurrency, count, call)
+        return _rate(count, elapsed, latencies)
+
+    return run_async(run())
+
+
+def round_trip(address: str, count: int) -> dict[str, float]:
+    """A user message sent, then its echo received on the conversation's tail."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            cid = "round-trip"
+            await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+            tail = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid)).__aiter__()
+
+            async def echo_of(content: str) -> None:
+                while True:
+                    response = await tail.__anext__()
+                    for event in response.events:
+                        if (
+                            event.source == "agent"
+                            and event.name == "message"
+                            and (event.payload.fields["message"].string_value == content)
+                        ):
+                            return
+
+            latencies: list[float] = []
+            for n in range(count + 20):
+                content = f"ping-{n}"
+                began = time.perf_counter()
+                await stub.SendEvent(
+                    pb.SendEventRequest(conversation_id=cid, event=message(content))
+                )
+                await echo_of(content)
+                if n >= 20:  # the first ones warm up
+                    latencies.append(time.perf_counter() - began)
+        return latency_summary(latencies)
+
+    return run_async(run())
+
+
+def catch_up(address: str, total: int, max_batch_size: int) -> dict[str, float]:
+    """A conversation of ``total`` events is written, then tailed from id 0 to its end."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            cid = f"catch-up-{total}"
+            notes = [
+                struct({"source": "user", "action": "bench_note", "args": {"n": n}})
+                for n in range(total - 2)
+            ]
+            began = time.perf_counter()
+            await stub.StartConversation(
+                pb.StartConversationRequest(conversation_id=cid, replay_events=notes), timeout=600
+            )
+            write_elapsed = time.perf_counter() - began
+            latest = total - 1  # loading, the notes, then the agent's first state
+            received = 0
+            began = time.perf_counter()
+            async for response in stub.StreamEvents(
+                pb.StreamEventsRequest(conversation_id=cid, max_batch_size=max_batch_size)
+            ):
+                received += len(response.events)
+                if response.events and response.events[-1].id >= latest:
+                    break
+            elapsed = time.perf_counter() - began
+        return {
+            "events": received,
+            "events_per_s": received / elapsed,
+            "write_events_per_s": (total - 2) / write_elapsed,
+        }
+
+    return run_async(run())
+
+
+def subscribers(
+    address: str, cid: str, start_id: int, streams: int, last_id: int, ready: Any
+) -> dict[str, Any]:
+    """``streams`` tails of one conversation, each reading from id 0; once every tail has
+    caught up to ``start_id - 1`` the process reports ready. Each then waits for event
+    ``last_id`` and records every live delivery's delay from the event's commit time."""
+
+    async def run() -> dict[str, Any]:
+        delays: list[float] = []
+        last_delivery = 0.0
+        caught_up = 0
+        all_caught_up = asyncio.Event()
+        channels = [grpc.aio.insecure_channel(address) for _ in range((streams + 49) // 50)]
+
+        async def consume(index: int) -> None:
+            nonlocal last_delivery, caught_up
+            stub = pb_grpc.ConversationServiceStub(channels[index % len(channels)])
+            call = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid))
+            waiting = True
+            async for response in call:
+                now = time.time()
+                for event in response.events:
+                    if event.id >= start_id:
+                        delays.append(now - event.timestamp.ToNanoseconds() / 1e9)
+                        last_delivery = max(last_delivery, now)
+                    elif waiting and event.id == start_id - 1:
+                        waiting = False
+                        caught_up += 1
+                        if caught_up == streams:
+                            all_caught_up.set()
+                if response.events and response.events[-1].id >= last_id:
+                    call.cancel()
+                    return
+
+        try:
+            tasks = [asyncio.create_task(consume(n)) for n in range(streams)]
+            await asyncio.wait_for(all_caught_up.wait(), 300)
+            await asyncio.to_thread(ready.put, streams)
+            await asyncio.wait_for(asyncio.gather(*tasks), 600)
+        finally:
+            for channel in channels:
+                await channel.close()
+        return {"deliveries": len(delays), "delays": delays, "last_delivery": last_delivery}
+
+    return run_async(run())
+
+
+def start_many(address: str, prefix: str, count: int, concurrency: int) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+
+            def call(index: int, n: int) -> Any:
+                cid = f"{prefix}-{index}-{n}"
+                return stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+
+            elapsed, latencies = await _workers(concurrency, count, call)
+        return {"starts_per_s": count / elapsed, **latency_summary(latencies)}
+
+    return run_async(run())
+
+
+def list_all(address: str, rounds: int, page_size: int) -> dict[str, float]:
+    """Pages through every running conversation; also times single pages."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            full: list[float] = []
+            pages: list[float] = []
+            listed = 0
+            for _ in range(rounds):
+                token = ""
+                began = time.perf_counter()
+                listed = 0
+                while True:
+                    page_began = time.perf_counter()
+                    response = await stub.ListConversations(
+                        pb.ListConversationsRequest(page_size=page_size, page_token=token)
+                    )
+                    pages.append(time.perf_counter() - page_began)
+                    listed += len(response.conversations)
+                    if not (token := response.next_page_token):
+                        break
+                full.append(time.perf_counter() - began)
+        page = latency_summary(pages)
+        return {
+            "listed": listed,
+            "full_list_p50_ms": latency_summary(full)["p50_ms"],
+            "page_p50_ms": page["p50_ms"],
+            "page_p99_ms": page["p99_ms"],
+        }
+
+    return run_async(run())

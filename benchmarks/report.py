@@ -1,0 +1,141 @@
+"""The run's results: goals checked as ratios to the floor (or counts), a terminal table, a
+JSON file with every figure and a PNG chart of the ratios."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    measured: float
+    target: float
+    higher_is_better: bool
+    unit: str
+
+    @property
+    def headroom(self) -> float:
+        """Measured against the target: 1.0 or more means the goal is met."""
+        if self.higher_is_better:
+            return self.measured / self.target
+        return self.target / self.measured if self.measured else float("inf")
+
+    @property
+    def met(self) -> bool:
+        return self.headroom >= 1.0
+
+
+def goals(results: dict[str, Any]) -> list[Goal]:
+    floor, send = results["floor"], results["send"]
+    found = [
+        Goal(
+            "send 16 in flight / empty-call floor",
+            send["send_16"]["calls_per_s"] / floor["unary_16"]["calls_per_s"],
+            0.8,
+            True,
+            "x",
+        ),
+        Goal(
+            "send 1 in flight / empty-call floor",
+            send["send_1"]["calls_per_s"] / floor["unary_1"]["calls_per_s"],
+            0.8,
+            True,
+            "x",
+        ),
+        Goal(
+            "round trip p50 / empty-call p50",
+            send["round_trip"]["p50_ms"] / floor["unary_1"]["p50_ms"],
+            2.0,
+            False,
+            "x",
+        ),
+        Goal("catch-up", results["catch_up"]["events_per_s"], 200_000, True, "events/s"),
+        Goal("fan-out", results["fan_out"]["deliveries_per_s"], 20_000, True, "deliveries/s"),
+        Goal(
+            "memory per running conversation",
+            results["scale"]["kib_per_conversation"],
+            20.0,
+            False,
+            "KiB",
+        ),
+    ]
+    return found
+
+
+def table(results: dict[str, Any], checked: list[Goal]) -> str:
+    floor, send = results["floor"], results["send"]
+    lines = [
+        "| measurement | value |",
+        "| --- | --- |",
+        f"| floor: empty call, 1 in flight | {floor['unary_1']['calls_per_s']:,.0f} calls/s, "
+        f"p50 {floor['unary_1']['p50_ms']:.3f} ms, p99 {floor['unary_1']['p99_ms']:.3f} ms |",
+        f"| floor: empty call, 16 in flight | {floor['unary_16']['calls_per_s']:,.0f} calls/s, "
+        f"p50 {floor['unary_16']['p50_ms']:.3f} ms, p99 {floor['unary_16']['p99_ms']:.3f} ms |",
+        f"| floor: stream, unbatched | {floor['stream_unbatched']['items_per_s']:,.0f} items/s |",
+        f"| floor: stream, 100 per message | "
+        f"{floor['stream_batched']['items_per_s']:,.0f} items/s |",
+        f"| send, 1 in flight | {send['send_1']['calls_per_s']:,.0f} calls/s, "
+        f"p50 {send['send_1']['p50_ms']:.3f} ms, p99 {send['send_1']['p99_ms']:.3f} ms |",
+        f"| send, 16 in flight | {send['send_16']['calls_per_s']:,.0f} calls/s, "
+        f"p50 {send['send_16']['p50_ms']:.3f} ms, p99 {send['send_16']['p99_ms']:.3f} ms |",
+        f"| round trip (message -> echo) | p50 {send['round_trip']['p50_ms']:.3f} ms, "
+        f"p99 {send['round_trip']['p99_ms']:.3f} ms |",
+        f"| catch-up | {results['catch_up']['events']:,} events at "
+        f"{results['catch_up']['events_per_s']:,.0f} events/s |",
+        f"| fan-out | {results['fan_out']['subscribers']:,} subscribers: "
+        f"{results['fan_out']['deliveries_per_s']:,.0f} deliveries/s, "
+        f"p99 delay {results['fan_out']['p99_delay_ms']:.1f} ms |",
+        f"| scale | {results['scale']['conversations']:,} conversations: "
+        f"{results['scale']['starts_per_s']:,.0f} starts/s, "
+        f"{results['scale']['kib_per_conversation']:.1f} KiB each, full list p50 "
+        f"{results['scale']['full_list_p50_ms']:.1f} ms, page of 1000 p50 "
+        f"{results['scale']['page_p50_ms']:.1f} ms |",
+        f"| durability | group commit {results['durability']['group_commit_appends_per_s']:,.0f} "
+        f"appends/s vs one commit per event "
+        f"{results['durability']['commit_per_event_appends_per_s']:,.0f}: "
+        f"{results['durability']['ratio']:.1f}x |",
+        "",
+        "| goal | measured | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for goal in checked:
+        sign = ">=" if goal.higher_is_better else "<="
+        lines.append(
+            f"| {goal.name} | {goal.measured:,.2f} {goal.unit} | {sign} {goal.target:,} "
+            f"{goal.unit} | {'yes' if goal.met else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], checked: list[Goal], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "benchmarks.json"
+    document = {**results, "goals": [{**asdict(g), "met": g.met} for g in checked]}
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    png_path = out / "benchmarks.png"
+    _chart(checked, png_path)
+    return json_path, png_path
+
+
+def _chart(checked: list[Goal], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    names = [goal.name for goal in checked]
+    values = [goal.headroom for goal in checked]
+    colors = ["tab:green" if goal.met else "tab:red" for goal in checked]
+    axes.barh(names, values, color=colors)
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_xscale("log")
+    axes.set_xlabel("measured against goal (>= 1 is met; log scale)")
+    axes.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

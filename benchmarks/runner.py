@@ -1,0 +1,58 @@
+"""``python -m benchmarks``: runs every scenario, prints progress and the table, writes JSON
+and a PNG chart."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report, scenarios
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the harness")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    args = parser.parse_args(argv)
+    sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes.full()
+    began = time.monotonic()
+
+    def progress(step: str) -> None:
+        print(f"[{time.monotonic() - began:6.1f}s] {step}", file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    results["floor"] = scenarios.floor(sizes, progress)
+    results["send"] = scenarios.send(sizes, progress)
+    results["catch_up"] = scenarios.catch_up(sizes, progress)
+    results["fan_out"] = scenarios.fan_out(sizes, progress)
+    results["scale"] = scenarios.scale(sizes, progress)
+    results["durability"] = scenarios.durability(sizes, progress)
+    results["adapter"] = {"status": "not measured: see docs/benchmarks.md"}
+    checked = report.goals(results)
+    print(report.table(results, checked))
+    json_path, png_path = report.write(results, checked, args.out)
+    progress(f"wrote {json_path} and {png_path}")
+    return 0

@@ -1,0 +1,171 @@
+"""The measurements, each against real processes. Sizes come from a Sizes object so that the
+smoke test runs the same code at toy size."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any
+
+import grpc
+
+from benchmarks import load
+from benchmarks.processes import Server, convsvc_server, floor_server, in_process
+from benchmarks.stats import percentile
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    unary_calls: int
+    stream_items: int
+    sends: int
+    round_trips: int
+    catch_up_events: int
+    subscribers: int
+    fan_out_messages: int
+    conversations: int
+    durable_appends: int
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(20_000, 200_000, 10_000, 500, 100_000, 1_000, 25, 10_000, 5_000)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(300, 2_000, 200, 20, 2_000, 20, 3, 200, 200)
+
+
+def floor(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    with floor_server() as server:
+        progress("floor: empty unary call, 1 in flight")
+        unary_1 = in_process(load.floor_unary, server.address, 1, sizes.unary_calls)
+        progress("floor: empty unary call, 16 in flight")
+        unary_16 = in_process(load.floor_unary, server.address, 16, sizes.unary_calls)
+        progress("floor: server stream, one item per message")
+        unbatched = in_process(load.floor_stream, server.address, sizes.stream_items, 1)
+        progress("floor: server stream, 100 items per message")
+        batched = in_process(load.floor_stream, server.address, sizes.stream_items, 100)
+    return {
+        "unary_1": unary_1,
+        "unary_16": unary_16,
+        "stream_unbatched": unbatched,
+        "stream_batched": batched,
+    }
+
+
+def send(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    with convsvc_server() as server:
+        progress("send: SendEvent, 1 in flight")
+        one = in_process(load.send_events, server.address, 1, sizes.sends, "send1")
+        progress("send: SendEvent, 16 in flight")
+        sixteen = in_process(load.send_events, server.address, 16, sizes.sends, "send16")
+        progress("round trip: message -> echo on the tail")
+        trip = in_process(load.round_trip, server.address, sizes.round_trips)
+    return {"send_1": one, "send_16": sixteen, "round_trip": trip}
+
+
+def catch_up(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    with convsvc_server() as server:
+        progress(f"catch-up: tail from id 0 of {sizes.catch_up_events:,} events")
+        return in_process(load.catch_up, server.address, sizes.catch_up_events, 0)
+
+
+def _wait_for_event(stub: pb_grpc.ConversationServiceStub, cid: str, event_id: int) -> None:
+    call = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid), timeout=60)
+    for response in call:
+        if response.events and response.events[-1].id >= event_id:
+            call.cancel()
+            return
+
+
+def fan_out(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    processes = min(4, sizes.subscribers)
+    per_process = [sizes.subscribers // processes] * processes
+    per_process[0] += sizes.subscribers - sum(per_process)
+    cid = "fan-out"
+    # Each message: the user's message, running, the echo, awaiting_user_input.
+    last_id = 1 + 4 * sizes.fan_out_messages
+    with convsvc_server() as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+        _wait_for_event(stub, cid, 1)  # loading, then awaiting_user_input
+        progress(f"fan-out: {sizes.subscribers:,} subscribers in {processes} processes")
+        context = get_context("spawn")
+        with (
+            context.Manager() as manager,
+            ProcessPoolExecutor(processes, mp_context=context) as pool,
+        ):
+            ready = manager.Queue()
+            futures = [
+                pool.submit(load.subscribers, server.address, cid, 2, streams, last_id, ready)
+                for streams in per_process
+            ]
+            for _ in per_process:
+                ready.get(timeout=300)
+            progress(f"fan-out: {sizes.fan_out_messages} messages to all of them")
+            first_send = time.time()
+            for n in range(sizes.fan_out_messages):
+                stub.SendEvent(
+                    pb.SendEventRequest(conversation_id=cid, event=load.message(f"fan-{n}"))
+                )
+            results = [future.result() for future in futures]
+    deliveries = sum(r["deliveries"] for r in results)
+    delays = [d for r in results for d in r["delays"]]
+    elapsed = max(r["last_delivery"] for r in results) - first_send
+    return {
+        "subscribers": sizes.subscribers,
+        "deliveries": deliveries,
+        "deliveries_per_s": deliveries / elapsed,
+        "p50_delay_ms": percentile(delays, 0.5) * 1000,
+        "p99_delay_ms": percentile(delays, 0.99) * 1000,
+    }
+
+
+def scale(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    with convsvc_server() as server:
+        in_process(load.start_many, server.address, "warm", 50, 16)
+        before = server.rss_kib()
+        progress(f"scale: starting {sizes.conversations:,} echo conversations")
+        started = in_process(load.start_many, server.address, "scale", sizes.conversations, 32)
+        after = _settled_rss(server)
+        progress("scale: listing them")
+        listed = in_process(load.list_all, server.address, 5, 1000)
+    return {
+        "conversations": sizes.conversations,
+        "starts_per_s": started["starts_per_s"],
+        "start_p99_ms": started["p99_ms"],
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_conversation": (after - before) / sizes.conversations,
+        **listed,
+    }
+
+
+def _settled_rss(server: Server) -> int:
+    """RSS once the freshly started loops have emitted their first events."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        # A round trip after the starts: the loops' start-up work has been scheduled before it.
+        stub.ListConversations(pb.ListConversationsRequest(page_size=1))
+    return server.rss_kib()
+
+
+def durability(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    rates: dict[str, float] = {}
+    for label, group_commit in (("group_commit", "true"), ("commit_per_event", "false")):
+        with convsvc_server(group_commit=group_commit) as server:
+            progress(f"durability: acknowledged appends, {label.replace('_', ' ')}")
+            result = in_process(load.send_events, server.address, 16, sizes.durable_appends, label)
+            rates[label] = result["calls_per_s"]
+    return {
+        "group_commit_appends_per_s": rates["group_commit"],
+        "commit_per_event_appends_per_s": rates["commit_per_event"],
+        "ratio": rates["group_commit"] / rates["commit_per_event"],
+    }
