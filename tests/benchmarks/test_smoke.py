@@ -1,0 +1,54 @@
+"""A toy-sized run of the benchmark harness: every scenario with real processes, every figure
+in the JSON, the chart written. Speed is not asserted here; scripts/bench measures it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "| goal | measured | target | met |" in finished.stdout
+    for step in ("floor:", "send:", "catch-up:", "fan-out:", "scale:", "durability:"):
+        assert step in finished.stderr  # progress is shown while it runs
+
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    figures = {
+        ("floor", "unary_1", "calls_per_s"),
+        ("floor", "unary_16", "p99_ms"),
+        ("floor", "stream_unbatched", "items_per_s"),
+        ("floor", "stream_batched", "items_per_s"),
+        ("send", "send_1", "calls_per_s"),
+        ("send", "send_16", "p99_ms"),
+        ("send", "round_trip", "p50_ms"),
+        ("catch_up", "events_per_s"),
+        ("fan_out", "deliveries_per_s"),
+        ("fan_out", "p99_delay_ms"),
+        ("scale", "starts_per_s"),
+        ("scale", "kib_per_conversation"),
+        ("scale", "page_p50_ms"),
+        ("durability", "ratio"),
+    }
+    for path in figures:
+        value = results
+        for key in path:
+            value = value[key]
+        assert isinstance(value, float | int) and math.isfinite(value) and value > 0, path
+    assert results["catch_up"]["events"] >= 2_000  # the tail read the whole log
+    assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event
+    assert {goal["name"] for goal in results["goals"]} >= {"catch-up", "fan-out"}
+    assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
