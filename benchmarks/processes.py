@@ -97,7 +97,8 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
+    result: T = uvloop.run(coroutine)
+    return result
 
 
 def in_processes(function: Callable[..., T], argument_lists: list[tuple[Any, ...]]) -> list[T]:
