@@ -98,6 +98,7 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"appends/s vs one commit per event "
         f"{results['durability']['commit_per_event_appends_per_s']:,.0f}: "
         f"{results['durability']['ratio']:.1f}x |",
+        _adapter_row(results["adapter"]),
         "",
         "| goal | measured | target | met |",
         "| --- | --- | --- | --- |",
@@ -109,6 +110,18 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
             f"{goal.unit} | {'yes' if goal.met else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _adapter_row(adapter: dict[str, Any]) -> str:
+    if "remote_manager" not in adapter:
+        return f"| adapter | {adapter['status']} |"
+    remote, local = adapter["remote_manager"], adapter["in_process"]
+    return (
+        f"| adapter: message -> relayed oh_event | RemoteConversationManager p50 "
+        f"{remote['p50_ms']:.3f} ms ({remote['messages_per_s']:,.0f}/s) vs the engine "
+        f"in-process p50 {local['p50_ms']:.3f} ms ({local['messages_per_s']:,.0f}/s): "
+        f"{adapter['p50_ratio']:.1f}x the latency |"
+    )
 
 
 def write(results: dict[str, Any], checked: list[Goal], out: Path) -> tuple[Path, Path]:

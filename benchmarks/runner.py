@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the harness")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    parser.add_argument(
+        "--openhands-python",
+        type=Path,
+        default=os.environ.get("CONVSVC_BENCH_OPENHANDS_PYTHON") or None,
+        help="python of a venv with openhands-ai and convclient, for the adapter row",
+    )
     args = parser.parse_args(argv)
     sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes.full()
     began = time.monotonic()
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     results["fan_out"] = scenarios.fan_out(sizes, progress)
     results["scale"] = scenarios.scale(sizes, progress)
     results["durability"] = scenarios.durability(sizes, progress)
-    results["adapter"] = {"status": "not measured: see docs/benchmarks.md"}
+    results["adapter"] = scenarios.adapter(sizes, progress, args.openhands_python)
     checked = report.goals(results)
     print(report.table(results, checked))
     json_path, png_path = report.write(results, checked, args.out)

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from benchmarks import adapter as adapter_paths
 from benchmarks import load
 from benchmarks.processes import Server, convsvc_server, floor_server, in_process
 from benchmarks.stats import percentile
@@ -168,4 +170,20 @@ def durability(sizes: Sizes, progress: Progress) -> dict[str, Any]:
         "group_commit_appends_per_s": rates["group_commit"],
         "commit_per_event_appends_per_s": rates["commit_per_event"],
         "ratio": rates["group_commit"] / rates["commit_per_event"],
+    }
+
+
+def adapter(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:
+    if openhands_python is None:
+        return {"status": "not measured: no OpenHands venv given (--openhands-python)"}
+    progress("adapter: the engine in-process, message -> echo")
+    baseline = in_process(adapter_paths.in_process_engine, sizes.round_trips)
+    with convsvc_server() as server:
+        progress("adapter: RemoteConversationManager over gRPC, message -> relayed oh_event")
+        remote = adapter_paths.remote_manager(openhands_python, server.address, sizes.round_trips)
+    return {
+        "in_process": baseline,
+        "remote_manager": remote,
+        "p50_ratio": remote["p50_ms"] / baseline["p50_ms"],
+        "throughput_ratio": remote["messages_per_s"] / baseline["messages_per_s"],
     }
