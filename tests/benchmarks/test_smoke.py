@@ -4,8 +4,8 @@ in the JSON, the chart written. Speed is not asserted here; scripts/bench measur
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
