@@ -75,7 +75,8 @@ async def test_slow_subscriber_is_dropped_with_a_resume_id_and_others_keep_up(
 
     for n in range(5):
         await engine.send_event(conversation_id="c1", event=message(f"m{n}"))
-    fast = await engine_events_until(engine, "c1", echo_of("m4"))  # not stalled
+    total = 2 + 5 * 4  # loading, awaiting; then per message: itself, running, echo, awaiting
+    fast = await engine_events_until(engine, "c1", lambda p: len(p) >= total)  # not stalled
 
     async def read_until_dropped() -> None:
         async for batch in slow:
@@ -87,5 +88,8 @@ async def test_slow_subscriber_is_dropped_with_a_resume_id_and_others_keep_up(
     resume_from = int(caught.value.metadata["resume_start_id"])
     assert resume_from == received[-1] + 1
 
-    rest = await engine_events_until(engine, "c1", echo_of("m4"), start_id=resume_from)
+    rest = await engine_events_until(
+        engine, "c1", lambda p: bool(p) and p[-1]["id"] == total - 1, start_id=resume_from
+    )
+    assert ids(fast) == list(range(total))
     assert received + ids(rest) == ids(fast)
