@@ -4,6 +4,7 @@ errors, plus event tails that survive a service restart."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -14,11 +15,12 @@ from convclient import channel as channels
 from convclient import convert, requests
 from convclient.config import ClientSettings
 from convclient.errors import ConvsvcClientError, ServiceUnavailableError, from_rpc_error
-from convclient.models import Connection, Conversation, Event, EventBatch
+from convclient.models import Connection, Conversation, Event, EventBatch, Page
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 # Stream failures after which a tail reconnects and resumes by id: the service went away or
 # is shutting down (UNAVAILABLE), or dropped this stream for falling behind.
@@ -36,6 +38,17 @@ def _unary(
     call.__doc__ = prepare.__doc__
     call.__name__ = prepare.__name__
     return call
+
+
+async def _every_item(list_page: Callable[..., Awaitable[Page[T]]]) -> AsyncIterator[T]:
+    """The items of every page a paginated call returns."""
+    token = ""
+    while True:
+        page = await list_page(page_token=token)
+        for item in page.items:
+            yield item
+        if not (token := page.next_page_token):
+            return
 
 
 class AsyncConvsvcClient:
@@ -95,35 +108,31 @@ class AsyncConvsvcClient:
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
 
-    async def iter_conversations(
+    def iter_conversations(
         self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0
     ) -> AsyncIterator[Conversation]:
         """Every running conversation matching the filters, page after page."""
-        wanted = list(conversation_ids)
-        token = ""
-        while True:
-            page = await self.list_conversations(
-                user_id=user_id, conversation_ids=wanted, page_size=page_size, page_token=token
+        return _every_item(
+            functools.partial(
+                self.list_conversations,
+                user_id=user_id,
+                conversation_ids=list(conversation_ids),
+                page_size=page_size,
             )
-            for item in page.items:
-                yield item
-            if not (token := page.next_page_token):
-                return
+        )
 
-    async def iter_connections(
+    def iter_connections(
         self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0
     ) -> AsyncIterator[Connection]:
         """Every connection matching the filters, page after page."""
-        wanted = list(conversation_ids)
-        token = ""
-        while True:
-            page = await self.list_connections(
-                user_id=user_id, conversation_ids=wanted, page_size=page_size, page_token=token
+        return _every_item(
+            functools.partial(
+                self.list_connections,
+                user_id=user_id,
+                conversation_ids=list(conversation_ids),
+                page_size=page_size,
             )
-            for item in page.items:
-                yield item
-            if not (token := page.next_page_token):
-                return
+        )
 
     async def iter_events(
         self,
@@ -137,23 +146,25 @@ class AsyncConvsvcClient:
         page_size: int = 0,
     ) -> AsyncIterator[Event]:
         """Stored events in the id range (inclusive), page after page, at most ``limit``."""
-        token = ""
-        returned = 0
-        while limit is None or returned < limit:
-            page = await self.search_events(
+        pages = _every_item(
+            functools.partial(
+                self.search_events,
                 conversation_id,
                 user_id=user_id,
                 start_id=start_id,
                 end_id=end_id,
                 reverse=reverse,
                 page_size=page_size,
-                page_token=token,
             )
-            for item in page.items[: None if limit is None else limit - returned]:
-                returned += 1
-                yield item
-            if not (token := page.next_page_token):
-                return
+        )
+        if limit is not None and limit <= 0:
+            return
+        returned = 0
+        async for event in pages:
+            yield event
+            returned += 1
+            if returned == limit:
+                return  # before asking for another page
 
     async def tail_events(
         self,
