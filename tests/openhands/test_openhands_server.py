@@ -89,6 +89,13 @@ async def test_a_conversation_through_openhands(
     browser = Browser(openhands)
     await browser.connect(conversation_id)
     await browser.until(echo_of("hello from the browser"))
+    async with AsyncConvsvcClient(address=convsvc.address) as client:
+        [connection] = [
+            c async for c in client.iter_connections(conversation_ids=[conversation_id])
+        ]
+        # Held under the web process's instance id, whose heartbeats keep it alive.
+        assert connection.client_instance_id.startswith("openhands-")
+        assert (await client.heartbeat(connection.client_instance_id)).connection_count == 1
     await browser.say("second message")
     await browser.until(echo_of("second message"))
     first_ids = browser.ids()
