@@ -38,6 +38,7 @@ def start_conversation(
     replay_events: Sequence[JsonMapping] = (),
     request_id: str | None = None,
 ) -> Prepared[Conversation]:
+    """Starts the conversation, or returns it when it runs already (idempotent)."""
     request = pb.StartConversationRequest(
         conversation_id=conversation_id,
         user_id=user_id,
@@ -61,6 +62,7 @@ def join_conversation(
     client_instance_id: str = "",
     request_id: str | None = None,
 ) -> Prepared[tuple[Conversation, Connection]]:
+    """Registers a connection to the conversation, starting its loop when it is stopped."""
     request = pb.JoinConversationRequest(
         conversation_id=conversation_id,
         connection_id=connection_id,
@@ -85,6 +87,7 @@ def send_event(
     user_id: str = "",
     request_id: str | None = None,
 ) -> Prepared[SendResult]:
+    """Appends a user event (sent by connection or by conversation); answers once durable."""
     if (connection_id is None) == (conversation_id is None):
         raise ValueError("send_event needs exactly one of connection_id and conversation_id")
     request = pb.SendEventRequest(
@@ -106,6 +109,7 @@ def send_event(
 def disconnect(
     connection_id: str, *, user_id: str = "", request_id: str | None = None
 ) -> Prepared[bool]:
+    """Removes a connection; False when it was not there (idempotent)."""
     request = pb.DisconnectConnectionRequest(
         connection_id=connection_id, user_id=user_id, request_id=request_id or new_request_id()
     )
@@ -115,6 +119,7 @@ def disconnect(
 def close_conversation(
     conversation_id: str, *, user_id: str = "", request_id: str | None = None
 ) -> Prepared[Conversation]:
+    """Stops the conversation's loop and drops its connections (idempotent)."""
     request = pb.CloseConversationRequest(
         conversation_id=conversation_id,
         user_id=user_id,
@@ -124,6 +129,7 @@ def close_conversation(
 
 
 def get_conversation(conversation_id: str, *, user_id: str = "") -> Prepared[Conversation]:
+    """One conversation, running or stopped."""
     request = pb.GetConversationRequest(conversation_id=conversation_id, user_id=user_id)
     return Prepared("GetConversation", request, lambda r: convert.conversation(r.conversation))
 
@@ -135,6 +141,7 @@ def list_conversations(
     page_size: int = 0,
     page_token: str = "",
 ) -> Prepared[Page[Conversation]]:
+    """One page of running conversations, filtered by user and ids."""
     request = pb.ListConversationsRequest(
         user_id=user_id,
         conversation_ids=list(conversation_ids),
@@ -158,6 +165,7 @@ def list_connections(
     page_size: int = 0,
     page_token: str = "",
 ) -> Prepared[Page[Connection]]:
+    """One page of connections, filtered by user and conversation ids."""
     request = pb.ListConnectionsRequest(
         user_id=user_id,
         conversation_ids=list(conversation_ids),
@@ -184,6 +192,7 @@ def search_events(
     page_size: int = 0,
     page_token: str = "",
 ) -> Prepared[Page[Event]]:
+    """One page of stored events in the id range (inclusive)."""
     request = pb.SearchEventsRequest(
         conversation_id=conversation_id,
         user_id=user_id,
@@ -204,6 +213,7 @@ def search_events(
 
 
 def heartbeat(client_instance_id: str) -> Prepared[HeartbeatResult]:
+    """Keeps a client instance's connections alive for another TTL."""
     request = pb.HeartbeatRequest(client_instance_id=client_instance_id)
     return Prepared(
         "Heartbeat",
