@@ -51,8 +51,9 @@ async def test_resume_from_any_id_gets_each_later_event_once_in_order(
 
     async def follow() -> None:
         async for batch in engine.engine.stream_events(conversation_id="c1", start_id=start_id):
-            resumed.extend(item.id for item in batch if isinstance(item, StoredEvent))
-            if resumed and decode_event(batch[-1].encoded).payload.get("message") == "two":
+            events = [decode_event(item.encoded) for item in batch if isinstance(item, StoredEvent)]
+            resumed.extend(event.id for event in events)
+            if any(e.source == "agent" and e.payload.get("message") == "two" for e in events):
                 return
 
     follower = asyncio.create_task(follow())

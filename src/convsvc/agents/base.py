@@ -26,7 +26,20 @@ class AgentContext(Protocol):
 
     async def emit(self, payload: JsonObject, source: EventSource) -> int:
         """Appends an event (an OpenHands event dict without id/timestamp/source) to the
-        conversation's log; returns its id once it is durable."""
+        conversation's log and returns its id.
+
+        It returns once the event has its place in the log, before it is durable: a loop's
+        consecutive events then share one commit. Nobody sees the event before it is durable,
+        and if it never becomes durable (the store failed), no later event does either; the
+        next ``emit`` or ``flush`` then raises.
+        """
+
+    async def flush(self) -> None:
+        """Returns once every event of the log so far, the user's included, is durable.
+
+        Call it before an effect outside the log that must not happen for an event a crash
+        could still lose (running a command, calling an external service).
+        """
 
 
 class AgentLoop(ABC):
@@ -47,7 +60,11 @@ class AgentLoop(ABC):
 
     @abstractmethod
     async def on_user_event(self, event: JsonObject) -> None:
-        """Handles one user event (already in the log, ``id`` included), in log order."""
+        """Handles one user event (``id`` included), in log order.
+
+        The event has its place in the log but may not be durable yet (see
+        ``AgentContext.flush``).
+        """
 
     async def stop(self) -> None:  # noqa: B027 - most loops hold nothing to release
         """Releases what the loop holds; the engine then reports the state ``stopped``."""

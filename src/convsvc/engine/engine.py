@@ -56,6 +56,13 @@ log = structlog.get_logger(__name__)
 
 TOO_MANY_CONVERSATIONS = "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
 _SERVER_SET_FIELDS = ("id", "timestamp", "source")
+_MAX_UNCOMMITTED_EMITS = 1000
+"""Events a loop may have waiting for commit before its next emit waits for the disk."""
+
+
+def _retrieve_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(slots=True, frozen=True)
@@ -217,7 +224,13 @@ class ConversationEngine:
         )
         agent_cls = self._agents[agent_name]
         runtime = ConversationRuntime(
-            record, settings, agent_cls, self._emit, next_event_id=latest + 1, now=self._clock()
+            record,
+            settings,
+            agent_cls,
+            self._emit,
+            self._flush,
+            next_event_id=latest + 1,
+            now=self._clock(),
         )
         self._runtimes[cid] = runtime  # registered before any await: concurrent starts see it
         try:
@@ -667,28 +680,40 @@ class ConversationEngine:
     async def _emit(
         self, runtime: ConversationRuntime, payload: JsonObject, source: EventSource
     ) -> int:
-        """AgentContext.emit: what agent loops append."""
+        """AgentContext.emit: appends without waiting for durability (see ``_append``)."""
+        if runtime.next_event_id - 1 - runtime.latest_event_id >= _MAX_UNCOMMITTED_EMITS:
+            await self._flush()  # a loop that emits faster than the disk commits waits here
         event_id = runtime.next_event_id
-        await self._append(runtime, [(payload, source)])
+        durable = self._append(runtime, [(payload, source)])
+        # Nobody awaits this future: a failed store reaches the loop at its next emit or flush.
+        durable.add_done_callback(_retrieve_outcome)
         return event_id
 
-    async def _append(
+    async def _flush(self) -> None:
+        """AgentContext.flush: returns once every event appended so far is durable."""
+        await self._store.submit_events(())
+
+    def _append(
         self,
         runtime: ConversationRuntime,
         payloads: Sequence[tuple[JsonObject, EventSource]],
         idempotency: IdempotencyRecord | None = None,
-    ) -> None:
-        """Gives events the next ids, encodes them and returns once they are durable.
+    ) -> asyncio.Future[None]:
+        """Gives events the next ids, encodes them and queues them for commit; hands user
+        actions to the loop at once. Returns the future of their durability.
 
-        Ids are taken synchronously, and the store commits in the order it was called, so the
-        log has neither gaps nor reordering however many appends run concurrently.
+        Nothing here awaits, so ids are taken and queued in one step: however many appends run
+        concurrently, the log has neither gaps nor reordering. Callers are answered and
+        subscribers see events only once they are durable, and because commits keep their
+        order, what a loop appends in answer to an event can never be durable without it. The
+        loop does not wait for each commit, so its answer can share the commit of the event.
         """
         timestamp = datetime.now(UTC)
         stamp = timestamp.isoformat()
+        first_id = runtime.next_event_id
         events: list[Event] = []
-        for payload, source in payloads:
-            event_id = runtime.next_event_id
-            runtime.next_event_id += 1
+        for offset, (payload, source) in enumerate(payloads):
+            event_id = first_id + offset
             full: JsonObject = {"id": event_id, "timestamp": stamp, "source": source.value}
             full.update(payload)
             if "action" in payload:
@@ -700,11 +725,16 @@ class ConversationEngine:
             )
             event.encoded = encode_event(event)
             events.append(event)
-        await self._store.append_events(events, idempotency)
+        durable = self._store.submit_events(events, idempotency)
+        runtime.next_event_id = first_id + len(events)  # only once queued: a failure skips no id
+        for event in events:
+            if event.source == EventSource.USER and event.kind is EventKind.ACTION:
+                runtime.deliver(event.payload)
+        return durable
 
     def _on_commit(self, events: Sequence[Event]) -> None:
-        """Told of every committed batch in commit order: updates live state, hands user
-        events to their loops and fans out to subscribers."""
+        """Told of every committed batch in commit order: updates live state and fans out to
+        subscribers."""
         by_conversation: defaultdict[str, list[StoredEvent]] = defaultdict(list)
         now = self._clock()
         for event in events:
@@ -718,8 +748,6 @@ class ConversationEngine:
             if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
                 extras = event.payload.get("extras") or {}
                 runtime.agent_state = str(extras.get("agent_state", runtime.agent_state))
-            elif event.source == EventSource.USER and event.kind is EventKind.ACTION:
-                runtime.deliver(event.payload)
         for cid, stored in by_conversation.items():
             self._broadcaster.publish(cid, stored)
 

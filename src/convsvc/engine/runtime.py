@@ -16,6 +16,7 @@ from convsvc.domain import ConversationRecord, ConversationStatus, EventSource, 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
+Flush = Callable[[], Awaitable[None]]
 
 
 class ConversationRuntime:
@@ -31,12 +32,14 @@ class ConversationRuntime:
         settings: Mapping[str, Any],
         agent_factory: Callable[[ConversationRuntime], AgentLoop],
         emit: Emit,
+        flush: Flush,
         next_event_id: int,
         now: float,
     ) -> None:
         self.record = record
         self._settings = dict(settings)
         self._emit = emit
+        self._flush = flush
         self.status = ConversationStatus.STARTING
         self.agent_state = "loading"
         self.next_event_id = next_event_id
@@ -62,9 +65,12 @@ class ConversationRuntime:
     async def emit(self, payload: JsonObject, source: EventSource) -> int:
         return await self._emit(self, payload, source)
 
+    async def flush(self) -> None:
+        await self._flush()
+
     # Engine side
     def deliver(self, event: JsonObject) -> None:
-        """Queues a committed user event for the agent."""
+        """Queues a user event for the agent (in log order, possibly before it is durable)."""
         self._inbox.put_nowait(event)
 
     def launch(self) -> None:

@@ -1,12 +1,14 @@
 """The storage interface the engine depends on.
 
 Backends: SQLite (embedded, the default) and, for several nodes, Redis. Whatever the backend,
-``append_events`` returns only once the events are durable, and committed events are reported
-to the commit listener in commit order, which is how live subscribers learn of them.
+appends are committed in the order they were submitted, an append's future completes only
+once its events are durable, and committed events are reported to the commit listener in
+commit order, which is how live subscribers learn of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -43,11 +45,21 @@ class ConversationStore(Protocol):
     async def latest_event_id(self, conversation_id: str) -> int:
         """Returns the conversation's newest event id, or -1."""
 
+    def submit_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        """Queues encoded events (ids already assigned) and, atomically with them, an
+        idempotency record, behind every earlier submission; returns at once.
+
+        The future completes once they are durable, or fails with StorageError. Raises
+        StorageError at once when the store can take no more writes. Because commits keep
+        submission order, a later event is never durable without every earlier one.
+        """
+
     async def append_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
     ) -> None:
-        """Appends encoded events (ids already assigned) and, atomically with them, an
-        idempotency record. Returns once durable."""
+        """``submit_events`` and wait until durable."""
 
     async def read_events(
         self,

@@ -135,12 +135,17 @@ class SqliteStore:
             _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
         )
 
+    def submit_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(
+            _PendingWrite(events=events, requests=[idempotency] if idempotency else [])
+        )
+
     async def append_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
     ) -> None:
-        await self._write(
-            _PendingWrite(events=events, requests=[idempotency] if idempotency else [])
-        )
+        await self.submit_events(events, idempotency)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
         await self._write(_PendingWrite(requests=[record]))
@@ -231,13 +236,17 @@ class SqliteStore:
             raise StorageError(f"reading {self._path.name} failed: {exc}") from exc
 
     async def _write(self, write: _PendingWrite) -> None:
+        await self._submit(write)
+
+    def _submit(self, write: _PendingWrite) -> asyncio.Future[None]:
         if self._failure is not None:
             raise self._failure
         if self._writer_task is None:
             raise StorageError("the store is closed")
-        write.done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        write.done = done
         self._queue.put_nowait(write)
-        await write.done
+        return done
 
     async def _write_loop(self) -> None:
         stopping = False
@@ -245,6 +254,10 @@ class SqliteStore:
             first = await self._queue.get()
             if first is None:
                 break
+            # One turn of the event loop before taking the batch: writes that this turn has
+            # already set in motion (an agent answering the event just queued, the other
+            # calls that arrived together) join this commit instead of waiting for the next.
+            await asyncio.sleep(0)
             batch = [first]
             while len(batch) < self._max_batch and not self._queue.empty():
                 nxt = self._queue.get_nowait()
@@ -294,7 +307,8 @@ class SqliteStore:
                 raise
 
         try:
-            await self._on_writer_thread(transaction)
+            if conversation_rows or event_rows or request_rows:  # else only a flush barrier
+                await self._on_writer_thread(transaction)
         except (sqlite3.Error, ValueError) as exc:
             # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
             # failed commit stops all further writes (the health check reports it).

@@ -1,0 +1,155 @@
+"""Appends are pipelined: a loop sees a user event and emits without waiting for each commit,
+so its answer shares the commit of the event it answers; nothing is seen before it is
+durable, ``flush`` waits for durability, and a failed store reaches the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import pytest
+
+from convsvc.agents import AgentLoop, agent_state_changed
+from convsvc.codec import decode_event
+from convsvc.domain import Event, EventSource, StoredEvent
+from convsvc.storage import StorageError
+from tests.conftest import EngineHarness
+from tests.helpers import echo_of, engine_events_until, settled
+
+
+def message(text: str) -> dict[str, Any]:
+    return {"action": "message", "args": {"content": text}}
+
+
+def record_commits(harness: EngineHarness) -> list[list[Event]]:
+    """Wraps the engine's commit listener; returns the committed batches as they come."""
+    batches: list[list[Event]] = []
+    listener = harness.store._listener
+    assert listener is not None
+
+    def recording(events: Sequence[Event]) -> None:
+        batches.append(list(events))
+        listener(events)
+
+    harness.store.set_commit_listener(recording)
+    return batches
+
+
+async def test_the_echo_answer_is_committed_with_the_message_it_answers(
+    engine: EngineHarness,
+) -> None:
+    await engine.engine.start_conversation(conversation_id="c1")
+    await settled(engine.engine, "c1")
+    commits = record_commits(engine)
+    _, message_id = await engine.engine.send_event(conversation_id="c1", event=message("hi"))
+    await engine_events_until(engine.engine, "c1", echo_of("hi"))
+    # One commit: the message, running, the echo, awaiting_user_input.
+    assert [[(e.id, e.source) for e in batch] for batch in commits] == [
+        [(message_id, "user"), (3, "environment"), (4, "agent"), (5, "environment")]
+    ]
+
+
+class FlushingAgent(AgentLoop):
+    """Records, at each flush, which of the events so far the store already holds."""
+
+    name = "flushing"
+    seen: ClassVar[list[tuple[int, int]]] = []
+    all_seen: ClassVar[asyncio.Event]
+
+    async def start(self) -> None:
+        await self.context.emit(agent_state_changed("awaiting_user_input"), EventSource.ENVIRONMENT)
+
+    async def on_user_event(self, event: dict[str, Any]) -> None:
+        last = event["id"]
+        for n in range(3):
+            last = await self.context.emit(
+                {"action": "message", "args": {"content": f"part {n}"}}, EventSource.AGENT
+            )
+        await self.context.flush()
+        store = self.store  # set by the test
+        FlushingAgent.seen.append((last, await store.latest_event_id(self.context.conversation_id)))
+        if len(FlushingAgent.seen) == 3:
+            FlushingAgent.all_seen.set()
+
+    store: Any = None
+
+
+async def test_flush_returns_once_everything_appended_is_durable(make_engine) -> None:
+    harness: EngineHarness = await make_engine(agents={"flushing": FlushingAgent})
+    FlushingAgent.seen = []
+    FlushingAgent.all_seen = asyncio.Event()
+    FlushingAgent.store = harness.store
+    await harness.engine.start_conversation(conversation_id="c1", agent="flushing")
+    for n in range(3):
+        await harness.engine.send_event(conversation_id="c1", event=message(f"m{n}"))
+    await asyncio.wait_for(FlushingAgent.all_seen.wait(), 10)
+    for last_emitted, durable_up_to in FlushingAgent.seen:
+        assert durable_up_to >= last_emitted
+
+
+class StoreWatchingAgent(AgentLoop):
+    """Emits an answer, then flushes; records what the flush raised."""
+
+    name = "watching"
+    outcome: ClassVar[list[BaseException | None]] = []
+    flushed: ClassVar[asyncio.Event]
+
+    async def start(self) -> None:
+        await self.context.emit(agent_state_changed("awaiting_user_input"), EventSource.ENVIRONMENT)
+
+    async def on_user_event(self, event: dict[str, Any]) -> None:
+        await self.context.emit({"action": "message", "args": {"content": "a"}}, EventSource.AGENT)
+        try:
+            await self.context.flush()
+        except StorageError as exc:
+            StoreWatchingAgent.outcome.append(exc)
+            raise
+        else:
+            StoreWatchingAgent.outcome.append(None)
+        finally:
+            StoreWatchingAgent.flushed.set()
+
+
+async def test_a_failed_commit_fails_the_send_and_reaches_the_loop(make_engine) -> None:
+    harness: EngineHarness = await make_engine(agents={"watching": StoreWatchingAgent})
+    StoreWatchingAgent.outcome = []
+    StoreWatchingAgent.flushed = asyncio.Event()
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="c1", agent="watching")
+    await settled(engine, "c1")
+    # The next commit fails as a full disk would: its first id is already taken.
+    engine._runtimes["c1"].next_event_id = 0
+    with pytest.raises(StorageError):
+        await engine.send_event(conversation_id="c1", event=message("lost"))
+    await asyncio.wait_for(StoreWatchingAgent.flushed.wait(), 5)
+    assert isinstance(StoreWatchingAgent.outcome[0], StorageError)
+    # Neither the message nor the answer that shared its commit is in the log or was streamed.
+    rows = await harness.store.read_events("c1", 0)
+    assert [decode_event(r.encoded).payload.get("source") for r in rows] == [
+        "environment",
+        "environment",
+    ]
+
+
+async def test_live_subscribers_see_only_committed_events(engine: EngineHarness) -> None:
+    await engine.engine.start_conversation(conversation_id="c1")
+    await settled(engine.engine, "c1")
+    commits = record_commits(engine)
+    streamed: list[int] = []
+
+    async def follow() -> None:
+        async for batch in engine.engine.stream_events(conversation_id="c1", start_id=2):
+            committed = {e.id for commit in commits for e in commit}
+            for item in batch:
+                assert isinstance(item, StoredEvent)
+                assert item.id in committed  # published only after its commit
+                streamed.append(item.id)
+            if len(streamed) >= 8:
+                return
+
+    follower = asyncio.create_task(follow())
+    await engine.engine.send_event(conversation_id="c1", event=message("one"))
+    await engine.engine.send_event(conversation_id="c1", event=message("two"))
+    await asyncio.wait_for(follower, 10)
+    assert streamed == list(range(2, 10))
