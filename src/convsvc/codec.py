@@ -7,10 +7,10 @@ a ``repeated Event`` field is the concatenation of its tagged, length-prefixed e
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from convsvc.domain import Event, EventKind, JsonObject
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -19,6 +19,8 @@ _KIND_TO_PB = {
     EventKind.ACTION: pb.EVENT_KIND_ACTION,
     EventKind.OBSERVATION: pb.EVENT_KIND_OBSERVATION,
 }
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _REPEATED_EVENTS_TAG = b"\x0a"  # field 1 (events), wire type 2 (length-delimited)
 
 
@@ -53,15 +55,20 @@ def struct_to_dict(struct: struct_pb2.Struct) -> JsonObject:
 
 def encode_event(event: Event) -> bytes:
     """Serializes an event as a ``convsvc.v1.Event``."""
+    # Integer microseconds since the epoch (exact, unlike a float), handed to the constructor:
+    # a third cheaper than Timestamp.FromDatetime, and this runs for every event.
+    micros = (event.timestamp - _EPOCH) // _MICROSECOND
     message = pb.Event(
         conversation_id=event.conversation_id,
         id=event.id,
+        timestamp=timestamp_pb2.Timestamp(
+            seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000
+        ),
         source=event.source,
         kind=_KIND_TO_PB[event.kind],
         name=event.name,
-        payload=dict_to_struct(event.payload),
     )
-    message.timestamp.FromDatetime(event.timestamp)
+    message.payload.update(event.payload)
     encoded: bytes = message.SerializeToString()
     return encoded
 
