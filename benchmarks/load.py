@@ -5,7 +5,10 @@ client library."""
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -144,6 +147,20 @@ def round_trip(address: str, count: int) -> dict[str, float]:
         return latency_summary(latencies)
 
     return run_async(run())
+
+
+def fsync_latency(directory: Path, count: int) -> dict[str, float]:
+    """Appends a 4 KiB page and fsyncs it, ``count`` times, in a file under ``directory``."""
+    latencies: list[float] = []
+    page = b"\0" * 4096
+    with tempfile.NamedTemporaryFile(dir=directory) as file:
+        for _ in range(count + 20):
+            file.write(page)
+            file.flush()
+            began = time.perf_counter()
+            os.fsync(file.fileno())
+            latencies.append(time.perf_counter() - began)
+    return latency_summary(latencies[20:])
 
 
 def catch_up(address: str, total: int, max_batch_size: int) -> dict[str, float]:

@@ -84,6 +84,7 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"p50 {send['send_16']['p50_ms']:.3f} ms, p99 {send['send_16']['p99_ms']:.3f} ms |",
         f"| round trip (message -> echo) | p50 {send['round_trip']['p50_ms']:.3f} ms, "
         f"p99 {send['round_trip']['p99_ms']:.3f} ms |",
+        *_disk_sync_rows(results),
         f"| catch-up | {results['catch_up']['events']:,} events at "
         f"{results['catch_up']['events_per_s']:,.0f} events/s |",
         f"| fan-out | {results['fan_out']['subscribers']:,} subscribers: "
@@ -110,6 +111,22 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
             f"{goal.unit} | {'yes' if goal.met else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _disk_sync_rows(results: dict[str, Any]) -> list[str]:
+    floor, sync = results["floor"], results["disk_sync"]
+    fsync_ms = sync["fsync"]["p50_ms"]
+    # A durable answer waits for at least one fsync after the request arrives.
+    bound = floor["unary_1"]["p50_ms"] / (floor["unary_1"]["p50_ms"] + fsync_ms)
+    one, sixteen, trip = sync["normal_send_1"], sync["normal_send_16"], sync["normal_round_trip"]
+    return [
+        f"| disk: fsync of a 4 KiB append | p50 {fsync_ms:.3f} ms, p99 "
+        f"{sync['fsync']['p99_ms']:.3f} ms: a durable send at 1 in flight can reach at most "
+        f"{bound:.2f} x the empty-call rate |",
+        f"| send without fsync (synchronous=NORMAL) | 1 in flight "
+        f"{one['calls_per_s']:,.0f} calls/s (p50 {one['p50_ms']:.3f} ms), 16 in flight "
+        f"{sixteen['calls_per_s']:,.0f} calls/s, round trip p50 {trip['p50_ms']:.3f} ms |",
+    ]
 
 
 def _adapter_row(adapter: dict[str, Any]) -> str:

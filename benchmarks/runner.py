@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     results["floor"] = scenarios.floor(sizes, progress)
     results["send"] = scenarios.send(sizes, progress)
+    results["disk_sync"] = scenarios.disk_sync(sizes, progress)
     results["catch_up"] = scenarios.catch_up(sizes, progress)
     results["fan_out"] = scenarios.fan_out(sizes, progress)
     results["scale"] = scenarios.scale(sizes, progress)

@@ -3,6 +3,7 @@ smoke test runs the same code at toy size."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -71,6 +72,25 @@ def send(sizes: Sizes, progress: Progress) -> dict[str, Any]:
         progress("round trip: message -> echo on the tail")
         trip = in_process(load.round_trip, server.address, sizes.round_trips)
     return {"send_1": one, "send_16": sixteen, "round_trip": trip}
+
+
+def disk_sync(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    """What durability costs on this disk: the fsync latency itself, and send and round trip
+    again with SQLite's ``synchronous=NORMAL`` (no fsync per commit in WAL mode: safe when the
+    process crashes, not when the machine loses power), beside the default ``FULL`` above."""
+    progress("disk: fsync latency where the servers keep their data")
+    fsync = load.fsync_latency(Path(tempfile.gettempdir()), sizes.round_trips)
+    with convsvc_server(sqlite_synchronous="NORMAL") as server:
+        progress("send without fsync (synchronous=NORMAL): 1 and 16 in flight, round trip")
+        one = in_process(load.send_events, server.address, 1, sizes.sends, "send1")
+        sixteen = in_process(load.send_events, server.address, 16, sizes.sends, "send16")
+        trip = in_process(load.round_trip, server.address, sizes.round_trips)
+    return {
+        "fsync": fsync,
+        "normal_send_1": one,
+        "normal_send_16": sixteen,
+        "normal_round_trip": trip,
+    }
 
 
 def catch_up(sizes: Sizes, progress: Progress) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
-    for step in ("floor:", "send:", "catch-up:", "fan-out:", "scale:", "durability:"):
+    for step in ("floor:", "send:", "disk:", "catch-up:", "fan-out:", "scale:", "durability:"):
         assert step in finished.stderr  # progress is shown while it runs
 
     results = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -44,6 +44,9 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("scale", "kib_per_conversation"),
         ("scale", "page_p50_ms"),
         ("durability", "ratio"),
+        ("disk_sync", "fsync", "p50_ms"),
+        ("disk_sync", "normal_send_16", "calls_per_s"),
+        ("disk_sync", "normal_round_trip", "p50_ms"),
     }
     for path in figures:
         value = results
