@@ -63,10 +63,12 @@ def _rate(count: int, elapsed: float, latencies: list[float]) -> dict[str, float
 # -- the floor --------------------------------------------------------------------------------
 
 
-def floor_unary(address: str, concurrency: int, count: int) -> dict[str, float]:
+def floor_unary(
+    address: str, concurrency: int, count: int, method: str = floor.EMPTY
+) -> dict[str, float]:
     async def run() -> dict[str, float]:
         async with grpc.aio.insecure_channel(address) as channel:
-            empty = channel.unary_unary(floor.EMPTY)
+            empty = channel.unary_unary(method)
             for _ in range(50):  # warm-up
                 await empty(b"")
             elapsed, latencies = await _workers(concurrency, count, lambda i, n: empty(b""))

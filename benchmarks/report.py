@@ -75,6 +75,12 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"p50 {floor['unary_1']['p50_ms']:.3f} ms, p99 {floor['unary_1']['p99_ms']:.3f} ms |",
         f"| floor: empty call, 16 in flight | {floor['unary_16']['calls_per_s']:,.0f} calls/s, "
         f"p50 {floor['unary_16']['p50_ms']:.3f} ms, p99 {floor['unary_16']['p99_ms']:.3f} ms |",
+        f"| floor: durable call (answered after a group-committed fsync), 1 in flight | "
+        f"{floor['durable_1']['calls_per_s']:,.0f} calls/s, p50 {floor['durable_1']['p50_ms']:.3f}"
+        f" ms, p99 {floor['durable_1']['p99_ms']:.3f} ms |",
+        f"| floor: durable call, 16 in flight | {floor['durable_16']['calls_per_s']:,.0f} calls/s,"
+        f" p50 {floor['durable_16']['p50_ms']:.3f} ms, "
+        f"p99 {floor['durable_16']['p99_ms']:.3f} ms |",
         f"| floor: stream, unbatched | {floor['stream_unbatched']['items_per_s']:,.0f} items/s |",
         f"| floor: stream, 100 per message | "
         f"{floor['stream_batched']['items_per_s']:,.0f} items/s |",
@@ -84,6 +90,9 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"p50 {send['send_16']['p50_ms']:.3f} ms, p99 {send['send_16']['p99_ms']:.3f} ms |",
         f"| round trip (message -> echo) | p50 {send['round_trip']['p50_ms']:.3f} ms, "
         f"p99 {send['round_trip']['p99_ms']:.3f} ms |",
+        f"| against the durable floor | send {_ratio(send, floor, 'send_1', 'durable_1')} x at 1"
+        f" in flight, {_ratio(send, floor, 'send_16', 'durable_16')} x at 16; round trip p50 "
+        f"{send['round_trip']['p50_ms'] / floor['durable_1']['p50_ms']:.2f} x the durable call's |",
         *_disk_sync_rows(results),
         f"| catch-up | {results['catch_up']['events']:,} events at "
         f"{results['catch_up']['events_per_s']:,.0f} events/s |",
@@ -111,6 +120,10 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
             f"{goal.unit} | {'yes' if goal.met else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _ratio(send: dict[str, Any], floor: dict[str, Any], ours: str, base: str) -> str:
+    return f"{send[ours]['calls_per_s'] / floor[base]['calls_per_s']:.2f}"
 
 
 def _disk_sync_rows(results: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from benchmarks import adapter as adapter_paths
+from benchmarks import floor as floor_service
 from benchmarks import load
 from benchmarks.processes import Server, convsvc_server, floor_server, in_process
 from benchmarks.stats import percentile
@@ -51,6 +52,13 @@ def floor(sizes: Sizes, progress: Progress) -> dict[str, Any]:
         unary_1 = in_process(load.floor_unary, server.address, 1, sizes.unary_calls)
         progress("floor: empty unary call, 16 in flight")
         unary_16 = in_process(load.floor_unary, server.address, 16, sizes.unary_calls)
+        progress("floor: empty call answered after a group-committed fsync, 1 and 16 in flight")
+        durable_1 = in_process(
+            load.floor_unary, server.address, 1, sizes.unary_calls // 4, floor_service.DURABLE
+        )
+        durable_16 = in_process(
+            load.floor_unary, server.address, 16, sizes.unary_calls // 2, floor_service.DURABLE
+        )
         progress("floor: server stream, one item per message")
         unbatched = in_process(load.floor_stream, server.address, sizes.stream_items, 1)
         progress("floor: server stream, 100 items per message")
@@ -58,6 +66,8 @@ def floor(sizes: Sizes, progress: Progress) -> dict[str, Any]:
     return {
         "unary_1": unary_1,
         "unary_16": unary_16,
+        "durable_1": durable_1,
+        "durable_16": durable_16,
         "stream_unbatched": unbatched,
         "stream_batched": batched,
     }

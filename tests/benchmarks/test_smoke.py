@@ -32,6 +32,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     figures = {
         ("floor", "unary_1", "calls_per_s"),
         ("floor", "unary_16", "p99_ms"),
+        ("floor", "durable_1", "p50_ms"),
+        ("floor", "durable_16", "calls_per_s"),
         ("floor", "stream_unbatched", "items_per_s"),
         ("floor", "stream_batched", "items_per_s"),
         ("send", "send_1", "calls_per_s"),
