@@ -81,3 +81,31 @@ async def test_a_failed_commit_refuses_all_later_writes(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         await store.append_events([make_event("c1", 1)])  # no gap can follow a lost write
     await store.close()
+
+
+async def test_submitted_writes_commit_in_order_and_an_empty_submission_waits_for_them(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    committed: list[int] = []
+    store.set_commit_listener(lambda events: committed.extend(e.id for e in events))
+    await store.open()
+    pending = [store.submit_events([make_event("c1", n)]) for n in range(50)]
+    assert not any(future.done() for future in pending)  # queued, not yet durable
+    await store.submit_events(())  # a barrier: durable once everything before it is
+    assert all(future.done() for future in pending)
+    assert committed == list(range(50))
+    assert [row.id for row in await store.read_events("c1", 0)] == list(range(50))
+    await store.close()
+
+
+async def test_a_failed_store_refuses_submissions_at_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.append_events([make_event("c1", 0)])
+    doomed = store.submit_events([make_event("c1", 0)])
+    with pytest.raises(StorageError):
+        await doomed
+    with pytest.raises(StorageError):
+        store.submit_events([make_event("c1", 1)])  # raised before anything is queued
+    await store.close()
