@@ -115,13 +115,12 @@ def send_events(address: str, concurrency: int, count: int, tag: str) -> dict[st
     return run_async(run())
 
 
-def round_trip(address: str, count: int) -> dict[str, float]:
+def round_trip(address: str, count: int, cid: str = "round-trip") -> dict[str, float]:
     """A user message sent, then its echo received on the conversation's tail."""
 
     async def run() -> dict[str, float]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
-            cid = "round-trip"
             await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
             tail = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid)).__aiter__()
 

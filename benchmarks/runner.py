@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - began:6.1f}s] {step}", file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
-    results["floor"] = scenarios.floor(sizes, progress)
-    results["send"] = scenarios.send(sizes, progress)
+    interleaved = scenarios.calls(sizes, progress)
+    results["floor"] = interleaved["floor"] | scenarios.floor_streams(sizes, progress)
+    results["send"] = interleaved["send"]
+    results["rounds"] = interleaved["rounds"]
     results["disk_sync"] = scenarios.disk_sync(sizes, progress)
     results["catch_up"] = scenarios.catch_up(sizes, progress)
     results["fan_out"] = scenarios.fan_out(sizes, progress)

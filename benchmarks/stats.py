@@ -22,3 +22,8 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(seconds, 0.99) * 1000,
         "mean_ms": statistics.fmean(seconds) * 1000 if seconds else float("nan"),
     }
+
+
+def median_figures(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over several runs of the same measurement."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}

@@ -25,7 +25,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
-    for step in ("floor:", "send:", "disk:", "catch-up:", "fan-out:", "scale:", "durability:"):
+    steps = ("floor and send", "round trip", "floor:", "disk:", "catch-up:", "fan-out:", "scale:")
+    for step in (*steps, "durability:"):
         assert step in finished.stderr  # progress is shown while it runs
 
     results = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -55,6 +56,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         for key in path:
             value = value[key]
         assert isinstance(value, float | int) and math.isfinite(value) and value > 0, path
+    assert len(results["rounds"]) == 1  # quick: one round of floor and send taking turns
     assert results["catch_up"]["events"] >= 2_000  # the tail read the whole log
     assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event
     assert {goal["name"] for goal in results["goals"]} >= {"catch-up", "fan-out"}
