@@ -53,7 +53,8 @@ class ConversationStore(Protocol):
 
         The future completes once they are durable, or fails with StorageError. Raises
         StorageError at once when the store can take no more writes. Because commits keep
-        submission order, a later event is never durable without every earlier one.
+        submission order, a later event is never durable without every earlier one, and an
+        empty submission is a barrier: it completes once everything before it is durable.
         """
 
     async def append_events(
