@@ -103,12 +103,14 @@ class _WriterThread:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             work, outcome, loop = job
+            result: Any = None
+            error: BaseException | None = None
             try:
                 result = work()
             except BaseException as exc:  # handed to the awaiting task, which decides
-                loop.call_soon_threadsafe(_settle, outcome, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, outcome, result, None)
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, outcome, result, error)
 
 
 def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
