@@ -54,53 +54,39 @@ def calls(sizes: Sizes, progress: Progress) -> dict[str, Any]:
     take turns in ``sizes.rounds`` rounds, and each figure is the median over the rounds.
     """
     rounds: list[dict[str, dict[str, float]]] = []
-    per_round = sizes.rounds
+    count = sizes.rounds
     with floor_server() as floor, convsvc_server() as server:
-        for n in range(per_round):
-            progress(f"floor and send, round {n + 1} of {per_round}: 1 in flight")
-            one: dict[str, dict[str, float]] = {
-                "unary_1": in_process(
-                    load.floor_unary, floor.address, 1, sizes.unary_calls // per_round
-                ),
-                "durable_1": in_process(
-                    load.floor_unary,
-                    floor.address,
-                    1,
-                    sizes.sends // per_round,
-                    floor_service.DURABLE,
-                ),
-                "send_1": in_process(
-                    load.send_events, server.address, 1, sizes.sends // per_round, f"send1-{n}"
-                ),
-            }
-            progress(f"floor and send, round {n + 1} of {per_round}: 16 in flight")
-            sixteen = {
-                "unary_16": in_process(
-                    load.floor_unary, floor.address, 16, sizes.unary_calls // per_round
-                ),
-                "durable_16": in_process(
-                    load.floor_unary,
-                    floor.address,
-                    16,
-                    sizes.sends // per_round,
-                    floor_service.DURABLE,
-                ),
-                "send_16": in_process(
-                    load.send_events, server.address, 16, sizes.sends // per_round, f"send16-{n}"
-                ),
-            }
-            progress(f"round trip (message -> echo on the tail), round {n + 1} of {per_round}")
-            trip = {
-                "round_trip": in_process(
-                    load.round_trip, server.address, sizes.round_trips // per_round, f"rt-{n}"
-                )
-            }
-            rounds.append(one | sixteen | trip)
+        for n in range(count):
+            turns: dict[str, dict[str, float]] = {}
+            for concurrency in (1, 16):
+                progress(f"floor and send, round {n + 1} of {count}: {concurrency} in flight")
+                turns |= _unary_turns(floor, server, concurrency, sizes, f"{n}")
+            progress(f"round trip (message -> echo on the tail), round {n + 1} of {count}")
+            turns["round_trip"] = in_process(
+                load.round_trip, server.address, sizes.round_trips // count, f"rt-{n}"
+            )
+            rounds.append(turns)
     merged = {name: median_figures([r[name] for r in rounds]) for name in rounds[0]}
     return {
-        "floor": {k: v for k, v in merged.items() if not k.startswith(("send", "round"))},
+        "floor": {k: v for k, v in merged.items() if k.startswith(("unary", "durable"))},
         "send": {k: v for k, v in merged.items() if k.startswith(("send", "round"))},
         "rounds": rounds,
+    }
+
+
+def _unary_turns(
+    floor: Server, server: Server, concurrency: int, sizes: Sizes, tag: str
+) -> dict[str, dict[str, float]]:
+    """The empty call, the durable call and SendEvent, one after the other."""
+    calls, sends = sizes.unary_calls // sizes.rounds, sizes.sends // sizes.rounds
+    return {
+        f"unary_{concurrency}": in_process(load.floor_unary, floor.address, concurrency, calls),
+        f"durable_{concurrency}": in_process(
+            load.floor_unary, floor.address, concurrency, sends, floor_service.DURABLE
+        ),
+        f"send_{concurrency}": in_process(
+            load.send_events, server.address, concurrency, sends, f"send{concurrency}-{tag}"
+        ),
     }
 
 
