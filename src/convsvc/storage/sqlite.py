@@ -181,7 +181,7 @@ class SqliteStore:
     async def save_conversation(
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
     ) -> None:
-        await self._write(
+        await self._submit(
             _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
         )
 
@@ -198,7 +198,7 @@ class SqliteStore:
         await self.submit_events(events, idempotency)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        await self._write(_PendingWrite(requests=[record]))
+        await self._submit(_PendingWrite(requests=[record]))
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         rows = await self._read(
@@ -284,9 +284,6 @@ class SqliteStore:
                 return list(await cursor.fetchall())
         except aiosqlite.Error as exc:
             raise StorageError(f"reading {self._path.name} failed: {exc}") from exc
-
-    async def _write(self, write: _PendingWrite) -> None:
-        await self._submit(write)
 
     def _submit(self, write: _PendingWrite) -> asyncio.Future[None]:
         if self._failure is not None:
