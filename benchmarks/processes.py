@@ -66,6 +66,9 @@ def convsvc_server(**settings: str) -> Iterator[Server]:
                 # Benchmarks run many conversations for one caller; OpenHands' limit is per user.
                 "CONVSVC_ENGINE__MAX_CONCURRENT_CONVERSATIONS": "1000000",
                 "CONVSVC_ENGINE__SUBSCRIBER_BUFFER_EVENTS": "1000000",
+                "CONVSVC_ENGINE__SUBSCRIBER_BUFFER_BYTES": str(1024**3),
+                # The catch-up scenario writes its log as one start's replay.
+                "CONVSVC_ENGINE__MAX_REPLAY_EVENTS": "1000000",
                 "CONVSVC_MAX_MESSAGE_BYTES": str(256 * 1024 * 1024),
                 **{f"CONVSVC_{k.upper()}": v for k, v in settings.items()},
             }

@@ -64,7 +64,10 @@ class ConvsvcApp:
         if self.server is not None:
             await self.server.enter_shutdown()
             self.engine.end_streams()
-            await self.server.stop(self.settings.shutdown_grace_seconds)
+            if not await self.server.drain(self.settings.shutdown_grace_seconds):
+                log.warning("server.grace_exceeded", grace=self.settings.shutdown_grace_seconds)
+            # Nothing is in flight any more (or the grace is over): stop listening at once.
+            await self.server.stop(0)
         await self.engine.stop()
         await self.store.close()
         if self._metrics is not None:

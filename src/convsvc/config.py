@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+"""Room in a response for what is not event bytes (framing, page token, status update)."""
+
 
 class EngineConfig(BaseModel):
     """The rules the engine keeps (OpenHands' defaults where it has one)."""
@@ -26,7 +29,15 @@ class EngineConfig(BaseModel):
     """How long connections of a client instance live without a heartbeat."""
     subscriber_buffer_events: int = Field(10_000, ge=1)
     """Events a live subscriber may fall behind before it is dropped."""
+    subscriber_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Bytes of events a live subscriber may fall behind before it is dropped."""
     max_event_bytes: int = Field(1024 * 1024, ge=1024)
+    """The largest event a user may send, measured in its stored encoding."""
+    max_batch_bytes: int = Field(3 * 1024 * 1024, ge=4096)
+    """The most event bytes in one response (stream batch or search page), and so the largest
+    event an agent may emit: every stored event can always be read."""
+    max_replay_events: int = Field(1000, ge=0)
+    """The most replay_events one start may carry."""
     default_agent: str = "echo"
     idempotency_ttl_seconds: float = Field(24 * 3600.0, gt=0)
     default_page_size: int = 100
@@ -82,6 +93,21 @@ class Settings(BaseSettings):
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
     engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="after")
+    def _events_fit_in_messages(self) -> Settings:
+        room = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES
+        if self.engine.max_batch_bytes > room:
+            raise ValueError(
+                f"CONVSVC_ENGINE__MAX_BATCH_BYTES ({self.engine.max_batch_bytes}) must leave "
+                f"{MESSAGE_OVERHEAD_BYTES} bytes of CONVSVC_MAX_MESSAGE_BYTES "
+                f"({self.max_message_bytes}) for the rest of a response"
+            )
+        if self.engine.max_event_bytes > self.engine.max_batch_bytes:
+            raise ValueError(
+                "CONVSVC_ENGINE__MAX_EVENT_BYTES must not exceed CONVSVC_ENGINE__MAX_BATCH_BYTES"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -55,6 +55,13 @@ class ResourceExhausted(ConvsvcError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class Aborted(ConvsvcError):
+    """The call conflicted with a concurrent change (e.g. another writer of a log); retry
+    at a higher level."""
+
+    reason = "ABORTED"
+
+
 class Unavailable(ConvsvcError):
     """The service cannot serve the call now (shutting down); retry elsewhere or later."""
 

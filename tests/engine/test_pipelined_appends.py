@@ -5,15 +5,18 @@ durable, ``flush`` waits for durability, and a failed store reaches the loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
 
+from convsvc.agents import BUILTIN_AGENTS as AGENTS
 from convsvc.agents import AgentLoop, agent_state_changed
-from convsvc.codec import decode_event
-from convsvc.domain import Event, EventSource, StoredEvent
-from convsvc.storage import StorageError
+from convsvc.domain import ConversationStatus, Event, EventSource, StoredEvent
+from convsvc.errors import ConvsvcError
+from convsvc.storage import ConversationLogError
 from tests.conftest import EngineHarness
 from tests.helpers import echo_of, engine_events_until, settled
 
@@ -88,10 +91,10 @@ async def test_flush_returns_once_everything_appended_is_durable(make_engine) ->
 
 
 class StoreWatchingAgent(AgentLoop):
-    """Emits an answer, then flushes; records what the flush raised."""
+    """Answers, then flushes, recording what the flush said."""
 
     name = "watching"
-    outcome: ClassVar[list[BaseException | None]] = []
+    outcome: ClassVar[list[BaseException | None]]
     flushed: ClassVar[asyncio.Event]
 
     async def start(self) -> None:
@@ -101,7 +104,7 @@ class StoreWatchingAgent(AgentLoop):
         await self.context.emit({"action": "message", "args": {"content": "a"}}, EventSource.AGENT)
         try:
             await self.context.flush()
-        except StorageError as exc:
+        except ConvsvcError as exc:
             StoreWatchingAgent.outcome.append(exc)
             raise
         else:
@@ -110,25 +113,37 @@ class StoreWatchingAgent(AgentLoop):
             StoreWatchingAgent.flushed.set()
 
 
-async def test_a_failed_commit_fails_the_send_and_reaches_the_loop(make_engine) -> None:
-    harness: EngineHarness = await make_engine(agents={"watching": StoreWatchingAgent})
+async def test_a_log_conflict_fails_the_send_stops_that_loop_and_spares_the_others(
+    make_engine,
+) -> None:
+    harness: EngineHarness = await make_engine(agents={"watching": StoreWatchingAgent, **AGENTS})
     StoreWatchingAgent.outcome = []
     StoreWatchingAgent.flushed = asyncio.Event()
     engine = harness.engine
     await engine.start_conversation(conversation_id="c1", agent="watching")
+    await engine.start_conversation(conversation_id="c2", agent="echo")
     await settled(engine, "c1")
-    # The next commit fails as a full disk would: its first id is already taken.
-    engine._runtimes["c1"].next_event_id = 0
-    with pytest.raises(StorageError):
+    await settled(engine, "c2")
+    # Another writer (a stale node, a hand edit) takes c1's next id behind the engine's back.
+    with contextlib.closing(sqlite3.connect(harness.path)) as other:
+        other.execute(
+            "INSERT INTO events (conversation_id, id, encoded) VALUES ('c1', 2, x'00')"
+        )
+        other.commit()
+    with pytest.raises(ConversationLogError):
         await engine.send_event(conversation_id="c1", event=message("lost"))
     await asyncio.wait_for(StoreWatchingAgent.flushed.wait(), 5)
-    assert isinstance(StoreWatchingAgent.outcome[0], StorageError)
-    # Neither the message nor the answer that shared its commit is in the log.
-    rows = await harness.store.read_events("c1", 0)
-    assert [decode_event(r.encoded).payload.get("source") for r in rows] == [
-        "environment",
-        "environment",
-    ]
+    assert isinstance(StoreWatchingAgent.outcome[0], ConvsvcError)  # the loop learns it
+    assert not harness.store.failed
+    # The conflicting loop is stopped; the other conversation goes on untouched.
+    await asyncio.wait_for(engine._runtimes["c1"].closed.wait(), 5) if "c1" in engine._runtimes else None
+    assert (await engine.get_conversation("c1")).status is ConversationStatus.STOPPED
+    await engine.send_event(conversation_id="c2", event=message("fine"))
+    await engine_events_until(engine, "c2", echo_of("fine"))
+    # Started again, c1 continues after what is stored, the other writer's event included.
+    await engine.start_conversation(conversation_id="c1", agent="echo")
+    sent = await engine.send_event(conversation_id="c1", event=message("again"))
+    assert sent == ("c1", 5)  # 0 loading, 1 ready, 2 the other writer's, 3 loading, 4 ready
 
 
 async def test_live_subscribers_see_only_committed_events(engine: EngineHarness) -> None:

@@ -144,7 +144,16 @@ async def test_secrets_in_settings_never_reach_disk_or_logs(server_process, tmp_
     address = server.start()
     settings = struct_pb2.Struct()
     settings.update(
-        {"llm_model": "gpt-4o", "llm_api_key": secret, "nested": {"github_token": secret}}
+        {
+            "llm_model": "gpt-4o",
+            "llm_api_key": secret,
+            "nested": {"github_token": secret},
+            # Secrets under names no deny-list knows (issue 8, item 10):
+            "mcp_config": {"stdio_servers": [{"name": "x", "env": {"OPENAI_KEY": secret}}]},
+            "database_url": f"postgresql://app:{secret}@db/app",
+            "headers": {"Authorization": f"Basic {secret}"},
+            "llm_base_url": f"https://user:{secret}@llm.example",
+        }
     )
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ConversationServiceStub(channel)
@@ -167,5 +176,4 @@ async def test_secrets_in_settings_never_reach_disk_or_logs(server_process, tmp_
     assert all("level" in r and "timestamp" in r for r in records)
     with contextlib.closing(sqlite3.connect(data_dir / "convsvc.sqlite3")) as db:
         (stored,) = db.execute("SELECT settings FROM conversations").fetchone()
-    assert "gpt-4o" in stored  # non-secret settings are kept
-    assert "llm_api_key" in stored and secret not in stored
+    assert json.loads(stored) == {"llm_model": "gpt-4o"}  # only the allow-list is kept

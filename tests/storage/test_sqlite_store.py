@@ -12,7 +12,7 @@ import pytest
 
 from convsvc.codec import encode_event
 from convsvc.domain import Event, EventKind
-from convsvc.storage import StorageError
+from convsvc.storage import ConversationLogError, StorageError
 from convsvc.storage.sqlite import SqliteStore
 
 
@@ -71,15 +71,65 @@ async def test_committed_events_are_read_back_after_reopening(tmp_path: Path) ->
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_a_failed_commit_refuses_all_later_writes(tmp_path: Path) -> None:
+async def test_a_conflicting_write_fails_its_conversation_only(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    committed: list[tuple[str, int]] = []
+    store.set_commit_listener(
+        lambda events: committed.extend((e.conversation_id, e.id) for e in events)
+    )
+    await store.open()
+    await store.append_events([make_event("c1", 0)])
+    # One batch: c2's write, a write to c1 whose id is taken, a later c1 write, c2 again.
+    outcomes = await asyncio.gather(
+        store.submit_events([make_event("c2", 0)]),
+        store.submit_events([make_event("c1", 0)]),
+        store.submit_events([make_event("c1", 1)]),
+        store.submit_events([make_event("c2", 1)]),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], ConversationLogError) and outcomes[1].conversation_id == "c1"
+    assert isinstance(outcomes[2], ConversationLogError)  # no gap can follow a lost write
+    assert not store.failed
+    with pytest.raises(ConversationLogError):
+        store.submit_events([make_event("c1", 1)])  # refused until the log end is re-read
+    await store.append_events([make_event("c2", 2)])  # other conversations go on
+    store.clear_log_failure("c1")
+    await store.append_events([make_event("c1", 1)])
+    assert committed == [("c1", 0), ("c2", 0), ("c2", 1), ("c2", 2), ("c1", 1)]
+    await store.close()
+
+
+async def test_a_failure_of_the_store_itself_refuses_all_later_writes(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db.sqlite3")
     await store.open()
     await store.append_events([make_event("c1", 0)])
-    with pytest.raises(StorageError):
-        await store.append_events([make_event("c1", 0)])  # duplicate id: the commit fails
+    with sqlite3.connect(tmp_path / "db.sqlite3") as other:
+        other.execute("DROP TABLE events")  # as a broken disk would: nothing can be written
+    with pytest.raises(StorageError) as caught:
+        await store.append_events([make_event("c2", 0)])
+    assert not isinstance(caught.value, ConversationLogError)
     assert store.failed
     with pytest.raises(StorageError):
-        await store.append_events([make_event("c1", 1)])  # no gap can follow a lost write
+        store.submit_events([make_event("c3", 0)])
+    await store.close()
+
+
+async def test_pages_are_bounded_by_bytes_and_never_load_what_they_leave_out(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.append_events([make_event("c1", n) for n in range(10)])
+    sizes = [len(e.encoded) for e in await store.read_events("c1", 0)]
+    page = await store.read_page("c1", 0, limit=100, max_bytes=sum(sizes[:3]) + sizes[3] - 1)
+    assert [e.id for e in page.events] == [0, 1, 2] and page.next_id == 3
+    page = await store.read_page("c1", 0, limit=100, max_bytes=1)  # one always fits
+    assert [e.id for e in page.events] == [0] and page.next_id == 1
+    page = await store.read_page("c1", 3, 9, reverse=True, limit=4, max_bytes=10**6)
+    assert [e.id for e in page.events] == [9, 8, 7, 6] and page.next_id == 5
+    page = await store.read_page("c1", 8, limit=100, max_bytes=10**6)
+    assert [e.id for e in page.events] == [8, 9] and page.next_id is None
     await store.close()
 
 

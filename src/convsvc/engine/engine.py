@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
+import dataclasses
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,9 +35,10 @@ from convsvc.domain import (
 )
 from convsvc.engine import validation
 from convsvc.engine.connections import ConnectionRegistry
+from convsvc.engine.idempotency import RequestKey, RequestLedger
 from convsvc.engine.paging import decode_token, encode_token
-from convsvc.engine.runtime import ConversationRuntime
-from convsvc.engine.secrets import redact
+from convsvc.engine.runtime import ConversationRuntime, LoopClosed
+from convsvc.engine.secrets import storable_settings
 from convsvc.engine.subscriptions import Broadcaster, StreamItem, SubscriberTooSlow
 from convsvc.errors import (
     AlreadyExists,
@@ -50,7 +49,7 @@ from convsvc.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from convsvc.storage import ConversationStore
+from convsvc.storage import ConversationLogError, ConversationStore, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -60,24 +59,20 @@ _MAX_UNCOMMITTED_EMITS = 1000
 """Events a loop may have waiting for commit before its next emit waits for the disk."""
 
 
-def _retrieve_outcome(future: asyncio.Future[None]) -> None:
+def _retrieve_outcome(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 
 
-@dataclass(slots=True, frozen=True)
-class _RequestKey:
-    scope: str
-    request_id: str
-    method: str
-    fingerprint: str
-
-    def record(self, result: JsonObject) -> IdempotencyRecord:
-        return IdempotencyRecord(self.scope, self.request_id, self.method, self.fingerprint, result)
-
-
 class ConversationEngine:
-    """Starts, joins, feeds, lists and closes conversations; streams their events."""
+    """Starts, joins, feeds, lists and closes conversations; streams their events.
+
+    Lifecycle rules: starts of one conversation id run one at a time (the only await-spanning
+    guard, held while the store is read); every other change of a runtime's phase (admission
+    with its evictions, close, idle cleanup) is made in one step without awaits. What takes
+    time after such a step (writing the start, shutting a loop down) runs in a task the engine
+    owns, so a caller that gives up cannot leave a conversation half started or half closed.
+    """
 
     def __init__(
         self,
@@ -93,8 +88,12 @@ class ConversationEngine:
         self._clock = clock
         self._runtimes: dict[str, ConversationRuntime] = {}
         self._connections = ConnectionRegistry()
-        self._broadcaster = Broadcaster(config.subscriber_buffer_events)
-        self._inflight: dict[tuple[str, str], asyncio.Future[JsonObject]] = {}
+        self._broadcaster = Broadcaster(
+            config.subscriber_buffer_events, config.subscriber_buffer_bytes
+        )
+        self._ledger = RequestLedger(store)
+        self._start_guards: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._cleanup_task: asyncio.Task[None] | None = None
         self._stopping = False
         store.set_commit_listener(self._on_commit)
@@ -123,10 +122,18 @@ class ConversationEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cleanup_task
             self._cleanup_task = None
-        await asyncio.gather(
-            *(self._close_runtime(rt) for rt in list(self._runtimes.values())),
-            return_exceptions=True,
-        )
+        for runtime in list(self._runtimes.values()):
+            self._begin_close(runtime)
+        while self._tasks:  # closes may still be finishing starts they wait for
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Runs ``work`` in a task the engine owns (awaited by ``stop``)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve_outcome)  # its callers, if any, saw the error
+        return task
 
     # -- start, join -----------------------------------------------------------------------
 
@@ -144,45 +151,82 @@ class ConversationEngine:
         """Starts a loop, or returns the running one (idempotent)."""
         user = validation.check_user_id(user_id)
         cid = validation.check_optional_id("conversation_id", conversation_id)
-        agent_name = agent or self._config.default_agent
-        if agent_name not in self._agents:
-            raise InvalidArgument(
-                f"agent {agent_name!r} is not installed; "
-                f"available: {', '.join(sorted(self._agents))}",
-                reason="UNKNOWN_AGENT",
-                metadata={"field": "agent"},
-            )
+        agent_name = self._check_agent(agent)
         settings = settings or {}
         validation.check_size("settings", settings, self._config.max_event_bytes)
-        first_events: list[JsonObject] = []
-        if initial_user_message is not None:
-            first_events.append(
-                self._user_payload(
-                    validation.check_user_event(initial_user_message, self._config.max_event_bytes)
-                )
-            )
-        for replayed in replay_events:
-            # A trajectory replays only what its user did; the agent produces the rest anew.
-            if replayed.get("source") == "user" and isinstance(replayed.get("action"), str):
-                first_events.append(self._user_payload(replayed))
-        key = self._request_key(
+        first_events = self._first_events(initial_user_message, replay_events)
+        key = self._ledger.key(
             user,
             request_id,
             "StartConversation",
             {"conversation_id": cid, "agent": agent_name, "first": first_events},
         )
-        recalled = await self._recall(key)
-        if recalled is not None:
-            return await self.get_conversation(recalled["conversation_id"], user_id)
-        try:
-            view = await self._start(
+        started: list[ConversationRuntime] = []
+
+        async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
+            runtime, stored = await self._start(
                 cid or uuid.uuid4().hex, user, agent_name, settings, first_events, key
             )
-        except BaseException as exc:
-            self._forget(key, exc)
-            raise
-        await self._remember(key, {"conversation_id": view.conversation_id}, persisted=True)
-        return view
+            started.append(runtime)
+            return {"conversation_id": runtime.conversation_id}, stored
+
+        result = await self._ledger.run(key, operation)
+        if started and not started[0].closing:
+            return self._view(started[0])
+        return await self.get_conversation(result["conversation_id"], user_id)
+
+    def _check_agent(self, agent: str) -> str:
+        if not agent:
+            return self._config.default_agent
+        if agent not in self._agents:
+            raise InvalidArgument(
+                f"agent {validation.shown(agent)!r} is not installed; "
+                f"available: {', '.join(sorted(self._agents))}",
+                reason="UNKNOWN_AGENT",
+                metadata={"field": "agent"},
+            )
+        return agent
+
+    def _first_events(
+        self, initial_user_message: JsonObject | None, replay_events: Sequence[JsonObject]
+    ) -> list[JsonObject]:
+        """The user events a start appends after ``loading``, each checked like a send."""
+        limit = self._config.max_replay_events
+        if len(replay_events) > limit:
+            raise InvalidArgument(
+                f"replay_events holds {len(replay_events)} events; the limit is {limit}",
+                reason="TOO_MANY_REPLAY_EVENTS",
+                metadata={"field": "replay_events", "limit": str(limit)},
+            )
+        first: list[JsonObject] = []
+        if initial_user_message is not None:
+            first.append(self._checked_user_payload("initial_user_message", initial_user_message))
+        for replayed in replay_events:
+            # A trajectory replays only what its user did; the agent produces the rest anew.
+            if replayed.get("source") == "user" and isinstance(replayed.get("action"), str):
+                first.append(self._checked_user_payload("replay_events", replayed))
+        return first
+
+    def _checked_user_payload(self, field: str, event: JsonObject) -> JsonObject:
+        payload = self._user_payload(validation.check_user_event(event, field))
+        validation.check_event_size(field, payload, self._config.max_event_bytes)
+        return payload
+
+    @contextlib.asynccontextmanager
+    async def _start_guard(self, cid: str) -> AsyncIterator[None]:
+        """Starts of one conversation id run one at a time: each reads where the log ends
+        and must register its runtime before another start reads it again."""
+        lock, users = self._start_guards.get(cid) or (asyncio.Lock(), 0)
+        self._start_guards[cid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._start_guards[cid]
+            if users == 1:
+                del self._start_guards[cid]
+            else:
+                self._start_guards[cid] = (lock, users - 1)
 
     async def _start(
         self,
@@ -191,99 +235,129 @@ class ConversationEngine:
         agent_name: str,
         settings: JsonObject,
         first_events: list[JsonObject],
-        key: _RequestKey | None,
-    ) -> ConversationView:
-        while True:
-            runtime = self._runtimes.get(cid)
-            if runtime is not None:
+        key: RequestKey | None,
+    ) -> tuple[ConversationRuntime, bool]:
+        """The running runtime of ``cid`` (started if needed) and whether the request id's
+        answer was stored with the start."""
+        async with self._start_guard(cid):
+            while (runtime := self._runtimes.get(cid)) is not None:
                 self._check_owner(runtime.record, user)
                 if not runtime.closing:
-                    return self._view(runtime)
-                await runtime.closed.wait()
-                continue
-            record = await self._store.get_conversation(cid)
-            if record is not None:
-                self._check_owner(record, user)
-                owner = record.user_id
-            else:
-                owner = user
-            latest = await self._store.latest_event_id(cid) if record is not None else -1
-            if cid in self._runtimes:
-                continue  # started meanwhile by another call: answer with that one
-            await self._enforce_user_limit(owner)
-            if cid not in self._runtimes:
-                break
-        now_wall = datetime.now(UTC)
-        record = ConversationRecord(
-            conversation_id=cid,
-            user_id=owner,
-            agent=agent_name,
-            settings=redact(settings),
-            create_time=record.create_time if record is not None else now_wall,
-            last_active_time=now_wall,
-        )
-        agent_cls = self._agents[agent_name]
-        runtime = ConversationRuntime(
-            record,
-            settings,
-            agent_cls,
-            self._emit,
-            self._flush,
-            next_event_id=latest + 1,
-            now=self._clock(),
-        )
-        self._runtimes[cid] = runtime  # registered before any await: concurrent starts see it
-        try:
-            await self._store.save_conversation(
-                record, key.record({"conversation_id": cid}) if key else None
+                    return runtime, False
+                await runtime.closed.wait()  # a close of the previous run is finishing
+            if self._stopping:
+                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            stored = await self._store.get_conversation(cid)
+            if stored is not None:
+                self._check_owner(stored, user)
+            # A record is always written before its conversation's first event.
+            latest = await self._store.latest_event_id(cid) if stored is not None else -1
+            if self._stopping:
+                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            # From here to the end of the block nothing awaits: admission, evictions,
+            # registration and the queueing of the start's writes happen in one step.
+            self._store.clear_log_failure(cid)  # the end of the log was just read again
+            now_wall = datetime.now(UTC)
+            record = ConversationRecord(
+                conversation_id=cid,
+                user_id=stored.user_id if stored is not None else user,
+                agent=agent_name,
+                settings=storable_settings(settings),
+                create_time=stored.create_time if stored is not None else now_wall,
+                last_active_time=now_wall,
             )
-            await self._append(
-                runtime,
-                [(agent_state_changed("loading"), EventSource.ENVIRONMENT)]
-                + [(payload, EventSource.USER) for payload in first_events],
+            runtime = ConversationRuntime(
+                record,
+                settings,
+                self._agents[agent_name],
+                self._emit,
+                self._flush_for,
+                next_event_id=latest + 1,
+                now=self._clock(),
             )
-        except BaseException:
-            del self._runtimes[cid]
-            runtime.closed.set()
-            raise
-        runtime.launch()
-        log.info("conversation.started", conversation_id=cid, user_id=owner, agent=agent_name)
-        return self._view(runtime)
+            victims = self._admit(runtime)
+            try:
+                saved = self._store.submit_conversation(
+                    record, key.record({"conversation_id": cid}) if key else None
+                )
+                durable = self._append(
+                    runtime,
+                    [(agent_state_changed("loading"), EventSource.ENVIRONMENT)]
+                    + [(payload, EventSource.USER) for payload in first_events],
+                    max_bytes=self._config.max_batch_bytes,
+                )
+            except BaseException:
+                del self._runtimes[cid]
+                runtime.mark_closed()
+                raise
+            runtime.start_task = self._spawn(
+                self._finish_start(runtime, victims, saved, durable), f"start:{cid}"
+            )
+        await asyncio.shield(runtime.start_task)
+        return runtime, True
 
-    async def _enforce_user_limit(self, user: str | None) -> None:
-        """Closes the user's least recently active loops so that one more fits."""
+    def _admit(self, runtime: ConversationRuntime) -> list[ConversationRuntime]:
+        """Registers a new runtime, first closing the owner's least recently active loops
+        beyond the per-user limit; returns those (each told why, exactly once)."""
         limit = self._config.max_concurrent_conversations
-        while True:
-            mine = [
-                rt for rt in self._runtimes.values() if rt.record.user_id == user and not rt.closing
-            ]
-            excess = len(mine) - limit + 1
-            if excess <= 0:
-                return
-            mine.sort(key=lambda rt: rt.last_active)
-            for runtime in mine[:excess]:
-                log.info(
-                    "conversation.evicted",
-                    conversation_id=runtime.conversation_id,
-                    user_id=user,
-                    limit=limit,
-                )
-                self._broadcaster.publish(
-                    runtime.conversation_id,
-                    [
-                        {
-                            "status_update": True,
-                            "type": "error",
-                            "id": TOO_MANY_CONVERSATIONS,
-                            "message": (
-                                f"Too many conversations are running (the limit is {limit}); "
-                                "this one was stopped to make room for a new one."
-                            ),
-                            "conversation_id": runtime.conversation_id,
-                        }
-                    ],
-                )
-            await asyncio.gather(*(self._close_runtime(rt) for rt in mine[:excess]))
+        user = runtime.record.user_id
+        mine = [
+            rt for rt in self._runtimes.values() if rt.record.user_id == user and not rt.closing
+        ]
+        mine.sort(key=lambda rt: rt.last_active)
+        victims = mine[: max(len(mine) - limit + 1, 0)]
+        for victim in victims:
+            log.info(
+                "conversation.evicted",
+                conversation_id=victim.conversation_id,
+                user_id=user,
+                limit=limit,
+            )
+            self._broadcaster.publish(
+                victim.conversation_id,
+                [
+                    {
+                        "status_update": True,
+                        "type": "error",
+                        "id": TOO_MANY_CONVERSATIONS,
+                        "message": (
+                            f"Too many conversations are running (the limit is {limit}); "
+                            "this one was stopped to make room for a new one."
+                        ),
+                        "conversation_id": victim.conversation_id,
+                    }
+                ],
+            )
+            self._begin_close(victim)
+        self._runtimes[runtime.conversation_id] = runtime
+        return victims
+
+    async def _finish_start(
+        self,
+        runtime: ConversationRuntime,
+        victims: list[ConversationRuntime],
+        saved: asyncio.Future[None],
+        durable: asyncio.Future[None],
+    ) -> None:
+        try:
+            await saved
+            await durable
+        except StorageError:
+            self._begin_close(runtime)
+            raise
+        # The loops this start evicted stop before the new one runs, so no more than the
+        # limit ever run at once. Each of them was registered before this one: no cycle.
+        await asyncio.gather(
+            *(victim.close_task for victim in victims if victim.close_task is not None),
+            return_exceptions=True,
+        )
+        if runtime.launch():
+            log.info(
+                "conversation.started",
+                conversation_id=runtime.conversation_id,
+                user_id=runtime.record.user_id,
+                agent=runtime.record.agent,
+            )
 
     async def join_conversation(
         self,
@@ -300,28 +374,36 @@ class ConversationEngine:
         conn_id = validation.check_id("connection_id", connection_id)
         instance = validation.check_optional_id("client_instance_id", client_instance_id)
         user = validation.check_user_id(user_id)
-        key = self._request_key(
+        settings = settings or {}
+        validation.check_size("settings", settings, self._config.max_event_bytes)
+        key = self._ledger.key(
             user, request_id, "JoinConversation", {"c": cid, "n": conn_id, "i": instance}
         )
-        recalled = await self._recall(key)
-        if recalled is None:
-            try:
-                await self.start_conversation(
-                    conversation_id=cid, user_id=user_id, settings=settings
+
+        async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
+            runtime, _ = await self._start(
+                cid, user, self._config.default_agent, settings, [], None
+            )
+            # No await from here on: a close marks the runtime closing and drops its
+            # connections in one step, so a connection is never left on a closed loop.
+            if runtime.closing:
+                raise Unavailable(
+                    f"conversation {cid} was closed while joining; join again",
+                    reason="CONVERSATION_CLOSED",
                 )
-                runtime = self._runtimes.get(cid)
-                if runtime is None or runtime.closing:
-                    raise Unavailable(
-                        f"conversation {cid} was closed while joining; join again",
-                        reason="CONVERSATION_CLOSED",
-                    )
-                connection = Connection(conn_id, cid, user, instance)
-                self._connections.add(connection, self._clock())
-                self._touch(runtime)
-            except BaseException as exc:
-                self._forget(key, exc)
-                raise
-            await self._remember(key, {"conversation_id": cid, "connection_id": conn_id})
+            held = self._connections.get(conn_id)
+            if held is not None and user is not None and held.user_id != user:
+                raise AlreadyExists(
+                    f"connection_id {conn_id} is in use by another user; "
+                    "choose a new connection id",
+                    reason="CONNECTION_ID_TAKEN",
+                    metadata={"connection_id": conn_id},
+                )
+            self._connections.add(Connection(conn_id, cid, user, instance), self._clock())
+            self._touch(runtime)
+            return {"conversation_id": cid, "connection_id": conn_id}, False
+
+        await self._ledger.run(key, operation)
         view = await self.get_conversation(cid, user_id)
         return view, self._connections.get(conn_id) or Connection(conn_id, cid, user, instance)
 
@@ -345,36 +427,38 @@ class ConversationEngine:
                 metadata={"field": "target"},
             )
         if connection_id:
-            conn_id = validation.check_id("connection_id", connection_id)
-            connection = self._connections.get(conn_id)
-            if connection is None or (user is not None and connection.user_id != user):
-                raise NotFound(
-                    f"connection {conn_id} is not joined to any conversation; join first",
-                    reason="CONNECTION_NOT_FOUND",
-                    metadata={"connection_id": conn_id},
-                )
-            cid = connection.conversation_id
+            target = {"n": validation.check_id("connection_id", connection_id)}
         else:
-            cid = validation.check_id("conversation_id", conversation_id)
-        payload = self._user_payload(
-            validation.check_user_event(event, self._config.max_event_bytes)
-        )
-        key = self._request_key(user, request_id, "SendEvent", {"c": cid, "e": payload})
-        recalled = await self._recall(key)
-        if recalled is not None:
-            return recalled["conversation_id"], int(recalled["event_id"])
-        try:
+            target = {"c": validation.check_id("conversation_id", conversation_id)}
+        payload = self._user_payload(validation.check_user_event(event, "event"))
+        key = self._ledger.key(user, request_id, "SendEvent", {**target, "e": payload})
+
+        async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
+            cid = target.get("c") or self._connected_conversation(target["n"], user)
             runtime = await self._running(cid, user)
-            event_id = runtime.next_event_id
-            result = {"conversation_id": cid, "event_id": event_id}
-            await self._append(
-                runtime, [(payload, EventSource.USER)], key.record(result) if key else None
+            # No await between finding the runtime running and queueing the event.
+            result = {"conversation_id": cid, "event_id": runtime.next_event_id}
+            durable = self._append(
+                runtime,
+                [(payload, EventSource.USER)],
+                key.record(result) if key else None,
+                max_bytes=self._config.max_event_bytes,
             )
-        except BaseException as exc:
-            self._forget(key, exc)
-            raise
-        await self._remember(key, result, persisted=True)
-        return cid, event_id
+            await durable
+            return result, True
+
+        result = await self._ledger.run(key, operation)
+        return result["conversation_id"], int(result["event_id"])
+
+    def _connected_conversation(self, conn_id: str, user: str | None) -> str:
+        connection = self._connections.get(conn_id)
+        if connection is None or (user is not None and connection.user_id != user):
+            raise NotFound(
+                f"connection {conn_id} is not joined to any conversation; join first",
+                reason="CONNECTION_NOT_FOUND",
+                metadata={"connection_id": conn_id},
+            )
+        return connection.conversation_id
 
     async def disconnect(
         self, *, connection_id: str, user_id: str = "", request_id: str = ""
@@ -382,15 +466,13 @@ class ConversationEngine:
         """Removes a connection; False when it was already gone (idempotent)."""
         conn_id = validation.check_id("connection_id", connection_id)
         user = validation.check_user_id(user_id)
-        key = self._request_key(user, request_id, "DisconnectConnection", {"n": conn_id})
-        recalled = await self._recall(key)
-        if recalled is not None:
-            return bool(recalled["removed"])
-        connection = self._connections.get(conn_id)
-        removed = False
-        if connection is not None and (user is None or connection.user_id == user):
+        key = self._ledger.key(user, request_id, "DisconnectConnection", {"n": conn_id})
+
+        async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
+            connection = self._connections.get(conn_id)
+            if connection is None or (user is not None and connection.user_id != user):
+                return {"removed": False}, False
             self._connections.remove(conn_id)
-            removed = True
             runtime = self._runtimes.get(connection.conversation_id)
             if runtime is not None:
                 self._touch(runtime)  # idle cleanup counts from the last viewer leaving
@@ -399,8 +481,10 @@ class ConversationEngine:
                 conversation_id=connection.conversation_id,
                 connection_id=conn_id,
             )
-        await self._remember(key, {"removed": removed})
-        return removed
+            return {"removed": True}, False
+
+        result = await self._ledger.run(key, operation)
+        return bool(result["removed"])
 
     async def close_conversation(
         self, *, conversation_id: str, user_id: str = "", request_id: str = ""
@@ -408,36 +492,50 @@ class ConversationEngine:
         """Stops a loop and drops its connections (idempotent)."""
         cid = validation.check_id("conversation_id", conversation_id)
         user = validation.check_user_id(user_id)
-        key = self._request_key(user, request_id, "CloseConversation", {"c": cid})
-        recalled = await self._recall(key)
-        if recalled is None:
-            try:
-                runtime = self._runtimes.get(cid)
-                if runtime is not None:
-                    self._check_owner(runtime.record, user)
-                    await self._close_runtime(runtime)
-            except BaseException as exc:
-                self._forget(key, exc)
-                raise
-            await self._remember(key, {"conversation_id": cid})
+        key = self._ledger.key(user, request_id, "CloseConversation", {"c": cid})
+
+        async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
+            runtime = self._runtimes.get(cid)
+            if runtime is None:
+                await self._check_visible(cid, user)
+            else:
+                self._check_owner(runtime.record, user)
+                await asyncio.shield(self._begin_close(runtime))
+            return {"conversation_id": cid}, False
+
+        await self._ledger.run(key, operation)
         return await self.get_conversation(cid, user_id)
 
-    async def _close_runtime(self, runtime: ConversationRuntime) -> None:
-        if runtime.closing:
-            await runtime.closed.wait()
-            return
-        runtime.closing = True
+    def _begin_close(self, runtime: ConversationRuntime) -> asyncio.Task[None]:
+        """Moves a runtime to CLOSING and drops its connections at once; the rest of the
+        close runs in an owned task (returned; the same one for every caller)."""
+        if runtime.close_task is None:
+            runtime.begin_close()
+            self._connections.remove_conversation(runtime.conversation_id)
+            runtime.close_task = self._spawn(
+                self._close_sequence(runtime), f"close:{runtime.conversation_id}"
+            )
+        return runtime.close_task
+
+    async def _close_sequence(self, runtime: ConversationRuntime) -> None:
         cid = runtime.conversation_id
         try:
-            self._connections.remove_conversation(cid)
+            if runtime.start_task is not None:
+                # Its writes come first in the log; it does not launch a closing runtime.
+                await asyncio.wait([runtime.start_task])
             await runtime.shutdown()
-            await self._append(runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)])
             runtime.record.last_active_time = datetime.now(UTC)
-            await self._store.save_conversation(runtime.record)
+            try:
+                await self._append(
+                    runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)]
+                )
+                await self._store.save_conversation(runtime.record)
+            except StorageError as exc:
+                log.warning("conversation.close_not_logged", conversation_id=cid, error=str(exc))
         finally:
-            self._runtimes.pop(cid, None)
-            runtime.status = ConversationStatus.STOPPED
-            runtime.closed.set()
+            if self._runtimes.get(cid) is runtime:
+                del self._runtimes[cid]
+            runtime.mark_closed()
         log.info("conversation.closed", conversation_id=cid)
 
     # -- reads -----------------------------------------------------------------------------
@@ -507,9 +605,14 @@ class ConversationEngine:
                 ):
                     yield connection.connection_id, connection
 
-        return self._page(
+        connections, token = self._page(
             "connections", user_id, conversation_ids, page_size, page_token, candidates
         )
+        if user_id:
+            # Which web process holds a connection is the service's business, not a user's:
+            # an instance id is what keeps that process's connections alive.
+            connections = [dataclasses.replace(c, client_instance_id=None) for c in connections]
+        return connections, token
 
     def _page(
         self,
@@ -525,12 +628,13 @@ class ConversationEngine:
         wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
         size = self._page_size(page_size)
         query = [kind, user, sorted(wanted)]
-        after = decode_token(page_token, query) if page_token else ""
+        key = self._store.page_token_key
+        after = decode_token(key, page_token, query, str) if page_token else ""
         matching = sorted(
             (item for item in candidates(user, wanted) if item[0] > after), key=lambda i: i[0]
         )
         page = matching[:size]
-        token = encode_token(query, page[-1][0]) if len(matching) > size else ""
+        token = encode_token(key, query, page[-1][0]) if len(matching) > size else ""
         return [item for _, item in page], token
 
     async def search_events(
@@ -561,16 +665,19 @@ class ConversationEngine:
         size = self._page_size(page_size)
         await self._check_visible(cid, validation.check_user_id(user_id))
         query = ["events", cid, start_id, end_id, reverse]
+        key = self._store.page_token_key
         low, high = start_id, end_id
         if page_token:
-            position = int(decode_token(page_token, query))
+            position = decode_token(key, page_token, query, int)
             if reverse:
                 high = position
             else:
                 low = position
-        rows = await self._store.read_events(cid, low, high, reverse=reverse, limit=size + 1)
-        token = encode_token(query, rows[size].id) if len(rows) > size else ""
-        return rows[:size], token
+        page = await self._store.read_page(
+            cid, low, high, reverse=reverse, limit=size, max_bytes=self._config.max_batch_bytes
+        )
+        token = encode_token(key, query, page.next_id) if page.next_id is not None else ""
+        return page.events, token
 
     async def stream_events(
         self, *, conversation_id: str, user_id: str = "", start_id: int = 0, max_batch: int = 0
@@ -597,18 +704,15 @@ class ConversationEngine:
         await self._check_visible(cid, validation.check_user_id(user_id))
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+        max_bytes = self._config.max_batch_bytes
         subscription = self._broadcaster.subscribe(cid)
         next_id = start_id
         try:
+            async for page in self._read_range(cid, next_id, None, batch):
+                next_id = page[-1].id + 1
+                yield list[StreamItem](page)
             while True:
-                rows = await self._store.read_events(cid, next_id, limit=batch)
-                if rows:
-                    next_id = rows[-1].id + 1
-                    yield list(rows)
-                if len(rows) < batch:
-                    break
-            while True:
-                items = await subscription.next_items(batch)
+                items = await subscription.next_items(batch, max_bytes)
                 out: list[StreamItem] = []
                 for item in items:
                     if not isinstance(item, StoredEvent):
@@ -617,11 +721,12 @@ class ConversationEngine:
                     if item.id < next_id:
                         continue
                     if item.id > next_id:  # defensive: fill from the log rather than skip
-                        out.extend(
-                            await self._store.read_events(
-                                cid, next_id, item.id - 1, limit=item.id - next_id
-                            )
-                        )
+                        if out:
+                            yield out
+                            out = []
+                        async for page in self._read_range(cid, next_id, item.id - 1, batch):
+                            next_id = page[-1].id + 1
+                            yield list[StreamItem](page)
                     out.append(item)
                     next_id = item.id + 1
                 if out:
@@ -632,6 +737,19 @@ class ConversationEngine:
             ) from None
         finally:
             self._broadcaster.unsubscribe(subscription)
+
+    async def _read_range(
+        self, cid: str, start_id: int, end_id: int | None, batch: int
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Stored events of a range, in pages that each fit in one response."""
+        next_id: int | None = start_id
+        while next_id is not None:
+            page = await self._store.read_page(
+                cid, next_id, end_id, limit=batch, max_bytes=self._config.max_batch_bytes
+            )
+            if page.events:
+                yield page.events
+            next_id = page.next_id
 
     def heartbeat(self, client_instance_id: str) -> tuple[int, float]:
         """Keeps an instance's connections alive; returns (connections, ttl seconds)."""
@@ -653,17 +771,19 @@ class ConversationEngine:
                 connection_id=connection.connection_id,
                 client_instance_id=connection.client_instance_id,
             )
-        idle = [
-            rt
-            for rt in self._runtimes.values()
+        # Chosen and marked closing in one step: a join or send racing with the cleanup
+        # either comes first (and the loop is no longer idle) or finds it closing.
+        closes = [
+            self._begin_close(rt)
+            for rt in list(self._runtimes.values())
             if not rt.closing
             and rt.agent_state != "running"
             and self._connections.count_for_conversation(rt.conversation_id) == 0
             and now - rt.last_active > self._config.close_delay_seconds
         ]
-        for runtime in idle:
-            log.info("conversation.idle", conversation_id=runtime.conversation_id)
-        await asyncio.gather(*(self._close_runtime(rt) for rt in idle), return_exceptions=True)
+        if closes:
+            log.info("conversation.idle_closed", count=len(closes))
+        await asyncio.gather(*(asyncio.shield(task) for task in closes), return_exceptions=True)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._config.idempotency_ttl_seconds)
         await self._store.prune_idempotency(cutoff)
 
@@ -683,21 +803,32 @@ class ConversationEngine:
         """AgentContext.emit: appends without waiting for durability (see ``_append``)."""
         if runtime.next_event_id - 1 - runtime.latest_event_id >= _MAX_UNCOMMITTED_EMITS:
             await self._flush()  # a loop that emits faster than the disk commits waits here
+        if runtime.closing:
+            raise LoopClosed(f"conversation {runtime.conversation_id} is closing")
         event_id = runtime.next_event_id
-        durable = self._append(runtime, [(payload, source)])
-        # Nobody awaits this future: a failed store reaches the loop at its next emit or flush.
-        durable.add_done_callback(_retrieve_outcome)
+        # Nobody awaits the durability here: a failed store reaches the loop at its next emit
+        # or flush, and a conflicting log closes the conversation (see ``_append``).
+        self._append(runtime, [(payload, source)], max_bytes=self._config.max_batch_bytes)
         return event_id
 
     async def _flush(self) -> None:
-        """AgentContext.flush: returns once every event appended so far is durable."""
+        """Returns once every event appended so far is durable."""
         await self._store.submit_events(())
+
+    async def _flush_for(self, runtime: ConversationRuntime) -> None:
+        """AgentContext.flush: like ``_flush``, and raises if the loop's own log could not
+        take its events (its conversation is then closing)."""
+        await self._flush()
+        if runtime.closing:
+            raise LoopClosed(f"conversation {runtime.conversation_id} is closing")
 
     def _append(
         self,
         runtime: ConversationRuntime,
         payloads: Sequence[tuple[JsonObject, EventSource]],
         idempotency: IdempotencyRecord | None = None,
+        *,
+        max_bytes: int | None = None,
     ) -> asyncio.Future[None]:
         """Gives events the next ids, encodes them and queues them for commit; hands user
         actions to the loop at once. Returns the future of their durability.
@@ -707,6 +838,7 @@ class ConversationEngine:
         subscribers see events only once they are durable, and because commits keep their
         order, what a loop appends in answer to an event can never be durable without it. The
         loop does not wait for each commit, so its answer can share the commit of the event.
+        An event whose encoding exceeds ``max_bytes`` is refused before anything is queued.
         """
         timestamp = datetime.now(UTC)
         stamp = timestamp.isoformat()
@@ -724,13 +856,35 @@ class ConversationEngine:
                 runtime.conversation_id, event_id, timestamp, source.value, kind, name, full
             )
             event.encoded = encode_event(event)
+            if max_bytes is not None and len(event.encoded) > max_bytes:
+                raise InvalidArgument(
+                    f"the event is {len(event.encoded)} bytes once encoded; "
+                    f"the limit is {max_bytes}",
+                    reason="PAYLOAD_TOO_LARGE",
+                    metadata={"field": "event", "limit_bytes": str(max_bytes)},
+                )
             events.append(event)
         durable = self._store.submit_events(events, idempotency)
         runtime.next_event_id = first_id + len(events)  # only once queued: a failure skips no id
+        durable.add_done_callback(lambda done: self._after_append(runtime, done))
         for event in events:
             if event.source == EventSource.USER and event.kind is EventKind.ACTION:
                 runtime.deliver(event.payload)
         return durable
+
+    def _after_append(self, runtime: ConversationRuntime, durable: asyncio.Future[None]) -> None:
+        """A write that conflicted with the stored log leaves this run's ids unusable: the
+        run is closed (a new start continues after what is stored); other conversations go on."""
+        if durable.cancelled():
+            return
+        error = durable.exception()
+        if isinstance(error, ConversationLogError) and not runtime.closing:
+            log.error(
+                "conversation.log_conflict_closed",
+                conversation_id=runtime.conversation_id,
+                error=str(error),
+            )
+            self._begin_close(runtime)
 
     def _on_commit(self, events: Sequence[Event]) -> None:
         """Told of every committed batch in commit order: updates live state and fans out to
@@ -750,73 +904,6 @@ class ConversationEngine:
                 runtime.agent_state = str(extras.get("agent_state", runtime.agent_state))
         for cid, stored in by_conversation.items():
             self._broadcaster.publish(cid, stored)
-
-    # -- idempotency (AIP-155) ---------------------------------------------------------------
-
-    def _request_key(
-        self, user: str | None, request_id: str, method: str, args: Any
-    ) -> _RequestKey | None:
-        if not request_id:
-            return None
-        validation.check_id("request_id", request_id)
-        digest = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
-        return _RequestKey(user or "", request_id, method, digest.hexdigest()[:32])
-
-    async def _recall(self, key: _RequestKey | None) -> JsonObject | None:
-        """The first answer for a repeated request id, or None (the caller then runs it)."""
-        if key is None:
-            return None
-        slot = (key.scope, key.request_id)
-        pending = self._inflight.get(slot)
-        if pending is not None:
-            result = await asyncio.shield(pending)  # the first call's error propagates
-            self._check_same_request(key, result)
-            return result
-        self._inflight[slot] = asyncio.get_running_loop().create_future()
-        try:
-            record = await self._store.get_idempotency(key.scope, key.request_id)
-        except BaseException as exc:
-            self._forget(key, exc)
-            raise
-        if record is None:
-            return None
-        self._check_same_request(key, record.result, record)
-        future = self._inflight.pop(slot)
-        future.set_result(record.result | {"_method": record.method, "_fp": record.fingerprint})
-        return record.result
-
-    @staticmethod
-    def _check_same_request(
-        key: _RequestKey, result: JsonObject, record: IdempotencyRecord | None = None
-    ) -> None:
-        method = record.method if record else result.get("_method")
-        fingerprint = record.fingerprint if record else result.get("_fp")
-        if (method, fingerprint) != (key.method, key.fingerprint):
-            raise AlreadyExists(
-                f"request_id {key.request_id!r} was already used for a different request; "
-                "use a new request_id for a new request",
-                reason="REQUEST_ID_CONFLICT",
-                metadata={"request_id": key.request_id},
-            )
-
-    async def _remember(
-        self, key: _RequestKey | None, result: JsonObject, *, persisted: bool = False
-    ) -> None:
-        if key is None:
-            return
-        if not persisted:
-            await self._store.save_idempotency(key.record(result))
-        future = self._inflight.pop((key.scope, key.request_id), None)
-        if future is not None and not future.done():
-            future.set_result(result | {"_method": key.method, "_fp": key.fingerprint})
-
-    def _forget(self, key: _RequestKey | None, error: BaseException) -> None:
-        if key is None:
-            return
-        future = self._inflight.pop((key.scope, key.request_id), None)
-        if future is not None and not future.done():
-            future.set_exception(error)
-            future.exception()  # marks it retrieved when no duplicate is waiting
 
     # -- helpers -----------------------------------------------------------------------------
 

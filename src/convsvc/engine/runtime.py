@@ -1,9 +1,15 @@
-"""One running conversation: its agent loop, the task that feeds it and its live state."""
+"""One run of a conversation: its agent loop, the task that feeds it and its live state.
+
+A runtime moves one way through STARTING -> RUNNING -> CLOSING -> CLOSED, and every move is
+made without an await between the check and the change, so concurrent calls cannot both make
+it. From CLOSING on, the loop can no longer append (``emit`` raises :class:`LoopClosed`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -12,17 +18,34 @@ import structlog
 
 from convsvc.agents import AgentLoop, agent_state_changed
 from convsvc.domain import ConversationRecord, ConversationStatus, EventSource, JsonObject
+from convsvc.errors import FailedPrecondition
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
-Flush = Callable[[], Awaitable[None]]
+Flush = Callable[["ConversationRuntime"], Awaitable[None]]
+
+
+class Phase(enum.Enum):
+    """Where a runtime is in its one-way life."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class LoopClosed(FailedPrecondition):
+    """The loop's conversation is closing: it can append nothing more."""
+
+    reason = "CONVERSATION_NOT_RUNNING"
 
 
 class ConversationRuntime:
     """The live part of a conversation; it exists only while its loop starts or runs.
 
-    The engine creates it, and it owns exactly one task: the one that starts the agent and
+    The engine creates it, moves it through its phases and owns the tasks that start and
+    close it. The runtime owns exactly one task of its own: the one that starts the agent and
     then hands it user events one at a time, in log order.
     """
 
@@ -40,18 +63,32 @@ class ConversationRuntime:
         self._settings = dict(settings)
         self._emit = emit
         self._flush = flush
-        self.status = ConversationStatus.STARTING
+        self.phase = Phase.STARTING
         self.agent_state = "loading"
         self.next_event_id = next_event_id
         self.latest_event_id = next_event_id - 1
         """The newest committed id (``next_event_id`` runs ahead while appends are in flight)."""
         self.last_active = now
         self.last_active_time: datetime = record.last_active_time
-        self.closing = False
         self.closed = asyncio.Event()
+        self.start_task: asyncio.Task[None] | None = None
+        self.close_task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[JsonObject] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.agent = agent_factory(self)
+
+    @property
+    def closing(self) -> bool:
+        """Whether the runtime is closing or closed (it then accepts nothing)."""
+        return self.phase in (Phase.CLOSING, Phase.CLOSED)
+
+    @property
+    def status(self) -> ConversationStatus:
+        if self.phase is Phase.STARTING:
+            return ConversationStatus.STARTING
+        if self.phase is Phase.RUNNING:
+            return ConversationStatus.RUNNING
+        return ConversationStatus.STOPPED
 
     # AgentContext
     @property
@@ -66,15 +103,26 @@ class ConversationRuntime:
         return await self._emit(self, payload, source)
 
     async def flush(self) -> None:
-        await self._flush()
+        await self._flush(self)
 
     # Engine side
     def deliver(self, event: JsonObject) -> None:
         """Queues a user event for the agent (in log order, possibly before it is durable)."""
         self._inbox.put_nowait(event)
 
-    def launch(self) -> None:
+    def begin_close(self) -> bool:
+        """Moves to CLOSING; False when it already was closing or closed."""
+        if self.closing:
+            return False
+        self.phase = Phase.CLOSING
+        return True
+
+    def launch(self) -> bool:
+        """Starts the agent's task unless the runtime began closing meanwhile."""
+        if self.phase is not Phase.STARTING:
+            return False
         self._task = asyncio.create_task(self._run(), name=f"agent:{self.conversation_id}")
+        return True
 
     async def shutdown(self) -> None:
         """Stops the task and lets the agent release what it holds."""
@@ -89,19 +137,31 @@ class ConversationRuntime:
         except Exception:
             log.exception("agent.stop_failed", conversation_id=self.conversation_id)
 
+    def mark_closed(self) -> None:
+        self.phase = Phase.CLOSED
+        self.closed.set()
+
     async def _run(self) -> None:
         bound = log.bind(conversation_id=self.conversation_id, agent=self.record.agent)
         try:
-            await self.agent.start()
-        except Exception:
-            bound.exception("agent.start_failed")
-            await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
-        self.status = ConversationStatus.RUNNING
-        while True:
-            event = await self._inbox.get()
             try:
-                await self.agent.on_user_event(event)
+                await self.agent.start()
+            except LoopClosed:
+                raise
             except Exception:
-                # The loop stays up: OpenHands reports an agent error and waits for the user.
-                bound.exception("agent.event_failed", event_id=event.get("id"))
+                bound.exception("agent.start_failed")
                 await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
+            if self.phase is Phase.STARTING:
+                self.phase = Phase.RUNNING
+            while True:
+                event = await self._inbox.get()
+                try:
+                    await self.agent.on_user_event(event)
+                except LoopClosed:
+                    raise
+                except Exception:
+                    # The loop stays up: OpenHands reports an agent error and waits for the user.
+                    bound.exception("agent.event_failed", event_id=event.get("id"))
+                    await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
+        except LoopClosed:
+            return  # the conversation is closing; its close cancels nothing more

@@ -1,8 +1,8 @@
 """Live fan-out of committed events to stream subscribers.
 
-Publishing never waits: each subscriber has a bounded buffer, and one that falls further
-behind than the buffer allows is dropped (it resumes by id), so a slow reader cannot stall
-the conversation or the other readers.
+Publishing never waits: each subscriber has a buffer bounded in events and in bytes, and one
+that falls further behind than the buffer allows is dropped (it resumes by id), so a slow
+reader can neither stall the conversation or the other readers nor fill the memory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from convsvc.errors import ConvsvcError
 StreamItem = StoredEvent | JsonObject
 """A committed event, or a transient status update (a JSON object)."""
 
+_STATUS_UPDATE_BYTES = 512
+"""What a status update is counted as (they are small, fixed messages)."""
+
+
+def item_size(item: StreamItem) -> int:
+    return len(item.encoded) if isinstance(item, StoredEvent) else _STATUS_UPDATE_BYTES
+
 
 class SubscriberTooSlow(ConvsvcError):
     """The subscriber's buffer overflowed; it must resume from the last id it received."""
@@ -27,11 +34,21 @@ class SubscriberTooSlow(ConvsvcError):
 class Subscription:
     """One stream's buffer of items not yet sent."""
 
-    __slots__ = ("_error", "_items", "_limit", "_wakeup", "conversation_id")
+    __slots__ = (
+        "_bytes",
+        "_error",
+        "_items",
+        "_limit",
+        "_limit_bytes",
+        "_wakeup",
+        "conversation_id",
+    )
 
-    def __init__(self, conversation_id: str, limit: int) -> None:
+    def __init__(self, conversation_id: str, limit: int, limit_bytes: int) -> None:
         self.conversation_id = conversation_id
         self._limit = limit
+        self._limit_bytes = limit_bytes
+        self._bytes = 0
         self._items: deque[StreamItem] = deque()
         self._wakeup = asyncio.Event()
         self._error: ConvsvcError | None = None
@@ -41,12 +58,14 @@ class Subscription:
         if self._error is not None:
             return False
         self._items.extend(items)
-        if len(self._items) > self._limit:
+        self._bytes += sum(item_size(item) for item in items)
+        if len(self._items) > self._limit or self._bytes > self._limit_bytes:
             self._items.clear()
+            self._bytes = 0
             self.fail(
                 SubscriberTooSlow(
-                    f"the stream fell more than {self._limit} events behind and was dropped; "
-                    "resume from the last id received"
+                    f"the stream fell more than {self._limit} events or {self._limit_bytes} "
+                    "bytes behind and was dropped; resume from the last id received"
                 )
             )
             return False
@@ -59,26 +78,36 @@ class Subscription:
             self._error = error
         self._wakeup.set()
 
-    async def next_items(self, max_events: int) -> list[StreamItem]:
-        """Waits for and takes up to ``max_events`` buffered items."""
+    async def next_items(self, max_events: int, max_bytes: int) -> list[StreamItem]:
+        """Waits for and takes up to ``max_events`` buffered items that add up to at most
+        ``max_bytes`` (at least one, which always fits in a message on its own)."""
         while not self._items:
             if self._error is not None:
                 raise self._error
             self._wakeup.clear()
             await self._wakeup.wait()
-        count = min(max_events, len(self._items))
-        return [self._items.popleft() for _ in range(count)]
+        taken: list[StreamItem] = []
+        total = 0
+        while self._items and len(taken) < max_events:
+            size = item_size(self._items[0])
+            if taken and total + size > max_bytes:
+                break
+            taken.append(self._items.popleft())
+            total += size
+        self._bytes -= total
+        return taken
 
 
 class Broadcaster:
     """Subscribers per conversation."""
 
-    def __init__(self, buffer_limit: int) -> None:
+    def __init__(self, buffer_limit: int, buffer_bytes: int) -> None:
         self._buffer_limit = buffer_limit
+        self._buffer_bytes = buffer_bytes
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
 
     def subscribe(self, conversation_id: str) -> Subscription:
-        subscription = Subscription(conversation_id, self._buffer_limit)
+        subscription = Subscription(conversation_id, self._buffer_limit, self._buffer_bytes)
         self._subscribers[conversation_id].add(subscription)
         return subscription
 

@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+from convsvc.codec import dict_to_struct
 from convsvc.errors import InvalidArgument
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -13,12 +14,17 @@ USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@+|-]{1,255}")
 ID_RULE = "1 to 128 characters of A-Z a-z 0-9 _ . : -"
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """A caller's value as an error message may quote it: never longer than ``limit``, so
+    that no input can blow up a status (whose size gRPC limits)."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def check_id(kind: str, value: str) -> str:
     """Returns ``value`` if it is a valid id of ``kind`` (e.g. "conversation_id")."""
     if not ID_PATTERN.fullmatch(value):
-        shown = value if len(value) <= 40 else value[:40] + "..."
         raise InvalidArgument(
-            f"{kind} {shown!r} is not valid: use {ID_RULE}",
+            f"{kind} {shown(value)!r} is not valid: use {ID_RULE}",
             reason="INVALID_ID",
             metadata={"field": kind},
         )
@@ -43,18 +49,33 @@ def check_user_id(value: str) -> str | None:
     return value
 
 
-def check_user_event(event: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+def check_user_event(event: dict[str, Any], field: str) -> dict[str, Any]:
     """Validates an event a user sends: a JSON object with a non-empty string ``action``."""
     action = event.get("action")
-    if not isinstance(action, str) or not action:
+    if not isinstance(action, str) or not action or len(action) > 128:
         raise InvalidArgument(
-            'the event must be a JSON object with a non-empty string "action", '
-            'e.g. {"action": "message", "args": {"content": "hi"}}',
+            f'{field} must be a JSON object with a non-empty string "action" of at most 128 '
+            'characters, e.g. {"action": "message", "args": {"content": "hi"}}',
             reason="INVALID_EVENT",
-            metadata={"field": "event"},
+            metadata={"field": field},
         )
-    check_size("event", event, max_bytes)
     return event
+
+
+def encoded_size(payload: dict[str, Any]) -> int:
+    """The size of a payload in the event encoding (what is stored and streamed)."""
+    return int(dict_to_struct(payload).ByteSize())
+
+
+def check_event_size(field: str, payload: dict[str, Any], max_bytes: int) -> None:
+    """Rejects an event payload whose encoding is larger than ``max_bytes``."""
+    size = encoded_size(payload)
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"{field} is {size} bytes once encoded; the limit is {max_bytes}",
+            reason="PAYLOAD_TOO_LARGE",
+            metadata={"field": field, "limit_bytes": str(max_bytes)},
+        )
 
 
 def check_size(field: str, value: Any, max_bytes: int) -> None:

@@ -1,5 +1,17 @@
 """Durable storage of conversations and their event logs, behind one interface."""
 
-from convsvc.storage.base import CommitListener, ConversationStore, StorageError
+from convsvc.storage.base import (
+    CommitListener,
+    ConversationLogError,
+    ConversationStore,
+    EventPage,
+    StorageError,
+)
 
-__all__ = ["CommitListener", "ConversationStore", "StorageError"]
+__all__ = [
+    "CommitListener",
+    "ConversationLogError",
+    "ConversationStore",
+    "EventPage",
+    "StorageError",
+]

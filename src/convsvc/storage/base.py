@@ -1,15 +1,21 @@
 """The storage interface the engine depends on.
 
-Backends: SQLite (embedded, the default) and, for several nodes, Redis. Whatever the backend,
-appends are committed in the order they were submitted, an append's future completes only
-once its events are durable, and committed events are reported to the commit listener in
+Backends: SQLite (embedded, the default) and, for several nodes, PostgreSQL. Whatever the
+backend, appends are committed in the order they were submitted, an append's future completes
+only once its events are durable, and committed events are reported to the commit listener in
 commit order, which is how live subscribers learn of them.
+
+A write that conflicts with what one conversation's log already holds fails that conversation
+only (:class:`ConversationLogError`): its later writes are refused until the engine has
+re-read where the log ends, and every other conversation goes on. Any other failure is the
+store's own (:class:`StorageError`) and stops all writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -22,8 +28,32 @@ class StorageError(Exception):
     """The backend failed; the engine treats it as fatal for durability."""
 
 
+class ConversationLogError(StorageError):
+    """A write conflicted with one conversation's log (e.g. an id another writer took).
+
+    Only that conversation is affected: the store refuses its writes until
+    :meth:`ConversationStore.clear_log_failure` is called by whoever re-read the log's end.
+    """
+
+    def __init__(self, conversation_id: str, message: str) -> None:
+        super().__init__(message)
+        self.conversation_id = conversation_id
+
+
+@dataclass(slots=True, frozen=True)
+class EventPage:
+    """Events read in one go, and where the range continues (None: it is exhausted)."""
+
+    events: list[StoredEvent]
+    next_id: int | None
+
+
 class ConversationStore(Protocol):
     """Conversations, their event logs and idempotency records."""
+
+    page_token_key: bytes
+    """A secret made with the store and kept in it (so it outlives restarts and is shared by
+    every node of a cluster) that signs page tokens."""
 
     async def open(self) -> None:
         """Connects, creating the schema if needed."""
@@ -38,6 +68,11 @@ class ConversationStore(Protocol):
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
     ) -> None:
         """Creates or updates a conversation record (durable on return)."""
+
+    def submit_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        """Queues a conversation record like ``submit_events`` queues events."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """Returns a conversation record, or None."""
@@ -72,6 +107,23 @@ class ConversationStore(Protocol):
         limit: int = 100,
     ) -> list[StoredEvent]:
         """Returns up to ``limit`` events with ``start_id <= id <= end_id``."""
+
+    async def read_page(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int,
+        max_bytes: int,
+    ) -> EventPage:
+        """Up to ``limit`` events of the range whose encodings add up to at most
+        ``max_bytes`` (the first event always, so any event can be read), without loading
+        the ones left out."""
+
+    def clear_log_failure(self, conversation_id: str) -> None:
+        """Accepts writes for a conversation again after a ConversationLogError."""
 
     async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
         """Returns the recorded answer of an earlier call with this request id."""

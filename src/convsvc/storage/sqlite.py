@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import secrets
 import sqlite3
 import threading
 import time
@@ -26,7 +27,7 @@ import aiosqlite
 import structlog
 
 from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
-from convsvc.storage.base import CommitListener, StorageError
+from convsvc.storage.base import CommitListener, ConversationLogError, EventPage, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +45,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER NOT NULL,
     encoded BLOB NOT NULL,
     PRIMARY KEY (conversation_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     scope TEXT NOT NULL,
@@ -129,6 +134,15 @@ class _PendingWrite:
     requests: list[IdempotencyRecord] = field(default_factory=list)
     done: asyncio.Future[None] | None = None
 
+    @property
+    def log(self) -> str | None:
+        """The conversation whose log this write extends (the engine appends to one at a
+        time), or None."""
+        return self.events[0].conversation_id if self.events else None
+
+
+_Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
 
 class SqliteStore:
     """ConversationStore on one SQLite file."""
@@ -151,11 +165,15 @@ class SqliteStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._listener: CommitListener | None = None
         self._failure: StorageError | None = None
+        self._failed_logs: dict[str, ConversationLogError] = {}
+        self.page_token_key = b""
+        """A random key made with the store and kept in it, which signs page tokens."""
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._writer_thread = _WriterThread()
         self._writer = await self._on_writer_thread(self._connect_writer)
+        self.page_token_key = await self._on_writer_thread(self._load_page_token_key)
         self._reader = await aiosqlite.connect(self._path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
@@ -184,6 +202,16 @@ class SqliteStore:
         await self._submit(
             _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
         )
+
+    def submit_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(
+            _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+        )
+
+    def clear_log_failure(self, conversation_id: str) -> None:
+        self._failed_logs.pop(conversation_id, None)
 
     def submit_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
@@ -242,6 +270,44 @@ class SqliteStore:
         )
         return [StoredEvent(id=row[0], encoded=row[1]) for row in rows]
 
+    async def read_page(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int,
+        max_bytes: int,
+    ) -> EventPage:
+        order = "DESC" if reverse else "ASC"
+        bounds = (conversation_id, start_id, end_id if end_id is not None else 2**63 - 1)
+        # Sizes first: length() of a blob reads its header only, so events left out of the
+        # page are never loaded (a page of 1,000 events of 1 MiB would be a gigabyte).
+        sizes = await self._read(
+            "SELECT id, length(encoded) FROM events "
+            "WHERE conversation_id = ? AND id >= ? AND id <= ? "
+            f"ORDER BY id {order} LIMIT ?",
+            (*bounds, limit + 1),
+        )
+        taken, total = 0, 0
+        for _, size in sizes[:limit]:
+            if taken and total + size > max_bytes:
+                break
+            taken, total = taken + 1, total + size
+        next_id = sizes[taken][0] if taken < len(sizes) else None
+        if not taken:
+            return EventPage([], next_id)
+        low, high = sizes[0][0], sizes[taken - 1][0]
+        if reverse:
+            low, high = high, low
+        rows = await self._read(
+            "SELECT id, encoded FROM events WHERE conversation_id = ? AND id >= ? AND id <= ? "
+            f"ORDER BY id {order}",
+            (conversation_id, low, high),
+        )
+        return EventPage([StoredEvent(id=row[0], encoded=row[1]) for row in rows], next_id)
+
     async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
         rows = await self._read(
             "SELECT method, fingerprint, result FROM requests WHERE scope = ? AND request_id = ?",
@@ -263,6 +329,15 @@ class SqliteStore:
             return int(cursor.rowcount)
 
         return await self._on_writer_thread(prune)
+
+    def _load_page_token_key(self) -> bytes:
+        assert self._writer is not None
+        self._writer.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('page_token_key', ?)",
+            (secrets.token_bytes(32),),
+        )
+        row = self._writer.execute("SELECT value FROM meta WHERE key = 'page_token_key'").fetchone()
+        return bytes(row[0])
 
     def _connect_writer(self) -> sqlite3.Connection:
         """Opens the writing connection (on the writer thread, which alone uses it)."""
@@ -290,6 +365,8 @@ class SqliteStore:
             raise self._failure
         if self._writer_task is None:
             raise StorageError("the store is closed")
+        if write.log is not None and write.log in self._failed_logs:
+            raise self._failed_logs[write.log]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         write.done = done
         self._queue.put_nowait(write)
@@ -317,45 +394,64 @@ class SqliteStore:
     async def _commit(self, batch: list[_PendingWrite]) -> None:
         writer = self._writer
         assert writer is not None
-        conversations = [c for w in batch for c in w.conversations]
-        events = [e for w in batch for e in w.events]
-        requests = [r for w in batch for r in w.requests]
-        conversation_rows = [
-            (
-                c.conversation_id,
-                c.user_id,
-                c.agent,
-                json.dumps(c.settings),
-                c.create_time.isoformat(),
-                c.last_active_time.isoformat(),
-            )
-            for c in conversations
-        ]
-        event_rows = [(e.conversation_id, e.id, e.encoded) for e in events]
-        now = time.time()
-        request_rows = [
-            (r.scope, r.request_id, r.method, r.fingerprint, json.dumps(r.result), now)
-            for r in requests
-        ]
+        # Writes queued behind one that broke their conversation's log cannot commit: they
+        # would leave a gap where the failed events should be.
+        failed: list[tuple[_PendingWrite, StorageError]] = []
+        ready: list[_PendingWrite] = []
+        for write in batch:
+            broken = self._failed_logs.get(write.log) if write.log is not None else None
+            if broken is not None:
+                failed.append((write, broken))
+            else:
+                ready.append(write)
+        rows = [_rows(write) for write in ready]
 
-        def transaction() -> None:  # runs on the writer thread
+        def transaction(parts: list[_Rows]) -> None:  # runs on the writer thread
             writer.execute("BEGIN IMMEDIATE")
             try:
-                if conversation_rows:
-                    writer.executemany(_UPSERT_CONVERSATION, conversation_rows)
-                if event_rows:
-                    writer.executemany(_INSERT_EVENT, event_rows)
-                if request_rows:
-                    writer.executemany(_INSERT_REQUEST, request_rows)
+                for conversation_rows, event_rows, request_rows in parts:
+                    if conversation_rows:
+                        writer.executemany(_UPSERT_CONVERSATION, conversation_rows)
+                    if event_rows:
+                        writer.executemany(_INSERT_EVENT, event_rows)
+                    if request_rows:
+                        writer.executemany(_INSERT_REQUEST, request_rows)
                 writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     writer.execute("ROLLBACK")
                 raise
 
+        def one_by_one() -> list[sqlite3.IntegrityError | None]:
+            """After a conflict: each write in its own transaction, to find the culprits."""
+            outcomes: list[sqlite3.IntegrityError | None] = []
+            broken: set[str] = set()
+            for write, part in zip(ready, rows, strict=True):
+                if write.log is not None and write.log in broken:
+                    outcomes.append(sqlite3.IntegrityError("an earlier write of this log failed"))
+                    continue
+                try:
+                    transaction([part])
+                    outcomes.append(None)
+                except sqlite3.IntegrityError as exc:
+                    outcomes.append(exc)
+                    if write.log is not None:
+                        broken.add(write.log)
+            return outcomes
+
+        committed = ready
         try:
-            if conversation_rows or event_rows or request_rows:  # else only a flush barrier
-                await self._on_writer_thread(transaction)
+            if any(any(part) for part in rows):  # else only a flush barrier
+                try:
+                    await self._on_writer_thread(lambda: transaction(rows))
+                except sqlite3.IntegrityError:
+                    outcomes = await self._on_writer_thread(one_by_one)
+                    committed = []
+                    for write, outcome in zip(ready, outcomes, strict=True):
+                        if outcome is None:
+                            committed.append(write)
+                        else:
+                            failed.append((write, self._fail_log(write, outcome)))
         except (sqlite3.Error, ValueError) as exc:
             # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
             # failed commit stops all further writes (the health check reports it).
@@ -366,13 +462,18 @@ class SqliteStore:
                 if not write.done.done():
                     write.done.set_exception(self._failure)
             return
+        for write, error in failed:
+            assert write.done is not None
+            if not write.done.done():
+                write.done.set_exception(error)
         # Callers are woken before subscribers (both run only after the listener has updated
         # the live state): the unary answers leave first, and a client that awaits its answer
         # and then its stream reads the stream while the answer is being processed.
-        for write in batch:
+        for write in committed:
             assert write.done is not None
             if not write.done.done():
                 write.done.set_result(None)
+        events = [e for w in committed for e in w.events]
         if events and self._listener is not None:
             try:
                 self._listener(events)
@@ -380,7 +481,42 @@ class SqliteStore:
                 # The events are durable; a listener bug must not stop the writer.
                 log.exception("storage.listener_failed", batch=len(events))
 
+    def _fail_log(self, write: _PendingWrite, cause: Exception) -> StorageError:
+        cid = write.log
+        if cid is None:  # a conversation record or a request id: nothing to isolate
+            return StorageError(f"a write to {self._path.name} conflicted: {cause}")
+        error = self._failed_logs.get(cid)
+        if error is None:
+            error = ConversationLogError(
+                cid, f"appending to conversation {cid} conflicted with its stored log: {cause}"
+            )
+            self._failed_logs[cid] = error
+            log.error("storage.log_conflict", conversation_id=cid, error=str(cause))
+        return error
+
     @property
     def failed(self) -> bool:
         """Whether a commit failed, after which the store accepts no writes."""
         return self._failure is not None
+
+
+def _rows(write: _PendingWrite) -> _Rows:
+    now = time.time()
+    return (
+        [
+            (
+                c.conversation_id,
+                c.user_id,
+                c.agent,
+                json.dumps(c.settings),
+                c.create_time.isoformat(),
+                c.last_active_time.isoformat(),
+            )
+            for c in write.conversations
+        ],
+        [(e.conversation_id, e.id, e.encoded) for e in write.events],
+        [
+            (r.scope, r.request_id, r.method, r.fingerprint, json.dumps(r.result), now)
+            for r in write.requests
+        ],
+    )

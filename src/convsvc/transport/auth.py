@@ -20,10 +20,11 @@ OPEN_SERVICES = (
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Admits calls whose ``authorization`` metadata is ``Bearer <token>``."""
+    """Admits calls whose ``authorization`` metadata is ``Bearer <token>`` (the scheme in any
+    case, as RFC 7235 has it)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         status = to_grpc_status(
             Unauthenticated(
                 "missing or wrong credentials: send metadata 'authorization: Bearer <token>'",
@@ -52,7 +53,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
+                raw = value.encode() if isinstance(value, str) else value
+                scheme, _, credentials = raw.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = credentials.strip()
                 break
         if hmac.compare_digest(presented, self._expected):
             return await continuation(handler_call_details)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import overload
+
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
@@ -23,6 +26,28 @@ def optional_struct(message: Message, field: str) -> JsonObject | None:
         return None
     value: struct_pb2.Struct = getattr(message, field)
     return struct_to_dict(value)
+
+
+class StructList(Sequence[JsonObject]):
+    """A repeated Struct field read as JSON objects one at a time, when asked: the engine
+    checks how many there are before any is converted."""
+
+    def __init__(self, structs: Sequence[struct_pb2.Struct]) -> None:
+        self._structs = structs
+
+    def __len__(self) -> int:
+        return len(self._structs)
+
+    @overload
+    def __getitem__(self, index: int) -> JsonObject: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[JsonObject]: ...
+
+    def __getitem__(self, index: int | slice) -> JsonObject | Sequence[JsonObject]:
+        if isinstance(index, slice):
+            return [struct_to_dict(s) for s in self._structs[index]]
+        return struct_to_dict(self._structs[index])
 
 
 def conversation_to_pb(view: ConversationView) -> pb.Conversation:

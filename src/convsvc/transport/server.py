@@ -9,7 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from convsvc.config import TlsConfig
 from convsvc.engine import ConversationEngine
 from convsvc.transport.auth import BearerTokenInterceptor
-from convsvc.transport.service import SERVICE_NAME, conversation_service_handler
+from convsvc.transport.service import SERVICE_NAME, CallGate, conversation_service_handler
 from convsvc.transport.servicer import ConversationServicer
 
 
@@ -35,8 +35,13 @@ class GrpcServer:
             ],
         )
         self._health = health.aio.HealthServicer()
+        self._gate = CallGate()
         self._server.add_generic_rpc_handlers(
-            (conversation_service_handler(ConversationServicer(engine), self._not_serving),)
+            (
+                conversation_service_handler(
+                    ConversationServicer(engine), self._gate, self._not_serving
+                ),
+            )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -69,8 +74,14 @@ class GrpcServer:
         """Reports NOT_SERVING so that balancers stop sending new calls."""
         await self._health.enter_graceful_shutdown()
 
+    async def drain(self, grace: float) -> bool:
+        """Answers new calls UNAVAILABLE/SHUTTING_DOWN (the server still accepts them, so
+        clients get a status they retry rather than a cancellation) and waits up to ``grace``
+        seconds for the calls in flight; True when they all finished."""
+        return await self._gate.close_and_drain(grace)
+
     async def stop(self, grace: float) -> None:
-        """Refuses new calls and gives running ones ``grace`` seconds to finish."""
+        """Stops listening; calls still running after ``grace`` seconds are cancelled."""
         await self._server.stop(grace)
 
 

@@ -1,12 +1,15 @@
 """The handler table for ConversationService.
 
-Built here rather than by the generated ``add_..._to_server`` for two reasons: every method is
-wrapped once, at start-up, with the error mapping and metrics (no per-call interceptor cost),
-and the event-returning methods send pre-encoded bytes (see ``codec``).
+Built here rather than by the generated ``add_..._to_server`` for three reasons: every method
+is wrapped once, at start-up, with the error mapping, the shutdown gate and metrics (no
+per-call interceptor cost); requests are parsed inside that wrapper, so bytes that do not
+parse get INVALID_ARGUMENT instead of grpc's UNKNOWN; and the event-returning methods send
+pre-encoded bytes (see ``codec``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,10 +18,15 @@ import grpc
 import structlog
 from prometheus_client import Counter, Histogram
 
-from convsvc.errors import ConvsvcError
-from convsvc.storage import StorageError
+from convsvc.errors import ConvsvcError, InvalidArgument, Unavailable
+from convsvc.storage import ConversationLogError, StorageError
 from convsvc.transport.servicer import ConversationServicer
-from convsvc.transport.status import internal_error, storage_failure, to_grpc_status
+from convsvc.transport.status import (
+    internal_error,
+    log_conflict,
+    storage_failure,
+    to_grpc_status,
+)
 from convsvc.v1 import conversation_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -42,6 +50,52 @@ def _identity(data: bytes) -> bytes:
 OnStorageFailure = Callable[[], Awaitable[None]]
 
 
+class CallGate:
+    """Counts the calls being handled and, once closed for shutdown, turns new ones away with
+    UNAVAILABLE/SHUTTING_DOWN (which clients retry elsewhere) while those in flight finish."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.closed:
+            raise Unavailable(
+                "the server is shutting down; retry on another server or later",
+                reason="SHUTTING_DOWN",
+            )
+        self._in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    async def close_and_drain(self, timeout: float) -> bool:
+        """Refuses new calls and waits up to ``timeout`` for those in flight; True if none
+        is left."""
+        self.closed = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _parse(request_type: Any, data: bytes) -> Any:
+    try:
+        return request_type.FromString(data)
+    except Exception as exc:  # DecodeError, or RecursionError from nesting: the bytes are bad
+        raise InvalidArgument(
+            f"the request is not a valid {request_type.DESCRIPTOR.full_name} message "
+            f"({type(exc).__name__})",
+            reason="MALFORMED_REQUEST",
+        ) from None
+
+
 async def _abort(
     method: str,
     context: grpc.aio.ServicerContext,
@@ -50,6 +104,10 @@ async def _abort(
 ) -> None:
     if isinstance(exc, ConvsvcError):
         error = exc
+    elif isinstance(exc, ConversationLogError):
+        # One conversation's log conflicted; the node and its other conversations are fine.
+        log.error("rpc.log_conflict", method=method, conversation_id=exc.conversation_id)
+        error = log_conflict(exc)
     elif isinstance(exc, StorageError):
         log.error("rpc.storage_failed", method=method, error=str(exc))
         if on_storage_failure is not None:
@@ -65,21 +123,29 @@ async def _abort(
 
 def _guard_unary(
     method: str,
+    request_type: Any,
     fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    gate: CallGate,
     on_storage_failure: OnStorageFailure | None,
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
     latency = LATENCY.labels(method)
     ok = CALLS.labels(method, "OK")
 
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         try:
-            response = await fn(request, context)
+            gate.enter()
+        except ConvsvcError as exc:
+            await _abort(method, context, exc, on_storage_failure)
+        try:
+            response = await fn(_parse(request_type, data), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await _abort(method, context, exc, on_storage_failure)
             raise  # unreachable: abort raises
+        finally:
+            gate.leave()
         ok.inc()
         latency.observe(time.perf_counter() - started)
         return response
@@ -89,28 +155,39 @@ def _guard_unary(
 
 def _guard_stream(
     method: str,
+    request_type: Any,
     fn: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    gate: CallGate,
     on_storage_failure: OnStorageFailure | None,
-) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in fn(request, context):
+            gate.enter()
+        except ConvsvcError as exc:
+            await _abort(method, context, exc, on_storage_failure)
+        try:
+            async for response in fn(_parse(request_type, data), context):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await _abort(method, context, exc, on_storage_failure)
+        finally:
+            gate.leave()
         CALLS.labels(method, "OK").inc()
 
     return handle
 
 
 def conversation_service_handler(
-    servicer: ConversationServicer, on_storage_failure: OnStorageFailure | None = None
+    servicer: ConversationServicer,
+    gate: CallGate,
+    on_storage_failure: OnStorageFailure | None = None,
 ) -> grpc.GenericRpcHandler:
     """The generic handler serving every ConversationService method.
 
-    ``on_storage_failure`` runs when a call fails because the store did (health reporting).
+    ``gate`` admits calls until shutdown; ``on_storage_failure`` runs when a call fails
+    because the store did (health reporting).
     """
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     service = pb.DESCRIPTOR.services_by_name["ConversationService"]
@@ -119,16 +196,15 @@ def conversation_service_handler(
         response_type = getattr(pb, method.output_type.name)
         serialize = _identity if method.name in _PRE_ENCODED else response_type.SerializeToString
         behaviour = getattr(servicer, method.name)
+        # No request_deserializer: the guards parse, so that bad bytes get a clear status.
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(method.name, behaviour, on_storage_failure),
-                request_deserializer=request_type.FromString,
+                _guard_stream(method.name, request_type, behaviour, gate, on_storage_failure),
                 response_serializer=serialize,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(method.name, behaviour, on_storage_failure),
-                request_deserializer=request_type.FromString,
+                _guard_unary(method.name, request_type, behaviour, gate, on_storage_failure),
                 response_serializer=serialize,
             )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -7,9 +7,9 @@ from typing import TypeAlias
 
 import grpc
 
-from convsvc.codec import struct_to_dict
 from convsvc.engine import ConversationEngine
 from convsvc.transport.convert import (
+    StructList,
     connection_to_pb,
     conversation_to_pb,
     optional_struct,
@@ -36,7 +36,7 @@ class ConversationServicer:
             agent=request.agent,
             settings=optional_struct(request, "settings"),
             initial_user_message=optional_struct(request, "initial_user_message"),
-            replay_events=[struct_to_dict(event) for event in request.replay_events],
+            replay_events=StructList(request.replay_events),
             request_id=request.request_id,
         )
         return pb.StartConversationResponse(conversation=conversation_to_pb(view))

@@ -8,7 +8,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from convsvc import errors
-from convsvc.storage import StorageError
+from convsvc.storage import ConversationLogError, StorageError
 
 ERROR_DOMAIN = "convsvc.v1"
 
@@ -18,6 +18,7 @@ _CODES: list[tuple[type[errors.ConvsvcError], int]] = [
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.Aborted, code_pb2.ABORTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
 ]
@@ -45,6 +46,16 @@ def storage_failure(error: StorageError) -> errors.ConvsvcError:
     return errors.Unavailable(
         "the event store failed; this server accepts no more writes (see its log)",
         reason="STORAGE_FAILED",
+    )
+
+
+def log_conflict(error: ConversationLogError) -> errors.ConvsvcError:
+    cid = error.conversation_id
+    return errors.Aborted(
+        f"conversation {cid}'s log conflicted with what is stored (another writer?); the "
+        "write was not made and the conversation was stopped: start it again to continue",
+        reason="LOG_CONFLICT",
+        metadata={"conversation_id": cid},
     )
 
 
