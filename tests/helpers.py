@@ -132,3 +132,24 @@ async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
     details = caught.value.details() or ""
     assert "Traceback" not in details
     return details
+
+
+def log_violations(payloads: list[JsonObject]) -> list[str]:
+    """What is wrong with a conversation's whole log: ids must run 0, 1, 2... and agent states
+    must form runs that each begin with ``loading``, with nothing but a new run after
+    ``stopped`` (a crashed run may end without ``stopped``)."""
+    problems: list[str] = []
+    event_ids = [p.get("id") for p in payloads]
+    if event_ids != list(range(len(payloads))):
+        problems.append(f"ids are not 0..{len(payloads) - 1} in order: {event_ids}")
+    states = [
+        p.get("extras", {}).get("agent_state")
+        for p in payloads
+        if p.get("observation") == "agent_state_changed"
+    ]
+    previous = "stopped"
+    for position, state in enumerate(states):
+        if previous == "stopped" and state != "loading":
+            problems.append(f"state {state!r} at {position} follows {previous!r}: {states}")
+        previous = state
+    return problems

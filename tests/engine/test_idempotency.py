@@ -73,3 +73,45 @@ async def test_request_ids_are_per_user(engine: EngineHarness) -> None:
     a = await engine.engine.start_conversation(user_id="alice", request_id="same")
     b = await engine.engine.start_conversation(user_id="bob", request_id="same")
     assert a.conversation_id != b.conversation_id
+
+
+async def test_a_reused_request_id_never_hangs_later_calls(engine: EngineHarness) -> None:
+    """Issue 8, item 2: after a conflicting reuse, every later call with the id answers."""
+    await engine.engine.start_conversation(conversation_id="c1")
+    note_a = {"action": "note", "v": "A"}
+    first = await engine.engine.send_event(conversation_id="c1", event=note_a, request_id="R")
+    with pytest.raises(AlreadyExists):
+        await engine.engine.send_event(
+            conversation_id="c1", event={"action": "note", "v": "B"}, request_id="R"
+        )
+    retried = await asyncio.wait_for(
+        engine.engine.send_event(conversation_id="c1", event=note_a, request_id="R"), 5
+    )
+    assert retried == first
+    for call in (
+        engine.engine.start_conversation(conversation_id="c1", request_id="R"),
+        engine.engine.join_conversation(conversation_id="c1", connection_id="k", request_id="R"),
+        engine.engine.close_conversation(conversation_id="c1", request_id="R"),
+        engine.engine.disconnect(connection_id="k", request_id="R"),
+    ):
+        with pytest.raises(AlreadyExists):
+            await asyncio.wait_for(call, 5)
+
+
+async def test_a_retry_of_a_call_whose_caller_gave_up_runs_and_answers(
+    engine: EngineHarness,
+) -> None:
+    """The first call is cancelled (its client's deadline) while it holds the request id."""
+    await engine.engine.start_conversation(conversation_id="c1")
+    first = asyncio.create_task(
+        engine.engine.send_event(conversation_id="c1", event=HI, request_id="gave-up")
+    )
+    await asyncio.sleep(0)  # let it take the request id; no event to wait on inside it
+    first.cancel()
+    answer = await asyncio.wait_for(
+        engine.engine.send_event(conversation_id="c1", event=HI, request_id="gave-up"), 5
+    )
+    again = await engine.engine.send_event(conversation_id="c1", event=HI, request_id="gave-up")
+    assert again == answer
+    payloads = await engine_events_until(engine.engine, "c1", echo_of("hi"))
+    assert sum(1 for p in payloads if p["source"] == "user") == 1

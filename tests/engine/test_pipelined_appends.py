@@ -126,9 +126,7 @@ async def test_a_log_conflict_fails_the_send_stops_that_loop_and_spares_the_othe
     await settled(engine, "c2")
     # Another writer (a stale node, a hand edit) takes c1's next id behind the engine's back.
     with contextlib.closing(sqlite3.connect(harness.path)) as other:
-        other.execute(
-            "INSERT INTO events (conversation_id, id, encoded) VALUES ('c1', 2, x'00')"
-        )
+        other.execute("INSERT INTO events (conversation_id, id, encoded) VALUES ('c1', 2, x'00')")
         other.commit()
     with pytest.raises(ConversationLogError):
         await engine.send_event(conversation_id="c1", event=message("lost"))
@@ -136,7 +134,9 @@ async def test_a_log_conflict_fails_the_send_stops_that_loop_and_spares_the_othe
     assert isinstance(StoreWatchingAgent.outcome[0], ConvsvcError)  # the loop learns it
     assert not harness.store.failed
     # The conflicting loop is stopped; the other conversation goes on untouched.
-    await asyncio.wait_for(engine._runtimes["c1"].closed.wait(), 5) if "c1" in engine._runtimes else None
+    await asyncio.wait_for(
+        engine._runtimes["c1"].closed.wait(), 5
+    ) if "c1" in engine._runtimes else None
     assert (await engine.get_conversation("c1")).status is ConversationStatus.STOPPED
     await engine.send_event(conversation_id="c2", event=message("fine"))
     await engine_events_until(engine, "c2", echo_of("fine"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convsvc.errors import NotFound
+from convsvc.errors import AlreadyExists, NotFound
 from tests.conftest import EngineHarness
 
 HI = {"action": "message", "args": {"content": "hi"}}
@@ -61,3 +61,38 @@ async def test_a_stopped_conversation_stays_private(alice_conversation: EngineHa
     with pytest.raises(NotFound) as missing:
         await engine.get_conversation("never", user_id="bob")
     assert caught.value.reason == missing.value.reason == "CONVERSATION_NOT_FOUND"
+
+
+async def test_another_user_cannot_take_over_a_connection(
+    alice_conversation: EngineHarness,
+) -> None:
+    """Issue 8, item 4: joining with someone else's connection id must not move it."""
+    engine = alice_conversation.engine
+    with pytest.raises(AlreadyExists) as caught:
+        await engine.join_conversation(
+            conversation_id="bobs", connection_id="alice-sock", user_id="bob"
+        )
+    assert caught.value.reason == "CONNECTION_ID_TAKEN"
+    (connection,) = engine.list_connections()[0]
+    assert connection.conversation_id == "alices" and connection.user_id == "alice"
+    # Alice's sends by connection, and the web tier's trusted ones, still reach her conversation.
+    cid, _ = await engine.send_event(connection_id="alice-sock", user_id="alice", event=HI)
+    assert cid == "alices"
+    assert (await engine.send_event(connection_id="alice-sock", event=HI))[0] == "alices"
+    # Her own user may move it.
+    await engine.join_conversation(
+        conversation_id="alices-2", connection_id="alice-sock", user_id="alice"
+    )
+    assert engine.list_connections()[0][0].conversation_id == "alices-2"
+
+
+async def test_user_scoped_listings_hide_which_web_process_holds_a_connection(
+    engine: EngineHarness,
+) -> None:
+    await engine.engine.join_conversation(
+        conversation_id="c", connection_id="s", user_id="alice", client_instance_id="web-1"
+    )
+    (mine,) = engine.engine.list_connections(user_id="alice")[0]
+    assert mine.client_instance_id is None
+    (trusted,) = engine.engine.list_connections()[0]
+    assert trusted.client_instance_id == "web-1"

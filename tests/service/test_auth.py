@@ -123,3 +123,28 @@ def test_token_file_protects_a_real_server(
         )
         assert list(listed.conversations) == []
     assert TOKEN not in server.logs()
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+async def test_the_scheme_is_case_insensitive(channel: grpc.aio.Channel, scheme: str) -> None:
+    """RFC 7235: the auth scheme is case-insensitive (issue 8, item 9)."""
+    stub = pb_grpc.ConversationServiceStub(channel)
+    started = await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c1"),
+        metadata=(("authorization", f"{scheme} {TOKEN}"),),
+    )
+    assert started.conversation.conversation_id == "c1"
+
+
+@pytest.mark.parametrize(
+    "value", [f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer{TOKEN}", TOKEN, "Bearer "]
+)
+async def test_near_misses_are_refused(channel: grpc.aio.Channel, value: str) -> None:
+    stub = pb_grpc.ConversationServiceStub(channel)
+    await expect_error(
+        stub.GetConversation(
+            pb.GetConversationRequest(conversation_id="c1"), metadata=(("authorization", value),)
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+    )
