@@ -54,13 +54,19 @@ class CallGate:
     """Counts the calls being handled and, once closed for shutdown, turns new ones away with
     UNAVAILABLE/SHUTTING_DOWN (which clients retry elsewhere) while those in flight finish."""
 
+    QUIET_SECONDS = 0.1
+    """How long no call may arrive before the drain ends: a call grpc has received but not
+    yet handed to us would be cancelled by the stop that follows, not refused."""
+
     def __init__(self) -> None:
         self.closed = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._arrivals = 0
 
     def enter(self) -> None:
+        self._arrivals += 1
         if self.closed:
             raise Unavailable(
                 "the server is shutting down; retry on another server or later",
@@ -75,14 +81,23 @@ class CallGate:
             self._idle.set()
 
     async def close_and_drain(self, timeout: float) -> bool:
-        """Refuses new calls and waits up to ``timeout`` for those in flight; True if none
-        is left."""
+        """Refuses new calls and waits up to ``timeout`` until none is in flight and none
+        has arrived for a moment; True if that happened in time."""
         self.closed = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                remaining = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait_for(self._idle.wait(), max(remaining, 0))
+                seen = self._arrivals
+                # Time is what is waited for here: grpc gives no signal of calls it holds.
+                await asyncio.sleep(min(self.QUIET_SECONDS, max(remaining, 0)))
+            except TimeoutError:
+                return False
+            if self._arrivals == seen and self._idle.is_set():
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
 
 
 def _parse(request_type: Any, data: bytes) -> Any:
