@@ -355,8 +355,11 @@ class SqliteStore:
         if self._reader is None:
             raise StorageError("the store is closed")
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # Executed and fetched in one go on the reader's thread: a statement left open
+            # between hops (while other reads interleave) would hold the connection's read
+            # snapshot, and a read could then miss a commit it must see, such as the last
+            # event of a log whose next id a start is about to take.
+            return list(await self._reader.execute_fetchall(sql, params))
         except aiosqlite.Error as exc:
             raise StorageError(f"reading {self._path.name} failed: {exc}") from exc
 
