@@ -1,0 +1,154 @@
+"""Isolation probes: user B aims every RPC at user A's conversation, connection and request
+ids. Each probe must answer as if A's things did not exist, and leave them untouched.
+
+The table is checked against the service descriptor, so a new RPC fails this test until it
+has a probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.helpers import agent_state_is, error_info, grpc_events_until
+
+A, B = "user-a", "user-b"
+HI = struct_pb2.Struct()
+HI.update({"action": "message", "args": {"content": "hi"}})
+
+Probe = Callable[[pb_grpc.ConversationServiceStub], Awaitable[Any]]
+
+
+async def drain(call: Any) -> list[Any]:
+    return [response async for response in call]
+
+
+PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
+    # method -> [(what, call made for B, reasons allowed)]; "" means the call may succeed
+    # but must not reveal or change A's things (checked afterwards).
+    "StartConversation": [
+        ("start A's id", lambda s: s.StartConversation(
+            pb.StartConversationRequest(conversation_id="a-conv", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("A's request id", lambda s: s.StartConversation(
+            pb.StartConversationRequest(user_id=B, request_id="a-req")), {""}),
+    ],
+    "JoinConversation": [
+        ("join A's id", lambda s: s.JoinConversation(pb.JoinConversationRequest(
+            conversation_id="a-conv", connection_id="b-conn", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("take A's connection id", lambda s: s.JoinConversation(pb.JoinConversationRequest(
+            conversation_id="b-conv", connection_id="a-conn", user_id=B)),
+         {"CONNECTION_ID_TAKEN"}),
+    ],
+    "SendEvent": [
+        ("send to A's id", lambda s: s.SendEvent(
+            pb.SendEventRequest(conversation_id="a-conv", user_id=B, event=HI)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("send by A's connection", lambda s: s.SendEvent(
+            pb.SendEventRequest(connection_id="a-conn", user_id=B, event=HI)),
+         {"CONNECTION_NOT_FOUND"}),
+    ],
+    "DisconnectConnection": [
+        ("drop A's connection", lambda s: s.DisconnectConnection(
+            pb.DisconnectConnectionRequest(connection_id="a-conn", user_id=B)), {""}),
+    ],
+    "CloseConversation": [
+        ("close A's id", lambda s: s.CloseConversation(
+            pb.CloseConversationRequest(conversation_id="a-conv", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
+    "GetConversation": [
+        ("read A's id", lambda s: s.GetConversation(
+            pb.GetConversationRequest(conversation_id="a-conv", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
+    "ListConversations": [
+        ("list A's id", lambda s: s.ListConversations(
+            pb.ListConversationsRequest(user_id=B, conversation_ids=["a-conv"])), {""}),
+    ],
+    "ListConnections": [
+        ("list A's connections", lambda s: s.ListConnections(
+            pb.ListConnectionsRequest(user_id=B, conversation_ids=["a-conv"])), {""}),
+    ],
+    "SearchEvents": [
+        ("search A's log", lambda s: s.SearchEvents(
+            pb.SearchEventsRequest(conversation_id="a-conv", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
+    "StreamEvents": [
+        ("tail A's log", lambda s: drain(s.StreamEvents(
+            pb.StreamEventsRequest(conversation_id="a-conv", user_id=B))),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
+    "Heartbeat": [
+        # Instance ids are the web tier's capabilities: a user never learns them (see the
+        # listing check below), so a heartbeat cannot be aimed at A's web process.
+        ("beat an unknown instance", lambda s: s.Heartbeat(
+            pb.HeartbeatRequest(client_instance_id="guessed")), {""}),
+    ],
+}  # fmt: skip
+
+
+def test_every_rpc_has_a_probe() -> None:
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["ConversationService"].methods}
+    assert set(PROBES) == methods
+
+
+@pytest.fixture
+async def a_owns_things(stub: pb_grpc.ConversationServiceStub) -> pb_grpc.ConversationServiceStub:
+    await stub.JoinConversation(
+        pb.JoinConversationRequest(
+            conversation_id="a-conv", connection_id="a-conn", user_id=A,
+            client_instance_id="web-1", request_id="a-req",
+        )
+    )  # fmt: skip
+    await grpc_events_until(stub, "a-conv", agent_state_is("awaiting_user_input"), user_id=A)
+    return stub
+
+
+@pytest.mark.parametrize(
+    ("method", "index"), [(m, i) for m, probes in PROBES.items() for i in range(len(probes))]
+)
+async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
+    a_owns_things: pb_grpc.ConversationServiceStub, tally, method: str, index: int
+) -> None:
+    stub = a_owns_things
+    what, probe, allowed = PROBES[method][index]
+    before = await stub.GetConversation(pb.GetConversationRequest(conversation_id="a-conv"))
+    outcome = ""
+    response: Any = None
+    try:
+        response = await probe(stub)
+        tally.call("isolation", "OK")
+    except grpc.aio.AioRpcError as exc:
+        tally.call("isolation", exc.code().name)
+        outcome = error_info(exc).reason
+    assert outcome in allowed, (what, outcome)
+    if isinstance(response, pb.ListConversationsResponse):
+        assert not response.conversations, what
+    if isinstance(response, pb.ListConnectionsResponse):
+        assert not response.connections, what
+    if isinstance(response, pb.StartConversationResponse):
+        assert response.conversation.conversation_id != "a-conv", what
+    if isinstance(response, pb.DisconnectConnectionResponse):
+        assert not response.removed, what
+    # A's conversation and connection are as they were.
+    after = await stub.GetConversation(pb.GetConversationRequest(conversation_id="a-conv"))
+    assert after.conversation.status == before.conversation.status
+    assert after.conversation.latest_event_id == before.conversation.latest_event_id
+    assert after.conversation.user_id == A
+    (connection,) = (
+        await stub.ListConnections(pb.ListConnectionsRequest(conversation_ids=["a-conv"]))
+    ).connections
+    assert (connection.connection_id, connection.user_id) == ("a-conn", A)
+    # And A's own user-scoped listing does not name the web process that holds it.
+    (mine,) = (await stub.ListConnections(pb.ListConnectionsRequest(user_id=A))).connections
+    assert mine.client_instance_id == ""
+    tally.checked("isolation: probe saw nothing and changed nothing")
