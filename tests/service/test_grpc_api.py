@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+
 import grpc
 import pytest
 from google.protobuf import struct_pb2
@@ -12,7 +15,7 @@ from convsvc.config import EngineConfig
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import running_app
-from tests.helpers import agent_state_is, echo_of, grpc_events_until, ids
+from tests.helpers import agent_state_is, echo_of, error_info, grpc_events_until, ids
 
 
 def message(text: str) -> struct_pb2.Struct:
@@ -156,16 +159,39 @@ async def test_health_serving_then_not_serving_on_shutdown(app) -> None:
 
 async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(app, stub) -> None:
     await stub.StartConversation(pb.StartConversationRequest(conversation_id="c1"))
-    # Make the next commit fail as a full disk or I/O error would: the id is already taken.
-    runtime = app.engine._runtimes["c1"]
-    runtime.next_event_id = 0
+    # The next commit fails as a broken disk would: nothing can be written any more.
+    with contextlib.closing(sqlite3.connect(app.settings.storage.sqlite_path)) as other:
+        other.execute("DROP TABLE events")
+        other.commit()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("x")))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "STORAGE_FAILED"
     assert "event store failed" in (caught.value.details() or "")
     async with grpc.aio.insecure_channel(app.server.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_log_conflict_aborts_that_conversation_and_the_node_keeps_serving(
+    app, stub
+) -> None:
+    for cid in ("c1", "c2"):
+        await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+        await grpc_events_until(stub, cid, agent_state_is("awaiting_user_input"))
+    # Another writer takes c1's next id behind the server's back.
+    with contextlib.closing(sqlite3.connect(app.settings.storage.sqlite_path)) as other:
+        other.execute("INSERT INTO events (conversation_id, id, encoded) VALUES ('c1', 2, x'')")
+        other.commit()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("x")))
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert error_info(caught.value).reason == "LOG_CONFLICT"
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    sent = await stub.SendEvent(pb.SendEventRequest(conversation_id="c2", event=message("y")))
+    assert sent.event_id == 2
 
 
 async def test_eviction_status_update_reaches_streams_over_grpc(tmp_path) -> None:
