@@ -153,3 +153,12 @@ def log_violations(payloads: list[JsonObject]) -> list[str]:
             problems.append(f"state {state!r} at {position} follows {previous!r}: {states}")
         previous = state
     return problems
+
+
+def lifecycle_tasks() -> list[str]:
+    """Names of the engine's lifecycle tasks (agent loops, starts, closes) still pending."""
+    return [
+        task.get_name()
+        for task in asyncio.all_tasks()
+        if task.get_name().startswith(("agent:", "start:", "close:")) and not task.done()
+    ]

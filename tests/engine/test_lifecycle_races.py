@@ -14,7 +14,7 @@ from convsvc.codec import decode_event
 from convsvc.engine.engine import TOO_MANY_CONVERSATIONS
 from convsvc.errors import ConvsvcError
 from tests.conftest import EngineHarness
-from tests.helpers import log_violations
+from tests.helpers import lifecycle_tasks, log_violations
 
 HI = {"action": "message", "args": {"content": "hi"}}
 
@@ -22,14 +22,6 @@ HI = {"action": "message", "args": {"content": "hi"}}
 async def whole_log(harness: EngineHarness, cid: str) -> list[dict[str, object]]:
     rows = await harness.store.read_events(cid, 0, limit=1_000_000)
     return [decode_event(row.encoded).payload for row in rows]
-
-
-def lifecycle_tasks() -> list[asyncio.Task[object]]:
-    return [
-        task
-        for task in asyncio.all_tasks()
-        if task.get_name().startswith(("agent:", "start:", "close:")) and not task.done()
-    ]
 
 
 async def test_concurrent_starts_of_few_ids_under_the_limit_keep_every_log_valid(

@@ -16,7 +16,7 @@ from convsvc.agents import BUILTIN_AGENTS as AGENTS
 from convsvc.agents import AgentLoop, agent_state_changed
 from convsvc.domain import ConversationStatus, Event, EventSource, StoredEvent
 from convsvc.errors import ConvsvcError
-from convsvc.storage import ConversationLogError
+from convsvc.storage import ConversationLogError, StorageError
 from tests.conftest import EngineHarness
 from tests.helpers import echo_of, engine_events_until, settled
 
@@ -104,7 +104,7 @@ class StoreWatchingAgent(AgentLoop):
         await self.context.emit({"action": "message", "args": {"content": "a"}}, EventSource.AGENT)
         try:
             await self.context.flush()
-        except ConvsvcError as exc:
+        except (ConvsvcError, StorageError) as exc:
             StoreWatchingAgent.outcome.append(exc)
             raise
         else:
@@ -144,6 +144,23 @@ async def test_a_log_conflict_fails_the_send_stops_that_loop_and_spares_the_othe
     await engine.start_conversation(conversation_id="c1", agent="echo")
     sent = await engine.send_event(conversation_id="c1", event=message("again"))
     assert sent == ("c1", 5)  # 0 loading, 1 ready, 2 the other writer's, 3 loading, 4 ready
+
+
+async def test_a_failed_store_fails_the_send_and_reaches_the_loop(make_engine) -> None:
+    harness: EngineHarness = await make_engine(agents={"watching": StoreWatchingAgent})
+    StoreWatchingAgent.outcome = []
+    StoreWatchingAgent.flushed = asyncio.Event()
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="c1", agent="watching")
+    await settled(engine, "c1")
+    with contextlib.closing(sqlite3.connect(harness.path)) as other:
+        other.execute("DROP TABLE events")  # as a broken disk would: nothing can be written
+        other.commit()
+    with pytest.raises(StorageError):
+        await engine.send_event(conversation_id="c1", event=message("lost"))
+    await asyncio.wait_for(StoreWatchingAgent.flushed.wait(), 5)
+    assert isinstance(StoreWatchingAgent.outcome[0], StorageError)
+    assert harness.store.failed
 
 
 async def test_live_subscribers_see_only_committed_events(engine: EngineHarness) -> None:

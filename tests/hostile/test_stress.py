@@ -26,7 +26,7 @@ from convsvc.codec import decode_event
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import running_app
-from tests.helpers import error_info, log_violations
+from tests.helpers import error_info, lifecycle_tasks, log_violations
 
 IDS = [f"s{n}" for n in range(5)]
 USERS = ["u1", "u2"]
@@ -113,10 +113,5 @@ async def test_lifecycle_calls_racing_on_few_ids_keep_every_invariant(
             tally.checked("stress: log gap-free with valid agent states")
         tally.checked("stress: store never failed, health SERVING")
         await app.engine.stop()
-    pending = [
-        task.get_name()
-        for task in asyncio.all_tasks()
-        if task.get_name().startswith(("agent:", "start:", "close:")) and not task.done()
-    ]
-    assert pending == []
+    assert lifecycle_tasks() == []
     tally.checked("stress: no lifecycle task left pending")

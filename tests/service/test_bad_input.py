@@ -214,15 +214,7 @@ def nested_struct_bytes(depth: int) -> bytes:
     one past its recursion limit)."""
 
     def length_delimited(field: int, payload: bytes) -> bytes:
-        return bytes([field << 3 | 2]) + varint(len(payload)) + payload
-
-    def varint(value: int) -> bytes:
-        out = bytearray()
-        while value > 0x7F:
-            out.append(value & 0x7F | 0x80)
-            value >>= 7
-        out.append(value)
-        return bytes(out)
+        return bytes([field << 3 | 2]) + _varint(len(payload)) + payload
 
     struct = b""
     for _ in range(depth):
