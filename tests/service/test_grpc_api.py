@@ -157,6 +157,13 @@ async def test_health_serving_then_not_serving_on_shutdown(app) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+async def health_of(app) -> int:
+    """The server's overall health status, asked over its own channel."""
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    return int(reply.status)
+
+
 async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(app, stub) -> None:
     await stub.StartConversation(pb.StartConversationRequest(conversation_id="c1"))
     # The next commit fails as a broken disk would: nothing can be written any more.
@@ -168,9 +175,7 @@ async def test_a_failed_store_answers_unavailable_and_turns_health_not_serving(a
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "STORAGE_FAILED"
     assert "event store failed" in (caught.value.details() or "")
-    async with grpc.aio.insecure_channel(app.server.address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await health_of(app) == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def test_a_log_conflict_aborts_that_conversation_and_the_node_keeps_serving(
@@ -187,9 +192,7 @@ async def test_a_log_conflict_aborts_that_conversation_and_the_node_keeps_servin
         await stub.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("x")))
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert error_info(caught.value).reason == "LOG_CONFLICT"
-    async with grpc.aio.insecure_channel(app.server.address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert await health_of(app) == health_pb2.HealthCheckResponse.SERVING
     sent = await stub.SendEvent(pb.SendEventRequest(conversation_id="c2", event=message("y")))
     assert sent.event_id == 2
 
