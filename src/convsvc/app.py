@@ -15,6 +15,7 @@ from convsvc.config import Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.sqlite import SqliteStore
 from convsvc.transport.server import GrpcServer
+from convsvc.workers import AgentCatalog, WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +31,13 @@ class ConvsvcApp:
             synchronous=storage.sqlite_synchronous,
             group_commit=storage.group_commit,
         )
-        self.engine = ConversationEngine(settings.engine, self.store, available_agents())
+        in_process = available_agents()
+        self.workers = WorkerPool(
+            settings.workers, in_process, max_event_bytes=settings.engine.max_batch_bytes
+        )
+        self.engine = ConversationEngine(
+            settings.engine, self.store, AgentCatalog(in_process, self.workers)
+        )
         self.server: GrpcServer | None = None
         self._metrics: Any = None
 
@@ -38,9 +45,11 @@ class ConvsvcApp:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
         await self.store.open()
         await self.engine.start()
+        self.workers.start()
         self.server = GrpcServer(
             self.engine,
             self.settings.listen,
+            worker_pool=self.workers,
             auth_token=self.settings.resolved_auth_token(),
             tls=self.settings.tls,
             max_message_bytes=self.settings.max_message_bytes,
@@ -69,6 +78,7 @@ class ConvsvcApp:
             # Nothing is in flight any more (or the grace is over): stop listening at once.
             await self.server.stop(0)
         await self.engine.stop()
+        await self.workers.stop()
         await self.store.close()
         if self._metrics is not None:
             self._metrics.shutdown()

@@ -45,6 +45,34 @@ class EngineConfig(BaseModel):
     max_stream_batch: int = 1000
 
 
+class WorkersConfig(BaseModel):
+    """Agent workers: processes that attach over the worker protocol and run agent loops."""
+
+    model_config = {"frozen": True}
+
+    kinds: tuple[str, ...] = ("openhands",)
+    """Agent kinds that run on workers and may be started before a worker for them attaches
+    (kinds a worker announces are added as it attaches)."""
+    ping_interval_seconds: float = Field(5.0, gt=0)
+    """How often a worker must say something."""
+    silence_timeout_seconds: float = Field(15.0, gt=0)
+    """A worker silent this long is detached and its conversations go to other workers."""
+    stop_timeout_seconds: float = Field(10.0, gt=0)
+    """How long a close waits for a worker to release the conversation's loop."""
+    max_restarts: int = Field(3, ge=0)
+    """Assignments in a row that may fail before any event is logged; then the loop reports
+    an error and waits for the user's next message to try again."""
+
+    @model_validator(mode="after")
+    def _silence_outlasts_pings(self) -> WorkersConfig:
+        if self.silence_timeout_seconds <= self.ping_interval_seconds:
+            raise ValueError(
+                "CONVSVC_WORKERS__SILENCE_TIMEOUT_SECONDS must exceed "
+                "CONVSVC_WORKERS__PING_INTERVAL_SECONDS"
+            )
+        return self
+
+
 class TlsConfig(BaseModel):
     """Server TLS; with ``client_ca_file`` clients must present a certificate (mTLS)."""
 
@@ -93,6 +121,7 @@ class Settings(BaseSettings):
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
     engine: EngineConfig = EngineConfig()
+    workers: WorkersConfig = WorkersConfig()
 
     @model_validator(mode="after")
     def _events_fit_in_messages(self) -> Settings:

@@ -68,6 +68,12 @@ class Unavailable(ConvsvcError):
     reason = "UNAVAILABLE"
 
 
+class DeadlineExceeded(ConvsvcError):
+    """Something the call depends on did not happen in time (e.g. a silent worker)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class Unauthenticated(ConvsvcError):
     """The call lacks valid credentials."""
 

@@ -6,11 +6,15 @@ never sees two calls at once. A loop talks back only through its :class:`AgentCo
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
-from convsvc.domain import EventSource, JsonObject
+from convsvc.domain import EventSource, IdempotencyRecord, JsonObject, StoredEvent
+
+IdempotencyFor = Callable[[int], IdempotencyRecord | None]
+"""Builds the idempotency record of a send once its event id is known (None: no request id)."""
 
 
 class AgentContext(Protocol):
@@ -19,6 +23,10 @@ class AgentContext(Protocol):
     @property
     def conversation_id(self) -> str:
         """The conversation the loop runs."""
+
+    @property
+    def user_id(self) -> str:
+        """The user who owns the conversation ("" for none)."""
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -41,6 +49,34 @@ class AgentContext(Protocol):
         could still lose (running a command, calling an external service).
         """
 
+    @property
+    def next_event_id(self) -> int:
+        """The id the conversation's next event takes."""
+
+    @property
+    def initial_user_message(self) -> JsonObject | None:
+        """The start's first user message, for loops that log it themselves."""
+
+    @property
+    def replay_events(self) -> Sequence[JsonObject]:
+        """The start's recorded events to replay, for loops that log them themselves."""
+
+    def append_numbered(
+        self,
+        event_id: int,
+        payload: JsonObject,
+        source: EventSource,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> asyncio.Future[None]:
+        """For loops that number their own events: appends an event whose id must be the
+        log's next (else ``EventOutOfSequence``); returns the future of its durability."""
+
+    def read_history(self, end_id: int) -> AsyncIterator[list[StoredEvent]]:
+        """The stored events with ids up to ``end_id``, in pages (after a flush)."""
+
+    def publish_status(self, status: JsonObject) -> None:
+        """Sends a transient status update to the conversation's live streams (not logged)."""
+
 
 class AgentLoop(ABC):
     """One conversation's agent. Implementations are registered by name (see ``agents``).
@@ -50,6 +86,10 @@ class AgentLoop(ABC):
     """
 
     name: ClassVar[str]
+    numbers_own_events: ClassVar[bool] = False
+    """True for loops that number events themselves (agent workers): the engine then logs
+    nothing of a start but ``loading``, and hands sends to ``submit_user_event`` rather than
+    logging them."""
 
     def __init__(self, context: AgentContext) -> None:
         self.context = context
@@ -65,6 +105,11 @@ class AgentLoop(ABC):
         The event has its place in the log but may not be durable yet (see
         ``AgentContext.flush``).
         """
+
+    async def submit_user_event(self, payload: JsonObject, idempotency: IdempotencyFor) -> int:
+        """For loops that number their own events: has the user event logged by the loop and
+        returns its id once it is durable."""
+        raise NotImplementedError(f"{self.name} does not number its own events")
 
     async def stop(self) -> None:  # noqa: B027 - most loops hold nothing to release
         """Releases what the loop holds; the engine then reports the state ``stopped``."""

@@ -37,7 +37,13 @@ from convsvc.engine import validation
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.idempotency import RequestKey, RequestLedger
 from convsvc.engine.paging import decode_token, encode_token
-from convsvc.engine.runtime import ConversationRuntime, LoopClosed
+from convsvc.engine.runtime import (
+    ConversationRuntime,
+    EventOutOfSequence,
+    LogAccess,
+    LoopClosed,
+    StartRequest,
+)
 from convsvc.engine.secrets import storable_settings
 from convsvc.engine.subscriptions import Broadcaster, StreamItem, SubscriberTooSlow
 from convsvc.errors import (
@@ -78,13 +84,13 @@ class ConversationEngine:
         self,
         config: EngineConfig,
         store: ConversationStore,
-        agents: Mapping[str, type[AgentLoop]],
+        agents: Mapping[str, Callable[[ConversationRuntime], AgentLoop]],
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._store = store
-        self._agents = dict(agents)
+        self._agents = agents  # a live view: worker kinds appear as workers attach
         self._clock = clock
         self._runtimes: dict[str, ConversationRuntime] = {}
         self._connections = ConnectionRegistry()
@@ -96,6 +102,13 @@ class ConversationEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cleanup_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._log_access = LogAccess(
+            self._emit,
+            self._flush_for,
+            self._append_numbered,
+            self._read_history,
+            self._publish_status,
+        )
         store.set_commit_listener(self._on_commit)
 
     # -- lifecycle of the engine ---------------------------------------------------------
@@ -155,6 +168,9 @@ class ConversationEngine:
         settings = settings or {}
         validation.check_size("settings", settings, self._config.max_event_bytes)
         first_events = self._first_events(initial_user_message, replay_events)
+        start_request = StartRequest(
+            first_events[0] if initial_user_message is not None else None, tuple(replay_events)
+        )
         key = self._ledger.key(
             user,
             request_id,
@@ -165,7 +181,13 @@ class ConversationEngine:
 
         async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
             runtime, stored = await self._start(
-                cid or uuid.uuid4().hex, user, agent_name, settings, first_events, key
+                cid or uuid.uuid4().hex,
+                user,
+                agent_name,
+                settings,
+                first_events,
+                key,
+                start_request,
             )
             started.append(runtime)
             return {"conversation_id": runtime.conversation_id}, stored
@@ -236,6 +258,7 @@ class ConversationEngine:
         settings: JsonObject,
         first_events: list[JsonObject],
         key: RequestKey | None,
+        start_request: StartRequest | None = None,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid`` (started if needed) and whether the request id's
         answer was stored with the start."""
@@ -270,11 +293,13 @@ class ConversationEngine:
                 record,
                 settings,
                 self._agents[agent_name],
-                self._emit,
-                self._flush_for,
+                self._log_access,
                 next_event_id=latest + 1,
                 now=self._clock(),
+                start_request=start_request,
             )
+            if runtime.agent.numbers_own_events:
+                first_events = []  # the loop logs them itself, numbered as it goes
             victims = self._admit(runtime)
             try:
                 saved = self._store.submit_conversation(
@@ -436,6 +461,16 @@ class ConversationEngine:
         async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
             cid = target.get("c") or self._connected_conversation(target["n"], user)
             runtime = await self._running(cid, user)
+            if runtime.agent.numbers_own_events:
+                event_id = await runtime.agent.submit_user_event(
+                    payload,
+                    lambda event_id: (
+                        key.record({"conversation_id": cid, "event_id": event_id})
+                        if key
+                        else None
+                    ),
+                )
+                return {"conversation_id": cid, "event_id": event_id}, True
             # No await between finding the runtime running and queueing the event.
             result = {"conversation_id": cid, "event_id": runtime.next_event_id}
             durable = self._append(
@@ -867,10 +902,51 @@ class ConversationEngine:
         durable = self._store.submit_events(events, idempotency)
         runtime.next_event_id = first_id + len(events)  # only once queued: a failure skips no id
         durable.add_done_callback(lambda done: self._after_append(runtime, done))
-        for event in events:
-            if event.source == EventSource.USER and event.kind is EventKind.ACTION:
-                runtime.deliver(event.payload)
+        if not runtime.agent.numbers_own_events:
+            for event in events:
+                if event.source == EventSource.USER and event.kind is EventKind.ACTION:
+                    runtime.deliver(event.payload)
         return durable
+
+    def _append_numbered(
+        self,
+        runtime: ConversationRuntime,
+        event_id: int,
+        payload: JsonObject,
+        source: EventSource,
+        idempotency: IdempotencyRecord | None,
+    ) -> asyncio.Future[None]:
+        """AgentContext.append_numbered: an event a loop numbered itself, appended only if it
+        continues the log (one writer at a time: see agents.worker)."""
+        if runtime.closing:
+            raise LoopClosed(f"conversation {runtime.conversation_id} is closing")
+        if event_id != runtime.next_event_id:
+            raise EventOutOfSequence(
+                f"event id {event_id} does not continue conversation "
+                f"{runtime.conversation_id}'s log: the next id is {runtime.next_event_id}",
+                metadata={
+                    "conversation_id": runtime.conversation_id,
+                    "expected_id": str(runtime.next_event_id),
+                    "got_id": str(event_id),
+                },
+            )
+        return self._append(
+            runtime, [(payload, source)], idempotency, max_bytes=self._config.max_batch_bytes
+        )
+
+    def _publish_status(self, runtime: ConversationRuntime, status: JsonObject) -> None:
+        if not runtime.closing:
+            self._broadcaster.publish(runtime.conversation_id, [status])
+
+    async def _read_history(
+        self, runtime: ConversationRuntime, end_id: int
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """AgentContext.read_history: what the loop must know before it continues the log."""
+        await self._flush()
+        async for page in self._read_range(
+            runtime.conversation_id, 0, end_id, self._config.max_stream_batch
+        ):
+            yield page
 
     def _after_append(self, runtime: ConversationRuntime, durable: asyncio.Future[None]) -> None:
         """A write that conflicted with the stored log leaves this run's ids unusable: the

@@ -10,20 +10,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import structlog
 
 from convsvc.agents import AgentLoop, agent_state_changed
-from convsvc.domain import ConversationRecord, ConversationStatus, EventSource, JsonObject
-from convsvc.errors import FailedPrecondition
+from convsvc.domain import (
+    ConversationRecord,
+    ConversationStatus,
+    EventSource,
+    IdempotencyRecord,
+    JsonObject,
+    StoredEvent,
+)
+from convsvc.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger(__name__)
 
 Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
 Flush = Callable[["ConversationRuntime"], Awaitable[None]]
+AppendNumbered = Callable[
+    ["ConversationRuntime", int, JsonObject, EventSource, IdempotencyRecord | None],
+    asyncio.Future[None],
+]
+ReadHistory = Callable[["ConversationRuntime", int], AsyncIterator[list[StoredEvent]]]
+PublishStatus = Callable[["ConversationRuntime", JsonObject], None]
+
+
+@dataclass(frozen=True)
+class LogAccess:
+    """What a runtime may do to its conversation's log, provided by the engine."""
+
+    emit: Emit
+    flush: Flush
+    append_numbered: AppendNumbered
+    read_history: ReadHistory
+    publish_status: PublishStatus
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """What a start asked for beyond settings: a first message and events to replay."""
+
+    initial_user_message: JsonObject | None = None
+    replay_events: Sequence[JsonObject] = field(default_factory=tuple)
 
 
 class Phase(enum.Enum):
@@ -41,6 +74,12 @@ class LoopClosed(FailedPrecondition):
     reason = "CONVERSATION_NOT_RUNNING"
 
 
+class EventOutOfSequence(InvalidArgument):
+    """A loop that numbers its events sent an id that is not the log's next."""
+
+    reason = "EVENT_ID_OUT_OF_SEQUENCE"
+
+
 class ConversationRuntime:
     """The live part of a conversation; it exists only while its loop starts or runs.
 
@@ -54,15 +93,15 @@ class ConversationRuntime:
         record: ConversationRecord,
         settings: Mapping[str, Any],
         agent_factory: Callable[[ConversationRuntime], AgentLoop],
-        emit: Emit,
-        flush: Flush,
+        log_access: LogAccess,
         next_event_id: int,
         now: float,
+        start_request: StartRequest | None = None,
     ) -> None:
         self.record = record
         self._settings = dict(settings)
-        self._emit = emit
-        self._flush = flush
+        self._log = log_access
+        self._start_request = start_request or StartRequest()
         self.phase = Phase.STARTING
         self.agent_state = "loading"
         self.next_event_id = next_event_id
@@ -96,14 +135,41 @@ class ConversationRuntime:
         return self.record.conversation_id
 
     @property
+    def user_id(self) -> str:
+        return self.record.user_id or ""
+
+    @property
     def settings(self) -> Mapping[str, Any]:
         return self._settings
 
     async def emit(self, payload: JsonObject, source: EventSource) -> int:
-        return await self._emit(self, payload, source)
+        return await self._log.emit(self, payload, source)
 
     async def flush(self) -> None:
-        await self._flush(self)
+        await self._log.flush(self)
+
+    @property
+    def initial_user_message(self) -> JsonObject | None:
+        return self._start_request.initial_user_message
+
+    @property
+    def replay_events(self) -> Sequence[JsonObject]:
+        return self._start_request.replay_events
+
+    def append_numbered(
+        self,
+        event_id: int,
+        payload: JsonObject,
+        source: EventSource,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> asyncio.Future[None]:
+        return self._log.append_numbered(self, event_id, payload, source, idempotency)
+
+    def read_history(self, end_id: int) -> AsyncIterator[list[StoredEvent]]:
+        return self._log.read_history(self, end_id)
+
+    def publish_status(self, status: JsonObject) -> None:
+        self._log.publish_status(self, status)
 
     # Engine side
     def deliver(self, event: JsonObject) -> None:

@@ -39,8 +39,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort_with_status(status)
             yield  # makes this an async generator, as a streaming handler must be
 
+        async def deny_bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort_with_status(status)
+            yield
+
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny_unary)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny_bidi)
 
     async def intercept_service(
         self,
@@ -63,4 +68,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is not None and handler.unary_stream is not None:
             return self._deny_stream
+        if handler is not None and handler.stream_stream is not None:
+            return self._deny_bidi
         return self._deny_unary

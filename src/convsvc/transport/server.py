@@ -11,6 +11,12 @@ from convsvc.engine import ConversationEngine
 from convsvc.transport.auth import BearerTokenInterceptor
 from convsvc.transport.service import SERVICE_NAME, CallGate, conversation_service_handler
 from convsvc.transport.servicer import ConversationServicer
+from convsvc.transport.workers import (
+    WORKER_SERVICE_NAME,
+    AgentWorkerServicer,
+    agent_worker_handler,
+)
+from convsvc.workers import WorkerPool
 
 
 class GrpcServer:
@@ -21,6 +27,7 @@ class GrpcServer:
         engine: ConversationEngine,
         listen: str,
         *,
+        worker_pool: WorkerPool | None = None,
         auth_token: str | None = None,
         tls: TlsConfig | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
@@ -43,10 +50,14 @@ class GrpcServer:
                 ),
             )
         )
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if worker_pool is not None:
+            self._server.add_generic_rpc_handlers(
+                (agent_worker_handler(AgentWorkerServicer(worker_pool, self._gate)),)
+            )
+            services.append(WORKER_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        reflection.enable_server_reflection(services, self._server)
         if tls is None:
             self.port = self._server.add_insecure_port(listen)
         else:

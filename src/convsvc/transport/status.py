@@ -20,6 +20,7 @@ _CODES: list[tuple[type[errors.ConvsvcError], int]] = [
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (errors.Aborted, code_pb2.ABORTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
 ]
 

@@ -1,0 +1,339 @@
+"""WorkerAgentLoop: the engine's side of a conversation whose loop runs on an agent worker.
+
+One writer at a time. While no worker holds the conversation, the engine writes its log
+(``loading`` at start, ``stopped`` at close). Once assigned, the worker numbers every event,
+user events included: a send is delivered unnumbered, the worker logs it in its own stream
+(OpenHands' EventStream gives it the next id) and sends it back with its delivery id, and the
+send is answered once that event is durable. The engine appends a worker's event only if its
+id is the log's next, so ids never skip or repeat, and OpenHands' own ids (and the ``cause``
+links between them) are what the browser sees.
+
+A worker that dies loses nothing acknowledged: its conversation is assigned again and the new
+worker starts from the log. Sends not yet logged are delivered again to the new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+
+from convsvc.agents.base import AgentContext, AgentLoop, IdempotencyFor, agent_state_changed
+from convsvc.domain import EventSource, JsonObject
+from convsvc.engine.runtime import EventOutOfSequence, LoopClosed
+from convsvc.errors import InvalidArgument, Unavailable
+from convsvc.storage import StorageError
+from convsvc.workers.pool import (
+    AssignMessage,
+    DeliverMessage,
+    HistoryMessage,
+    IncomingEvent,
+    StopMessage,
+    WorkerPool,
+    WorkerSession,
+)
+
+log = structlog.get_logger(__name__)
+
+_SOURCES = {source.value: source for source in EventSource}
+_IGNORED_KEYS = ("id", "timestamp", "source")
+NO_WORKER_STATUS = "AGENT_ERROR$NO_AGENT_WORKER"
+
+
+@dataclass(eq=False)
+class _Delivery:
+    delivery_id: str
+    payload: JsonObject
+    idempotency: IdempotencyFor
+    logged: asyncio.Future[tuple[int, asyncio.Future[None]]]
+    sent_to: int = 0
+    """The assignment it was delivered to (0: not delivered yet)."""
+
+
+@dataclass(eq=False)
+class _Assignment:
+    session: WorkerSession
+    number: int
+    ready: bool = False
+    """The worker has the whole history: deliveries go straight to it."""
+    handover: asyncio.Task[None] | None = None
+    released: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class WorkerAgentLoop(AgentLoop):
+    """Runs a conversation on whichever worker the pool assigns."""
+
+    name = "worker"
+    numbers_own_events = True
+
+    def __init__(self, context: AgentContext, pool: WorkerPool, kind: str) -> None:
+        super().__init__(context)
+        self.kind = kind
+        self._pool = pool
+        self._current: _Assignment | None = None
+        self._pending: dict[str, _Delivery] = {}
+        self._stopping = False
+        self._failures = 0
+        self._gave_up = False
+        self._first_message_logged = context.initial_user_message is None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def assignment(self) -> int:
+        return self._current.number if self._current is not None else 0
+
+    # -- AgentLoop -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._pool.request(self)
+
+    async def on_user_event(self, event: JsonObject) -> None:
+        """Not used: user events reach the worker through ``submit_user_event``."""
+
+    async def submit_user_event(self, payload: JsonObject, idempotency: IdempotencyFor) -> int:
+        if self._gave_up:  # a new message is worth another try
+            self._gave_up = False
+            self._failures = 0
+            self._pool.request(self)
+        delivery = _Delivery(
+            uuid.uuid4().hex, payload, idempotency, asyncio.get_running_loop().create_future()
+        )
+        self._pending[delivery.delivery_id] = delivery
+        current = self._current
+        if current is not None and current.ready:
+            self._deliver(current, delivery)
+        try:
+            event_id, durable = await delivery.logged
+        except asyncio.CancelledError:
+            # Undelivered: withdrawn. Delivered: the worker will log it; keep its id known.
+            if not delivery.sent_to:
+                self._pending.pop(delivery.delivery_id, None)
+            raise
+        await durable
+        return event_id
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._pool.withdraw(self)
+        current = self._current
+        if current is not None:
+            current.session.send(
+                StopMessage(self.context.conversation_id, current.number),
+            )
+            timeout = self._pool.config.stop_timeout_seconds
+            try:
+                await asyncio.wait_for(asyncio.shield(current.released), timeout)
+            except TimeoutError:
+                log.warning(
+                    "worker.release_timed_out",
+                    conversation_id=self.context.conversation_id,
+                    worker_id=current.session.worker_id,
+                )
+            self._end(current)
+        for delivery in self._pending.values():
+            if not delivery.logged.done():
+                delivery.logged.set_exception(
+                    LoopClosed(f"conversation {self.context.conversation_id} was closed")
+                )
+        self._pending.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- what the pool calls ---------------------------------------------------------------
+
+    def assign(self, session: WorkerSession, number: int) -> None:
+        current = _Assignment(session, number)
+        self._current = current
+        current.handover = self._spawn(self._hand_over(current))
+
+    def worker_lost(self, session: WorkerSession) -> None:
+        """The worker died, detached or failed this loop: wait for another one."""
+        current = self._current
+        if current is None or current.session is not session:
+            return
+        self._end(current)
+        for delivery in self._pending.values():
+            delivery.sent_to = 0  # not logged by the lost worker: the next one gets it
+        if self._stopping:
+            return
+        self._failures += 1
+        if self._failures > self._pool.config.max_restarts:
+            self._give_up()
+        else:
+            self._pool.request(self)
+
+    def released(self, session: WorkerSession) -> None:
+        current = self._current
+        if current is not None and current.session is session and not current.released.done():
+            current.released.set_result(None)
+
+    def accept(self, events: list[IncomingEvent]) -> asyncio.Future[None] | None:
+        """Appends a worker's events after checking the whole batch: consecutive ids from
+        the log's next, known sources, OpenHands-shaped payloads, known delivery ids."""
+        expected = self.context.next_event_id
+        payloads: list[tuple[IncomingEvent, JsonObject, EventSource]] = []
+        for offset, event in enumerate(events):
+            if event.id != expected + offset:
+                raise EventOutOfSequence(
+                    f"event id {event.id} does not continue conversation "
+                    f"{self.context.conversation_id}'s log: the next id is {expected + offset}",
+                    metadata={
+                        "conversation_id": self.context.conversation_id,
+                        "expected_id": str(expected + offset),
+                        "got_id": str(event.id),
+                    },
+                )
+            payloads.append((event, _checked_payload(event), _checked_source(event)))
+            if event.delivery_id and event.delivery_id not in self._pending:
+                raise InvalidArgument(
+                    f"event {event.id} names delivery {event.delivery_id[:40]!r}, which is "
+                    "unknown or already logged",
+                    reason="WORKER_PROTOCOL_VIOLATION",
+                )
+        durable: asyncio.Future[None] | None = None
+        for event, payload, source in payloads:
+            delivery = self._pending.pop(event.delivery_id, None) if event.delivery_id else None
+            record = delivery.idempotency(event.id) if delivery is not None else None
+            try:
+                durable = self.context.append_numbered(event.id, payload, source, record)
+            except LoopClosed:
+                return durable  # the conversation is closing: the rest is dropped
+            if delivery is not None and not delivery.logged.done():
+                delivery.logged.set_result((event.id, durable))
+            if (
+                delivery is None
+                and source is EventSource.USER
+                and payload.get("action") == "message"
+            ):
+                self._first_message_logged = True
+            self._failures = 0
+        return durable
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _hand_over(self, current: _Assignment) -> None:
+        """Sends the assignment, then the history, then the sends waiting for a worker."""
+        ctx = self.context
+        end = ctx.next_event_id - 1
+        first_run = not self._first_message_logged
+        current.session.send(
+            AssignMessage(
+                conversation_id=ctx.conversation_id,
+                assignment=current.number,
+                agent_kind=self.kind,
+                user_id=ctx.user_id,
+                settings=ctx.settings,
+                next_event_id=end + 1,
+                initial_user_message=ctx.initial_user_message if first_run else None,
+                replay_events=tuple(ctx.replay_events) if first_run else (),
+            )
+        )
+        try:
+            async for page in ctx.read_history(end):
+                await current.session.send_paced(
+                    HistoryMessage(
+                        ctx.conversation_id, current.number, [event.encoded for event in page]
+                    )
+                )
+        except StorageError as exc:
+            log.error(
+                "worker.history_unreadable", conversation_id=ctx.conversation_id, error=str(exc)
+            )
+            return
+        if self._current is not current:
+            return
+        current.ready = True
+        for delivery in list(self._pending.values()):
+            if not delivery.sent_to:
+                self._deliver(current, delivery)
+
+    def _deliver(self, current: _Assignment, delivery: _Delivery) -> None:
+        delivery.sent_to = current.number
+        current.session.send(
+            DeliverMessage(
+                self.context.conversation_id,
+                current.number,
+                delivery.delivery_id,
+                delivery.payload,
+            )
+        )
+
+    def _end(self, current: _Assignment) -> None:
+        if self._current is current:
+            self._current = None
+        if current.handover is not None and not current.handover.done():
+            current.handover.cancel()
+        if not current.released.done():
+            current.released.set_result(None)
+        self._pool.release(current.session, self.context.conversation_id, current.number)
+
+    def _give_up(self) -> None:
+        """Too many assignments failed in a row: report it and wait for the user."""
+        self._gave_up = True
+        cid = self.context.conversation_id
+        log.error("worker.loop_gave_up", conversation_id=cid, kind=self.kind)
+        self.context.publish_status(
+            {
+                "status_update": True,
+                "type": "error",
+                "id": NO_WORKER_STATUS,
+                "message": (
+                    f"The agent could not be started on a worker ({self._failures} attempts); "
+                    "send a message to try again."
+                ),
+                "conversation_id": cid,
+            }
+        )
+        self._spawn(self._report_error())
+
+    async def _report_error(self) -> None:
+        with contextlib.suppress(LoopClosed, StorageError):
+            await self.context.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
+        # Sends waiting for a worker would wait forever: they fail, and may be sent again.
+        for delivery in list(self._pending.values()):
+            if not delivery.sent_to and not delivery.logged.done():
+                self._pending.pop(delivery.delivery_id, None)
+                delivery.logged.set_exception(
+                    Unavailable(
+                        f"no agent worker could run conversation "
+                        f"{self.context.conversation_id}; send again to retry",
+                        reason="NO_AGENT_WORKER",
+                        metadata={"conversation_id": self.context.conversation_id},
+                    )
+                )
+
+    def _spawn(self, work: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _checked_source(event: IncomingEvent) -> EventSource:
+    source = _SOURCES.get(event.source)
+    if source is None:
+        raise InvalidArgument(
+            f"event {event.id} has source {event.source[:40]!r}; "
+            "expected agent, environment or user",
+            reason="MALFORMED_WORKER_EVENT",
+        )
+    return source
+
+
+def _checked_payload(event: IncomingEvent) -> JsonObject:
+    payload = {k: v for k, v in event.payload.items() if k not in _IGNORED_KEYS}
+    action, observation = payload.get("action"), payload.get("observation")
+    if isinstance(action, str) and action and observation is None:
+        return payload
+    if isinstance(observation, str) and observation and action is None:
+        return payload
+    raise InvalidArgument(
+        f'event {event.id} must hold exactly one non-empty string "action" or "observation"',
+        reason="MALFORMED_WORKER_EVENT",
+    )

@@ -1,0 +1,392 @@
+"""The agent workers attached to this node, and which conversation runs on which.
+
+A worker is a :class:`WorkerSession`: what it announced, the loops assigned to it and an
+outbox of messages for it (the transport writes them to its Attach stream). The pool assigns
+waiting loops to the least loaded worker that runs their kind, and detaches a worker that
+goes silent, whose stream ends or that breaks the protocol: its loops then wait for another
+worker, which restores them from the log.
+
+Everything here runs on the event loop without awaits between reading and changing state,
+so concurrent messages from several workers cannot interleave inside one decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from convsvc.config import WorkersConfig
+from convsvc.domain import JsonObject
+from convsvc.engine import validation
+from convsvc.errors import (
+    AlreadyExists,
+    ConvsvcError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+)
+
+if TYPE_CHECKING:
+    from convsvc.agents.base import AgentLoop
+    from convsvc.engine.runtime import ConversationRuntime
+    from convsvc.workers.loop import WorkerAgentLoop
+
+log = structlog.get_logger(__name__)
+
+_PACED_OUTBOX = 8
+"""Messages a worker's outbox may hold before history pages wait for it to drain."""
+
+
+# -- messages to a worker (the transport turns them into AttachResponse) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignMessage:
+    conversation_id: str
+    assignment: int
+    agent_kind: str
+    user_id: str
+    settings: Mapping[str, Any]
+    next_event_id: int
+    initial_user_message: JsonObject | None
+    replay_events: tuple[JsonObject, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    conversation_id: str
+    assignment: int
+    events: list[bytes]
+    """Stored encodings (JSON objects with id, timestamp and source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverMessage:
+    conversation_id: str
+    assignment: int
+    delivery_id: str
+    payload: JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class StopMessage:
+    conversation_id: str
+    assignment: int
+
+
+Outgoing = AssignMessage | HistoryMessage | DeliverMessage | StopMessage
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEvent:
+    """An event a worker numbered."""
+
+    id: int
+    source: str
+    payload: JsonObject
+    delivery_id: str
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One attached worker."""
+
+    worker_id: str
+    kinds: frozenset[str]
+    capacity: int
+    last_heard: float
+    loops: dict[str, WorkerAgentLoop] = field(default_factory=dict)
+    """Loops assigned here, by conversation id."""
+    ended: set[tuple[str, int]] = field(default_factory=set)
+    """Assignments convsvc took back from this worker: their late messages are dropped."""
+    outbox: asyncio.Queue[Outgoing | ConvsvcError | None] = field(default_factory=asyncio.Queue)
+    """Messages for the worker; an error or None ends its stream (detached)."""
+    detached: bool = False
+    _taken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.loops)
+
+    def send(self, message: Outgoing) -> None:
+        if not self.detached:
+            self.outbox.put_nowait(message)
+
+    async def send_paced(self, message: Outgoing) -> None:
+        """Like ``send``, waiting first while the outbox is full (large histories)."""
+        while self.outbox.qsize() >= _PACED_OUTBOX and not self.detached:
+            self._taken.clear()
+            await self._taken.wait()
+        self.send(message)
+
+    async def next_outgoing(self) -> Outgoing | ConvsvcError | None:
+        item = await self.outbox.get()
+        self._taken.set()
+        return item
+
+
+class WorkerPool:
+    """Attached workers and the loops waiting for one."""
+
+    def __init__(
+        self,
+        config: WorkersConfig,
+        reserved_kinds: Iterable[str],
+        *,
+        max_event_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.max_event_bytes = max_event_bytes
+        self._reserved = frozenset(reserved_kinds)
+        self._clock = clock
+        self._sessions: dict[str, WorkerSession] = {}
+        self._waiting: dict[WorkerAgentLoop, None] = {}  # an ordered set: first come first
+        self._assignments = itertools.count(1)
+        self.known_kinds: set[str] = set(config.kinds)
+        self._watchdog: asyncio.Task[None] | None = None
+
+    # -- the pool's own lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._watchdog = asyncio.create_task(self._watch_silence(), name="worker-watchdog")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        for session in list(self._sessions.values()):
+            self.detach(session, None)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def attach(self, worker_id: str, kinds: Iterable[str], capacity: int) -> WorkerSession:
+        """Registers a worker that said hello; raises when its hello is not acceptable."""
+        wid = validation.check_id("worker_id", worker_id)
+        announced = frozenset(kinds)
+        if not announced:
+            raise InvalidArgument(
+                "a worker must announce at least one agent kind",
+                reason="WORKER_PROTOCOL_VIOLATION",
+                metadata={"field": "agent_kinds"},
+            )
+        for kind in announced:
+            validation.check_id("agent_kinds", kind)
+        reserved = sorted(announced & self._reserved)
+        if reserved:
+            raise InvalidArgument(
+                f"agent kinds {', '.join(reserved)} are built into convsvc and run in-process; "
+                "announce other names",
+                reason="AGENT_KIND_RESERVED",
+                metadata={"field": "agent_kinds"},
+            )
+        if capacity < 1:
+            raise InvalidArgument(
+                f"capacity must be at least 1 (got {capacity})",
+                reason="WORKER_PROTOCOL_VIOLATION",
+                metadata={"field": "capacity"},
+            )
+        if wid in self._sessions:
+            raise AlreadyExists(
+                f"a worker with id {wid} is already attached; choose a unique worker_id",
+                reason="WORKER_ID_TAKEN",
+                metadata={"worker_id": wid},
+            )
+        session = WorkerSession(wid, announced, capacity, self._clock())
+        self._sessions[wid] = session
+        self.known_kinds |= announced
+        log.info("worker.attached", worker_id=wid, kinds=sorted(announced), capacity=capacity)
+        self._schedule()
+        return session
+
+    def detach(self, session: WorkerSession, error: ConvsvcError | None) -> None:
+        """Takes a worker out of service; its loops wait for another worker. ``error``, if
+        any, is the status its stream ends with."""
+        if session.detached:
+            return
+        session.detached = True
+        if self._sessions.get(session.worker_id) is session:
+            del self._sessions[session.worker_id]
+        session.outbox.put_nowait(error)
+        loops = list(session.loops.values())
+        session.loops.clear()
+        if error is not None:
+            log.warning(
+                "worker.detached",
+                worker_id=session.worker_id,
+                reason=error.reason,
+                error=error.message,
+                conversations=[loop.context.conversation_id for loop in loops],
+            )
+        else:
+            log.info("worker.left", worker_id=session.worker_id)
+        for loop in loops:
+            loop.worker_lost(session)
+        self._schedule()
+
+    def heard(self, session: WorkerSession) -> None:
+        session.last_heard = self._clock()
+
+    def workers(self) -> Iterator[WorkerSession]:
+        return iter(list(self._sessions.values()))
+
+    async def _watch_silence(self) -> None:
+        interval = self.config.ping_interval_seconds
+        while True:
+            await asyncio.sleep(interval)  # a periodic check, like the engine's idle cleanup
+            limit = self.config.silence_timeout_seconds
+            now = self._clock()
+            for session in list(self._sessions.values()):
+                if now - session.last_heard > limit:
+                    self.detach(
+                        session,
+                        DeadlineExceeded(
+                            f"worker {session.worker_id} sent nothing for {limit:g}s; "
+                            "its conversations go to other workers",
+                            reason="WORKER_SILENT",
+                            metadata={"worker_id": session.worker_id},
+                        ),
+                    )
+
+    # -- loops -------------------------------------------------------------------------------
+
+    def request(self, loop: WorkerAgentLoop) -> None:
+        """Queues a loop for the next worker of its kind with room."""
+        self._waiting[loop] = None
+        self._schedule()
+        if loop in self._waiting and not any(loop.kind in s.kinds for s in self._sessions.values()):
+            log.warning(
+                "worker.none_for_kind",
+                conversation_id=loop.context.conversation_id,
+                kind=loop.kind,
+            )
+
+    def withdraw(self, loop: WorkerAgentLoop) -> None:
+        self._waiting.pop(loop, None)
+
+    def release(self, session: WorkerSession, conversation_id: str, assignment: int) -> None:
+        """Ends an assignment convsvc took back (stop, give-up): the slot is free again."""
+        session.ended.add((conversation_id, assignment))
+        loop = session.loops.get(conversation_id)
+        if loop is not None and loop.assignment == assignment:
+            del session.loops[conversation_id]
+        self._schedule()
+
+    def _schedule(self) -> None:
+        for loop in list(self._waiting):
+            candidates = [
+                s for s in self._sessions.values() if loop.kind in s.kinds and s.free > 0
+            ]
+            if not candidates:
+                continue
+            session = min(candidates, key=lambda s: (len(s.loops) / s.capacity, s.worker_id))
+            del self._waiting[loop]
+            number = next(self._assignments)
+            session.loops[loop.context.conversation_id] = loop
+            log.info(
+                "worker.assigned",
+                conversation_id=loop.context.conversation_id,
+                worker_id=session.worker_id,
+                assignment=number,
+            )
+            loop.assign(session, number)
+
+    # -- what workers say about loops --------------------------------------------------------
+
+    def _loop_for(
+        self, session: WorkerSession, conversation_id: str, assignment: int
+    ) -> WorkerAgentLoop | None:
+        """The loop a message is about; None for an assignment convsvc already took back
+        (late messages are normal after a stop); raises for one never given to this worker."""
+        loop = session.loops.get(conversation_id)
+        if loop is not None and loop.assignment == assignment:
+            return loop
+        if (conversation_id, assignment) in session.ended:
+            return None
+        raise FailedPrecondition(
+            f"worker {session.worker_id} sent a message about conversation "
+            f"{validation.shown(conversation_id)}, assignment {assignment}, which it does not "
+            "hold",
+            reason="WORKER_NOT_ASSIGNED",
+            metadata={"worker_id": session.worker_id},
+        )
+
+    def on_events(
+        self,
+        session: WorkerSession,
+        conversation_id: str,
+        assignment: int,
+        events: list[IncomingEvent],
+    ) -> asyncio.Future[None] | None:
+        """Appends a loop's events; returns the durability of the last one appended."""
+        loop = self._loop_for(session, conversation_id, assignment)
+        if loop is None:
+            return None
+        return loop.accept(events)
+
+    def on_status(
+        self, session: WorkerSession, conversation_id: str, assignment: int, status: JsonObject
+    ) -> None:
+        loop = self._loop_for(session, conversation_id, assignment)
+        if loop is not None:
+            loop.context.publish_status(status)
+
+    def on_failed(
+        self, session: WorkerSession, conversation_id: str, assignment: int, message: str
+    ) -> None:
+        loop = self._loop_for(session, conversation_id, assignment)
+        if loop is None:
+            return
+        log.warning(
+            "worker.loop_failed",
+            conversation_id=conversation_id,
+            worker_id=session.worker_id,
+            message=validation.shown(message, 200),
+        )
+        del session.loops[conversation_id]
+        session.ended.add((conversation_id, assignment))
+        loop.worker_lost(session)
+        self._schedule()
+
+    def on_released(self, session: WorkerSession, conversation_id: str, assignment: int) -> None:
+        loop = self._loop_for(session, conversation_id, assignment)
+        if loop is not None:
+            loop.released(session)
+
+
+class AgentCatalog(Mapping[str, "Callable[[ConversationRuntime], AgentLoop]"]):
+    """The engine's agents by name: built-in ones, then every kind workers run (configured,
+    or announced by a worker that attached)."""
+
+    def __init__(
+        self,
+        in_process: Mapping[str, Callable[[ConversationRuntime], AgentLoop]],
+        pool: WorkerPool,
+    ) -> None:
+        self._in_process = dict(in_process)
+        self._pool = pool
+
+    def __getitem__(self, name: str) -> Callable[[ConversationRuntime], AgentLoop]:
+        if name in self._in_process:
+            return self._in_process[name]
+        if name in self._pool.known_kinds:
+            from convsvc.workers.loop import WorkerAgentLoop
+
+            pool = self._pool
+            return lambda runtime: WorkerAgentLoop(runtime, pool, name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._in_process) | self._pool.known_kinds))
+
+    def __len__(self) -> int:
+        return len(set(self._in_process) | self._pool.known_kinds)
