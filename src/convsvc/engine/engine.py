@@ -465,9 +465,7 @@ class ConversationEngine:
                 event_id = await runtime.agent.submit_user_event(
                     payload,
                     lambda event_id: (
-                        key.record({"conversation_id": cid, "event_id": event_id})
-                        if key
-                        else None
+                        key.record({"conversation_id": cid, "event_id": event_id}) if key else None
                     ),
                 )
                 return {"conversation_id": cid, "event_id": event_id}, True

@@ -175,9 +175,7 @@ class AgentWorkerServicer:
                         batch.conversation_id,
                         batch.assignment,
                         [
-                            IncomingEvent(
-                                e.id, e.source, struct_to_dict(e.payload), e.delivery_id
-                            )
+                            IncomingEvent(e.id, e.source, struct_to_dict(e.payload), e.delivery_id)
                             for e in batch.events
                         ],
                     )

@@ -271,7 +271,7 @@ class WorkerAgentLoop(AgentLoop):
             current.handover.cancel()
         if not current.released.done():
             current.released.set_result(None)
-        self._pool.release(current.session, self.context.conversation_id, current.number)
+        self._pool.release(current.session, self, current.number)
 
     def _give_up(self) -> None:
         """Too many assignments failed in a row: report it and wait for the user."""

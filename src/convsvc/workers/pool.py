@@ -152,6 +152,7 @@ class WorkerPool:
         self._assignments = itertools.count(1)
         self.known_kinds: set[str] = set(config.kinds)
         self._watchdog: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
 
     # -- the pool's own lifecycle ------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class WorkerPool:
         self.known_kinds |= announced
         log.info("worker.attached", worker_id=wid, kinds=sorted(announced), capacity=capacity)
         self._schedule()
+        self._notify()
         return session
 
     def detach(self, session: WorkerSession, error: ConvsvcError | None) -> None:
@@ -232,12 +234,32 @@ class WorkerPool:
         for loop in loops:
             loop.worker_lost(session)
         self._schedule()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wakes everyone waiting in ``wait_until`` (attach, detach, assignment)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Returns once ``condition()`` holds after some change of the pool (readiness
+        checks and tests); raises TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await self._changed.wait()
 
     def heard(self, session: WorkerSession) -> None:
         session.last_heard = self._clock()
 
     def workers(self) -> Iterator[WorkerSession]:
         return iter(list(self._sessions.values()))
+
+    def holder(self, conversation_id: str) -> str | None:
+        """The id of the worker running a conversation, if one is."""
+        for session in self._sessions.values():
+            if conversation_id in session.loops:
+                return session.worker_id
+        return None
 
     async def _watch_silence(self) -> None:
         interval = self.config.ping_interval_seconds
@@ -273,19 +295,18 @@ class WorkerPool:
     def withdraw(self, loop: WorkerAgentLoop) -> None:
         self._waiting.pop(loop, None)
 
-    def release(self, session: WorkerSession, conversation_id: str, assignment: int) -> None:
-        """Ends an assignment convsvc took back (stop, give-up): the slot is free again."""
+    def release(self, session: WorkerSession, loop: WorkerAgentLoop, assignment: int) -> None:
+        """Ends an assignment convsvc took back (stop, loss): the slot is free again."""
+        conversation_id = loop.context.conversation_id
         session.ended.add((conversation_id, assignment))
-        loop = session.loops.get(conversation_id)
-        if loop is not None and loop.assignment == assignment:
+        if session.loops.get(conversation_id) is loop:
             del session.loops[conversation_id]
         self._schedule()
+        self._notify()
 
     def _schedule(self) -> None:
         for loop in list(self._waiting):
-            candidates = [
-                s for s in self._sessions.values() if loop.kind in s.kinds and s.free > 0
-            ]
+            candidates = [s for s in self._sessions.values() if loop.kind in s.kinds and s.free > 0]
             if not candidates:
                 continue
             session = min(candidates, key=lambda s: (len(s.loops) / s.capacity, s.worker_id))
@@ -299,6 +320,7 @@ class WorkerPool:
                 assignment=number,
             )
             loop.assign(session, number)
+            self._notify()
 
     # -- what workers say about loops --------------------------------------------------------
 

@@ -1,0 +1,3 @@
+from convworker.cli import main
+
+main()

@@ -1,0 +1,172 @@
+"""Real ``convworker`` processes running ``worker-echo``: end to end, worker death, the death
+of one conversation's process, and close."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import grpc
+
+from convsvc.app import ConvsvcApp
+from convsvc.codec import dict_to_struct
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.helpers import echo_of, grpc_events_until, ids, log_violations
+from tests.workers.conftest import WorkerProcess, attached
+
+
+def message(text: str) -> pb.SendEventRequest:
+    return dict_to_struct({"action": "message", "args": {"content": text}})
+
+
+async def start(stub: pb_grpc.ConversationServiceStub, cid: str, first: str) -> None:
+    await stub.StartConversation(
+        pb.StartConversationRequest(
+            conversation_id=cid, agent="worker-echo", initial_user_message=message(first)
+        )
+    )
+
+
+async def send(stub: pb_grpc.ConversationServiceStub, cid: str, text: str) -> int:
+    response = await stub.SendEvent(
+        pb.SendEventRequest(conversation_id=cid, event=message(text)), timeout=30
+    )
+    return int(response.event_id)
+
+
+async def test_a_worker_runs_a_conversation_end_to_end(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "first")
+    await grpc_events_until(stub, "c1", echo_of("first"), timeout=30)
+    event_id = await send(stub, "c1", "second")
+    payloads = await grpc_events_until(stub, "c1", echo_of("second"), timeout=30)
+    assert not log_violations(payloads)
+    assert ids(payloads) == list(range(len(ids(payloads))))
+    sent = [p for p in payloads if p.get("source") == "user"]
+    assert [p["args"]["content"] for p in sent] == ["first", "second"]
+    assert sent[1]["id"] == event_id  # the send answered with the id the worker gave it
+    view = (
+        await stub.GetConversation(pb.GetConversationRequest(conversation_id="c1"))
+    ).conversation
+    assert view.agent == "worker-echo"
+    assert view.agent_state == "awaiting_user_input"
+
+
+async def test_a_killed_worker_s_conversation_continues_on_another(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    first = start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "before")
+    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    assert worker_app.workers.holder("c1") == "w1"
+    start_worker(worker_app.server.address, "w2")
+    await attached(worker_app, "w2")
+
+    first.kill()
+    await worker_app.workers.wait_until(lambda: worker_app.workers.holder("c1") == "w2", 30)
+    await send(stub, "c1", "after")
+    payloads = await grpc_events_until(stub, "c1", echo_of("after"), timeout=30)
+    assert not log_violations(payloads)
+    assert ids(payloads) == list(range(len(ids(payloads))))
+    contents = [p["args"]["content"] for p in payloads if p.get("source") == "user"]
+    assert contents == ["before", "after"]  # nothing lost, nothing repeated
+
+
+async def test_a_killed_conversation_process_is_started_again(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    worker = start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "one")
+    await grpc_events_until(stub, "c1", echo_of("one"), timeout=30)
+    [pid] = worker.conversation_pids()
+    assignment = worker_app.workers._sessions["w1"].loops["c1"].assignment
+
+    os.kill(pid, signal.SIGKILL)
+    await worker_app.workers.wait_until(
+        lambda: (
+            (session := worker_app.workers._sessions.get("w1")) is not None
+            and "c1" in session.loops
+            and session.loops["c1"].assignment > assignment
+        ),
+        30,
+    )
+    await send(stub, "c1", "two")
+    payloads = await grpc_events_until(stub, "c1", echo_of("two"), timeout=30)
+    assert not log_violations(payloads)
+    assert [p["args"]["content"] for p in payloads if p.get("source") == "user"] == ["one", "two"]
+    assert pid not in worker.conversation_pids()
+
+
+async def test_a_send_waits_for_a_worker_to_attach(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+    )
+    sending = stub.SendEvent(
+        pb.SendEventRequest(conversation_id="c1", event=message("early")), timeout=60
+    )
+    start_worker(worker_app.server.address, "late")
+    event_id = (await sending).event_id
+    payloads = await grpc_events_until(stub, "c1", echo_of("early"), timeout=30)
+    assert [p["id"] for p in payloads if p.get("source") == "user"] == [event_id]
+    assert not log_violations(payloads)
+
+
+async def test_close_stops_the_loop_on_its_worker_before_logging_stopped(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    worker = start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "hello")
+    await grpc_events_until(stub, "c1", echo_of("hello"), timeout=30)
+    await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
+    page = await stub.SearchEvents(pb.SearchEventsRequest(conversation_id="c1", page_size=100))
+    last = page.events[-1]
+    assert last.name == "agent_state_changed"
+    assert last.payload["extras"]["agent_state"] == "stopped"
+    assert worker_app.workers.holder("c1") is None
+    await worker_app.workers.wait_until(lambda: not worker.conversation_pids(), 10)
+    # Started again, it continues on a worker with its history.
+    await start(stub, "c1", "again")
+    payloads = await grpc_events_until(stub, "c1", echo_of("again"), timeout=30)
+    assert not log_violations(payloads)
+
+
+async def test_a_kind_without_workers_is_startable_and_unknown_kinds_are_refused(
+    stub: pb_grpc.ConversationServiceStub,
+) -> None:
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+    )
+    try:
+        await stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="c2", agent="no-such-kind")
+        )
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "worker-echo" in (exc.details() or "")
+    else:
+        raise AssertionError("an unknown kind was accepted")
