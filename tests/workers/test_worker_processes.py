@@ -13,7 +13,7 @@ from convsvc.app import ConvsvcApp
 from convsvc.codec import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
-from tests.helpers import echo_of, grpc_events_until, ids, log_violations
+from tests.helpers import echo_of, expect_error, grpc_events_until, ids, log_violations
 from tests.workers.conftest import WorkerProcess, attached
 
 
@@ -161,12 +161,11 @@ async def test_a_kind_without_workers_is_startable_and_unknown_kinds_are_refused
     await stub.StartConversation(
         pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
     )
-    try:
-        await stub.StartConversation(
+    details = await expect_error(
+        stub.StartConversation(
             pb.StartConversationRequest(conversation_id="c2", agent="no-such-kind")
-        )
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "worker-echo" in (exc.details() or "")
-    else:
-        raise AssertionError("an unknown kind was accepted")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_AGENT",
+    )
+    assert "worker-echo" in details

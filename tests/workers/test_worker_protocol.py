@@ -1,0 +1,283 @@
+"""Workers that break the protocol: each is detached with a precise status, and nothing it
+sent wrongly enters a log. A scripted client plays the worker, message by message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from convsvc.app import ConvsvcApp
+from convsvc.codec import dict_to_struct, struct_to_dict
+from convsvc.config import WorkersConfig
+from convsvc.v1 import agent_worker_service_pb2 as wpb
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.conftest import running_app
+from tests.helpers import error_info, log_violations
+from tests.workers.conftest import ScriptedWorker, attached
+
+STATE = {"observation": "agent_state_changed", "content": "", "extras": {"agent_state": "x"}}
+
+
+def events(cid: str, assignment: int, *batch: tuple[int, str, dict[str, Any]]) -> Any:
+    return wpb.AttachRequest(
+        events=wpb.LoopEvents(
+            conversation_id=cid,
+            assignment=assignment,
+            events=[
+                wpb.WorkerEvent(id=i, source=source, payload=dict_to_struct(payload))
+                for i, source, payload in batch
+            ],
+        )
+    )
+
+
+async def assigned_worker(
+    app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+    cid: str = "c1",
+) -> tuple[ScriptedWorker, wpb.AssignLoop]:
+    worker = scripted()
+    worker.hello("bad")
+    await worker.receive("welcome")
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id=cid, agent="worker-echo")
+    )
+    assign = await worker.receive("assign")
+    history = await worker.receive("history")
+    assert [e.id for e in history.events] == list(range(assign.next_event_id))
+    return worker, assign
+
+
+async def stored(stub: pb_grpc.ConversationServiceStub, cid: str) -> list[dict[str, Any]]:
+    page = await stub.SearchEvents(pb.SearchEventsRequest(conversation_id=cid, page_size=1000))
+    return [struct_to_dict(e.payload) for e in page.events]
+
+
+async def test_numbered_events_are_appended_and_a_send_gets_the_worker_s_id(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    first = assign.next_event_id
+    worker.send(events("c1", assign.assignment, (first, "environment", STATE)))
+    sending = stub.SendEvent(
+        pb.SendEventRequest(
+            conversation_id="c1",
+            event=dict_to_struct({"action": "message", "args": {"content": "hi"}}),
+        ),
+        timeout=10,
+    )
+    deliver = await worker.receive("deliver")
+    assert deliver.payload["action"] == "message"
+    worker.send(
+        wpb.AttachRequest(
+            events=wpb.LoopEvents(
+                conversation_id="c1",
+                assignment=assign.assignment,
+                events=[
+                    wpb.WorkerEvent(
+                        id=first + 1,
+                        source="user",
+                        payload=deliver.payload,
+                        delivery_id=deliver.delivery_id,
+                    )
+                ],
+            )
+        )
+    )
+    assert (await sending).event_id == first + 1
+    log = await stored(stub, "c1")
+    assert [e["id"] for e in log] == list(range(first + 2))
+    assert not log_violations(log)
+
+
+@pytest.mark.parametrize(
+    ("shift", "reason"),
+    [(1, "EVENT_ID_OUT_OF_SEQUENCE"), (-1, "EVENT_ID_OUT_OF_SEQUENCE")],
+    ids=["skip", "repeat"],
+)
+async def test_ids_that_skip_or_repeat_detach_the_worker(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+    shift: int,
+    reason: str,
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    before = await stored(stub, "c1")
+    bad = assign.next_event_id + shift
+    worker.send(events("c1", assign.assignment, (bad, "agent", {"action": "think"})))
+    error = await worker.ended_with()
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == reason
+    assert f"next id is {assign.next_event_id}" in (error.details() or "")
+    assert await stored(stub, "c1") == before
+    # The conversation waits for another worker; its log is unchanged.
+    assert worker_app.workers.holder("c1") is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"content": "neither action nor observation"}, {"action": ""}, {"action": 3}],
+    ids=["no-kind", "empty-action", "number-action"],
+)
+async def test_malformed_events_detach_the_worker_and_stay_out_of_the_log(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+    payload: dict[str, Any],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    before = await stored(stub, "c1")
+    first = assign.next_event_id
+    # A good event and a bad one in one batch: the batch is checked before any is appended.
+    worker.send(
+        events(
+            "c1", assign.assignment, (first, "environment", STATE), (first + 1, "agent", payload)
+        )
+    )
+    error = await worker.ended_with()
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "MALFORMED_WORKER_EVENT"
+    assert await stored(stub, "c1") == before
+
+
+async def test_an_unknown_source_is_malformed(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    worker.send(events("c1", assign.assignment, (assign.next_event_id, "root", STATE)))
+    error = await worker.ended_with()
+    assert error_info(error).reason == "MALFORMED_WORKER_EVENT"
+
+
+async def test_events_for_a_conversation_not_assigned_detach_the_worker(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    await stub.StartConversation(pb.StartConversationRequest(conversation_id="other"))
+    before = await stored(stub, "other")
+    worker.send(events("other", assign.assignment, (len(before), "agent", {"action": "think"})))
+    error = await worker.ended_with()
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(error).reason == "WORKER_NOT_ASSIGNED"
+    assert await stored(stub, "other") == before
+
+
+async def test_an_unknown_delivery_id_detaches_the_worker(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    worker.send(
+        wpb.AttachRequest(
+            events=wpb.LoopEvents(
+                conversation_id="c1",
+                assignment=assign.assignment,
+                events=[
+                    wpb.WorkerEvent(
+                        id=assign.next_event_id,
+                        source="user",
+                        payload=dict_to_struct({"action": "message"}),
+                        delivery_id="made-up",
+                    )
+                ],
+            )
+        )
+    )
+    error = await worker.ended_with()
+    assert error_info(error).reason == "WORKER_PROTOCOL_VIOLATION"
+
+
+async def test_a_silent_worker_is_detached_and_its_conversation_reassigned(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, _ = await assigned_worker(worker_app, stub, scripted)
+    error = await worker.ended_with(timeout=10)
+    assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error_info(error).reason == "WORKER_SILENT"
+    healthy = scripted()
+    healthy.hello("healthy")
+    await healthy.receive("welcome")
+    again = await healthy.receive("assign")
+    assert again.conversation_id == "c1"
+
+
+@pytest.mark.parametrize(
+    ("first", "code", "reason"),
+    [
+        (wpb.AttachRequest(ping=wpb.WorkerPing()), "INVALID_ARGUMENT", "WORKER_PROTOCOL_VIOLATION"),
+        (
+            wpb.AttachRequest(
+                hello=wpb.WorkerHello(worker_id="w", agent_kinds=["echo"], capacity=1)
+            ),
+            "INVALID_ARGUMENT",
+            "AGENT_KIND_RESERVED",
+        ),
+        (
+            wpb.AttachRequest(hello=wpb.WorkerHello(worker_id="w", agent_kinds=["k"], capacity=0)),
+            "INVALID_ARGUMENT",
+            "WORKER_PROTOCOL_VIOLATION",
+        ),
+        (
+            wpb.AttachRequest(
+                hello=wpb.WorkerHello(worker_id="w w", agent_kinds=["k"], capacity=1)
+            ),
+            "INVALID_ARGUMENT",
+            "INVALID_ID",
+        ),
+    ],
+    ids=["no-hello", "reserved-kind", "no-capacity", "bad-id"],
+)
+async def test_bad_hellos_are_refused(
+    scripted: Callable[..., ScriptedWorker], first: Any, code: str, reason: str
+) -> None:
+    worker = scripted()
+    worker.open(first)
+    error = await worker.ended_with()
+    assert error.code().name == code
+    assert error_info(error).reason == reason
+
+
+async def test_a_second_worker_with_the_same_id_is_refused(
+    worker_app: ConvsvcApp, scripted: Callable[..., ScriptedWorker]
+) -> None:
+    first = scripted()
+    first.hello("twin")
+    await first.receive("welcome")
+    second = scripted()
+    second.hello("twin")
+    error = await second.ended_with()
+    assert error.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert error_info(error).reason == "WORKER_ID_TAKEN"
+
+
+async def test_attach_needs_the_service_token(tmp_path: Path) -> None:
+    async with running_app(
+        tmp_path / "data", auth_token="s3cret", workers=WorkersConfig(kinds=("worker-echo",))
+    ) as app:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            anonymous = ScriptedWorker(channel)
+            anonymous.hello("w")
+            error = await anonymous.ended_with()
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            trusted = ScriptedWorker(channel, (("authorization", "Bearer s3cret"),))
+            trusted.hello("w")
+            await trusted.receive("welcome")
+            await attached(app, "w")
+            trusted.close()
