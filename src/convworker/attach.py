@@ -177,6 +177,7 @@ class Worker:
                 "workspace": str(
                     (self.settings.workspace_root / message.conversation_id).absolute()
                 ),
+                "worker_options": {"runtime": self.settings.openhands_runtime},
             },
         )
         self._loops[message.conversation_id] = loop

@@ -70,6 +70,7 @@ async def serve(socket_path: str, token: str) -> None:
         replay_events=message["replay_events"],
         history=message["history"],
         workspace=Path(message["workspace"]),
+        worker_options=message["worker_options"],
     )
     runner = runner_class(assignment.agent_kind)(assignment, SocketOutbox(writer))
     try:

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--capacity", type=int, help="conversations run at once")
     parser.add_argument("--workspace-root", help="directory of the conversations' workspaces")
+    parser.add_argument("--runtime", help="OpenHands runtime: cli (default) or docker")
     parser.add_argument(
         "--no-fork",
         action="store_true",
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["capacity"] = args.capacity
     if args.workspace_root:
         overrides["workspace_root"] = args.workspace_root
+    if args.runtime:
+        overrides["openhands_runtime"] = args.runtime
     if args.no_fork:
         overrides["fork"] = False
     settings = WorkerSettings(**overrides)

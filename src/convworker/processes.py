@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from convworker import wire
+from convworker.zygote import READY_FD_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ProcessLauncher:
         )
         os.chmod(self._socket, 0o600)  # settings with secrets cross it
         if self._fork:
+            read_end, write_end = os.pipe()
             self._zygote = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -82,7 +84,15 @@ class ProcessLauncher:
                 self._socket,
                 *self._kinds,
                 stdin=asyncio.subprocess.PIPE,
+                pass_fds=(write_end,),
+                env={**os.environ, READY_FD_VARIABLE: str(write_end)},
             )
+            os.close(write_end)
+            # Wait until the agent code is imported (seconds for OpenHands).
+            with os.fdopen(read_end, "rb") as ready:
+                line = await asyncio.to_thread(ready.readline)
+            if line.strip() != b"ready":
+                raise RuntimeError("the zygote process failed to import the agent code")
 
     async def stop(self) -> None:
         for process in list(self._processes):

@@ -23,6 +23,10 @@ class WorkerSettings(BaseSettings):
     """Conversations run at once (CONVSVC_WORKER_CAPACITY)."""
     workspace_root: Path = Path("./convsvc-workspaces")
     """Each conversation works in <workspace_root>/<conversation id> (CLI runtime)."""
+    openhands_runtime: str = "cli"
+    """OpenHands' runtime for its conversations: cli (needs only bash; one conversation per
+    process keeps its cwd and environment apart) or docker (production, needs a Docker
+    engine)."""
     fork: bool = True
     """Fork conversation processes from a zygote that imported the agent once (fast); false
     starts a new interpreter per conversation (slow, for comparison)."""

@@ -16,10 +16,15 @@ import sys
 from convworker import child
 from convworker.kinds import preload
 
+READY_FD_VARIABLE = "CONVWORKER_READY_FD"
+
 
 def main(socket_path: str, kinds: list[str]) -> None:
     for kind in kinds:
         preload(kind)
+    ready = os.fdopen(int(os.environ.pop(READY_FD_VARIABLE)), "w")
+    ready.write("ready\n")  # the worker attaches only now: its first fork is fast
+    ready.close()
     # Children are reaped by the kernel; each child restores the default for its own use.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     for line in sys.stdin:

@@ -40,6 +40,9 @@ class Assignment:
     history: list[JsonObject]
     """Events 0 to next_event_id - 1, each the whole OpenHands event dict."""
     workspace: Path
+    """The conversation's working directory (the CLI runtime's workspace)."""
+    worker_options: JsonObject
+    """The worker's own settings for its loops (e.g. {"runtime": "cli"}), not the user's."""
 
 
 class LoopRunner(ABC):
