@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.openhands.fake_llm import FakeLLM
+
 MANAGER_CLASS = "convclient.openhands.RemoteConversationManager"
 LLM_KEY = "sk-convsvc-test-4f1b2c3d9e8a7b6c"
 
@@ -53,6 +55,7 @@ class Convsvc:
     log_path: Path
     address: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         binary = os.environ.get("CONVSVC_SERVER_BIN")
@@ -62,6 +65,7 @@ class Convsvc:
         )
         ready = self.data_dir.parent / f"convsvc-ready-{time.monotonic_ns()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")}
+        env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -234,3 +238,106 @@ def replicas(
     yield first, second
     stop_process(first.process)
     stop_process(second.process)
+
+
+# -- agent workers: real OpenHands agents on convworker processes -------------------------
+
+AGENT_CONVSVC_ENV = {
+    "CONVSVC_ENGINE__DEFAULT_AGENT": "openhands",
+    # A killed worker's stream breaks at once; silence is the backstop.
+    "CONVSVC_WORKERS__PING_INTERVAL_SECONDS": "1",
+    "CONVSVC_WORKERS__SILENCE_TIMEOUT_SECONDS": "5",
+}
+
+
+@dataclass
+class AgentWorker:
+    """A ``convworker`` process running OpenHands in this venv."""
+
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    workspace_root: Path
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_agent_worker(root: Path, convsvc_address: str, worker_id: str) -> AgentWorker:
+    log_path = root / f"{worker_id}.log"
+    workspace_root = root / f"{worker_id}-workspaces"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
+        "LLM_NUM_RETRIES": "0",  # the fake LLM answers at once or the test fails
+    }
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "convworker",
+                "--address",
+                convsvc_address,
+                "--worker-id",
+                worker_id,
+                "--kind",
+                "openhands",
+                "--workspace-root",
+                str(workspace_root),
+            ],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    # The worker attaches once its zygote has imported OpenHands (about ten seconds).
+    wait_until(
+        lambda: "attached to" in log_path.read_text(errors="replace"),
+        f"worker {worker_id}",
+        process,
+        log_path,
+        120,
+    )
+    return AgentWorker(worker_id, process, log_path, workspace_root)
+
+
+@pytest.fixture(scope="module")
+def fake_llm() -> Iterator[FakeLLM]:
+    llm = FakeLLM().start()
+    yield llm
+    llm.stop()
+
+
+@pytest.fixture(scope="module")
+def agent_convsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Convsvc]:
+    root = tmp_path_factory.mktemp("agent-convsvc")
+    server = Convsvc(root / "data", root / "convsvc.log", extra_env=AGENT_CONVSVC_ENV)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def agent_workers(
+    tmp_path_factory: pytest.TempPathFactory, agent_convsvc: Convsvc
+) -> Iterator[list[AgentWorker]]:
+    """Workers attached to ``agent_convsvc``; tests may start more and kill them."""
+    root = tmp_path_factory.mktemp("workers")
+    workers = [start_agent_worker(root, agent_convsvc.address, "worker-a")]
+    yield workers
+    for worker in workers:
+        if worker.process.poll() is None:
+            stop_process(worker.process)
+
+
+@pytest.fixture(scope="module")
+def agent_openhands(
+    tmp_path_factory: pytest.TempPathFactory, agent_convsvc: Convsvc
+) -> Iterator[OpenHandsServer]:
+    server = start_openhands(tmp_path_factory.mktemp("agent-openhands"), agent_convsvc.address)
+    yield server
+    stop_process(server.process)

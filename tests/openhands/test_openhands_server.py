@@ -10,50 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-import socketio
 
 from convclient import AsyncConvsvcClient
+from tests.openhands.browser import EVENT_TIMEOUT, Browser
 from tests.openhands.conftest import LLM_KEY, Convsvc, OpenHandsServer
-
-EVENT_TIMEOUT = 30.0
-
-
-class Browser:
-    """A socket.io client connected to one conversation, recording its oh_event messages."""
-
-    def __init__(self, server: OpenHandsServer) -> None:
-        self._server = server
-        self.sio = socketio.AsyncClient(reconnection=False)
-        self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
-
-        @self.sio.on("oh_event")
-        async def on_event(data: dict[str, Any]) -> None:
-            self.events.append(data)
-            self._changed.set()
-
-    async def connect(self, conversation_id: str, latest_event_id: int = -1) -> None:
-        await self.sio.connect(
-            f"{self._server.url}?conversation_id={conversation_id}"
-            f"&latest_event_id={latest_event_id}",
-            transports=["websocket"],
-            wait_timeout=EVENT_TIMEOUT,
-        )
-
-    async def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> None:
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            while not done(self.events):
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def say(self, content: str) -> None:
-        await self.sio.emit("oh_user_action", {"action": "message", "args": {"content": content}})
-
-    def ids(self) -> list[int]:
-        return [e["id"] for e in self.events if "id" in e]
-
-    async def close(self) -> None:
-        await self.sio.disconnect()
 
 
 def echo_of(content: str) -> Callable[[list[dict[str, Any]]], bool]:

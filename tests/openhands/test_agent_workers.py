@@ -1,0 +1,205 @@
+"""Real OpenHands agents (CodeActAgent, the CLI runtime, a scripted LLM) on convworker
+processes, through OpenHands' own web server with RemoteConversationManager and through the
+gRPC API. The worker runs in this venv (this OpenHands release); convsvc in the main venv."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from convclient import AsyncConvsvcClient
+from tests.openhands.browser import EVENT_TIMEOUT, Browser
+from tests.openhands.conftest import (
+    LLM_KEY,
+    AgentWorker,
+    Convsvc,
+    OpenHandsServer,
+    start_agent_worker,
+)
+from tests.openhands.fake_llm import TITLE, FakeLLM
+
+CUSTOM_SECRET = "custom-secret-7d3f9a1c55e2"
+
+Events = list[dict[str, Any]]
+
+
+def finished_tasks(events: Events) -> int:
+    return sum(1 for e in events if e.get("action") == "finish")
+
+
+def tasks_done(count: int) -> Callable[[Events], bool]:
+    """True once ``count`` tasks finished and the agent reported it."""
+
+    def done(events: Events) -> bool:
+        states = [
+            e["extras"]["agent_state"]
+            for e in events
+            if e.get("observation") == "agent_state_changed"
+        ]
+        return finished_tasks(events) >= count and bool(states) and states[-1] == "finished"
+
+    return done
+
+
+def commands(events: Events) -> list[str]:
+    return [e["args"]["command"] for e in events if e.get("action") == "run"]
+
+
+def exit_codes(events: Events) -> list[int]:
+    codes = []
+    for event in events:
+        if event.get("observation") == "run":
+            extras = event.get("extras", {})
+            codes.append(extras.get("metadata", {}).get("exit_code", extras.get("exit_code")))
+    return codes
+
+
+def assert_once_in_order(ids: list[int]) -> None:
+    assert ids == sorted(ids), f"out of order: {ids}"
+    assert len(ids) == len(set(ids)), f"duplicates: {ids}"
+
+
+def settings(fake_llm: FakeLLM) -> dict[str, Any]:
+    # A model litellm knows to call tools natively; the fake LLM serves it.
+    return {
+        "llm_model": "openai/gpt-4o",
+        "llm_api_key": LLM_KEY,
+        "llm_base_url": fake_llm.base_url,
+        "agent": "CodeActAgent",
+    }
+
+
+@pytest.fixture
+async def rest(
+    agent_openhands: OpenHandsServer, fake_llm: FakeLLM, agent_workers: list[AgentWorker]
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=agent_openhands.url, timeout=EVENT_TIMEOUT) as client:
+        response = await client.post("/api/settings", json=settings(fake_llm))
+        assert response.status_code == 200, response.text
+        yield client
+
+
+async def tail_until(
+    client: AsyncConvsvcClient, conversation_id: str, done: Callable[[Events], bool]
+) -> Events:
+    events: Events = []
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        async for batch in client.tail_events(conversation_id):
+            events.extend(event.payload for event in batch.events)
+            if done(events):
+                return events
+    raise AssertionError("the stream ended")
+
+
+async def test_a_task_typed_in_the_browser_runs_a_command_and_finishes(
+    agent_openhands: OpenHandsServer, rest: httpx.AsyncClient, fake_llm: FakeLLM
+) -> None:
+    response = await rest.post(
+        "/api/conversations", json={"initial_user_msg": "run: echo first-task"}
+    )
+    assert response.status_code == 200, response.text
+    conversation_id = response.json()["conversation_id"]
+    browser = Browser(agent_openhands)
+    await browser.connect(conversation_id)
+    await browser.until(tasks_done(1))
+    assert commands(browser.events) == ["echo first-task"]
+    assert exit_codes(browser.events) == [0]
+    statuses = [e.get("id") for e in browser.events if e.get("status_update")]
+    assert "STATUS$STARTING_RUNTIME" in statuses
+
+    await browser.say("run: echo second-task")
+    await browser.until(tasks_done(2))
+    assert commands(browser.events) == ["echo first-task", "echo second-task"]
+    assert exit_codes(browser.events) == [0, 0]
+    assert_once_in_order(browser.ids())
+
+    info = (await rest.get(f"/api/conversations/{conversation_id}")).json()
+    assert info["title"] == TITLE
+    assert info["last_updated_at"] > info["created_at"]
+    await browser.close()
+
+
+async def test_two_conversations_work_in_their_own_workspaces(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        for cid in ("where-a", "where-b"):
+            await client.start_conversation(
+                cid,
+                settings=settings(fake_llm),
+                initial_user_message={
+                    "action": "message",
+                    "args": {"content": "run: pwd > where.txt"},
+                },
+            )
+        await asyncio.gather(
+            *(tail_until(client, cid, tasks_done(1)) for cid in ("where-a", "where-b"))
+        )
+    [worker] = agent_workers[:1]
+    for cid in ("where-a", "where-b"):
+        workspace = worker.workspace_root / cid
+        assert Path((workspace / "where.txt").read_text().strip()) == workspace.resolve()
+
+
+async def test_secrets_reach_the_agent_but_no_file_or_log(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        await client.start_conversation(
+            "secrets",
+            settings={
+                **settings(fake_llm),
+                "custom_secrets": {"MY_TOKEN": {"secret": CUSTOM_SECRET, "description": ""}},
+            },
+            initial_user_message={
+                "action": "message",
+                "args": {"content": "run: echo $MY_TOKEN > token.txt"},
+            },
+        )
+        await tail_until(client, "secrets", tasks_done(1))
+    worker = agent_workers[0]
+    # The agent's shell had the secret, and the LLM was called with the key...
+    assert (worker.workspace_root / "secrets" / "token.txt").read_text().strip() == CUSTOM_SECRET
+    assert f"Bearer {LLM_KEY}" in fake_llm.api_keys
+    # ...but neither is in convsvc's files or log, nor in the worker's log.
+    stored = agent_convsvc.stored_and_logged_bytes() + worker.log_path.read_bytes()
+    assert CUSTOM_SECRET.encode() not in stored
+    assert LLM_KEY.encode() not in stored
+
+
+async def test_a_killed_worker_s_conversation_continues_with_its_history(
+    tmp_path: Path,
+    agent_openhands: OpenHandsServer,
+    agent_convsvc: Convsvc,
+    agent_workers: list[AgentWorker],
+    rest: httpx.AsyncClient,
+    fake_llm: FakeLLM,
+) -> None:
+    response = await rest.post(
+        "/api/conversations", json={"initial_user_msg": "run: echo before-the-kill"}
+    )
+    conversation_id = response.json()["conversation_id"]
+    browser = Browser(agent_openhands)
+    await browser.connect(conversation_id)
+    await browser.until(tasks_done(1))
+
+    replacement = start_agent_worker(tmp_path, agent_convsvc.address, "worker-b")
+    agent_workers.append(replacement)
+    agent_workers[0].kill()  # kill -9 of the worker that runs the conversation
+
+    await browser.say("run: echo after-the-kill")
+    await browser.until(tasks_done(2))
+    assert commands(browser.events) == ["echo before-the-kill", "echo after-the-kill"]
+    assert_once_in_order(browser.ids())
+    # The restored agent showed the LLM what happened before the kill.
+    prompt = fake_llm.prompts()[-1]
+    assert "before-the-kill" in prompt and "after-the-kill" in prompt
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        stored = [e.id async for e in client.iter_events(conversation_id)]
+    assert stored == list(range(len(stored)))
+    await browser.close()
