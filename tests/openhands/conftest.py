@@ -242,6 +242,17 @@ def replicas(
 
 # -- agent workers: real OpenHands agents on convworker processes -------------------------
 
+MICROAGENT = """---
+name: convsvc-test
+type: knowledge
+version: 1.0.0
+agent: CodeActAgent
+triggers:
+- convsvc-test
+---
+A knowledge microagent the tests install for the web tier.
+"""
+
 AGENT_CONVSVC_ENV = {
     "CONVSVC_ENGINE__DEFAULT_AGENT": "openhands",
     # A killed worker's stream breaks at once; silence is the backstop.
@@ -338,6 +349,11 @@ def agent_workers(
 def agent_openhands(
     tmp_path_factory: pytest.TempPathFactory, agent_convsvc: Convsvc
 ) -> Iterator[OpenHandsServer]:
-    server = start_openhands(tmp_path_factory.mktemp("agent-openhands"), agent_convsvc.address)
+    root = tmp_path_factory.mktemp("agent-openhands")
+    # A user microagent (OpenHands reads ~/.openhands/microagents) for the /microagents route.
+    microagents = root / "home" / ".openhands" / "microagents"
+    microagents.mkdir(parents=True)
+    (microagents / "convsvc-test.md").write_text(MICROAGENT)
+    server = start_openhands(root, agent_convsvc.address, HOME=str(root / "home"))
     yield server
     stop_process(server.process)

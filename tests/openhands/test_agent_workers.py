@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from convclient import AsyncConvsvcClient
+from convclient.openhands.compat import openhands_version
 from tests.openhands.browser import EVENT_TIMEOUT, Browser
 from tests.openhands.conftest import (
     LLM_KEY,
@@ -203,3 +204,19 @@ async def test_a_killed_worker_s_conversation_continues_with_its_history(
         stored = [e.id async for e in client.iter_events(conversation_id)]
     assert stored == list(range(len(stored)))
     await browser.close()
+
+
+@pytest.mark.skipif(
+    openhands_version() < (0, 54), reason="the /microagents route came with OpenHands 0.54"
+)
+async def test_the_microagents_route_answers_for_a_remote_conversation(
+    agent_openhands: OpenHandsServer, rest: httpx.AsyncClient
+) -> None:
+    response = await rest.post("/api/conversations", json={"initial_user_msg": "run: true"})
+    conversation_id = response.json()["conversation_id"]
+    listed = await rest.get(f"/api/conversations/{conversation_id}/microagents")
+    assert listed.status_code == 200, listed.text
+    [microagent] = listed.json()["microagents"]
+    assert microagent["name"] == "convsvc-test"
+    assert microagent["type"] == "knowledge"
+    assert microagent["triggers"] == ["convsvc-test"]

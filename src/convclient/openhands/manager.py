@@ -35,7 +35,9 @@ from convclient.models import Conversation, ConversationStatus
 from convclient.openhands.compat import replays_through_join
 from convclient.openhands.conversation import RemoteConversation
 from convclient.openhands.event_store import RemoteEventStore
+from convclient.openhands.metadata import MetadataFollower
 from convclient.openhands.relay import ConnectionRelay
+from convclient.openhands.remote_session import RemoteAgentSession
 from convclient.requests import new_request_id
 from convclient.sync_client import ConvsvcClient
 
@@ -47,17 +49,37 @@ _STATUS = {
     ConversationStatus.RUNNING: OpenHandsStatus.RUNNING,
     ConversationStatus.STOPPED: OpenHandsStatus.STOPPED,
 }
-# Containers of git tokens and custom secrets the agent loop in convsvc has no use for yet.
-_UNSENT_SETTINGS = {"secrets_store", "git_provider_tokens", "custom_secrets"}
+# Secret containers pydantic cannot dump as JSON; sent in their own shape (see below).
+_SECRET_CONTAINERS = {"secrets_store", "git_provider_tokens", "custom_secrets"}
 
 
 def settings_to_json(settings: Settings) -> dict[str, Any]:
-    """The user's settings as JSON, secrets included: convsvc needs the LLM key to run an
-    agent, and it redacts secrets before anything is stored or logged."""
-    fields = set(type(settings).model_fields) - _UNSENT_SETTINGS
+    """The user's settings as JSON, secrets included: the agent worker needs the LLM key, git
+    tokens and custom secrets; convsvc keeps them in memory only (never stored or logged).
+
+    ``git_provider_tokens`` becomes {provider: {"token", "user_id", "host"}} and
+    ``custom_secrets`` {name: {"secret", "description"}} (ConversationInitData's fields).
+    """
+    fields = set(type(settings).model_fields) - _SECRET_CONTAINERS
     dumped: dict[str, Any] = settings.model_dump(
         mode="json", include=fields, context={"expose_secrets": True}
     )
+    tokens = getattr(settings, "git_provider_tokens", None) or {}
+    if tokens:
+        dumped["git_provider_tokens"] = {
+            getattr(provider, "value", str(provider)): {
+                "token": token.token.get_secret_value() if token.token else "",
+                "user_id": token.user_id,
+                "host": token.host,
+            }
+            for provider, token in tokens.items()
+        }
+    secrets = getattr(settings, "custom_secrets", None) or {}
+    if secrets:
+        dumped["custom_secrets"] = {
+            name: {"secret": secret.secret.get_secret_value(), "description": secret.description}
+            for name, secret in secrets.items()
+        }
     return dumped
 
 
@@ -107,6 +129,7 @@ class RemoteConversationManager(ConversationManager):
         # What each local connection joined with, to join again after a service restart.
         self._joins: dict[str, _Join] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._followers: dict[str, MetadataFollower] = {}
 
     @classmethod
     def get_instance(
@@ -128,7 +151,9 @@ class RemoteConversationManager(ConversationManager):
 
     async def __aexit__(self, exc_type: object, exc_value: object, traceback: object) -> None:
         tasks = [relay.stop() for relay in self._relays.values()]
+        tasks += [follower.stop() for follower in self._followers.values()]
         self._relays.clear()
+        self._followers.clear()
         await asyncio.gather(*tasks)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
@@ -167,6 +192,7 @@ class RemoteConversationManager(ConversationManager):
             initial_user_message=event_to_dict(initial_user_msg) if initial_user_msg else None,
             replay_events=json.loads(replay_json) if replay_json else (),
         )
+        self._follow_metadata(sid, user_id, settings, conversation.latest_event_id + 1)
         return self._loop_info(conversation, user_id)
 
     async def join_conversation(
@@ -176,6 +202,7 @@ class RemoteConversationManager(ConversationManager):
         join = _Join(sid, _user(user_id), settings_to_json(settings))
         conversation = await self._join(connection_id, join)
         self._joins[connection_id] = join
+        self._follow_metadata(sid, user_id, settings, conversation.latest_event_id + 1)
         replay_by_openhands = replays_through_join()
         relay = ConnectionRelay(
             client=self.client,
@@ -227,6 +254,9 @@ class RemoteConversationManager(ConversationManager):
         await self.client.disconnect(connection_id)
 
     async def close_session(self, sid: str) -> None:
+        follower = self._followers.pop(sid, None)
+        if follower is not None:
+            await follower.stop()
         await self.client.close_conversation(sid)
 
     # -- what OpenHands' routes ask ---------------------------------------------------------
@@ -269,17 +299,24 @@ class RemoteConversationManager(ConversationManager):
             for conversation in await self._running(user_id, filter_to_sids)
         ]
 
-    def get_agent_session(self, sid: str) -> None:
-        """The agent session runs in convsvc: there is none in this process."""
-        return None
+    def get_agent_session(self, sid: str) -> RemoteAgentSession:
+        """A stand-in for the agent session, which runs on an agent worker: it answers what
+        OpenHands' routes ask of it (0.62's /microagents) from this process."""
+        return RemoteAgentSession(sid)
 
     async def request_llm_completion(
         self, sid: str, service_id: str, llm_config: Any, messages: list[dict[str, str]]
     ) -> str:
-        raise NotImplementedError(
-            "LLM completions for a conversation (e.g. generated titles) are not available "
-            "while conversations run in convsvc"
+        """Answered here with the LLM configuration OpenHands passes (its standalone manager
+        uses the conversation's own LLM registry, which lives on the worker): the cost is not
+        added to the conversation's."""
+        from openhands.llm.llm_registry import LLMRegistry
+
+        registry = LLMRegistry(self.config)
+        answer: str = await asyncio.to_thread(
+            registry.request_extraneous_completion, service_id, llm_config, messages
         )
+        return answer
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -319,6 +356,24 @@ class RemoteConversationManager(ConversationManager):
             or RemoteEventStore(self.sync_client, conversation.conversation_id, user_id),
             status=_STATUS[conversation.status],
         )
+
+    def _follow_metadata(
+        self, sid: str, user_id: str | None, settings: Settings, start_id: int
+    ) -> None:
+        follower = self._followers.get(sid)
+        if follower is not None and follower.running:
+            return
+        follower = MetadataFollower(
+            self.client,
+            sid,
+            user_id,
+            settings,
+            self.config,
+            self.server_config,
+            lambda data: self.sio.emit("oh_event", data, to=ROOM_KEY.format(sid=sid)),
+        )
+        self._followers[sid] = follower
+        follower.start(start_id)
 
     async def _heartbeat_loop(self) -> None:
         interval = 10.0
