@@ -4,30 +4,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-NODE_PROJECT = Path(__file__).parent / "node"
-PROTOS = Path(__file__).parents[2] / "protos"
-
-
-@pytest.fixture(scope="session")
-def node_client() -> Path:
-    """The Node project with its npm packages installed (exact versions, no lock file)."""
-    for tool in ("node", "npm"):
-        assert shutil.which(tool), f"{tool} is needed for the polyglot test (Node.js 18+)"
-    subprocess.run(
-        ["npm", "install", "--no-package-lock", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=NODE_PROJECT,
-        check=True,
-        timeout=300,
-    )
-    return NODE_PROJECT / "client.mjs"
+from tests.polyglot.conftest import PROTOS
 
 
 def test_node_client_drives_the_service(

@@ -1,0 +1,141 @@
+// An agent worker in Node.js, built from protos/ alone: it attaches to convsvc over the worker
+// protocol (convsvc.v1.AgentWorkerService) and runs the echo behaviour as the agent kind
+// "node-echo", numbering its events from each assignment's next_event_id.
+// Usage: node echo_worker.mjs HOST:PORT PROTOS_DIR WORKER_ID
+// Prints {"step": "attached"} once convsvc welcomed it, and one JSON line per assignment end.
+import path from "node:path";
+import grpc from "@grpc/grpc-js";
+import protoLoader from "@grpc/proto-loader";
+
+const [address, protosDir, workerId] = process.argv.slice(2);
+const KIND = "node-echo";
+
+const definition = protoLoader.loadSync(path.join(protosDir, "convsvc/v1/agent_worker_service.proto"), {
+  includeDirs: [protosDir],
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const { AgentWorkerService } = grpc.loadPackageDefinition(definition).convsvc.v1;
+const client = new AgentWorkerService(address, grpc.credentials.createInsecure());
+
+function toValue(value) {
+  if (value === null || value === undefined) return { nullValue: "NULL_VALUE" };
+  if (typeof value === "number") return { numberValue: value };
+  if (typeof value === "string") return { stringValue: value };
+  if (typeof value === "boolean") return { boolValue: value };
+  if (Array.isArray(value)) return { listValue: { values: value.map(toValue) } };
+  return { structValue: toStruct(value) };
+}
+function toStruct(object) {
+  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) };
+}
+function fromValue(value) {
+  switch (value.kind) {
+    case "structValue": return fromStruct(value.structValue);
+    case "listValue": return value.listValue.values.map(fromValue);
+    case "numberValue": return value.numberValue;
+    case "stringValue": return value.stringValue;
+    case "boolValue": return value.boolValue;
+    default: return null;
+  }
+}
+function fromStruct(struct) {
+  return Object.fromEntries(Object.entries(struct.fields).map(([k, v]) => [k, fromValue(v)]));
+}
+const say = (line) => process.stdout.write(JSON.stringify(line) + "\n");
+const state = (agentState) => ({
+  observation: "agent_state_changed",
+  content: "",
+  extras: { agent_state: agentState, reason: "" },
+  message: `Agent state changed to ${agentState}`,
+});
+
+const stream = client.Attach();
+const loops = new Map(); // conversation id -> { assignment, nextId, history, started, initial }
+
+function emit(loop, cid, source, payload, deliveryId = "") {
+  stream.write({
+    events: {
+      conversation_id: cid,
+      assignment: loop.assignment,
+      events: [{ id: loop.nextId, source, payload: toStruct(payload), delivery_id: deliveryId }],
+    },
+  });
+  loop.nextId += 1;
+}
+
+function deliver(loop, cid, deliveryId, payload) {
+  emit(loop, cid, "user", payload, deliveryId);
+  if (payload.action !== "message") return;
+  const content = String(payload.args?.content ?? "");
+  emit(loop, cid, "environment", state("running"));
+  emit(loop, cid, "agent", {
+    action: "message",
+    message: content,
+    args: { content, image_urls: null, wait_for_response: true },
+  });
+  emit(loop, cid, "environment", state("awaiting_user_input"));
+}
+
+function startWhenComplete(loop, cid) {
+  if (loop.started || loop.history < loop.nextId) return;
+  loop.started = true;
+  emit(loop, cid, "environment", state("awaiting_user_input"));
+  if (loop.initial) deliver(loop, cid, "", loop.initial);
+}
+
+stream.on("data", (message) => {
+  switch (message.message) {
+    case "welcome": {
+      const interval = Number(message.welcome.ping_interval.seconds) * 1000 +
+        message.welcome.ping_interval.nanos / 1e6;
+      setInterval(() => stream.write({ ping: {} }), interval / 2).unref();
+      say({ step: "attached", worker_id: message.welcome.worker_id });
+      break;
+    }
+    case "assign": {
+      const a = message.assign;
+      const loop = {
+        assignment: a.assignment,
+        nextId: a.next_event_id,
+        history: 0,
+        started: false,
+        initial: a.initial_user_message ? fromStruct(a.initial_user_message) : null,
+      };
+      loops.set(a.conversation_id, loop);
+      startWhenComplete(loop, a.conversation_id);
+      break;
+    }
+    case "history": {
+      const loop = loops.get(message.history.conversation_id);
+      if (!loop || loop.assignment !== message.history.assignment) break;
+      loop.history += message.history.events.length;
+      startWhenComplete(loop, message.history.conversation_id);
+      break;
+    }
+    case "deliver": {
+      const d = message.deliver;
+      const loop = loops.get(d.conversation_id);
+      if (loop && loop.assignment === d.assignment) deliver(loop, d.conversation_id, d.delivery_id, fromStruct(d.payload));
+      break;
+    }
+    case "stop": {
+      const s = message.stop;
+      loops.delete(s.conversation_id);
+      stream.write({ released: { conversation_id: s.conversation_id, assignment: s.assignment } });
+      say({ step: "released", conversation_id: s.conversation_id });
+      break;
+    }
+  }
+});
+stream.on("error", (error) => {
+  say({ step: "error", code: grpc.status[error.code], details: error.details });
+  process.exit(1);
+});
+stream.on("end", () => process.exit(0));
+process.on("SIGTERM", () => { stream.end(); });
+
+stream.write({ hello: { worker_id: workerId, agent_kinds: [KIND], capacity: 4 } });

@@ -1,0 +1,68 @@
+"""The worker protocol is language-neutral: a Node.js worker built from protos/ alone serves
+an agent kind ("node-echo") end to end through a real `convsvc serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from convclient import AsyncConvsvcClient
+from tests.polyglot.conftest import PROTOS
+
+
+async def read_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert line, "the Node worker exited"
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+async def test_a_node_worker_serves_a_conversation(
+    node_client: Path, server_process: Callable[..., Any]
+) -> None:
+    address = server_process().start()
+    worker = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_client.parent / "echo_worker.mjs"),
+        address,
+        str(PROTOS),
+        "node-1",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        attached = await read_line(worker)
+        assert attached == {"step": "attached", "worker_id": "node-1"}
+        async with AsyncConvsvcClient(address=address) as client:
+            await client.start_conversation(
+                "from-node",
+                agent="node-echo",
+                initial_user_message={"action": "message", "args": {"content": "first"}},
+            )
+            sent = await client.send_event(
+                {"action": "message", "args": {"content": "second"}},
+                conversation_id="from-node",
+            )
+            events = []
+            async with asyncio.timeout(30):
+                async for batch in client.tail_events("from-node"):
+                    events.extend(batch.events)
+                    replies = [
+                        e.payload["message"]
+                        for e in events
+                        if e.source == "agent" and e.payload.get("action") == "message"
+                    ]
+                    if replies == ["first", "second"]:
+                        break
+            assert [e.id for e in events] == list(range(len(events)))
+            assert sent.event_id in [e.id for e in events if e.source == "user"]
+            closed = await client.close_conversation("from-node")
+            assert closed.status.value == "STOPPED"
+        released = await read_line(worker)
+        assert released == {"step": "released", "conversation_id": "from-node"}
+    finally:
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 10)
