@@ -74,8 +74,16 @@ def in_process_engine(count: int) -> dict[str, float]:
 
 
 def remote_manager(openhands_python: Path, address: str, count: int) -> dict[str, Any]:
+    return _in_openhands(openhands_python, "benchmarks.adapter_remote", address, count)
+
+
+def openhands_agents(openhands_python: Path, address: str, count: int) -> dict[str, Any]:
+    return _in_openhands(openhands_python, "benchmarks.agents_remote", address, count)
+
+
+def _in_openhands(openhands_python: Path, module: str, address: str, count: int) -> dict[str, Any]:
     finished = subprocess.run(
-        [str(openhands_python), "-m", "benchmarks.adapter_remote", address, str(count)],
+        [str(openhands_python), "-m", module, address, str(count)],
         cwd=ROOT,
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
@@ -87,6 +95,6 @@ def remote_manager(openhands_python: Path, address: str, count: int) -> dict[str
         check=False,
     )
     if finished.returncode != 0:
-        raise RuntimeError(f"the adapter benchmark failed:\n{finished.stderr[-3000:]}")
+        raise RuntimeError(f"{module} failed:\n{finished.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
     return result

@@ -293,3 +293,65 @@ def list_all(address: str, rounds: int, page_size: int) -> dict[str, float]:
         }
 
     return run_async(run())
+
+
+def worker_relay(address: str, total: int, batch: int) -> dict[str, float]:
+    """A worker that emits ``total`` events as fast as it can, ``batch`` per message; the
+    rate is measured at a subscriber of the conversation (every event durable and streamed)."""
+    return asyncio.run(_worker_relay(address, total, batch))
+
+
+async def _worker_relay(address: str, total: int, batch: int) -> dict[str, float]:
+    from convsvc.v1 import agent_worker_service_pb2 as wpb
+    from convsvc.v1 import agent_worker_service_pb2_grpc as wpb_grpc
+
+    payload = struct({"action": "message", "args": {"content": "x" * 100}, "message": "x" * 100})
+    outgoing: asyncio.Queue[Any] = asyncio.Queue()
+    outgoing.put_nowait(
+        wpb.AttachRequest(
+            hello=wpb.WorkerHello(worker_id="relay", agent_kinds=["bench-relay"], capacity=1)
+        )
+    )
+
+    async def requests() -> Any:
+        while (message := await outgoing.get()) is not None:
+            yield message
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        call = wpb_grpc.AgentWorkerServiceStub(channel).Attach(requests())
+        await call.read()  # welcome
+        await stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="relay", agent="bench-relay")
+        )
+        assign = (await call.read()).assign
+        next_id = assign.next_event_id
+        while next_id:  # the history: convsvc's loading event
+            next_id -= len((await call.read()).history.events)
+        first = assign.next_event_id
+        last = first + total - 1
+        began = time.perf_counter()
+        for start in range(first, last + 1, batch):
+            outgoing.put_nowait(
+                wpb.AttachRequest(
+                    events=wpb.LoopEvents(
+                        conversation_id="relay",
+                        assignment=assign.assignment,
+                        events=[
+                            wpb.WorkerEvent(id=i, source="agent", payload=payload)
+                            for i in range(start, min(start + batch, last + 1))
+                        ],
+                    )
+                )
+            )
+        stream = stub.StreamEvents(
+            pb.StreamEventsRequest(conversation_id="relay", start_id=first), timeout=300
+        )
+        async for response in stream:
+            if response.events and response.events[-1].id >= last:
+                break
+        elapsed = time.perf_counter() - began
+        stream.cancel()
+        outgoing.put_nowait(None)
+        call.cancel()
+    return {"events_per_s": total / elapsed, "seconds": elapsed}

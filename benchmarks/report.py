@@ -109,6 +109,10 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"{results['durability']['commit_per_event_appends_per_s']:,.0f}: "
         f"{results['durability']['ratio']:.1f}x |",
         _adapter_row(results["adapter"]),
+        f"| worker relay | {results['worker_relay']['events_per_s']:,.0f} events/s from a "
+        f"worker emitting as fast as it can, vs catch-up "
+        f"{results['catch_up']['events_per_s']:,.0f} events/s |",
+        *_agents_rows(results["agents"]),
         "",
         "| goal | measured | target | met |",
         "| --- | --- | --- | --- |",
@@ -152,6 +156,25 @@ def _adapter_row(adapter: dict[str, Any]) -> str:
         f"in-process p50 {local['p50_ms']:.3f} ms ({local['messages_per_s']:,.0f}/s): "
         f"{adapter['p50_ratio']:.1f}x the latency |"
     )
+
+
+def _agents_rows(agents: dict[str, Any]) -> list[str]:
+    if "task_ratio" not in agents:
+        return [f"| OpenHands agents | {agents['status']} |"]
+    memory = agents["memory"]
+    fits = 24 * 1024 / memory["pss_mib_mean"] if memory["pss_mib_mean"] else float("nan")
+    return [
+        f"| OpenHands: start -> first agent event | warm fork p50 "
+        f"{agents['first_event_warm']['p50_ms']:,.0f} ms, cold process p50 "
+        f"{agents['first_event_cold']['p50_ms']:,.0f} ms, standalone manager in-process p50 "
+        f"{agents['first_event_standalone']['p50_ms']:,.0f} ms |",
+        f"| OpenHands: message -> command -> finish | RemoteConversationManager p50 "
+        f"{agents['task_remote']['p50_ms']:,.0f} ms vs standalone "
+        f"{agents['task_standalone']['p50_ms']:,.0f} ms: {agents['task_ratio']:.2f}x |",
+        f"| OpenHands: memory per conversation | PSS {memory['pss_mib_mean']:.0f} MiB "
+        f"(worker and zygote {memory['worker_and_zygote_pss_mib']:.0f} MiB once): about "
+        f"{fits:,.0f} conversations in 24 GiB |",
+    ]
 
 
 def write(results: dict[str, Any], checked: list[Goal], out: Path) -> tuple[Path, Path]:

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     results["scale"] = scenarios.scale(sizes, progress)
     results["durability"] = scenarios.durability(sizes, progress)
     results["adapter"] = scenarios.adapter(sizes, progress, args.openhands_python)
+    results["worker_relay"] = scenarios.worker_relay(sizes, progress)
+    results["agents"] = scenarios.agents(sizes, progress, args.openhands_python)
     checked = report.goals(results)
     print(report.table(results, checked))
     json_path, png_path = report.write(results, checked, args.out)

@@ -218,6 +218,25 @@ def durability(sizes: Sizes, progress: Progress) -> dict[str, Any]:
     }
 
 
+def worker_relay(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    """Events/s through the worker hop: a worker emitting as fast as it can, batched like the
+    catch-up stream, against the catch-up figure (the same events read from the log)."""
+    with convsvc_server(workers__kinds='["bench-relay"]') as server:
+        progress(f"worker relay: {sizes.catch_up_events:,} events from a worker")
+        return in_process(load.worker_relay, server.address, sizes.catch_up_events, 100)
+
+
+def agents(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:
+    """Real OpenHands agents on workers against OpenHands' standalone manager (0.62)."""
+    if openhands_python is None:
+        return {"status": "not measured: no OpenHands venv given (--openhands-python)"}
+    with convsvc_server(engine__default_agent="openhands") as server:
+        progress("agents: OpenHands on workers (warm, cold) and OpenHands' standalone manager")
+        return adapter_paths.openhands_agents(
+            openhands_python, server.address, max(sizes.round_trips // 60, 3)
+        )
+
+
 def adapter(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:
     if openhands_python is None:
         return {"status": "not measured: no OpenHands venv given (--openhands-python)"}

@@ -26,7 +26,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
     steps = ("floor and send", "round trip", "floor:", "disk:", "catch-up:", "fan-out:", "scale:")
-    for step in (*steps, "durability:"):
+    for step in (*steps, "durability:", "worker relay:"):
         assert step in finished.stderr  # progress is shown while it runs
 
     results = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -47,6 +47,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("scale", "kib_per_conversation"),
         ("scale", "page_p50_ms"),
         ("durability", "ratio"),
+        ("worker_relay", "events_per_s"),
         ("disk_sync", "fsync", "p50_ms"),
         ("disk_sync", "normal_send_16", "calls_per_s"),
         ("disk_sync", "normal_round_trip", "p50_ms"),
@@ -58,6 +59,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         assert isinstance(value, float | int) and math.isfinite(value) and value > 0, path
     assert len(results["rounds"]) == 1  # quick: one round of floor and send taking turns
     assert results["catch_up"]["events"] >= 2_000  # the tail read the whole log
+    assert results["agents"]["status"].startswith("not measured")  # no OpenHands venv here
     assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event
     assert {goal["name"] for goal in results["goals"]} >= {"catch-up", "fan-out"}
     assert "adapter" in results  # measured when an OpenHands venv is given (scripts/bench)

@@ -85,6 +85,20 @@ async def rest(
         yield client
 
 
+async def metadata_when(
+    rest: httpx.AsyncClient, conversation_id: str, condition: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The conversation's metadata once ``condition`` holds. The web process writes it as
+    events arrive; OpenHands' file store writes are not atomic, so a read that meets a write
+    answers 500 and is read again."""
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        while True:
+            response = await rest.get(f"/api/conversations/{conversation_id}")
+            if response.status_code == 200 and condition(info := response.json()):
+                return info
+            await asyncio.sleep(0.1)  # another process's file: nothing to wait on
+
+
 async def tail_until(
     client: AsyncConvsvcClient, conversation_id: str, done: Callable[[Events], bool]
 ) -> Events:
@@ -116,8 +130,7 @@ async def test_a_task_typed_in_the_browser_runs_a_command_and_finishes(
     assert exit_codes(browser.events) == [0, 0]
     assert_once_in_order(browser.ids())
 
-    info = (await rest.get(f"/api/conversations/{conversation_id}")).json()
-    assert info["title"] == TITLE
+    info = await metadata_when(rest, conversation_id, lambda i: i["title"] == TITLE)
     assert info["last_updated_at"] > info["created_at"]
     await browser.close()
 

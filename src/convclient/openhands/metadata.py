@@ -6,6 +6,10 @@ follows its events and does the same.
 Several web replicas following one conversation write the same values; each may generate a
 title once (the first write wins on the next read: the title is only set while it is the
 default).
+
+OpenHands' file conversation store does not write atomically: a read during a write sees an
+empty file (and its route answers 500). Its own manager writes on every event; this one writes
+a new title or cost at once and otherwise at most once per second, to keep that window rare.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from convclient.errors import ConvsvcClientError
 from convclient.openhands.compat import openhands_version
 
 log = logging.getLogger(__name__)
+
+_QUIET_SAVE_SECONDS = 1.0
+"""Least time between two writes that only move ``last_updated_at``."""
 
 EmitToRoom = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -95,6 +102,8 @@ class MetadataFollower:
         self._server_config = server_config
         self._emit_to_room = emit_to_room
         self._task: asyncio.Task[None] | None = None
+        self._last_save = 0.0
+        self._trailing_save: asyncio.Task[None] | None = None
 
     def start(self, start_id: int) -> None:
         self._task = asyncio.create_task(
@@ -106,9 +115,10 @@ class MetadataFollower:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._trailing_save):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _follow(self, start_id: int) -> None:
         try:
@@ -128,6 +138,23 @@ class MetadataFollower:
             log.warning("metadata of %s no longer followed: %s", self.conversation_id, exc)
 
     async def _update(self, events: list[dict[str, Any]]) -> None:
+        costs = [e for e in events if isinstance(e.get("llm_metrics"), dict)]
+        names_a_title = any(map(_first_user_text, events))
+        loop = asyncio.get_running_loop()
+        if not costs and not names_a_title:
+            wait = self._last_save + _QUIET_SAVE_SECONDS - loop.time()
+            if wait > 0:
+                if self._trailing_save is None or self._trailing_save.done():
+                    self._trailing_save = asyncio.create_task(self._save_later(wait))
+                return
+        await self._save(events)
+
+    async def _save_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)  # a debounce: time is what is waited for
+        await self._save([])
+
+    async def _save(self, events: list[dict[str, Any]]) -> None:
+        self._last_save = asyncio.get_running_loop().time()
         store = await conversation_store(self._config, self._server_config, self._user_id)
         try:
             metadata = await store.get_metadata(self.conversation_id)
