@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+
+# Before OpenHands is imported: it reads this once (see benchmarks/no_mcp.py).
+os.environ["OPENHANDS_MCP_CONFIG_CLS"] = "benchmarks.no_mcp.WithoutOpenHandsServer"
 import signal
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openhands.agenthub  # noqa: E402, F401 - registers the agents for the standalone manager
 from openhands.core.config import OpenHandsConfig
 from openhands.events.action import MessageAction
 from openhands.server.config.server_config import ServerConfig
@@ -32,8 +36,11 @@ from openhands.server.conversation_manager.standalone_conversation_manager impor
     StandaloneConversationManager,
 )
 from openhands.server.monitoring import MonitoringListener
+from openhands.storage.conversation.file_conversation_store import FileConversationStore
+from openhands.storage.data_models.conversation_metadata import ConversationMetadata
 from openhands.storage.data_models.settings import Settings
 from openhands.storage.memory import InMemoryFileStore
+from openhands.utils.conversation_summary import get_default_conversation_title
 from pydantic import SecretStr
 
 from benchmarks.adapter_remote import RecordingServer
@@ -43,6 +50,24 @@ from convclient.openhands import RemoteConversationManager
 from tests.openhands.fake_llm import FakeLLM  # the same scripted LLM the tests use
 
 TIMEOUT = 120.0
+
+
+class RoomRecordingServer(RecordingServer):
+    """Records emits and keeps room membership: OpenHands' own session holds its first
+    events until a client is in the conversation's room, as a browser would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+
+    async def emit(self, event: str, data: Any = None, **_: Any) -> None:
+        # OpenHands' sessions emit from their own threads' loops: hand over thread-safely.
+        if event == "oh_event":
+            item = (time.perf_counter(), data)
+            self._loop.call_soon_threadsafe(self.emitted.put_nowait, item)
+
+    async def enter_room(self, sid: str, room: str, namespace: str | None = None) -> None:
+        self.manager.basic_enter_room(sid, namespace or "/", room, eio_sid=sid)
 
 
 def children_of(pid: int) -> list[int]:
@@ -162,8 +187,17 @@ async def manager_runs(
     """(start -> first agent event, start -> finished) through a ConversationManager, with
     the connection joined as a browser's would be."""
     firsts, tasks = [], []
+    store = await FileConversationStore.get_instance(manager.config, None)
     for n in range(count):
         cid = f"{prefix}-{n}"
+        # As OpenHands' route does before it starts a conversation: both managers keep it.
+        await store.save_metadata(
+            ConversationMetadata(
+                conversation_id=cid,
+                selected_repository=None,
+                title=get_default_conversation_title(cid),
+            )
+        )
         while not sio.emitted.empty():
             sio.emitted.get_nowait()
         began = time.perf_counter()
@@ -189,10 +223,12 @@ async def measure(address: str, count: int) -> dict[str, Any]:
         results["first_event_warm"] = latency_summary(
             await remote_first_events(address, llm, "warm", count)
         )
+        # Both managers keep conversation metadata in a file store of their own here.
+        stores = {"file_store": "local", "file_store_path": str(root / "file-store")}
         sio = RecordingServer()
         manager = RemoteConversationManager(
             sio,
-            OpenHandsConfig(),
+            OpenHandsConfig(**stores),
             InMemoryFileStore(),
             ServerConfig(),
             MonitoringListener(),
@@ -235,8 +271,8 @@ async def measure(address: str, count: int) -> dict[str, Any]:
 
         # OpenHands' own manager, in this process (its CLI runtime changes this process's
         # cwd: one conversation at a time).
-        config = OpenHandsConfig(runtime="cli", workspace_base=str(workspace))
-        sio = RecordingServer()
+        config = OpenHandsConfig(runtime="cli", workspace_base=str(workspace), **stores)
+        sio = RoomRecordingServer()
         standalone = StandaloneConversationManager.get_instance(
             sio, config, InMemoryFileStore(), ServerConfig(), MonitoringListener()
         )

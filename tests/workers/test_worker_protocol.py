@@ -3,6 +3,7 @@ sent wrongly enters a log. A scripted client plays the worker, message by messag
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,35 @@ async def test_attach_needs_the_service_token(tmp_path: Path) -> None:
             await trusted.receive("welcome")
             await attached(app, "w")
             trusted.close()
+
+
+async def test_events_sent_while_the_conversation_closes_are_dropped_not_punished(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    first = assign.next_event_id
+    worker.send(events("c1", assign.assignment, (first, "environment", STATE)))
+    closing = asyncio.ensure_future(
+        stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
+    )
+    await worker.receive("stop")
+    # The worker had not seen the stop: its next events are late, each continuing its own count.
+    worker.send(events("c1", assign.assignment, (first + 1, "agent", {"action": "think"})))
+    worker.send(events("c1", assign.assignment, (first + 2, "agent", {"action": "think"})))
+    worker.send(
+        wpb.AttachRequest(
+            released=wpb.LoopReleased(conversation_id="c1", assignment=assign.assignment)
+        )
+    )
+    await closing
+    log = await stored(stub, "c1")
+    assert [e["id"] for e in log] == list(range(len(log)))
+    assert not [e for e in log if e.get("action") == "think"]
+    assert log[-1]["extras"]["agent_state"] == "stopped"
+    # Still attached: it takes the next conversation.
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c2", agent="worker-echo")
+    )
+    assert (await worker.receive("assign")).conversation_id == "c2"

@@ -54,6 +54,10 @@ class AgentContext(Protocol):
         """The id the conversation's next event takes."""
 
     @property
+    def closing(self) -> bool:
+        """Whether the conversation is closing (nothing more can be appended)."""
+
+    @property
     def initial_user_message(self) -> JsonObject | None:
         """The start's first user message, for loops that log it themselves."""
 

@@ -175,7 +175,12 @@ class WorkerAgentLoop(AgentLoop):
 
     def accept(self, events: list[IncomingEvent]) -> asyncio.Future[None] | None:
         """Appends a worker's events after checking the whole batch: consecutive ids from
-        the log's next, known sources, OpenHands-shaped payloads, known delivery ids."""
+        the log's next, known sources, OpenHands-shaped payloads, known delivery ids.
+
+        Once the conversation is closing, a worker's events are late rather than wrong (it
+        has not seen the StopLoop yet): they are dropped unchecked."""
+        if self._stopping or self.context.closing:
+            return None
         expected = self.context.next_event_id
         payloads: list[tuple[IncomingEvent, JsonObject, EventSource]] = []
         for offset, event in enumerate(events):
