@@ -169,3 +169,31 @@ async def test_a_kind_without_workers_is_startable_and_unknown_kinds_are_refused
         "UNKNOWN_AGENT",
     )
     assert "worker-echo" in details
+
+
+async def test_a_start_beyond_every_worker_s_capacity_waits_and_says_so(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    start_worker(worker_app.server.address, "small", CONVSVC_WORKER_CAPACITY="1")
+    await attached(worker_app, "small")
+    await start(stub, "first", "one")
+    await grpc_events_until(stub, "first", echo_of("one"), timeout=30)
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="second", agent="worker-echo")
+    )
+    # A stream opened after the start still learns why nothing happens (repeated status).
+    await grpc_events_until(
+        stub,
+        "second",
+        lambda payloads: any(
+            p.get("status_update_item", {}).get("id") == "STATUS$WAITING_FOR_AGENT_WORKER"
+            for p in payloads
+        ),
+        timeout=30,
+    )
+    assert worker_app.workers.holder("second") is None
+    await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="first"))
+    await worker_app.workers.wait_until(lambda: worker_app.workers.holder("second") == "small", 30)

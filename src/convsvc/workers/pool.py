@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+WAITING_STATUS = "STATUS$WAITING_FOR_AGENT_WORKER"
 _PACED_OUTBOX = 8
 """Messages a worker's outbox may hold before history pages wait for it to drain."""
 
@@ -262,9 +263,12 @@ class WorkerPool:
         return None
 
     async def _watch_silence(self) -> None:
+        """Detaches silent workers; reminds waiting conversations' streams why they wait."""
         interval = self.config.ping_interval_seconds
         while True:
             await asyncio.sleep(interval)  # a periodic check, like the engine's idle cleanup
+            for loop in list(self._waiting):
+                self._announce_wait(loop)
             limit = self.config.silence_timeout_seconds
             now = self._clock()
             for session in list(self._sessions.values()):
@@ -285,12 +289,32 @@ class WorkerPool:
         """Queues a loop for the next worker of its kind with room."""
         self._waiting[loop] = None
         self._schedule()
-        if loop in self._waiting and not any(loop.kind in s.kinds for s in self._sessions.values()):
+        if loop not in self._waiting:
+            return
+        if not any(loop.kind in s.kinds for s in self._sessions.values()):
             log.warning(
                 "worker.none_for_kind",
                 conversation_id=loop.context.conversation_id,
                 kind=loop.kind,
             )
+        self._announce_wait(loop)
+
+    def _announce_wait(self, loop: WorkerAgentLoop) -> None:
+        """Tells the conversation's streams why nothing happens yet (repeated by the
+        watchdog, so a browser that connects later learns it too)."""
+        runs_kind = any(loop.kind in s.kinds for s in self._sessions.values())
+        loop.context.publish_status(
+            {
+                "status_update": True,
+                "type": "info",
+                "id": WAITING_STATUS,
+                "message": (
+                    f"Waiting for an agent worker with room for a {loop.kind} conversation"
+                    if runs_kind
+                    else f"Waiting for an agent worker that runs {loop.kind}"
+                ),
+            }
+        )
 
     def withdraw(self, loop: WorkerAgentLoop) -> None:
         self._waiting.pop(loop, None)
