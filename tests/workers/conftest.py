@@ -123,12 +123,17 @@ class ScriptedWorker:
 
     channel: grpc.aio.Channel
     metadata: tuple[tuple[str, str], ...] = ()
+    pings: bool = True
+    """Whether it pings like a live worker (every 0.1 s, well within the tests' liveness)."""
     _out: asyncio.Queue[wpb.AttachRequest | None] = field(default_factory=asyncio.Queue)
     call: Any = None
+    _pinger: asyncio.Task[None] | None = None
 
     def open(self, *first: wpb.AttachRequest) -> None:
         for message in first:
             self._out.put_nowait(message)
+        if self.pings:
+            self._pinger = asyncio.create_task(self._ping())
 
         async def requests() -> AsyncIterator[wpb.AttachRequest]:
             while (message := await self._out.get()) is not None:
@@ -140,6 +145,11 @@ class ScriptedWorker:
 
     def send(self, message: wpb.AttachRequest) -> None:
         self._out.put_nowait(message)
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)  # liveness is time-based by design
+            self._out.put_nowait(wpb.AttachRequest(ping=wpb.WorkerPing()))
 
     def hello(self, worker_id: str, kinds: tuple[str, ...] = ("worker-echo",)) -> None:
         self.open(
@@ -169,6 +179,8 @@ class ScriptedWorker:
         raise AssertionError("the stream ended without an error")
 
     def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
         self._out.put_nowait(None)
         if self.call is not None:
             self.call.cancel()
@@ -182,8 +194,8 @@ async def scripted(
     made: list[ScriptedWorker] = []
     async with grpc.aio.insecure_channel(worker_app.server.address) as channel:
 
-        def make(metadata: tuple[tuple[str, str], ...] = ()) -> ScriptedWorker:
-            worker = ScriptedWorker(channel, metadata)
+        def make(metadata: tuple[tuple[str, str], ...] = (), pings: bool = True) -> ScriptedWorker:
+            worker = ScriptedWorker(channel, metadata, pings)
             made.append(worker)
             return worker
 

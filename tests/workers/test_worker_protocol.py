@@ -42,8 +42,9 @@ async def assigned_worker(
     stub: pb_grpc.ConversationServiceStub,
     scripted: Callable[..., ScriptedWorker],
     cid: str = "c1",
+    pings: bool = True,
 ) -> tuple[ScriptedWorker, wpb.AssignLoop]:
-    worker = scripted()
+    worker = scripted(pings=pings)
     worker.hello("bad")
     await worker.receive("welcome")
     await stub.StartConversation(
@@ -207,7 +208,7 @@ async def test_a_silent_worker_is_detached_and_its_conversation_reassigned(
     stub: pb_grpc.ConversationServiceStub,
     scripted: Callable[..., ScriptedWorker],
 ) -> None:
-    worker, _ = await assigned_worker(worker_app, stub, scripted)
+    worker, _ = await assigned_worker(worker_app, stub, scripted, pings=False)
     error = await worker.ended_with(timeout=10)
     assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert error_info(error).reason == "WORKER_SILENT"
@@ -314,3 +315,58 @@ async def test_events_sent_while_the_conversation_closes_are_dropped_not_punishe
         pb.StartConversationRequest(conversation_id="c2", agent="worker-echo")
     )
     assert (await worker.receive("assign")).conversation_id == "c2"
+
+
+async def test_a_retried_send_joins_the_delivery_its_first_attempt_left_on_the_way(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    request = pb.SendEventRequest(
+        conversation_id="c1",
+        event=dict_to_struct({"action": "message", "args": {"content": "once"}}),
+        request_id="send-once",
+    )
+    first = stub.SendEvent(request, timeout=10)
+    deliver = await worker.receive("deliver")
+    first.cancel()  # the caller gives up after the worker got the event
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    # The retry races the worker's answer: it joins the delivery on its way, or (if the
+    # event is durable first) reads the stored answer. Never does it deliver a second time.
+    retry = asyncio.ensure_future(stub.SendEvent(request, timeout=10))
+    worker.send(
+        wpb.AttachRequest(
+            events=wpb.LoopEvents(
+                conversation_id="c1",
+                assignment=assign.assignment,
+                events=[
+                    wpb.WorkerEvent(
+                        id=assign.next_event_id,
+                        source="user",
+                        payload=deliver.payload,
+                        delivery_id=deliver.delivery_id,
+                    )
+                ],
+            )
+        )
+    )
+    assert (await retry).event_id == assign.next_event_id
+    # No second delivery reached the worker, and the log holds the message once.
+    log = await stored(stub, "c1")
+    assert [e.get("args", {}).get("content") for e in log].count("once") == 1
+    again = await stub.SendEvent(request, timeout=10)
+    assert again.event_id == assign.next_event_id
+    later = asyncio.ensure_future(
+        stub.SendEvent(
+            pb.SendEventRequest(
+                conversation_id="c1",
+                event=dict_to_struct({"action": "message", "args": {"content": "next"}}),
+            ),
+            timeout=10,
+        )
+    )
+    # Deliveries keep their order on the stream: the next one is the new message.
+    assert (await worker.receive("deliver")).payload["args"]["content"] == "next"
+    later.cancel()

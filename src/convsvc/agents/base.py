@@ -110,9 +110,15 @@ class AgentLoop(ABC):
         ``AgentContext.flush``).
         """
 
-    async def submit_user_event(self, payload: JsonObject, idempotency: IdempotencyFor) -> int:
+    async def submit_user_event(
+        self,
+        payload: JsonObject,
+        idempotency: IdempotencyFor,
+        request: tuple[str, str] | None = None,
+    ) -> int:
         """For loops that number their own events: has the user event logged by the loop and
-        returns its id once it is durable."""
+        returns its id once it is durable. ``request`` (user, request id) lets a retry join
+        a delivery its first attempt left on the way."""
         raise NotImplementedError(f"{self.name} does not number its own events")
 
     async def stop(self) -> None:  # noqa: B027 - most loops hold nothing to release

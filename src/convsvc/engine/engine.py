@@ -467,6 +467,7 @@ class ConversationEngine:
                     lambda event_id: (
                         key.record({"conversation_id": cid, "event_id": event_id}) if key else None
                     ),
+                    (key.scope, key.request_id) if key else None,
                 )
                 return {"conversation_id": cid, "event_id": event_id}, True
             # No await between finding the runtime running and queueing the event.

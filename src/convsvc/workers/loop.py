@@ -77,6 +77,9 @@ class WorkerAgentLoop(AgentLoop):
         self._pool = pool
         self._current: _Assignment | None = None
         self._pending: dict[str, _Delivery] = {}
+        self._by_request: dict[tuple[str, str], _Delivery] = {}
+        """Deliveries by request id until durable: a retry after the caller gave up joins the
+        delivery still on its way instead of sending the event twice."""
         self._stopping = False
         self._failures = 0
         self._gave_up = False
@@ -95,27 +98,52 @@ class WorkerAgentLoop(AgentLoop):
     async def on_user_event(self, event: JsonObject) -> None:
         """Not used: user events reach the worker through ``submit_user_event``."""
 
-    async def submit_user_event(self, payload: JsonObject, idempotency: IdempotencyFor) -> int:
+    async def submit_user_event(
+        self,
+        payload: JsonObject,
+        idempotency: IdempotencyFor,
+        request: tuple[str, str] | None = None,
+    ) -> int:
         if self._gave_up:  # a new message is worth another try
             self._gave_up = False
             self._failures = 0
             self._pool.request(self)
-        delivery = _Delivery(
-            uuid.uuid4().hex, payload, idempotency, asyncio.get_running_loop().create_future()
-        )
-        self._pending[delivery.delivery_id] = delivery
-        current = self._current
-        if current is not None and current.ready:
-            self._deliver(current, delivery)
+        delivery = self._by_request.get(request) if request is not None else None
+        if delivery is None:
+            delivery = _Delivery(
+                uuid.uuid4().hex, payload, idempotency, asyncio.get_running_loop().create_future()
+            )
+            self._pending[delivery.delivery_id] = delivery
+            if request is not None:
+                self._by_request[request] = delivery
+                delivery.logged.add_done_callback(lambda _: self._forget_later(request, delivery))
+            current = self._current
+            if current is not None and current.ready:
+                self._deliver(current, delivery)
         try:
-            event_id, durable = await delivery.logged
+            event_id, durable = await asyncio.shield(delivery.logged)
         except asyncio.CancelledError:
             # Undelivered: withdrawn. Delivered: the worker will log it; keep its id known.
-            if not delivery.sent_to:
+            if not delivery.sent_to and not delivery.logged.done():
                 self._pending.pop(delivery.delivery_id, None)
+                if request is not None and self._by_request.get(request) is delivery:
+                    del self._by_request[request]
             raise
         await durable
         return event_id
+
+    def _forget_later(self, request: tuple[str, str], delivery: _Delivery) -> None:
+        """Forgets a request's delivery once its event is durable (the store answers retries
+        from then on) or it failed."""
+
+        def forget(_: object = None) -> None:
+            if self._by_request.get(request) is delivery:
+                del self._by_request[request]
+
+        if delivery.logged.cancelled() or delivery.logged.exception() is not None:
+            forget()
+        else:
+            delivery.logged.result()[1].add_done_callback(forget)
 
     async def stop(self) -> None:
         self._stopping = True
