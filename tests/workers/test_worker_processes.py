@@ -13,7 +13,14 @@ from convsvc.app import ConvsvcApp
 from convsvc.codec import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
-from tests.helpers import echo_of, expect_error, grpc_events_until, ids, log_violations
+from tests.helpers import (
+    agent_state_is,
+    echo_of,
+    expect_error,
+    grpc_events_until,
+    ids,
+    log_violations,
+)
 from tests.workers.conftest import WorkerProcess, attached
 
 
@@ -47,7 +54,11 @@ async def test_a_worker_runs_a_conversation_end_to_end(
     await start(stub, "c1", "first")
     await grpc_events_until(stub, "c1", echo_of("first"), timeout=30)
     event_id = await send(stub, "c1", "second")
-    payloads = await grpc_events_until(stub, "c1", echo_of("second"), timeout=30)
+    echoed = echo_of("second")
+    waiting = agent_state_is("awaiting_user_input")
+    payloads = await grpc_events_until(
+        stub, "c1", lambda seen: echoed(seen) and waiting(seen), timeout=30
+    )
     assert not log_violations(payloads)
     assert ids(payloads) == list(range(len(ids(payloads))))
     sent = [p for p in payloads if p.get("source") == "user"]

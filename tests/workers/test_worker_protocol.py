@@ -18,7 +18,7 @@ from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import running_app
-from tests.helpers import error_info, log_violations
+from tests.helpers import agent_state_is, error_info, grpc_events_until, log_violations
 from tests.workers.conftest import ScriptedWorker, attached
 
 STATE = {"observation": "agent_state_changed", "content": "", "extras": {"agent_state": "x"}}
@@ -169,6 +169,8 @@ async def test_events_for_a_conversation_not_assigned_detach_the_worker(
 ) -> None:
     worker, assign = await assigned_worker(worker_app, stub, scripted)
     await stub.StartConversation(pb.StartConversationRequest(conversation_id="other"))
+    # The built-in echo agent's start is logged before the worker's attempt.
+    await grpc_events_until(stub, "other", agent_state_is("awaiting_user_input"))
     before = await stored(stub, "other")
     worker.send(events("other", assign.assignment, (len(before), "agent", {"action": "think"})))
     error = await worker.ended_with()

@@ -67,13 +67,13 @@ class AgentContext(Protocol):
 
     def append_numbered(
         self,
-        event_id: int,
-        payload: JsonObject,
-        source: EventSource,
+        first_id: int,
+        events: Sequence[tuple[JsonObject, EventSource]],
         idempotency: IdempotencyRecord | None = None,
     ) -> asyncio.Future[None]:
-        """For loops that number their own events: appends an event whose id must be the
-        log's next (else ``EventOutOfSequence``); returns the future of its durability."""
+        """For loops that number their own events: appends events whose ids run from
+        ``first_id``, which must be the log's next (else ``EventOutOfSequence``), in one
+        step; returns the future of their durability."""
 
     def read_history(self, end_id: int) -> AsyncIterator[list[StoredEvent]]:
         """The stored events with ids up to ``end_id``, in pages (after a flush)."""

@@ -910,28 +910,25 @@ class ConversationEngine:
     def _append_numbered(
         self,
         runtime: ConversationRuntime,
-        event_id: int,
-        payload: JsonObject,
-        source: EventSource,
+        first_id: int,
+        events: Sequence[tuple[JsonObject, EventSource]],
         idempotency: IdempotencyRecord | None,
     ) -> asyncio.Future[None]:
-        """AgentContext.append_numbered: an event a loop numbered itself, appended only if it
-        continues the log (one writer at a time: see agents.worker)."""
+        """AgentContext.append_numbered: events a loop numbered itself, appended only if they
+        continue the log (one writer at a time: see workers.loop)."""
         if runtime.closing:
             raise LoopClosed(f"conversation {runtime.conversation_id} is closing")
-        if event_id != runtime.next_event_id:
+        if first_id != runtime.next_event_id:
             raise EventOutOfSequence(
-                f"event id {event_id} does not continue conversation "
+                f"event id {first_id} does not continue conversation "
                 f"{runtime.conversation_id}'s log: the next id is {runtime.next_event_id}",
                 metadata={
                     "conversation_id": runtime.conversation_id,
                     "expected_id": str(runtime.next_event_id),
-                    "got_id": str(event_id),
+                    "got_id": str(first_id),
                 },
             )
-        return self._append(
-            runtime, [(payload, source)], idempotency, max_bytes=self._config.max_batch_bytes
-        )
+        return self._append(runtime, events, idempotency, max_bytes=self._config.max_batch_bytes)
 
     def _publish_status(self, runtime: ConversationRuntime, status: JsonObject) -> None:
         if not runtime.closing:

@@ -33,7 +33,12 @@ log = structlog.get_logger(__name__)
 Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
 Flush = Callable[["ConversationRuntime"], Awaitable[None]]
 AppendNumbered = Callable[
-    ["ConversationRuntime", int, JsonObject, EventSource, IdempotencyRecord | None],
+    [
+        "ConversationRuntime",
+        int,
+        Sequence[tuple[JsonObject, EventSource]],
+        IdempotencyRecord | None,
+    ],
     asyncio.Future[None],
 ]
 ReadHistory = Callable[["ConversationRuntime", int], AsyncIterator[list[StoredEvent]]]
@@ -158,12 +163,11 @@ class ConversationRuntime:
 
     def append_numbered(
         self,
-        event_id: int,
-        payload: JsonObject,
-        source: EventSource,
+        first_id: int,
+        events: Sequence[tuple[JsonObject, EventSource]],
         idempotency: IdempotencyRecord | None = None,
     ) -> asyncio.Future[None]:
-        return self._log.append_numbered(self, event_id, payload, source, idempotency)
+        return self._log.append_numbered(self, first_id, events, idempotency)
 
     def read_history(self, end_id: int) -> AsyncIterator[list[StoredEvent]]:
         return self._log.read_history(self, end_id)

@@ -229,22 +229,34 @@ class WorkerAgentLoop(AgentLoop):
                     "unknown or already logged",
                     reason="WORKER_PROTOCOL_VIOLATION",
                 )
+        # Runs of events without a delivery go in one append (one encode loop, one commit
+        # slot); an event that logs a delivery goes alone, with its send's idempotency record.
         durable: asyncio.Future[None] | None = None
-        for event, payload, source in payloads:
-            delivery = self._pending.pop(event.delivery_id, None) if event.delivery_id else None
-            record = delivery.idempotency(event.id) if delivery is not None else None
-            try:
-                durable = self.context.append_numbered(event.id, payload, source, record)
-            except LoopClosed:
-                return durable  # the conversation is closing: the rest is dropped
-            if delivery is not None and not delivery.logged.done():
-                delivery.logged.set_result((event.id, durable))
-            if (
-                delivery is None
-                and source is EventSource.USER
-                and payload.get("action") == "message"
-            ):
-                self._first_message_logged = True
+        run: list[tuple[JsonObject, EventSource]] = []
+        run_start = expected
+        try:
+            for event, payload, source in payloads:
+                if not event.delivery_id:
+                    if not run:
+                        run_start = event.id
+                    run.append((payload, source))
+                    if source is EventSource.USER and payload.get("action") == "message":
+                        self._first_message_logged = True
+                    continue
+                if run:
+                    durable = self.context.append_numbered(run_start, run)
+                    run = []
+                delivery = self._pending.pop(event.delivery_id)
+                durable = self.context.append_numbered(
+                    event.id, [(payload, source)], delivery.idempotency(event.id)
+                )
+                if not delivery.logged.done():
+                    delivery.logged.set_result((event.id, durable))
+            if run:
+                durable = self.context.append_numbered(run_start, run)
+        except LoopClosed:
+            return durable  # the conversation is closing: the rest is dropped
+        if payloads:
             self._failures = 0
         return durable
 
