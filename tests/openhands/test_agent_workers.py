@@ -5,6 +5,7 @@ gRPC API. The worker runs in this venv (this OpenHands release); convsvc in the 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,17 @@ async def test_a_task_typed_in_the_browser_runs_a_command_and_finishes(
 
     info = await metadata_when(rest, conversation_id, lambda i: i["title"] == TITLE)
     assert info["last_updated_at"] > info["created_at"]
+    # Cost and tokens as OpenHands' manager keeps them: the fake LLM reports 100 prompt and
+    # 10 completion tokens per call, and four calls were made (two per task).
+    stored = json.loads(
+        (agent_openhands.log_path.parent / "file-store" / "sessions" / conversation_id)
+        .joinpath("metadata.json")
+        .read_text()
+    )
+    assert stored["prompt_tokens"] == 400
+    assert stored["completion_tokens"] == 40
+    assert stored["total_tokens"] == 440
+    assert stored["accumulated_cost"] > 0
     await browser.close()
 
 

@@ -372,3 +372,25 @@ async def test_a_retried_send_joins_the_delivery_its_first_attempt_left_on_the_w
     # Deliveries keep their order on the stream: the next one is the new message.
     assert (await worker.receive("deliver")).payload["args"]["content"] == "next"
     later.cancel()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\x05abc"], ids=["bad-tag", "truncated"])
+async def test_bytes_that_do_not_parse_get_malformed_request(
+    worker_app: ConvsvcApp, garbage: bytes
+) -> None:
+    assert worker_app.server is not None
+    async with grpc.aio.insecure_channel(worker_app.server.address) as channel:
+        attach = channel.stream_stream(
+            "/convsvc.v1.AgentWorkerService/Attach",
+            request_serializer=lambda data: data,
+            response_deserializer=lambda data: data,
+        )
+
+        async def requests() -> Any:
+            yield garbage
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in attach(requests()):
+                pass
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "MALFORMED_REQUEST"

@@ -36,6 +36,7 @@ from convclient.openhands.compat import openhands_version
 
 log = logging.getLogger(__name__)
 
+_TITLE_TIMEOUT_SECONDS = 30.0
 _QUIET_SAVE_SECONDS = 1.0
 """Least time between two writes that only move ``last_updated_at``."""
 
@@ -51,7 +52,11 @@ async def conversation_store(
 
 
 async def generate_title(message: str, settings: Settings, config: OpenHandsConfig) -> str:
-    """OpenHands' title for a first message: the LLM's, else the message cut at 30."""
+    """OpenHands' title for a first message: the LLM's, else the message cut at 30.
+
+    OpenHands' title helpers call the LLM synchronously (with its retries): they run on a
+    thread of their own, never on the web server's event loop, as OpenHands' own manager
+    runs them, and a title that takes longer than ``_TITLE_TIMEOUT_SECONDS`` is given up."""
     try:
         if settings.llm_model:
             llm_config = LLMConfig(
@@ -59,16 +64,21 @@ async def generate_title(message: str, settings: Settings, config: OpenHandsConf
                 api_key=settings.llm_api_key,
                 base_url=settings.llm_base_url,
             )
-            if openhands_version() >= (0, 54):
-                from openhands.llm.llm_registry import LLMRegistry
 
-                title = await generate_conversation_title(message, llm_config, LLMRegistry(config))
-            else:
-                title = await generate_conversation_title(message, llm_config)
+            def generate() -> Any:
+                if openhands_version() >= (0, 54):
+                    from openhands.llm.llm_registry import LLMRegistry
+
+                    return asyncio.run(
+                        generate_conversation_title(message, llm_config, LLMRegistry(config))
+                    )
+                return asyncio.run(generate_conversation_title(message, llm_config))
+
+            title = await asyncio.wait_for(asyncio.to_thread(generate), _TITLE_TIMEOUT_SECONDS)
             if title:
                 return str(title)
     except Exception:
-        log.exception("title generation failed; falling back to the message")
+        log.warning("title generation failed; the title is the message", exc_info=True)
     message = message.strip()
     return message[:30] + ("..." if len(message) > 30 else "")
 
