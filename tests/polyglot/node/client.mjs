@@ -5,6 +5,7 @@ import path from "node:path";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 import protobuf from "protobufjs";
+import { fromStruct, toStruct } from "./struct.mjs";
 
 const [address, protosDir] = process.argv.slice(2);
 const CALL_DEADLINE_MS = 10_000;
@@ -19,32 +20,6 @@ const definition = protoLoader.loadSync(path.join(protosDir, "convsvc/v1/convers
 });
 const { ConversationService } = grpc.loadPackageDefinition(definition).convsvc.v1;
 const client = new ConversationService(address, grpc.credentials.createInsecure());
-
-// google.protobuf.Struct as proto-loader represents it, to and from plain JSON.
-function toValue(value) {
-  if (value === null || value === undefined) return { nullValue: "NULL_VALUE" };
-  if (typeof value === "number") return { numberValue: value };
-  if (typeof value === "string") return { stringValue: value };
-  if (typeof value === "boolean") return { boolValue: value };
-  if (Array.isArray(value)) return { listValue: { values: value.map(toValue) } };
-  return { structValue: toStruct(value) };
-}
-function toStruct(object) {
-  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) };
-}
-function fromValue(value) {
-  switch (value.kind) {
-    case "structValue": return fromStruct(value.structValue);
-    case "listValue": return value.listValue.values.map(fromValue);
-    case "numberValue": return value.numberValue;
-    case "stringValue": return value.stringValue;
-    case "boolValue": return value.boolValue;
-    default: return null;
-  }
-}
-function fromStruct(struct) {
-  return Object.fromEntries(Object.entries(struct.fields).map(([k, v]) => [k, fromValue(v)]));
-}
 
 function call(method, request) {
   const deadline = new Date(Date.now() + CALL_DEADLINE_MS);

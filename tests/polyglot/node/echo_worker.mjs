@@ -6,6 +6,7 @@
 import path from "node:path";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
+import { fromStruct, toStruct } from "./struct.mjs";
 
 const [address, protosDir, workerId] = process.argv.slice(2);
 const KIND = "node-echo";
@@ -21,30 +22,6 @@ const definition = protoLoader.loadSync(path.join(protosDir, "convsvc/v1/agent_w
 const { AgentWorkerService } = grpc.loadPackageDefinition(definition).convsvc.v1;
 const client = new AgentWorkerService(address, grpc.credentials.createInsecure());
 
-function toValue(value) {
-  if (value === null || value === undefined) return { nullValue: "NULL_VALUE" };
-  if (typeof value === "number") return { numberValue: value };
-  if (typeof value === "string") return { stringValue: value };
-  if (typeof value === "boolean") return { boolValue: value };
-  if (Array.isArray(value)) return { listValue: { values: value.map(toValue) } };
-  return { structValue: toStruct(value) };
-}
-function toStruct(object) {
-  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) };
-}
-function fromValue(value) {
-  switch (value.kind) {
-    case "structValue": return fromStruct(value.structValue);
-    case "listValue": return value.listValue.values.map(fromValue);
-    case "numberValue": return value.numberValue;
-    case "stringValue": return value.stringValue;
-    case "boolValue": return value.boolValue;
-    default: return null;
-  }
-}
-function fromStruct(struct) {
-  return Object.fromEntries(Object.entries(struct.fields).map(([k, v]) => [k, fromValue(v)]));
-}
 const say = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 const state = (agentState) => ({
   observation: "agent_state_changed",
