@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import openhands.agenthub  # noqa: E402, F401 - registers the agents for the standalone manager
+import openhands.agenthub  # noqa: F401 - registers the agents for the standalone manager
 from openhands.core.config import OpenHandsConfig
 from openhands.events.action import MessageAction
 from openhands.server.config.server_config import ServerConfig
