@@ -59,6 +59,8 @@ class WorkersConfig(BaseModel):
     """A worker silent this long is detached and its conversations go to other workers."""
     stop_timeout_seconds: float = Field(10.0, gt=0)
     """How long a close waits for a worker to release the conversation's loop."""
+    max_unread_messages: int = Field(10_000, ge=16)
+    """Messages a worker may leave unread before it is detached (WORKER_TOO_SLOW)."""
     max_restarts: int = Field(3, ge=0)
     """Assignments in a row that may fail before any event is logged; then the loop reports
     an error and waits for the user's next message to try again."""

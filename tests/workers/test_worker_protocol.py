@@ -14,9 +14,11 @@ import pytest
 from convsvc.app import ConvsvcApp
 from convsvc.codec import dict_to_struct, struct_to_dict
 from convsvc.config import WorkersConfig
+from convsvc.errors import ResourceExhausted
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from convsvc.workers.pool import StopMessage, WorkerPool
 from tests.conftest import running_app
 from tests.helpers import agent_state_is, error_info, grpc_events_until, log_violations
 from tests.workers.conftest import ScriptedWorker, attached
@@ -394,3 +396,68 @@ async def test_bytes_that_do_not_parse_get_malformed_request(
                 pass
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).reason == "MALFORMED_REQUEST"
+
+
+async def test_a_worker_that_announces_too_many_kinds_is_refused(
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker = scripted()
+    worker.hello("greedy", tuple(f"kind-{n}" for n in range(33)))
+    error = await worker.ended_with()
+    assert error_info(error).reason == "WORKER_PROTOCOL_VIOLATION"
+    assert "at most 32" in (error.details() or "")
+
+
+async def test_a_worker_that_reads_nothing_is_detached_once_its_backlog_is_full() -> None:
+    # gRPC's flow control holds megabytes before our backlog grows: this checks the pool's
+    # rule directly, with a backlog of 16.
+    pool = WorkerPool(
+        WorkersConfig(kinds=("worker-echo",), max_unread_messages=16), (), max_event_bytes=1024
+    )
+    session = pool.attach("deaf", ["worker-echo"], 1)
+    stop = StopMessage("c1", 1)
+    for _ in range(16):
+        session.send(stop)
+    assert not session.detached
+    session.send(stop)
+    assert session.detached
+    queued = [session.outbox.get_nowait() for _ in range(session.outbox.qsize())]
+    error = queued[-1]
+    assert isinstance(error, ResourceExhausted)
+    assert error.reason == "WORKER_TOO_SLOW"
+    assert list(pool.workers()) == []
+
+
+async def test_a_worker_that_reads_nothing_is_detached_over_grpc(tmp_path: Path) -> None:
+    config = WorkersConfig(kinds=("worker-echo",), max_unread_messages=16)
+    async with running_app(tmp_path / "data", workers=config) as app:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            worker = ScriptedWorker(channel)
+            worker.hello("deaf")
+            await worker.receive("welcome")
+            await stub.StartConversation(
+                pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+            )
+            # From here on the worker reads nothing: large deliveries fill the transport's
+            # window, then convsvc's backlog for it.
+            big = {"action": "message", "args": {"content": "x" * 200_000}}
+            sends = [
+                asyncio.ensure_future(
+                    stub.SendEvent(
+                        pb.SendEventRequest(conversation_id="c1", event=dict_to_struct(big)),
+                        timeout=30,
+                    )
+                )
+                for _ in range(60)
+            ]
+            await app.workers.wait_until(lambda: not list(app.workers.workers()), 30)
+            # Reading now drains what the transport held, then the status it ended with.
+            error = await worker.ended_with(timeout=30)
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(error).reason == "WORKER_TOO_SLOW"
+            for send in sends:
+                send.cancel()
+            await asyncio.gather(*sends, return_exceptions=True)
+            worker.close()

@@ -31,6 +31,7 @@ from convsvc.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ log = structlog.get_logger(__name__)
 
 WAITING_STATUS = "STATUS$WAITING_FOR_AGENT_WORKER"
 _PACED_OUTBOX = 8
+MAX_KINDS = 32
+"""Agent kinds one worker may announce."""
 """Messages a worker's outbox may hold before history pages wait for it to drain."""
 
 
@@ -110,6 +113,9 @@ class WorkerSession:
     outbox: asyncio.Queue[Outgoing | ConvsvcError | None] = field(default_factory=asyncio.Queue)
     """Messages for the worker; an error or None ends its stream (detached)."""
     detached: bool = False
+    max_unread: int = 10_000
+    on_overflow: Callable[[WorkerSession], None] | None = None
+    """Called when the worker leaves ``max_unread`` messages unread (the pool detaches it)."""
     _taken: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -117,8 +123,12 @@ class WorkerSession:
         return self.capacity - len(self.loops)
 
     def send(self, message: Outgoing) -> None:
-        if not self.detached:
-            self.outbox.put_nowait(message)
+        if self.detached:
+            return
+        if self.outbox.qsize() >= self.max_unread and self.on_overflow is not None:
+            self.on_overflow(self)
+            return
+        self.outbox.put_nowait(message)
 
     async def send_paced(self, message: Outgoing) -> None:
         """Like ``send``, waiting first while the outbox is full (large histories)."""
@@ -181,6 +191,12 @@ class WorkerPool:
                 reason="WORKER_PROTOCOL_VIOLATION",
                 metadata={"field": "agent_kinds"},
             )
+        if len(announced) > MAX_KINDS:
+            raise InvalidArgument(
+                f"a worker may announce at most {MAX_KINDS} agent kinds (got {len(announced)})",
+                reason="WORKER_PROTOCOL_VIOLATION",
+                metadata={"field": "agent_kinds"},
+            )
         for kind in announced:
             validation.check_id("agent_kinds", kind)
         reserved = sorted(announced & self._reserved)
@@ -204,6 +220,8 @@ class WorkerPool:
                 metadata={"worker_id": wid},
             )
         session = WorkerSession(wid, announced, capacity, self._clock())
+        session.on_overflow = self._overflowed
+        session.max_unread = self.config.max_unread_messages
         self._sessions[wid] = session
         self.known_kinds |= announced
         log.info("worker.attached", worker_id=wid, kinds=sorted(announced), capacity=capacity)
@@ -248,6 +266,17 @@ class WorkerPool:
         async with asyncio.timeout(timeout):
             while not condition():
                 await self._changed.wait()
+
+    def _overflowed(self, session: WorkerSession) -> None:
+        self.detach(
+            session,
+            ResourceExhausted(
+                f"worker {session.worker_id} left {session.max_unread} messages unread; its "
+                "conversations go to other workers",
+                reason="WORKER_TOO_SLOW",
+                metadata={"worker_id": session.worker_id},
+            ),
+        )
 
     def heard(self, session: WorkerSession) -> None:
         session.last_heard = self._clock()
