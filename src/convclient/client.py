@@ -107,6 +107,7 @@ class AsyncConvsvcClient:
     list_connections = _unary(requests.list_connections)
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
+    complete_with_agent_llm = _unary(requests.complete_with_agent_llm)
 
     def iter_conversations(
         self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0

@@ -222,6 +222,26 @@ def heartbeat(client_instance_id: str) -> Prepared[HeartbeatResult]:
     )
 
 
+def complete_with_agent_llm(
+    conversation_id: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    service_id: str = "",
+    llm_config: dict[str, Any] | None = None,
+    user_id: str = "",
+) -> Prepared[str]:
+    """One completion from a running conversation's agent LLM (answered by its worker)."""
+    request = pb.CompleteWithAgentLlmRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        service_id=service_id,
+        messages=[convert.to_struct(m) for m in messages],
+    )
+    if llm_config is not None:
+        request.llm_config.CopyFrom(convert.to_struct(llm_config))
+    return Prepared("CompleteWithAgentLlm", request, lambda r: str(r.content))
+
+
 def stream_events(
     conversation_id: str, *, user_id: str = "", start_id: int = 0, max_batch_size: int = 0
 ) -> pb.StreamEventsRequest:

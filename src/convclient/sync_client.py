@@ -79,6 +79,7 @@ class ConvsvcClient:
     list_connections = _unary(requests.list_connections)
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
+    complete_with_agent_llm = _unary(requests.complete_with_agent_llm)
 
     def iter_events(
         self,

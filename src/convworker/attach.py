@@ -138,6 +138,8 @@ class Worker:
                         self._deliver(response.deliver)
                     elif kind == "stop":
                         self._stop(response.stop)
+                    elif kind == "completion":
+                        self._complete(response.completion)
             finally:
                 if pinger is not None:
                     pinger.cancel()
@@ -200,6 +202,20 @@ class Worker:
                     "payload": struct_to_dict(message.payload),
                 }
             )
+
+    def _complete(self, message: wpb.CompletionRequest) -> None:
+        loop = self._current(message.conversation_id, message.assignment)
+        if loop is None:
+            return  # the assignment ended: convsvc has already failed the request
+        loop.send(
+            {
+                "type": "complete",
+                "request_id": message.request_id,
+                "service_id": message.service_id,
+                "llm_config": struct_to_dict(message.llm_config),
+                "messages": [struct_to_dict(m) for m in message.messages],
+            }
+        )
 
     def _stop(self, message: wpb.StopLoop) -> None:
         loop = self._current(message.conversation_id, message.assignment)
@@ -277,6 +293,18 @@ class Worker:
                         conversation_id=loop.conversation_id,
                         assignment=loop.assignment,
                         status=dict_to_struct(message["status"]),
+                    )
+                )
+            )
+        elif kind == "completion":
+            self._out.put_nowait(
+                wpb.AttachRequest(
+                    completion=wpb.CompletionResult(
+                        conversation_id=loop.conversation_id,
+                        assignment=loop.assignment,
+                        request_id=message["request_id"],
+                        content=message.get("content", ""),
+                        error=message.get("error", ""),
                     )
                 )
             )

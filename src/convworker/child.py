@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from convworker import wire
-from convworker.kinds import Assignment, runner_class
+from convworker.kinds import Assignment, LoopRunner, runner_class
 from convworker.kinds.base import JsonObject
 
 
@@ -45,6 +45,11 @@ class SocketOutbox:
     def status(self, status: JsonObject) -> None:
         self._send({"type": "status", "status": status})
 
+    def completion(self, request_id: str, content: str, error: str) -> None:
+        self._send(
+            {"type": "completion", "request_id": request_id, "content": content, "error": error}
+        )
+
     def _send(self, message: dict[str, Any]) -> None:
         data = wire.encode(message)
         if threading.get_ident() == self._thread:
@@ -72,19 +77,39 @@ async def serve(socket_path: str, token: str) -> None:
         workspace=Path(message["workspace"]),
         worker_options=message["worker_options"],
     )
-    runner = runner_class(assignment.agent_kind)(assignment, SocketOutbox(writer))
+    outbox = SocketOutbox(writer)
+    runner = runner_class(assignment.agent_kind)(assignment, outbox)
+    completions: set[asyncio.Task[None]] = set()
     try:
         await runner.start()
         while (message := await wire.read(reader)) is not None:
             if message["type"] == "deliver":
                 await runner.deliver(message["delivery_id"], message["payload"])
+            elif message["type"] == "complete":
+                # An LLM call takes seconds: deliveries go on meanwhile.
+                task = asyncio.create_task(_complete(runner, outbox, message))
+                completions.add(task)
+                task.add_done_callback(completions.discard)
             elif message["type"] == "stop":
                 break
     finally:
+        for task in completions:
+            task.cancel()
         await runner.stop()
         writer.write(wire.encode({"type": "released"}))
         await writer.drain()
         writer.close()
+
+
+async def _complete(runner: LoopRunner, outbox: SocketOutbox, message: dict[str, Any]) -> None:
+    try:
+        content = await runner.complete(
+            message["service_id"], message["llm_config"], message["messages"]
+        )
+    except Exception as exc:  # the reason goes back to the caller; secrets are not in it
+        outbox.completion(message["request_id"], "", f"{type(exc).__name__}: {exc}"[:500])
+    else:
+        outbox.completion(message["request_id"], content, "")
 
 
 def run(socket_path: str, token: str) -> None:

@@ -87,6 +87,11 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
             pb.StreamEventsRequest(conversation_id="a-conv", user_id=B))),
          {"CONVERSATION_NOT_FOUND"}),
     ],
+    "CompleteWithAgentLlm": [
+        ("ask A's agent", lambda s: s.CompleteWithAgentLlm(
+            pb.CompleteWithAgentLlmRequest(conversation_id="a-conv", user_id=B, messages=[HI])),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
     "Heartbeat": [
         # Instance ids are the web tier's capabilities: a user never learns them (see the
         # listing check below), so a heartbeat cannot be aimed at A's web process.

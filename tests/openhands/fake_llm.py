@@ -2,8 +2,9 @@
 
 The script: a user message gets a tool call that runs a command (the text after "run:", or
 ``echo hello``); a tool result gets a ``finish`` call; a request for a conversation title
-gets a fixed title. Both of OpenHands' modes are served: native tool calls when the request
-lists tools, and the ``<function=...>`` text format when it does not. Every request is kept,
+gets a fixed title; a request without tools whose last message starts "echo:" gets the
+rest. Both of OpenHands' modes are served: native tool calls when the request lists tools,
+and the ``<function=...>`` text format when it does not. Every request is kept,
 so tests can check what the agent showed the LLM (its history after a restore, for one).
 """
 
@@ -97,6 +98,8 @@ class FakeLLM:
         tools = {t["function"]["name"]: t for t in body.get("tools", []) if "function" in t}
         if not tools and "title" in text.lower() and "conversation" in text.lower():
             return self._reply(content=TITLE)
+        if not tools and text.startswith("echo:"):  # a completion outside the conversation
+            return self._reply(content=text.removeprefix("echo:").strip())
         if last.get("role") == "tool" or text.startswith("EXECUTION RESULT of ["):
             return self._call(tools, "finish", {"message": "Done.", "task_completed": "true"})
         # The newest user request (OpenHands may append context after it).

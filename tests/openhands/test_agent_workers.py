@@ -12,8 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
+import socketio
+from openhands.core.config import LLMConfig, OpenHandsConfig
+from openhands.server.config.server_config import ServerConfig
+from openhands.server.monitoring import MonitoringListener
+from openhands.storage.memory import InMemoryFileStore
+from pydantic import SecretStr
 
-from convclient import AsyncConvsvcClient
+from convclient import AsyncConvsvcClient, ClientSettings
+from convclient.openhands import RemoteConversationManager
 from convclient.openhands.compat import openhands_version
 from tests.openhands.browser import EVENT_TIMEOUT, Browser
 from tests.openhands.conftest import (
@@ -249,3 +256,45 @@ async def test_the_microagents_route_answers_for_a_remote_conversation(
     assert microagent["name"] == "convsvc-test"
     assert microagent["type"] == "knowledge"
     assert microagent["triggers"] == ["convsvc-test"]
+
+
+async def test_llm_completions_are_answered_by_the_conversation_s_worker(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        await client.start_conversation(
+            "completions",
+            settings=settings(fake_llm),
+            initial_user_message={"action": "message", "args": {"content": "run: true"}},
+        )
+        await tail_until(client, "completions", tasks_done(1))
+    sio = socketio.AsyncServer(async_mode="asgi")
+    manager = RemoteConversationManager(
+        sio,
+        OpenHandsConfig(),
+        InMemoryFileStore(),
+        ServerConfig(),
+        MonitoringListener(),
+        client_settings=ClientSettings(address=agent_convsvc.address),
+    )
+    llm_config = LLMConfig(
+        model="openai/gpt-4o", api_key=SecretStr(LLM_KEY), base_url=fake_llm.base_url
+    )
+    calls_before = len(fake_llm.requests)
+    async with manager:
+        messages = [{"role": "user", "content": "echo: remembered"}]
+        answer = await manager.request_llm_completion(
+            "completions", "remember_prompt", llm_config, messages
+        )
+        assert answer == "remembered"
+        # OpenHands 0.62's route passes (service_id, sid) the other way round.
+        swapped = await manager.request_llm_completion(
+            "remember_prompt", "completions", llm_config, messages
+        )
+        assert swapped == "remembered"
+    # The worker's LLM made the calls (with the key), and nothing was logged for them.
+    assert len(fake_llm.requests) == calls_before + 2
+    assert fake_llm.api_keys[-1] == f"Bearer {LLM_KEY}"
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        logged = [e.payload async for e in client.iter_events("completions")]
+    assert not [e for e in logged if "remembered" in json.dumps(e)]

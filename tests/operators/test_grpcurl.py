@@ -122,7 +122,11 @@ async def test_readme_walkthrough(address: str) -> None:
 
     code, listing = await grpcurl(commands["list"], address)
     assert code == 0, listing
-    assert set(listing.split()) >= {service, "grpc.health.v1.Health"}
+    assert set(listing.split()) >= {
+        service,
+        "grpc.health.v1.Health",
+        "convsvc.v1.AgentWorkerService",
+    }
 
     health = await grpcurl_json(commands["grpc.health.v1.Health/Check"], address)
     assert health == {"status": "SERVING"}

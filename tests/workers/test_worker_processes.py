@@ -208,3 +208,48 @@ async def test_a_start_beyond_every_worker_s_capacity_waits_and_says_so(
     assert worker_app.workers.holder("second") is None
     await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="first"))
     await worker_app.workers.wait_until(lambda: worker_app.workers.holder("second") == "small", 30)
+
+
+async def test_a_completion_is_answered_by_the_conversation_s_worker(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "hello")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ping"}]
+    answer = await stub.CompleteWithAgentLlm(
+        pb.CompleteWithAgentLlmRequest(
+            conversation_id="c1",
+            service_id="remember_prompt",
+            llm_config=dict_to_struct({"model": "openai/x", "api_key": "sk-secret"}),
+            messages=[dict_to_struct(m) for m in messages],
+        ),
+        timeout=30,
+    )
+    assert answer.content == "ping"  # worker-echo answers with the last message
+    # Nothing was logged for it.
+    payloads = await grpc_events_until(stub, "c1", echo_of("hello"), timeout=30)
+    assert not [p for p in payloads if p.get("args", {}).get("content") == "ping"]
+
+
+async def test_the_built_in_echo_agent_has_no_llm_to_answer(
+    stub: pb_grpc.ConversationServiceStub,
+) -> None:
+    await stub.StartConversation(pb.StartConversationRequest(conversation_id="c1"))
+    await expect_error(
+        stub.CompleteWithAgentLlm(
+            pb.CompleteWithAgentLlmRequest(
+                conversation_id="c1", messages=[dict_to_struct({"role": "user", "content": "x"})]
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "COMPLETION_NOT_SUPPORTED",
+    )
+    await expect_error(
+        stub.CompleteWithAgentLlm(pb.CompleteWithAgentLlmRequest(conversation_id="c1")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )

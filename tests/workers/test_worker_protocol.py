@@ -461,3 +461,57 @@ async def test_a_worker_that_reads_nothing_is_detached_over_grpc(tmp_path: Path)
                 send.cancel()
             await asyncio.gather(*sends, return_exceptions=True)
             worker.close()
+
+
+async def test_a_completion_error_from_the_worker_is_a_clear_status(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    asking = asyncio.ensure_future(
+        stub.CompleteWithAgentLlm(
+            pb.CompleteWithAgentLlmRequest(
+                conversation_id="c1", messages=[dict_to_struct({"role": "user", "content": "x"})]
+            ),
+            timeout=10,
+        )
+    )
+    request = await worker.receive("completion")
+    worker.send(
+        wpb.AttachRequest(
+            completion=wpb.CompletionResult(
+                conversation_id="c1",
+                assignment=assign.assignment,
+                request_id=request.request_id,
+                error="AuthenticationError: bad key",
+            )
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asking
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "LLM_FAILED"
+    assert "AuthenticationError" in (caught.value.details() or "")
+
+
+async def test_a_completion_in_flight_when_the_worker_dies_answers_unavailable(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, _ = await assigned_worker(worker_app, stub, scripted)
+    asking = asyncio.ensure_future(
+        stub.CompleteWithAgentLlm(
+            pb.CompleteWithAgentLlmRequest(
+                conversation_id="c1", messages=[dict_to_struct({"role": "user", "content": "x"})]
+            ),
+            timeout=10,
+        )
+    )
+    await worker.receive("completion")
+    worker.close()  # the worker goes away without answering
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asking
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "WORKER_LOST"

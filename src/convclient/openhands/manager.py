@@ -27,6 +27,7 @@ from openhands.storage.data_models.conversation_status import (
 )
 from openhands.storage.data_models.settings import Settings
 from openhands.storage.files import FileStore
+from pydantic import SecretStr
 
 from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
@@ -80,6 +81,17 @@ def settings_to_json(settings: Settings) -> dict[str, Any]:
             name: {"secret": secret.secret.get_secret_value(), "description": secret.description}
             for name, secret in secrets.items()
         }
+    return dumped
+
+
+def llm_config_to_json(llm_config: Any) -> dict[str, Any]:
+    """An OpenHands LLMConfig as JSON with its secrets (the worker needs the key; convsvc
+    keeps it in memory for the call only)."""
+    dumped: dict[str, Any] = llm_config.model_dump(mode="json")
+    for name in type(llm_config).model_fields:
+        value = getattr(llm_config, name)
+        if isinstance(value, SecretStr):
+            dumped[name] = value.get_secret_value()
     return dumped
 
 
@@ -307,16 +319,18 @@ class RemoteConversationManager(ConversationManager):
     async def request_llm_completion(
         self, sid: str, service_id: str, llm_config: Any, messages: list[dict[str, str]]
     ) -> str:
-        """Answered here with the LLM configuration OpenHands passes (its standalone manager
-        uses the conversation's own LLM registry, which lives on the worker): the cost is not
-        added to the conversation's."""
-        from openhands.llm.llm_registry import LLMRegistry
-
-        registry = LLMRegistry(self.config)
-        answer: str = await asyncio.to_thread(
-            registry.request_extraneous_completion, service_id, llm_config, messages
-        )
-        return answer
+        """Answered by the conversation's LLM on its agent worker, which accounts the cost,
+        as OpenHands' standalone manager answers it from the conversation's registry."""
+        config = llm_config_to_json(llm_config)
+        try:
+            return await self.client.complete_with_agent_llm(
+                sid, messages, service_id=service_id, llm_config=config
+            )
+        except NotFoundError:
+            # OpenHands 0.62's remember-prompt route passes (service_id, sid) swapped.
+            return await self.client.complete_with_agent_llm(
+                service_id, messages, service_id=sid, llm_config=config
+            )
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from convsvc.domain import EventSource, IdempotencyRecord, JsonObject, StoredEvent
+from convsvc.errors import FailedPrecondition
 
 IdempotencyFor = Callable[[int], IdempotencyRecord | None]
 """Builds the idempotency record of a send once its event id is known (None: no request id)."""
@@ -120,6 +121,16 @@ class AgentLoop(ABC):
         returns its id once it is durable. ``request`` (user, request id) lets a retry join
         a delivery its first attempt left on the way."""
         raise NotImplementedError(f"{self.name} does not number its own events")
+
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: Sequence[JsonObject]
+    ) -> str:
+        """One completion from the agent's LLM outside the conversation (OpenHands'
+        request_llm_completion). Only loops with an LLM answer."""
+        raise FailedPrecondition(
+            f"the {self.name} agent has no LLM to answer completions",
+            reason="COMPLETION_NOT_SUPPORTED",
+        )
 
     async def stop(self) -> None:  # noqa: B027 - most loops hold nothing to release
         """Releases what the loop holds; the engine then reports the state ``stopped``."""

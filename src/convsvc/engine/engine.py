@@ -484,6 +484,31 @@ class ConversationEngine:
         result = await self._ledger.run(key, operation)
         return result["conversation_id"], int(result["event_id"])
 
+    async def complete_with_agent_llm(
+        self,
+        *,
+        conversation_id: str,
+        user_id: str = "",
+        service_id: str = "",
+        llm_config: JsonObject | None = None,
+        messages: Sequence[JsonObject] = (),
+    ) -> str:
+        """One completion from a running conversation's agent LLM (nothing is logged)."""
+        cid = validation.check_id("conversation_id", conversation_id)
+        user = validation.check_user_id(user_id)
+        if not messages:
+            raise InvalidArgument(
+                "messages must hold at least one message",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "messages"},
+            )
+        validation.check_size("llm_config", llm_config or {}, self._config.max_event_bytes)
+        validation.check_size(
+            "messages", {"messages": list(messages)}, self._config.max_batch_bytes
+        )
+        runtime = await self._running(cid, user)
+        return await runtime.agent.complete(service_id, llm_config or {}, list(messages))
+
     def _connected_conversation(self, conn_id: str, user: str | None) -> str:
         connection = self._connections.get(conn_id)
         if connection is None or (user is not None and connection.user_id != user):

@@ -147,6 +147,18 @@ class ConversationServicer:
             for message in stream_items_to_bytes(items):
                 yield message
 
+    async def CompleteWithAgentLlm(
+        self, request: pb.CompleteWithAgentLlmRequest, context: Context
+    ) -> pb.CompleteWithAgentLlmResponse:
+        content = await self._engine.complete_with_agent_llm(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            service_id=request.service_id,
+            llm_config=optional_struct(request, "llm_config"),
+            messages=StructList(request.messages),
+        )
+        return pb.CompleteWithAgentLlmResponse(content=content)
+
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:

@@ -26,6 +26,7 @@ from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.workers.pool import (
     AssignMessage,
+    CompletionMessage,
     DeliverMessage,
     HistoryMessage,
     IncomingEvent,
@@ -87,6 +88,17 @@ def _to_pb(message: Outgoing) -> wpb.AttachResponse:
                 assignment=message.assignment,
                 delivery_id=message.delivery_id,
                 payload=dict_to_struct(message.payload),
+            )
+        )
+    if isinstance(message, CompletionMessage):
+        return wpb.AttachResponse(
+            completion=wpb.CompletionRequest(
+                conversation_id=message.conversation_id,
+                assignment=message.assignment,
+                request_id=message.request_id,
+                service_id=message.service_id,
+                llm_config=dict_to_struct(message.llm_config),
+                messages=[dict_to_struct(m) for m in message.messages],
             )
         )
     assert isinstance(message, StopMessage)
@@ -197,6 +209,16 @@ class AgentWorkerServicer:
                     failed = message.failed
                     self._pool.on_failed(
                         session, failed.conversation_id, failed.assignment, failed.message
+                    )
+                elif kind == "completion":
+                    result = message.completion
+                    self._pool.on_completion(
+                        session,
+                        result.conversation_id,
+                        result.assignment,
+                        result.request_id,
+                        result.content,
+                        result.error,
                     )
                 elif kind == "released":
                     released = message.released

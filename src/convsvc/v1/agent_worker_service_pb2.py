@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%convsvc/v1/agent_worker_service.proto\x12\nconvsvc.v1\x1a%convsvc/v1/conversation_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"h\n\x0bWorkerEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65livery_id\x18\x04 \x01(\t\"\x98\x02\n\rAttachRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.convsvc.v1.WorkerHelloH\x00\x12&\n\x04ping\x18\x02 \x01(\x0b\x32\x16.convsvc.v1.WorkerPingH\x00\x12(\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x16.convsvc.v1.LoopEventsH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.convsvc.v1.LoopFailedH\x00\x12,\n\x08released\x18\x05 \x01(\x0b\x32\x18.convsvc.v1.LoopReleasedH\x00\x12(\n\x06status\x18\x06 \x01(\x0b\x32\x16.convsvc.v1.LoopStatusH\x00\x42\t\n\x07message\"G\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_kinds\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\"\x0c\n\nWorkerPing\"b\n\nLoopEvents\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.convsvc.v1.WorkerEvent\"J\n\nLoopFailed\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"b\n\nLoopStatus\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\";\n\x0cLoopReleased\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\"\xf6\x01\n\x0e\x41ttachResponse\x12,\n\x07welcome\x18\x01 \x01(\x0b\x32\x19.convsvc.v1.WorkerWelcomeH\x00\x12(\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x16.convsvc.v1.AssignLoopH\x00\x12*\n\x07history\x18\x03 \x01(\x0b\x32\x17.convsvc.v1.LoopHistoryH\x00\x12/\n\x07\x64\x65liver\x18\x04 \x01(\x0b\x32\x1c.convsvc.v1.DeliverUserEventH\x00\x12$\n\x04stop\x18\x05 \x01(\x0b\x32\x14.convsvc.v1.StopLoopH\x00\x42\t\n\x07message\"\xa1\x01\n\rWorkerWelcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fsilence_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_event_bytes\x18\x04 \x01(\x03\"\x87\x02\n\nAssignLoop\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x12\n\nagent_kind\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12)\n\x08settings\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rnext_event_id\x18\x06 \x01(\x03\x12\x35\n\x14initial_user_message\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rreplay_events\x18\x08 \x03(\x0b\x32\x17.google.protobuf.Struct\"]\n\x0bLoopHistory\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12!\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x11.convsvc.v1.Event\"~\n\x10\x44\x65liverUserEvent\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x08StopLoop\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x32Y\n\x12\x41gentWorkerService\x12\x43\n\x06\x41ttach\x12\x19.convsvc.v1.AttachRequest\x1a\x1a.convsvc.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%convsvc/v1/agent_worker_service.proto\x12\nconvsvc.v1\x1a%convsvc/v1/conversation_service.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"h\n\x0bWorkerEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65livery_id\x18\x04 \x01(\t\"\xcc\x02\n\rAttachRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.convsvc.v1.WorkerHelloH\x00\x12&\n\x04ping\x18\x02 \x01(\x0b\x32\x16.convsvc.v1.WorkerPingH\x00\x12(\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x16.convsvc.v1.LoopEventsH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.convsvc.v1.LoopFailedH\x00\x12,\n\x08released\x18\x05 \x01(\x0b\x32\x18.convsvc.v1.LoopReleasedH\x00\x12(\n\x06status\x18\x06 \x01(\x0b\x32\x16.convsvc.v1.LoopStatusH\x00\x12\x32\n\ncompletion\x18\x07 \x01(\x0b\x32\x1c.convsvc.v1.CompletionResultH\x00\x42\t\n\x07message\"G\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_kinds\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\"\x0c\n\nWorkerPing\"b\n\nLoopEvents\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\'\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x17.convsvc.v1.WorkerEvent\"J\n\nLoopFailed\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"b\n\nLoopStatus\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\";\n\x0cLoopReleased\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\"\xab\x02\n\x0e\x41ttachResponse\x12,\n\x07welcome\x18\x01 \x01(\x0b\x32\x19.convsvc.v1.WorkerWelcomeH\x00\x12(\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x16.convsvc.v1.AssignLoopH\x00\x12*\n\x07history\x18\x03 \x01(\x0b\x32\x17.convsvc.v1.LoopHistoryH\x00\x12/\n\x07\x64\x65liver\x18\x04 \x01(\x0b\x32\x1c.convsvc.v1.DeliverUserEventH\x00\x12$\n\x04stop\x18\x05 \x01(\x0b\x32\x14.convsvc.v1.StopLoopH\x00\x12\x33\n\ncompletion\x18\x06 \x01(\x0b\x32\x1d.convsvc.v1.CompletionRequestH\x00\x42\t\n\x07message\"\xa1\x01\n\rWorkerWelcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fsilence_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_event_bytes\x18\x04 \x01(\x03\"\x87\x02\n\nAssignLoop\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x12\n\nagent_kind\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12)\n\x08settings\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rnext_event_id\x18\x06 \x01(\x03\x12\x35\n\x14initial_user_message\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rreplay_events\x18\x08 \x03(\x0b\x32\x17.google.protobuf.Struct\"]\n\x0bLoopHistory\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12!\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x11.convsvc.v1.Event\"~\n\x10\x44\x65liverUserEvent\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\x12(\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x08StopLoop\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\"\xc0\x01\n\x11\x43ompletionRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nservice_id\x18\x04 \x01(\t\x12+\n\nllm_config\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08messages\x18\x06 \x03(\x0b\x32\x17.google.protobuf.Struct\"s\n\x10\x43ompletionResult\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nassignment\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t2Y\n\x12\x41gentWorkerService\x12\x43\n\x06\x41ttach\x12\x19.convsvc.v1.AttachRequest\x1a\x1a.convsvc.v1.AttachResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -27,31 +27,35 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_WORKEREVENT']._serialized_start=154
   _globals['_WORKEREVENT']._serialized_end=258
   _globals['_ATTACHREQUEST']._serialized_start=261
-  _globals['_ATTACHREQUEST']._serialized_end=541
-  _globals['_WORKERHELLO']._serialized_start=543
-  _globals['_WORKERHELLO']._serialized_end=614
-  _globals['_WORKERPING']._serialized_start=616
-  _globals['_WORKERPING']._serialized_end=628
-  _globals['_LOOPEVENTS']._serialized_start=630
-  _globals['_LOOPEVENTS']._serialized_end=728
-  _globals['_LOOPFAILED']._serialized_start=730
-  _globals['_LOOPFAILED']._serialized_end=804
-  _globals['_LOOPSTATUS']._serialized_start=806
-  _globals['_LOOPSTATUS']._serialized_end=904
-  _globals['_LOOPRELEASED']._serialized_start=906
-  _globals['_LOOPRELEASED']._serialized_end=965
-  _globals['_ATTACHRESPONSE']._serialized_start=968
-  _globals['_ATTACHRESPONSE']._serialized_end=1214
-  _globals['_WORKERWELCOME']._serialized_start=1217
-  _globals['_WORKERWELCOME']._serialized_end=1378
-  _globals['_ASSIGNLOOP']._serialized_start=1381
-  _globals['_ASSIGNLOOP']._serialized_end=1644
-  _globals['_LOOPHISTORY']._serialized_start=1646
-  _globals['_LOOPHISTORY']._serialized_end=1739
-  _globals['_DELIVERUSEREVENT']._serialized_start=1741
-  _globals['_DELIVERUSEREVENT']._serialized_end=1867
-  _globals['_STOPLOOP']._serialized_start=1869
-  _globals['_STOPLOOP']._serialized_end=1924
-  _globals['_AGENTWORKERSERVICE']._serialized_start=1926
-  _globals['_AGENTWORKERSERVICE']._serialized_end=2015
+  _globals['_ATTACHREQUEST']._serialized_end=593
+  _globals['_WORKERHELLO']._serialized_start=595
+  _globals['_WORKERHELLO']._serialized_end=666
+  _globals['_WORKERPING']._serialized_start=668
+  _globals['_WORKERPING']._serialized_end=680
+  _globals['_LOOPEVENTS']._serialized_start=682
+  _globals['_LOOPEVENTS']._serialized_end=780
+  _globals['_LOOPFAILED']._serialized_start=782
+  _globals['_LOOPFAILED']._serialized_end=856
+  _globals['_LOOPSTATUS']._serialized_start=858
+  _globals['_LOOPSTATUS']._serialized_end=956
+  _globals['_LOOPRELEASED']._serialized_start=958
+  _globals['_LOOPRELEASED']._serialized_end=1017
+  _globals['_ATTACHRESPONSE']._serialized_start=1020
+  _globals['_ATTACHRESPONSE']._serialized_end=1319
+  _globals['_WORKERWELCOME']._serialized_start=1322
+  _globals['_WORKERWELCOME']._serialized_end=1483
+  _globals['_ASSIGNLOOP']._serialized_start=1486
+  _globals['_ASSIGNLOOP']._serialized_end=1749
+  _globals['_LOOPHISTORY']._serialized_start=1751
+  _globals['_LOOPHISTORY']._serialized_end=1844
+  _globals['_DELIVERUSEREVENT']._serialized_start=1846
+  _globals['_DELIVERUSEREVENT']._serialized_end=1972
+  _globals['_STOPLOOP']._serialized_start=1974
+  _globals['_STOPLOOP']._serialized_end=2029
+  _globals['_COMPLETIONREQUEST']._serialized_start=2032
+  _globals['_COMPLETIONREQUEST']._serialized_end=2224
+  _globals['_COMPLETIONRESULT']._serialized_start=2226
+  _globals['_COMPLETIONRESULT']._serialized_end=2341
+  _globals['_AGENTWORKERSERVICE']._serialized_start=2343
+  _globals['_AGENTWORKERSERVICE']._serialized_end=2432
 # @@protoc_insertion_point(module_scope)

@@ -21,20 +21,22 @@ class WorkerEvent(_message.Message):
     def __init__(self, id: _Optional[int] = ..., source: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., delivery_id: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("hello", "ping", "events", "failed", "released", "status")
+    __slots__ = ("hello", "ping", "events", "failed", "released", "status", "completion")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     ping: WorkerPing
     events: LoopEvents
     failed: LoopFailed
     released: LoopReleased
     status: LoopStatus
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., ping: _Optional[_Union[WorkerPing, _Mapping]] = ..., events: _Optional[_Union[LoopEvents, _Mapping]] = ..., failed: _Optional[_Union[LoopFailed, _Mapping]] = ..., released: _Optional[_Union[LoopReleased, _Mapping]] = ..., status: _Optional[_Union[LoopStatus, _Mapping]] = ...) -> None: ...
+    completion: CompletionResult
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., ping: _Optional[_Union[WorkerPing, _Mapping]] = ..., events: _Optional[_Union[LoopEvents, _Mapping]] = ..., failed: _Optional[_Union[LoopFailed, _Mapping]] = ..., released: _Optional[_Union[LoopReleased, _Mapping]] = ..., status: _Optional[_Union[LoopStatus, _Mapping]] = ..., completion: _Optional[_Union[CompletionResult, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
     __slots__ = ("worker_id", "agent_kinds", "capacity")
@@ -89,18 +91,20 @@ class LoopReleased(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("welcome", "assign", "history", "deliver", "stop")
+    __slots__ = ("welcome", "assign", "history", "deliver", "stop", "completion")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
     welcome: WorkerWelcome
     assign: AssignLoop
     history: LoopHistory
     deliver: DeliverUserEvent
     stop: StopLoop
-    def __init__(self, welcome: _Optional[_Union[WorkerWelcome, _Mapping]] = ..., assign: _Optional[_Union[AssignLoop, _Mapping]] = ..., history: _Optional[_Union[LoopHistory, _Mapping]] = ..., deliver: _Optional[_Union[DeliverUserEvent, _Mapping]] = ..., stop: _Optional[_Union[StopLoop, _Mapping]] = ...) -> None: ...
+    completion: CompletionRequest
+    def __init__(self, welcome: _Optional[_Union[WorkerWelcome, _Mapping]] = ..., assign: _Optional[_Union[AssignLoop, _Mapping]] = ..., history: _Optional[_Union[LoopHistory, _Mapping]] = ..., deliver: _Optional[_Union[DeliverUserEvent, _Mapping]] = ..., stop: _Optional[_Union[StopLoop, _Mapping]] = ..., completion: _Optional[_Union[CompletionRequest, _Mapping]] = ...) -> None: ...
 
 class WorkerWelcome(_message.Message):
     __slots__ = ("worker_id", "ping_interval", "silence_timeout", "max_event_bytes")
@@ -163,3 +167,33 @@ class StopLoop(_message.Message):
     conversation_id: str
     assignment: int
     def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ...) -> None: ...
+
+class CompletionRequest(_message.Message):
+    __slots__ = ("conversation_id", "assignment", "request_id", "service_id", "llm_config", "messages")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    assignment: int
+    request_id: str
+    service_id: str
+    llm_config: _struct_pb2.Struct
+    messages: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ..., request_id: _Optional[str] = ..., service_id: _Optional[str] = ..., llm_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
+
+class CompletionResult(_message.Message):
+    __slots__ = ("conversation_id", "assignment", "request_id", "content", "error")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    assignment: int
+    request_id: str
+    content: str
+    error: str
+    def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ..., request_id: _Optional[str] = ..., content: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

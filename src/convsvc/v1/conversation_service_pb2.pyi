@@ -295,3 +295,23 @@ class HeartbeatResponse(_message.Message):
     connection_count: int
     ttl_seconds: float
     def __init__(self, connection_count: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CompleteWithAgentLlmRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "service_id", "llm_config", "messages")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    service_id: str
+    llm_config: _struct_pb2.Struct
+    messages: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., service_id: _Optional[str] = ..., llm_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
+
+class CompleteWithAgentLlmResponse(_message.Message):
+    __slots__ = ("content",)
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    def __init__(self, content: _Optional[str] = ...) -> None: ...

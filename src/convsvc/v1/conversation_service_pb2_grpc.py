@@ -80,6 +80,11 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatResponse.FromString,
                 )
+        self.CompleteWithAgentLlm = channel.unary_unary(
+                '/convsvc.v1.ConversationService/CompleteWithAgentLlm',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.FromString,
+                )
 
 
 class ConversationServiceServicer(object):
@@ -181,6 +186,17 @@ class ConversationServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteWithAgentLlm(self, request, context):
+        """Asks the LLM of a running conversation's agent for one completion outside the
+        conversation (OpenHands' request_llm_completion, e.g. 0.62's "remember" prompt). The
+        agent worker that runs the conversation answers, so the conversation's cost accounting
+        includes it. Nothing is logged. Only agents on workers can answer (FAILED_PRECONDITION,
+        reason COMPLETION_NOT_SUPPORTED, for the built-in echo agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +254,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'CompleteWithAgentLlm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteWithAgentLlm,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,5 +465,22 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/Heartbeat',
             convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.HeartbeatResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CompleteWithAgentLlm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/CompleteWithAgentLlm',
+            convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,10 +25,11 @@ import structlog
 from convsvc.agents.base import AgentContext, AgentLoop, IdempotencyFor, agent_state_changed
 from convsvc.domain import EventSource, JsonObject
 from convsvc.engine.runtime import EventOutOfSequence, LoopClosed
-from convsvc.errors import InvalidArgument, Unavailable
+from convsvc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from convsvc.storage import StorageError
 from convsvc.workers.pool import (
     AssignMessage,
+    CompletionMessage,
     DeliverMessage,
     HistoryMessage,
     IncomingEvent,
@@ -84,6 +86,9 @@ class WorkerAgentLoop(AgentLoop):
         self._failures = 0
         self._gave_up = False
         self._first_message_logged = context.initial_user_message is None
+        self._completions: dict[str, asyncio.Future[str]] = {}
+        self._ready = asyncio.Event()
+        """Set while a worker holds the loop and has its history."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -144,6 +149,60 @@ class WorkerAgentLoop(AgentLoop):
             forget()
         else:
             delivery.logged.result()[1].add_done_callback(forget)
+
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: Sequence[JsonObject]
+    ) -> str:
+        """Asks the worker that runs the loop (waiting for one, within the caller's
+        deadline); a worker lost meanwhile answers UNAVAILABLE, which may be retried."""
+        request_id = uuid.uuid4().hex
+        await self._ready.wait()
+        current = self._current
+        if current is None or self._stopping:
+            raise Unavailable(
+                f"conversation {self.context.conversation_id} has no agent worker now; retry",
+                reason="NO_AGENT_WORKER",
+            )
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._completions[request_id] = answer
+        current.session.send(
+            CompletionMessage(
+                self.context.conversation_id,
+                current.number,
+                request_id,
+                service_id,
+                dict(llm_config),
+                list(messages),
+            )
+        )
+        try:
+            return await asyncio.shield(answer)
+        finally:
+            self._completions.pop(request_id, None)
+
+    def completed(self, request_id: str, content: str, error: str) -> None:
+        answer = self._completions.get(request_id)
+        if answer is None or answer.done():
+            return  # its caller gave up
+        if error:
+            answer.set_exception(
+                FailedPrecondition(
+                    f"the agent's LLM gave no answer: {error[:200]}", reason="LLM_FAILED"
+                )
+            )
+        else:
+            answer.set_result(content)
+
+    def _fail_completions(self) -> None:
+        for answer in self._completions.values():
+            if not answer.done():
+                answer.set_exception(
+                    Unavailable(
+                        "the agent worker was lost before it answered; retry",
+                        reason="WORKER_LOST",
+                    )
+                )
+                answer.exception()  # its caller may have given up: nobody else reads it
 
     async def stop(self) -> None:
         self._stopping = True
@@ -294,6 +353,7 @@ class WorkerAgentLoop(AgentLoop):
         if self._current is not current:
             return
         current.ready = True
+        self._ready.set()
         for delivery in list(self._pending.values()):
             if not delivery.sent_to:
                 self._deliver(current, delivery)
@@ -312,6 +372,8 @@ class WorkerAgentLoop(AgentLoop):
     def _end(self, current: _Assignment) -> None:
         if self._current is current:
             self._current = None
+            self._ready.clear()
+            self._fail_completions()
         if current.handover is not None and not current.handover.done():
             current.handover.cancel()
         if not current.released.done():

@@ -85,7 +85,17 @@ class StopMessage:
     assignment: int
 
 
-Outgoing = AssignMessage | HistoryMessage | DeliverMessage | StopMessage
+@dataclass(frozen=True, slots=True)
+class CompletionMessage:
+    conversation_id: str
+    assignment: int
+    request_id: str
+    service_id: str
+    llm_config: JsonObject
+    messages: list[JsonObject]
+
+
+Outgoing = AssignMessage | HistoryMessage | DeliverMessage | StopMessage | CompletionMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +441,19 @@ class WorkerPool:
         session.ended.add((conversation_id, assignment))
         loop.worker_lost(session)
         self._schedule()
+
+    def on_completion(
+        self,
+        session: WorkerSession,
+        conversation_id: str,
+        assignment: int,
+        request_id: str,
+        content: str,
+        error: str,
+    ) -> None:
+        loop = self._loop_for(session, conversation_id, assignment)
+        if loop is not None:
+            loop.completed(request_id, content, error)
 
     def on_released(self, session: WorkerSession, conversation_id: str, assignment: int) -> None:
         loop = self._loop_for(session, conversation_id, assignment)

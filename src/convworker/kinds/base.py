@@ -60,6 +60,12 @@ class LoopRunner(ABC):
     async def deliver(self, delivery_id: str, payload: JsonObject) -> None:
         """Logs a user event (echoing ``delivery_id``) and acts on it."""
 
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: list[JsonObject]
+    ) -> str:
+        """One completion from the loop's LLM outside the conversation."""
+        raise NotImplementedError(f"{self.assignment.agent_kind} has no LLM")
+
     @abstractmethod
     async def stop(self) -> None:
         """Stops the loop; nothing is sent afterwards."""

@@ -41,6 +41,12 @@ class EchoRunner(LoopRunner):
         )
         self._emit("environment", _state("awaiting_user_input"))
 
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: list[JsonObject]
+    ) -> str:
+        """Echoes the last message's content, as the agent echoes messages."""
+        return str(messages[-1].get("content", "")) if messages else ""
+
     async def stop(self) -> None:
         """Nothing to release."""
 

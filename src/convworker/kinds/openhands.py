@@ -126,6 +126,7 @@ class OpenHandsRunner(LoopRunner):
         self.session, registry = compat.agent_session(
             sid, file_store, self._status, user_id, config, agent_cls
         )
+        self._registry = registry
         self.session.event_stream.subscribe(
             EventStreamSubscriber.SERVER, self._from_stream, _CALLBACK_ID
         )
@@ -160,6 +161,14 @@ class OpenHandsRunner(LoopRunner):
         # return, so the delivery id is known by then.
         self.session.event_stream.add_event(event, EventSource.USER)
         self._deliveries[event.id] = delivery_id
+
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: list[JsonObject]
+    ) -> str:
+        # OpenHands' LLM calls are synchronous: a thread keeps this process's loop free.
+        return await asyncio.to_thread(
+            compat.extraneous_completion, self._registry, service_id, llm_config, messages
+        )
 
     async def stop(self) -> None:
         session = getattr(self, "session", None)

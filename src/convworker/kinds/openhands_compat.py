@@ -53,6 +53,23 @@ def agent(agent_cls: str, config: OpenHandsConfig, registry: Any) -> Agent:
     return Agent.get_cls(agent_cls)(llm, agent_config)
 
 
+def extraneous_completion(
+    registry: Any, service_id: str, llm_config: dict[str, Any], messages: list[dict[str, Any]]
+) -> str:
+    """What OpenHands' standalone manager answers request_llm_completion with: the
+    conversation's LLM registry (0.54+), which accounts the cost; an LLM of its own before."""
+    from openhands.core.config import LLMConfig
+
+    config = LLMConfig.model_validate(llm_config)
+    if registry is not None:
+        answer: str = registry.request_extraneous_completion(service_id, config, messages)
+        return answer
+    from openhands.llm.llm import LLM
+
+    response = LLM(config=config).completion(messages=messages)
+    return str(response.choices[0].message.content or "").strip()
+
+
 def accumulated_cost(session: AgentSession) -> dict[str, Any]:
     """Cost and tokens so far, as the conversation metadata keeps them."""
     controller = session.controller
