@@ -10,6 +10,8 @@ links between them) are what the browser sees.
 
 A worker that dies loses nothing acknowledged: its conversation is assigned again and the new
 worker starts from the log. Sends not yet logged are delivered again to the new worker.
+
+Note the name: loops are plug-ins known by ``name``; this one runs any worker kind (``kind``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -415,8 +418,8 @@ class WorkerAgentLoop(AgentLoop):
                     )
                 )
 
-    def _spawn(self, work: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(work)  # type: ignore[arg-type]
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
