@@ -3,6 +3,7 @@ of one conversation's process, and close."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import grpc
 
 from convsvc.app import ConvsvcApp
-from convsvc.codec import dict_to_struct
+from convsvc.codec import dict_to_struct, struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.helpers import (
@@ -253,3 +254,62 @@ async def test_the_built_in_echo_agent_has_no_llm_to_answer(
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_ARGUMENT",
     )
+
+
+async def test_acknowledged_sends_survive_repeated_worker_kills_once_each(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Four senders with request ids (retrying until acknowledged) while the worker that runs
+    the conversation is killed three times: every send is logged exactly once, under the id
+    it was acknowledged with, and the log has no gap."""
+    assert worker_app.server is not None
+    address = worker_app.server.address
+    workers = {name: start_worker(address, name) for name in ("w0", "w1")}
+    for name in workers:
+        await attached(worker_app, name)
+    await start(stub, "c1", "first")
+    acknowledged: dict[str, int] = {}
+    progress = asyncio.Event()
+
+    async def sender(n: int) -> None:
+        for i in range(10):
+            content = f"s{n}-{i}"
+            request = pb.SendEventRequest(
+                conversation_id="c1", event=message(content), request_id=f"r{n}-{i}"
+            )
+            while True:  # the retry a client makes after a lost answer, same request id
+                try:
+                    acknowledged[content] = (await stub.SendEvent(request, timeout=15)).event_id
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ):
+                        raise
+            progress.set()
+
+    async def killer() -> None:
+        for kill in range(3):
+            while len(acknowledged) < (kill + 1) * 8:
+                progress.clear()
+                await progress.wait()
+            holder = worker_app.workers.holder("c1")
+            assert holder is not None
+            workers.pop(holder).kill()
+            name = f"w{kill + 2}"
+            workers[name] = start_worker(address, name)
+            await attached(worker_app, name)
+
+    await asyncio.wait_for(asyncio.gather(*(sender(n) for n in range(4)), killer()), 120)
+    page = await stub.SearchEvents(pb.SearchEventsRequest(conversation_id="c1", page_size=1000))
+    log = [struct_to_dict(e.payload) for e in page.events]
+    assert not log_violations(log)
+    assert [e["id"] for e in log] == list(range(len(log)))
+    sent = [e for e in log if e.get("source") == "user"]
+    contents = [e["args"]["content"] for e in sent]
+    assert sorted(contents) == sorted(["first", *acknowledged])  # each once
+    by_content = {e["args"]["content"]: e["id"] for e in sent}
+    assert all(by_content[c] == event_id for c, event_id in acknowledged.items())
