@@ -57,16 +57,21 @@ class Worker:
         self.settings = settings
         self.client = client
         self._launcher = ProcessLauncher(
-            settings.kinds, settings.fork, self._from_process, self._process_exited
+            settings.kinds, settings.fork, self._from_process, self._process_exited, self._broken
         )
         self._loops: dict[str, _Loop] = {}
         self._out: asyncio.Queue[wpb.AttachRequest | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self.attached = asyncio.Event()
         """Set while attached (tests and readiness wait on it)."""
+        self._fatal: BaseException | None = None
+        self._run_task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        """Serves until cancelled, attaching again after every break."""
+        """Serves until cancelled, attaching again after every break. Raises when the worker
+        can run no conversation any more (its zygote died), so that its supervisor restarts
+        it; convsvc gives its conversations to other workers meanwhile."""
+        self._run_task = asyncio.current_task()
         self.settings.workspace_root.mkdir(parents=True, exist_ok=True)
         await self._launcher.start()
         delay = 0.1
@@ -93,6 +98,10 @@ class Worker:
                     self._abandon_all()
                 await asyncio.sleep(delay * (0.5 + random.random()))  # jittered backoff
                 delay = min(delay * 2, self.settings.reconnect_max_seconds)
+        except asyncio.CancelledError:
+            if self._fatal is not None:
+                raise self._fatal from None
+            raise
         finally:
             self._abandon_all()
             await self._launcher.stop()
@@ -249,6 +258,8 @@ class Worker:
         except Exception as exc:
             log.exception("conversation %s: its process did not start", loop.conversation_id)
             self._finish(loop, released=False, why=f"the process did not start: {exc}")
+            if self._launcher.broken:
+                self._broken()
             return
         loop.history = []  # the process has it now
         if self._loops.get(loop.conversation_id) is not loop or loop.reported:
@@ -260,6 +271,12 @@ class Worker:
         loop.backlog.clear()
         if loop.stopping:
             process.send({"type": "stop"})
+
+    def _broken(self) -> None:
+        """No conversation can start here any more: stop, so a supervisor restarts us."""
+        if self._fatal is None and self._run_task is not None:
+            self._fatal = RuntimeError("the zygote process died; this worker must restart")
+            self._run_task.cancel()
 
     # -- from conversation processes ---------------------------------------------------------
 

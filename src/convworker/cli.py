@@ -70,8 +70,13 @@ async def _run(settings: WorkerSettings, client: ClientSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        return  # SIGTERM or SIGINT
+    except RuntimeError as exc:
+        logging.getLogger("convworker").error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

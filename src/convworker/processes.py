@@ -41,8 +41,9 @@ class ConversationProcess:
             self._writer.write(wire.encode(message))
 
     def kill(self) -> None:
-        """SIGKILL to the process and its group (the commands its runtime started)."""
-        if self.pid:
+        """SIGKILL to the process and its group (the commands its runtime started), unless
+        it already exited: its pid may belong to another process by now."""
+        if self.pid and not self.exited.done():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -57,12 +58,20 @@ class ProcessLauncher:
     """Starts conversation processes and routes what they say."""
 
     def __init__(
-        self, kinds: tuple[str, ...], fork: bool, on_message: OnMessage, on_exit: OnExit
+        self,
+        kinds: tuple[str, ...],
+        fork: bool,
+        on_message: OnMessage,
+        on_exit: OnExit,
+        on_broken: Callable[[], None] = lambda: None,
     ) -> None:
         self._kinds = kinds
         self._fork = fork
         self._on_message = on_message
         self._on_exit = on_exit
+        self._on_broken = on_broken
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="convworker-"))
         self._socket = str(self._dir / "loops.sock")
         self._server: asyncio.Server | None = None
@@ -93,8 +102,18 @@ class ProcessLauncher:
                 line = await asyncio.to_thread(ready.readline)
             if line.strip() != b"ready":
                 raise RuntimeError("the zygote process failed to import the agent code")
+            self._watch = asyncio.create_task(self._watch_zygote(self._zygote))
+
+    async def _watch_zygote(self, zygote: asyncio.subprocess.Process) -> None:
+        await zygote.wait()
+        if not self._stopping:
+            log.error("the zygote process exited (code %s)", zygote.returncode)
+            self._on_broken()
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         for process in list(self._processes):
             process.kill()
         if self._zygote is not None and self._zygote.stdin is not None:
@@ -107,6 +126,11 @@ class ProcessLauncher:
         with contextlib.suppress(OSError):
             os.unlink(self._socket)
             os.rmdir(self._dir)
+
+    @property
+    def broken(self) -> bool:
+        """True once the zygote has exited: no conversation can start any more."""
+        return self._zygote is not None and self._zygote.returncode is not None
 
     async def launch(self, conversation_id: str, assign: dict[str, Any]) -> ConversationProcess:
         """Starts a process for an assignment and hands it over once it connects."""

@@ -22,7 +22,7 @@ from tests.helpers import (
     ids,
     log_violations,
 )
-from tests.workers.conftest import WorkerProcess, attached
+from tests.workers.conftest import WorkerProcess, attached, children_of
 
 
 def message(text: str) -> pb.SendEventRequest:
@@ -313,3 +313,26 @@ async def test_acknowledged_sends_survive_repeated_worker_kills_once_each(
     assert sorted(contents) == sorted(["first", *acknowledged])  # each once
     by_content = {e["args"]["content"]: e["id"] for e in sent}
     assert all(by_content[c] == event_id for c, event_id in acknowledged.items())
+
+
+async def test_a_worker_whose_zygote_dies_exits_and_its_conversations_move(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    broken = start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "before")
+    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    start_worker(worker_app.server.address, "w2")
+    await attached(worker_app, "w2")
+    [zygote] = children_of(broken.process.pid)
+    os.kill(zygote, signal.SIGKILL)
+    # It can start no conversation any more: it exits with an error for its supervisor.
+    code = await asyncio.wait_for(asyncio.to_thread(broken.process.wait), 30)
+    assert code != 0
+    assert "zygote process died" in broken.log()
+    await worker_app.workers.wait_until(lambda: worker_app.workers.holder("c1") == "w2", 30)
+    await send(stub, "c1", "after")
+    await grpc_events_until(stub, "c1", echo_of("after"), timeout=30)
