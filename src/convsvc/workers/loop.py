@@ -188,24 +188,23 @@ class WorkerAgentLoop(AgentLoop):
         if answer is None or answer.done():
             return  # its caller gave up
         if error:
-            answer.set_exception(
+            _fail(
+                answer,
                 FailedPrecondition(
                     f"the agent's LLM gave no answer: {error[:200]}", reason="LLM_FAILED"
-                )
+                ),
             )
         else:
             answer.set_result(content)
 
     def _fail_completions(self) -> None:
         for answer in self._completions.values():
-            if not answer.done():
-                answer.set_exception(
-                    Unavailable(
-                        "the agent worker was lost before it answered; retry",
-                        reason="WORKER_LOST",
-                    )
-                )
-                answer.exception()  # its caller may have given up: nobody else reads it
+            _fail(
+                answer,
+                Unavailable(
+                    "the agent worker was lost before it answered; retry", reason="WORKER_LOST"
+                ),
+            )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -226,10 +225,10 @@ class WorkerAgentLoop(AgentLoop):
                 )
             self._end(current)
         for delivery in self._pending.values():
-            if not delivery.logged.done():
-                delivery.logged.set_exception(
-                    LoopClosed(f"conversation {self.context.conversation_id} was closed")
-                )
+            _fail(
+                delivery.logged,
+                LoopClosed(f"conversation {self.context.conversation_id} was closed"),
+            )
         self._pending.clear()
         for task in list(self._tasks):
             task.cancel()
@@ -409,13 +408,14 @@ class WorkerAgentLoop(AgentLoop):
         for delivery in list(self._pending.values()):
             if not delivery.sent_to and not delivery.logged.done():
                 self._pending.pop(delivery.delivery_id, None)
-                delivery.logged.set_exception(
+                _fail(
+                    delivery.logged,
                     Unavailable(
                         f"no agent worker could run conversation "
                         f"{self.context.conversation_id}; send again to retry",
                         reason="NO_AGENT_WORKER",
                         metadata={"conversation_id": self.context.conversation_id},
-                    )
+                    ),
                 )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -423,6 +423,14 @@ class WorkerAgentLoop(AgentLoop):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _fail(future: asyncio.Future[Any], error: Exception) -> None:
+    """Fails a future its caller may have stopped awaiting (the exception is marked read, so
+    asyncio does not report it as lost)."""
+    if not future.done():
+        future.set_exception(error)
+        future.exception()
 
 
 def _checked_source(event: IncomingEvent) -> EventSource:
