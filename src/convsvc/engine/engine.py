@@ -944,15 +944,7 @@ class ConversationEngine:
         if runtime.closing:
             raise LoopClosed(f"conversation {runtime.conversation_id} is closing")
         if first_id != runtime.next_event_id:
-            raise EventOutOfSequence(
-                f"event id {first_id} does not continue conversation "
-                f"{runtime.conversation_id}'s log: the next id is {runtime.next_event_id}",
-                metadata={
-                    "conversation_id": runtime.conversation_id,
-                    "expected_id": str(runtime.next_event_id),
-                    "got_id": str(first_id),
-                },
-            )
+            raise EventOutOfSequence(runtime.conversation_id, runtime.next_event_id, first_id)
         return self._append(runtime, events, idempotency, max_bytes=self._config.max_batch_bytes)
 
     def _publish_status(self, runtime: ConversationRuntime, status: JsonObject) -> None:

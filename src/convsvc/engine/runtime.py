@@ -84,6 +84,17 @@ class EventOutOfSequence(InvalidArgument):
 
     reason = "EVENT_ID_OUT_OF_SEQUENCE"
 
+    def __init__(self, conversation_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            f"event id {got} does not continue conversation {conversation_id}'s log: "
+            f"the next id is {expected}",
+            metadata={
+                "conversation_id": conversation_id,
+                "expected_id": str(expected),
+                "got_id": str(got),
+            },
+        )
+
 
 class ConversationRuntime:
     """The live part of a conversation; it exists only while its loop starts or runs.

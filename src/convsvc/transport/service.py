@@ -100,7 +100,8 @@ class CallGate:
                 return False
 
 
-def _parse(request_type: Any, data: bytes) -> Any:
+def parse_request(request_type: Any, data: bytes) -> Any:
+    """Parses request bytes; bad bytes are INVALID_ARGUMENT (MALFORMED_REQUEST), not UNKNOWN."""
     try:
         return request_type.FromString(data)
     except Exception as exc:  # DecodeError, or RecursionError from nesting: the bytes are bad
@@ -153,7 +154,7 @@ def _guard_unary(
         except ConvsvcError as exc:
             await _abort(method, context, exc, on_storage_failure)
         try:
-            response = await fn(_parse(request_type, data), context)
+            response = await fn(parse_request(request_type, data), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -181,7 +182,7 @@ def _guard_stream(
         except ConvsvcError as exc:
             await _abort(method, context, exc, on_storage_failure)
         try:
-            async for response in fn(_parse(request_type, data), context):
+            async for response in fn(parse_request(request_type, data), context):
                 yield response
         except grpc.aio.AbortError:
             raise

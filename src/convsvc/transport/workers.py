@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2
 from convsvc.codec import dict_to_struct, struct_to_dict
 from convsvc.errors import ConvsvcError, DeadlineExceeded, InvalidArgument, Unavailable
 from convsvc.storage import StorageError
-from convsvc.transport.service import CallGate
+from convsvc.transport.service import CallGate, parse_request
 from convsvc.transport.status import internal_error, to_grpc_status
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -41,16 +41,6 @@ log = structlog.get_logger(__name__)
 WORKER_SERVICE_NAME = wpb.DESCRIPTOR.services_by_name["AgentWorkerService"].full_name
 _MAX_UNAWAITED_BATCHES = 64
 """Event batches of one worker that may wait for commit before its stream is read again."""
-
-
-def _parse(data: bytes) -> wpb.AttachRequest:
-    try:
-        return wpb.AttachRequest.FromString(data)
-    except Exception as exc:  # DecodeError, or RecursionError from nesting: the bytes are bad
-        raise InvalidArgument(
-            f"a message is not a valid convsvc.v1.AttachRequest ({type(exc).__name__})",
-            reason="MALFORMED_REQUEST",
-        ) from None
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -164,7 +154,7 @@ class AgentWorkerServicer:
             raise DeadlineExceeded(
                 f"no hello within {timeout:g}s", reason="WORKER_SILENT"
             ) from None
-        message = _parse(first)
+        message = parse_request(wpb.AttachRequest, first)
         if message.WhichOneof("message") != "hello":
             raise InvalidArgument(
                 "the first message of Attach must be a hello", reason="WORKER_PROTOCOL_VIOLATION"
@@ -178,7 +168,7 @@ class AgentWorkerServicer:
         try:
             async for data in requests:
                 self._pool.heard(session)
-                message = _parse(data)
+                message = parse_request(wpb.AttachRequest, data)
                 kind = message.WhichOneof("message")
                 if kind == "events":
                     batch = message.events

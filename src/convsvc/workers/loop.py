@@ -274,15 +274,7 @@ class WorkerAgentLoop(AgentLoop):
         payloads: list[tuple[IncomingEvent, JsonObject, EventSource]] = []
         for offset, event in enumerate(events):
             if event.id != expected + offset:
-                raise EventOutOfSequence(
-                    f"event id {event.id} does not continue conversation "
-                    f"{self.context.conversation_id}'s log: the next id is {expected + offset}",
-                    metadata={
-                        "conversation_id": self.context.conversation_id,
-                        "expected_id": str(expected + offset),
-                        "got_id": str(event.id),
-                    },
-                )
+                raise EventOutOfSequence(self.context.conversation_id, expected + offset, event.id)
             payloads.append((event, _checked_payload(event), _checked_source(event)))
             if event.delivery_id and event.delivery_id not in self._pending:
                 raise InvalidArgument(

@@ -229,9 +229,14 @@ class WorkerPool:
                 reason="WORKER_ID_TAKEN",
                 metadata={"worker_id": wid},
             )
-        session = WorkerSession(wid, announced, capacity, self._clock())
-        session.on_overflow = self._overflowed
-        session.max_unread = self.config.max_unread_messages
+        session = WorkerSession(
+            wid,
+            announced,
+            capacity,
+            self._clock(),
+            max_unread=self.config.max_unread_messages,
+            on_overflow=self._overflowed,
+        )
         self._sessions[wid] = session
         self.known_kinds |= announced
         log.info("worker.attached", worker_id=wid, kinds=sorted(announced), capacity=capacity)
