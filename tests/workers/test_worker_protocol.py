@@ -26,6 +26,21 @@ from tests.workers.conftest import ScriptedWorker, attached
 STATE = {"observation": "agent_state_changed", "content": "", "extras": {"agent_state": "x"}}
 
 
+def logged(cid: str, assignment: int, event_id: int, payload: Any, delivery_id: str) -> Any:
+    """The worker logging a delivered user event under ``event_id``."""
+    return wpb.AttachRequest(
+        events=wpb.LoopEvents(
+            conversation_id=cid,
+            assignment=assignment,
+            events=[
+                wpb.WorkerEvent(
+                    id=event_id, source="user", payload=payload, delivery_id=delivery_id
+                )
+            ],
+        )
+    )
+
+
 def events(cid: str, assignment: int, *batch: tuple[int, str, dict[str, Any]]) -> Any:
     return wpb.AttachRequest(
         events=wpb.LoopEvents(
@@ -80,22 +95,7 @@ async def test_numbered_events_are_appended_and_a_send_gets_the_worker_s_id(
     )
     deliver = await worker.receive("deliver")
     assert deliver.payload["action"] == "message"
-    worker.send(
-        wpb.AttachRequest(
-            events=wpb.LoopEvents(
-                conversation_id="c1",
-                assignment=assign.assignment,
-                events=[
-                    wpb.WorkerEvent(
-                        id=first + 1,
-                        source="user",
-                        payload=deliver.payload,
-                        delivery_id=deliver.delivery_id,
-                    )
-                ],
-            )
-        )
-    )
+    worker.send(logged("c1", assign.assignment, first + 1, deliver.payload, deliver.delivery_id))
     assert (await sending).event_id == first + 1
     log = await stored(stub, "c1")
     assert [e["id"] for e in log] == list(range(first + 2))
@@ -188,19 +188,12 @@ async def test_an_unknown_delivery_id_detaches_the_worker(
 ) -> None:
     worker, assign = await assigned_worker(worker_app, stub, scripted)
     worker.send(
-        wpb.AttachRequest(
-            events=wpb.LoopEvents(
-                conversation_id="c1",
-                assignment=assign.assignment,
-                events=[
-                    wpb.WorkerEvent(
-                        id=assign.next_event_id,
-                        source="user",
-                        payload=dict_to_struct({"action": "message"}),
-                        delivery_id="made-up",
-                    )
-                ],
-            )
+        logged(
+            "c1",
+            assign.assignment,
+            assign.next_event_id,
+            dict_to_struct({"action": "message"}),
+            "made-up",
         )
     )
     error = await worker.ended_with()
@@ -341,20 +334,7 @@ async def test_a_retried_send_joins_the_delivery_its_first_attempt_left_on_the_w
     # event is durable first) reads the stored answer. Never does it deliver a second time.
     retry = asyncio.ensure_future(stub.SendEvent(request, timeout=10))
     worker.send(
-        wpb.AttachRequest(
-            events=wpb.LoopEvents(
-                conversation_id="c1",
-                assignment=assign.assignment,
-                events=[
-                    wpb.WorkerEvent(
-                        id=assign.next_event_id,
-                        source="user",
-                        payload=deliver.payload,
-                        delivery_id=deliver.delivery_id,
-                    )
-                ],
-            )
-        )
+        logged("c1", assign.assignment, assign.next_event_id, deliver.payload, deliver.delivery_id)
     )
     assert (await retry).event_id == assign.next_event_id
     # No second delivery reached the worker, and the log holds the message once.
