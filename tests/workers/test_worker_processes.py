@@ -7,8 +7,10 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import grpc
+import pytest
 
 from convsvc.app import ConvsvcApp
 from convsvc.codec import dict_to_struct, struct_to_dict
@@ -336,3 +338,51 @@ async def test_a_worker_whose_zygote_dies_exits_and_its_conversations_move(
     await worker_app.workers.wait_until(lambda: worker_app.workers.holder("c1") == "w2", 30)
     await send(stub, "c1", "after")
     await grpc_events_until(stub, "c1", echo_of("after"), timeout=30)
+
+
+async def test_a_worker_stopped_with_sigterm_hands_its_conversations_over(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    leaving = start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    await start(stub, "c1", "before")
+    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    [conversation_pid] = leaving.conversation_pids()
+    start_worker(worker_app.server.address, "w2")
+    await attached(worker_app, "w2")
+    leaving.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(asyncio.to_thread(leaving.process.wait), 30) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(conversation_pid, 0)  # its conversation processes went with it
+    await worker_app.workers.wait_until(lambda: worker_app.workers.holder("c1") == "w2", 30)
+    await send(stub, "c1", "after")
+    payloads = await grpc_events_until(stub, "c1", echo_of("after"), timeout=30)
+    assert not log_violations(payloads)
+    assert [p["args"]["content"] for p in payloads if p.get("source") == "user"] == [
+        "before",
+        "after",
+    ]
+
+
+async def test_convsvc_stops_gracefully_with_workers_attached_and_logs_stopped(
+    server_process: Callable[..., Any], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    server = server_process({"CONVSVC_WORKERS__KINDS": '["worker-echo"]'})
+    address = server.start()
+    worker = start_worker(address, "w1")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        await start(stub, "c1", "hello")
+        await grpc_events_until(stub, "c1", echo_of("hello"), timeout=30)
+    assert server.terminate(timeout=30) == 0  # SIGTERM while the loop runs on the worker
+    assert worker.process.poll() is None  # the worker outlives it and will attach again
+    restarted = server.start()
+    async with grpc.aio.insecure_channel(restarted) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        page = await stub.SearchEvents(pb.SearchEventsRequest(conversation_id="c1"))
+    log = [struct_to_dict(e.payload) for e in page.events]
+    assert [e["id"] for e in log] == list(range(len(log)))
+    assert log[-1]["extras"]["agent_state"] == "stopped"

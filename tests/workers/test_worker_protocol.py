@@ -495,3 +495,18 @@ async def test_a_completion_in_flight_when_the_worker_dies_answers_unavailable(
         await asking
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "WORKER_LOST"
+
+
+async def test_an_event_beyond_the_size_limit_detaches_the_worker_and_stays_out(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    before = await stored(stub, "c1")
+    huge = {"action": "message", "args": {"content": "x" * (3 * 1024 * 1024 + 1)}}
+    worker.send(events("c1", assign.assignment, (assign.next_event_id, "agent", huge)))
+    error = await worker.ended_with()
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "PAYLOAD_TOO_LARGE"
+    assert await stored(stub, "c1") == before
