@@ -22,6 +22,7 @@ from convsvc.app import ConvsvcApp
 from convsvc.config import EngineConfig, Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.sqlite import SqliteStore
+from tests.postgres import PostgresServer, postgres_server
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
 CONVSVC_BIN = Path(sys.executable).parent / "convsvc"
@@ -183,3 +184,16 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if proc.process is not None and proc.process.poll() is None:
             proc.process.kill()
             proc.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def postgres_dsn(postgres: PostgresServer) -> str:
+    """A database of this test's own on the session's server."""
+    return await postgres.create_database()

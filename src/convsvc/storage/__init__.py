@@ -5,7 +5,10 @@ from convsvc.storage.base import (
     ConversationLogError,
     ConversationStore,
     EventPage,
+    LogInterrupted,
+    OwnerMoved,
     StorageError,
+    StoreUnavailable,
 )
 
 __all__ = [
@@ -13,5 +16,8 @@ __all__ = [
     "ConversationLogError",
     "ConversationStore",
     "EventPage",
+    "LogInterrupted",
+    "OwnerMoved",
     "StorageError",
+    "StoreUnavailable",
 ]

@@ -40,6 +40,29 @@ class ConversationLogError(StorageError):
         self.conversation_id = conversation_id
 
 
+class LogInterrupted(ConversationLogError):
+    """The database could not be reached while this conversation's events were being
+    committed: whether they were is unknown until the log is read again."""
+
+
+class OwnerMoved(ConversationLogError):
+    """This node no longer holds the conversation's lease (another node claimed it, or it
+    was released): the write was fenced off and nothing of it was stored."""
+
+    def __init__(self, conversation_id: str, owner_address: str | None) -> None:
+        where = f"node {owner_address}" if owner_address else "no node (it is being moved)"
+        super().__init__(
+            conversation_id,
+            f"conversation {conversation_id} is now owned by {where}; this node may no longer "
+            "write to it",
+        )
+        self.owner_address = owner_address
+
+
+class StoreUnavailable(StorageError):
+    """The database cannot be reached now; the store recovers once it can."""
+
+
 @dataclass(slots=True, frozen=True)
 class EventPage:
     """Events read in one go, and where the range continues (None: it is exhausted)."""

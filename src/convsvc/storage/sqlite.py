@@ -18,7 +18,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -27,7 +26,8 @@ import aiosqlite
 import structlog
 
 from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
-from convsvc.storage.base import CommitListener, ConversationLogError, EventPage, StorageError
+from convsvc.storage.base import EventPage, StorageError
+from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -127,25 +127,13 @@ def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | No
         outcome.set_result(result)
 
 
-@dataclass(slots=True)
-class _PendingWrite:
-    conversations: list[ConversationRecord] = field(default_factory=list)
-    events: Sequence[Event] = ()
-    requests: list[IdempotencyRecord] = field(default_factory=list)
-    done: asyncio.Future[None] | None = None
-
-    @property
-    def log(self) -> str | None:
-        """The conversation whose log this write extends (the engine appends to one at a
-        time), or None."""
-        return self.events[0].conversation_id if self.events else None
-
-
 _Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
 
 
-class SqliteStore:
+class SqliteStore(GroupCommitStore):
     """ConversationStore on one SQLite file."""
+
+    name = "sqlite"
 
     def __init__(
         self,
@@ -155,17 +143,12 @@ class SqliteStore:
         group_commit: bool = True,
         max_batch: int = 1024,
     ) -> None:
+        super().__init__(max_batch=max_batch if group_commit else 1)
         self._path = path
         self._synchronous = synchronous
-        self._max_batch = max_batch if group_commit else 1
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: _WriterThread | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_PendingWrite | None] = asyncio.Queue()
-        self._writer_task: asyncio.Task[None] | None = None
-        self._listener: CommitListener | None = None
-        self._failure: StorageError | None = None
-        self._failed_logs: dict[str, ConversationLogError] = {}
         self.page_token_key = b""
         """A random key made with the store and kept in it, which signs page tokens."""
 
@@ -176,13 +159,10 @@ class SqliteStore:
         self.page_token_key = await self._on_writer_thread(self._load_page_token_key)
         self._reader = await aiosqlite.connect(self._path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
-        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._start_writer()
 
     async def close(self) -> None:
-        if self._writer_task is not None:
-            await self._queue.put(None)  # drains what is queued before it, then stops
-            await self._writer_task
-            self._writer_task = None
+        await self._stop_writer()
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -193,31 +173,25 @@ class SqliteStore:
             self._writer_thread.stop()
             self._writer_thread = None
 
-    def set_commit_listener(self, listener: CommitListener) -> None:
-        self._listener = listener
-
     async def save_conversation(
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
     ) -> None:
         await self._submit(
-            _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
         )
 
     def submit_conversation(
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
     ) -> asyncio.Future[None]:
         return self._submit(
-            _PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
         )
-
-    def clear_log_failure(self, conversation_id: str) -> None:
-        self._failed_logs.pop(conversation_id, None)
 
     def submit_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
     ) -> asyncio.Future[None]:
         return self._submit(
-            _PendingWrite(events=events, requests=[idempotency] if idempotency else [])
+            PendingWrite(events=events, requests=[idempotency] if idempotency else [])
         )
 
     async def append_events(
@@ -226,7 +200,7 @@ class SqliteStore:
         await self.submit_events(events, idempotency)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        await self._submit(_PendingWrite(requests=[record]))
+        await self._submit(PendingWrite(requests=[record]))
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         rows = await self._read(
@@ -363,51 +337,10 @@ class SqliteStore:
         except aiosqlite.Error as exc:
             raise StorageError(f"reading {self._path.name} failed: {exc}") from exc
 
-    def _submit(self, write: _PendingWrite) -> asyncio.Future[None]:
-        if self._failure is not None:
-            raise self._failure
-        if self._writer_task is None:
-            raise StorageError("the store is closed")
-        if write.log is not None and write.log in self._failed_logs:
-            raise self._failed_logs[write.log]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        write.done = done
-        self._queue.put_nowait(write)
-        return done
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            # One turn of the event loop before taking the batch: writes that this turn has
-            # already set in motion (an agent answering the event just queued, the other
-            # calls that arrived together) join this commit instead of waiting for the next.
-            await asyncio.sleep(0)
-            batch = [first]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_PendingWrite]) -> None:
+    async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
         writer = self._writer
         assert writer is not None
-        # Writes queued behind one that broke their conversation's log cannot commit: they
-        # would leave a gap where the failed events should be.
-        failed: list[tuple[_PendingWrite, StorageError]] = []
-        ready: list[_PendingWrite] = []
-        for write in batch:
-            broken = self._failed_logs.get(write.log) if write.log is not None else None
-            if broken is not None:
-                failed.append((write, broken))
-            else:
-                ready.append(write)
-        rows = [_rows(write) for write in ready]
+        rows = [_rows(write) for write in writes]
 
         def transaction(parts: list[_Rows]) -> None:  # runs on the writer thread
             writer.execute("BEGIN IMMEDIATE")
@@ -425,11 +358,11 @@ class SqliteStore:
                     writer.execute("ROLLBACK")
                 raise
 
-        def one_by_one() -> list[sqlite3.IntegrityError | None]:
+        def one_by_one() -> list[WriteOutcome]:
             """After a conflict: each write in its own transaction, to find the culprits."""
-            outcomes: list[sqlite3.IntegrityError | None] = []
+            outcomes: list[WriteOutcome] = []
             broken: set[str] = set()
-            for write, part in zip(ready, rows, strict=True):
+            for write, part in zip(writes, rows, strict=True):
                 if write.log is not None and write.log in broken:
                     outcomes.append(sqlite3.IntegrityError("an earlier write of this log failed"))
                     continue
@@ -442,68 +375,17 @@ class SqliteStore:
                         broken.add(write.log)
             return outcomes
 
-        committed = ready
         try:
-            if any(any(part) for part in rows):  # else only a flush barrier
-                try:
-                    await self._on_writer_thread(lambda: transaction(rows))
-                except sqlite3.IntegrityError:
-                    outcomes = await self._on_writer_thread(one_by_one)
-                    committed = []
-                    for write, outcome in zip(ready, outcomes, strict=True):
-                        if outcome is None:
-                            committed.append(write)
-                        else:
-                            failed.append((write, self._fail_log(write, outcome)))
-        except (sqlite3.Error, ValueError) as exc:
-            # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
-            # failed commit stops all further writes (the health check reports it).
-            self._failure = StorageError(f"committing to {self._path.name} failed: {exc}")
-            log.error("storage.commit_failed", error=str(exc), batch=len(batch))
-            for write in batch:
-                assert write.done is not None
-                if not write.done.done():
-                    write.done.set_exception(self._failure)
-            return
-        for write, error in failed:
-            assert write.done is not None
-            if not write.done.done():
-                write.done.set_exception(error)
-        # Callers are woken before subscribers (both run only after the listener has updated
-        # the live state): the unary answers leave first, and a client that awaits its answer
-        # and then its stream reads the stream while the answer is being processed.
-        for write in committed:
-            assert write.done is not None
-            if not write.done.done():
-                write.done.set_result(None)
-        events = [e for w in committed for e in w.events]
-        if events and self._listener is not None:
             try:
-                self._listener(events)
-            except Exception:
-                # The events are durable; a listener bug must not stop the writer.
-                log.exception("storage.listener_failed", batch=len(events))
-
-    def _fail_log(self, write: _PendingWrite, cause: Exception) -> StorageError:
-        cid = write.log
-        if cid is None:  # a conversation record or a request id: nothing to isolate
-            return StorageError(f"a write to {self._path.name} conflicted: {cause}")
-        error = self._failed_logs.get(cid)
-        if error is None:
-            error = ConversationLogError(
-                cid, f"appending to conversation {cid} conflicted with its stored log: {cause}"
-            )
-            self._failed_logs[cid] = error
-            log.error("storage.log_conflict", conversation_id=cid, error=str(cause))
-        return error
-
-    @property
-    def failed(self) -> bool:
-        """Whether a commit failed, after which the store accepts no writes."""
-        return self._failure is not None
+                await self._on_writer_thread(lambda: transaction(rows))
+                return [None] * len(writes)
+            except sqlite3.IntegrityError:
+                return await self._on_writer_thread(one_by_one)
+        except (sqlite3.Error, ValueError) as exc:
+            raise StorageError(f"committing to {self._path.name} failed: {exc}") from exc
 
 
-def _rows(write: _PendingWrite) -> _Rows:
+def _rows(write: PendingWrite) -> _Rows:
     now = time.time()
     return (
         [

@@ -1,0 +1,214 @@
+"""Group commit, shared by every backend: the queue of writes, the one writer task, and what a
+failed commit means for each write.
+
+A backend supplies :meth:`GroupCommitStore._write`, which commits a batch (one transaction,
+one flush) and reports each write's outcome; everything the engine relies on lives here:
+commits keep submission order, a write that conflicts with one conversation's log fails that
+log only, callers are woken before subscribers, and the listener hears of commits in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from convsvc.domain import ConversationRecord, Event, IdempotencyRecord
+from convsvc.storage.base import (
+    CommitListener,
+    ConversationLogError,
+    LogInterrupted,
+    StorageError,
+    StoreUnavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class PendingWrite:
+    """What one submission asked to commit atomically."""
+
+    conversations: list[ConversationRecord] = field(default_factory=list)
+    events: Sequence[Event] = ()
+    requests: list[IdempotencyRecord] = field(default_factory=list)
+    epoch: int | None = None
+    """The lease epoch the writer held when it submitted (clustered backends fence on it)."""
+    done: asyncio.Future[None] | None = None
+
+    @property
+    def log(self) -> str | None:
+        """The conversation whose log this write extends (the engine appends to one at a
+        time), or None."""
+        if self.events:
+            return self.events[0].conversation_id
+        return None
+
+    @property
+    def target(self) -> str | None:
+        """The conversation this write belongs to, log or record."""
+        if self.events:
+            return self.events[0].conversation_id
+        if self.conversations:
+            return self.conversations[0].conversation_id
+        return None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.conversations or self.events or self.requests)
+
+
+WriteOutcome = Exception | None
+"""None when the write committed; else why it did not (the rest of the batch committed)."""
+
+
+class GroupCommitStore(ABC):
+    """The write side of a store: submissions queued, committed in batches by one task."""
+
+    name = "store"
+    """How logs and errors name the backend."""
+
+    def __init__(self, *, max_batch: int) -> None:
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[PendingWrite | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._listener: CommitListener | None = None
+        self._failure: StorageError | None = None
+        self._failed_logs: dict[str, ConversationLogError] = {}
+
+    @abstractmethod
+    async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
+        """Commits the writes in one transaction where it can and returns each one's outcome.
+
+        Raises StoreUnavailable when the database could not be reached (nothing is known to
+        have committed; the store stays open) and StorageError when the store is broken.
+        """
+
+    def _start_writer(self) -> None:
+        self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name}-writer")
+
+    async def _stop_writer(self) -> None:
+        if self._writer_task is not None:
+            await self._queue.put(None)  # drains what is queued before it, then stops
+            await self._writer_task
+            self._writer_task = None
+
+    def set_commit_listener(self, listener: CommitListener) -> None:
+        self._listener = listener
+
+    def clear_log_failure(self, conversation_id: str) -> None:
+        self._failed_logs.pop(conversation_id, None)
+
+    @property
+    def failed(self) -> bool:
+        """Whether a commit failed in a way that stops all writes."""
+        return self._failure is not None
+
+    def _submit(self, write: PendingWrite) -> asyncio.Future[None]:
+        if self._failure is not None:
+            raise self._failure
+        if self._writer_task is None:
+            raise StorageError("the store is closed")
+        if write.log is not None and write.log in self._failed_logs:
+            raise self._failed_logs[write.log]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        write.done = done
+        self._queue.put_nowait(write)
+        return done
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            # One turn of the event loop before taking the batch: writes that this turn has
+            # already set in motion (an agent answering the event just queued, the other
+            # calls that arrived together) join this commit instead of waiting for the next.
+            await asyncio.sleep(0)
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[PendingWrite]) -> None:
+        # Writes queued behind one that broke their conversation's log cannot commit: they
+        # would leave a gap where the failed events should be.
+        failed: list[tuple[PendingWrite, StorageError]] = []
+        ready: list[PendingWrite] = []
+        for write in batch:
+            broken = self._failed_logs.get(write.log) if write.log is not None else None
+            if broken is not None:
+                failed.append((write, broken))
+            else:
+                ready.append(write)
+        outcomes: list[WriteOutcome] = [None] * len(ready)
+        try:
+            if any(not write.empty for write in ready):  # else only a flush barrier
+                outcomes = await self._write(ready)
+        except StoreUnavailable as exc:
+            # Whether the batch committed is unknown: its logs take no more writes until the
+            # engine has re-read where they end; the store itself goes on.
+            log.error(f"{self.name}.unavailable", error=str(exc), batch=len(batch))
+            outcomes = [LogInterrupted(w.log, str(exc)) if w.log else exc for w in ready]
+        except StorageError as exc:
+            # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
+            # failed commit stops all further writes (the health check reports it).
+            self._failure = exc
+            log.error(f"{self.name}.commit_failed", error=str(exc), batch=len(batch))
+            for write in batch:
+                _fail(write, exc)
+            return
+        committed: list[PendingWrite] = []
+        for write, outcome in zip(ready, outcomes, strict=True):
+            if outcome is None:
+                committed.append(write)
+            else:
+                failed.append((write, self._fail_log(write, outcome)))
+        for write, error in failed:
+            _fail(write, error)
+        # Callers are woken before subscribers (both run only after the listener has updated
+        # the live state): the unary answers leave first, and a client that awaits its answer
+        # and then its stream reads the stream while the answer is being processed.
+        for write in committed:
+            assert write.done is not None
+            if not write.done.done():
+                write.done.set_result(None)
+        events = [e for w in committed for e in w.events]
+        if events and self._listener is not None:
+            try:
+                self._listener(events)
+            except Exception:
+                # The events are durable; a listener bug must not stop the writer.
+                log.exception(f"{self.name}.listener_failed", batch=len(events))
+
+    def _fail_log(self, write: PendingWrite, cause: Exception) -> StorageError:
+        cid = write.log
+        if cid is None:  # a conversation record or a request id: nothing to isolate
+            if isinstance(cause, StorageError):
+                return cause
+            return StorageError(f"a write to the {self.name} conflicted: {cause}")
+        error = self._failed_logs.get(cid)
+        if error is None:
+            if isinstance(cause, ConversationLogError):
+                error = cause
+            else:
+                error = ConversationLogError(
+                    cid, f"appending to conversation {cid} conflicted with its stored log: {cause}"
+                )
+            self._failed_logs[cid] = error
+            log.error(f"{self.name}.log_failed", conversation_id=cid, error=str(error))
+        return error
+
+
+def _fail(write: PendingWrite, error: StorageError) -> None:
+    assert write.done is not None
+    if not write.done.done():
+        write.done.set_exception(error)

@@ -1,0 +1,1 @@
+"""SQL migrations of the PostgreSQL schema, applied in order by ``convsvc migrate``."""

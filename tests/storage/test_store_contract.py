@@ -1,0 +1,131 @@
+"""The store contract, run against SQLite and a real PostgreSQL: ordered group commit,
+durability across reopen, a conflicting write fails its conversation only, byte-bounded
+pages, flush barriers, records and idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from convsvc.domain import IdempotencyRecord
+from convsvc.storage import ConversationLogError
+from tests.storage.backends import StoreFactory, make_event, make_record, own, store_factory
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    dsn = ""
+    if request.param == "postgres":
+        dsn = await request.getfixturevalue("postgres").create_database()
+    async for factory in store_factory(request.param, tmp_path, dsn):
+        yield factory
+
+
+async def test_concurrent_appends_share_commits_and_are_reported_in_order(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    await own(store, "c1")
+    batches: list[list[int]] = []
+    store.set_commit_listener(lambda events: batches.append([e.id for e in events]))
+    await asyncio.gather(*(store.append_events([make_event("c1", n)]) for n in range(200)))
+    assert [i for batch in batches for i in batch] == list(range(200))
+    assert len(batches) < 200  # group commit: fewer transactions than writes
+
+
+async def test_committed_events_and_records_are_read_back_after_reopening(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    await own(store, "c1")
+    record = make_record("c1")
+    await store.save_conversation(record)
+    await store.append_events([make_event("c1", n) for n in range(5)])
+    await store.close()
+
+    reopened = await stores()
+    assert await reopened.latest_event_id("c1") == 4
+    assert await reopened.latest_event_id("other") == -1
+    assert [r.id for r in await reopened.read_events("c1", 1, 3)] == [1, 2, 3]
+    assert [r.id for r in await reopened.read_events("c1", 0, reverse=True, limit=2)] == [4, 3]
+    stored = await reopened.get_conversation("c1")
+    assert stored is not None and stored.user_id == "u1" and stored.settings == {"k": 1}
+    assert await reopened.get_conversation("missing") is None
+    assert reopened.page_token_key == store.page_token_key  # shared by every node
+
+
+async def test_a_conflicting_write_fails_its_conversation_only(stores: StoreFactory) -> None:
+    store = await stores()
+    await own(store, "c1", "c2")
+    committed: list[tuple[str, int]] = []
+    store.set_commit_listener(
+        lambda events: committed.extend((e.conversation_id, e.id) for e in events)
+    )
+    await store.append_events([make_event("c1", 0)])
+    # One batch: c2's write, a write to c1 whose id is taken, a later c1 write, c2 again.
+    outcomes = await asyncio.gather(
+        store.submit_events([make_event("c2", 0)]),
+        store.submit_events([make_event("c1", 0)]),
+        store.submit_events([make_event("c1", 1)]),
+        store.submit_events([make_event("c2", 1)]),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], ConversationLogError) and outcomes[1].conversation_id == "c1"
+    assert isinstance(outcomes[2], ConversationLogError)  # no gap can follow a lost write
+    assert not store.failed
+    with pytest.raises(ConversationLogError):
+        store.submit_events([make_event("c1", 1)])  # refused until the log end is re-read
+    await store.append_events([make_event("c2", 2)])  # other conversations go on
+    store.clear_log_failure("c1")
+    await store.append_events([make_event("c1", 1)])
+    assert committed == [("c1", 0), ("c2", 0), ("c2", 1), ("c2", 2), ("c1", 1)]
+
+
+async def test_pages_are_bounded_by_bytes(stores: StoreFactory) -> None:
+    store = await stores()
+    await own(store, "c1")
+    await store.append_events([make_event("c1", n) for n in range(10)])
+    sizes = [len(e.encoded) for e in await store.read_events("c1", 0)]
+    page = await store.read_page("c1", 0, limit=100, max_bytes=sum(sizes[:3]) + sizes[3] - 1)
+    assert [e.id for e in page.events] == [0, 1, 2] and page.next_id == 3
+    page = await store.read_page("c1", 0, limit=100, max_bytes=1)  # one always fits
+    assert [e.id for e in page.events] == [0] and page.next_id == 1
+    page = await store.read_page("c1", 3, 9, reverse=True, limit=4, max_bytes=10**6)
+    assert [e.id for e in page.events] == [9, 8, 7, 6] and page.next_id == 5
+    page = await store.read_page("c1", 8, limit=100, max_bytes=10**6)
+    assert [e.id for e in page.events] == [8, 9] and page.next_id is None
+
+
+async def test_submitted_writes_commit_in_order_and_an_empty_submission_waits_for_them(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    await own(store, "c1")
+    committed: list[int] = []
+    store.set_commit_listener(lambda events: committed.extend(e.id for e in events))
+    pending = [store.submit_events([make_event("c1", n)]) for n in range(50)]
+    assert not any(future.done() for future in pending)  # queued, not yet durable
+    await store.submit_events(())  # a barrier: durable once everything before it is
+    assert all(future.done() for future in pending)
+    assert committed == list(range(50))
+    assert [row.id for row in await store.read_events("c1", 0)] == list(range(50))
+
+
+async def test_idempotency_records_commit_with_their_events_and_are_pruned(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    await own(store, "c1")
+    record = IdempotencyRecord("u1", "r1", "SendEvent", "f", {"event_id": 0})
+    await store.append_events([make_event("c1", 0)], record)
+    assert await store.get_idempotency("u1", "r1") == record
+    await store.save_idempotency(IdempotencyRecord("u1", "r2", "Close", "g", {"ok": True}))
+    assert (await store.get_idempotency("u1", "r2")) is not None
+    assert await store.get_idempotency("u1", "missing") is None
+    assert await store.prune_idempotency(datetime.now(UTC) + timedelta(seconds=5)) == 2
+    assert await store.get_idempotency("u1", "r1") is None
