@@ -57,6 +57,10 @@ class ConnectionRegistry:
         self._last_heartbeat[client_instance_id] = now
         return len(self._by_instance.get(client_instance_id, ()))
 
+    def silent_instances(self, now: float, ttl: float) -> list[str]:
+        """Instances that have not heartbeated here for longer than ``ttl``."""
+        return [i for i, seen in self._last_heartbeat.items() if now - seen > ttl]
+
     def expire_instances(self, now: float, ttl: float) -> list[Connection]:
         """Removes the connections of instances silent for longer than ``ttl``."""
         expired: list[Connection] = []

@@ -36,6 +36,7 @@ from convsvc.domain import (
 from convsvc.engine import validation
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.idempotency import RequestKey, RequestLedger
+from convsvc.engine.membership import Membership
 from convsvc.engine.paging import decode_token, encode_token
 from convsvc.engine.runtime import (
     ConversationRuntime,
@@ -55,7 +56,13 @@ from convsvc.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from convsvc.storage import ConversationLogError, ConversationStore, StorageError
+from convsvc.storage import (
+    ConversationLogError,
+    ConversationStore,
+    LogInterrupted,
+    OwnerMoved,
+    StorageError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +109,7 @@ class ConversationEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cleanup_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._membership: Membership | None = None
         self._log_access = LogAccess(
             self._emit,
             self._flush_for,
@@ -112,6 +120,10 @@ class ConversationEngine:
         store.set_commit_listener(self._on_commit)
 
     # -- lifecycle of the engine ---------------------------------------------------------
+
+    def join_cluster(self, membership: Membership) -> None:
+        """From now on leases decide which conversations run here (see convsvc.cluster)."""
+        self._membership = membership
 
     async def start(self) -> None:
         """Starts the periodic cleanup (idle loops, silent client instances)."""
@@ -259,6 +271,8 @@ class ConversationEngine:
         first_events: list[JsonObject],
         key: RequestKey | None,
         start_request: StartRequest | None = None,
+        *,
+        take_over: bool = False,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid`` (started if needed) and whether the request id's
         answer was stored with the start."""
@@ -273,13 +287,6 @@ class ConversationEngine:
             stored = await self._store.get_conversation(cid)
             if stored is not None:
                 self._check_owner(stored, user)
-            # A record is always written before its conversation's first event.
-            latest = await self._store.latest_event_id(cid) if stored is not None else -1
-            if self._stopping:
-                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
-            # From here to the end of the block nothing awaits: admission, evictions,
-            # registration and the queueing of the start's writes happen in one step.
-            self._store.clear_log_failure(cid)  # the end of the log was just read again
             now_wall = datetime.now(UTC)
             record = ConversationRecord(
                 conversation_id=cid,
@@ -289,6 +296,17 @@ class ConversationEngine:
                 create_time=stored.create_time if stored is not None else now_wall,
                 last_active_time=now_wall,
             )
+            if self._membership is not None:
+                # The lease first: from here no other node can append to this log, so the
+                # end read next is the end.
+                await self._membership.claim(record, take_over=take_over)
+            # A record is always written before its conversation's first event.
+            latest = await self._store.latest_event_id(cid) if stored is not None else -1
+            if self._stopping:
+                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            # From here to the end of the block nothing awaits: admission, evictions,
+            # registration and the queueing of the start's writes happen in one step.
+            self._store.clear_log_failure(cid)  # the end of the log was just read again
             runtime = ConversationRuntime(
                 record,
                 settings,
@@ -324,38 +342,92 @@ class ConversationEngine:
     def _admit(self, runtime: ConversationRuntime) -> list[ConversationRuntime]:
         """Registers a new runtime, first closing the owner's least recently active loops
         beyond the per-user limit; returns those (each told why, exactly once)."""
-        limit = self._config.max_concurrent_conversations
-        user = runtime.record.user_id
-        mine = [
-            rt for rt in self._runtimes.values() if rt.record.user_id == user and not rt.closing
-        ]
-        mine.sort(key=lambda rt: rt.last_active)
-        victims = mine[: max(len(mine) - limit + 1, 0)]
-        for victim in victims:
-            log.info(
-                "conversation.evicted",
-                conversation_id=victim.conversation_id,
-                user_id=user,
-                limit=limit,
-            )
-            self._broadcaster.publish(
-                victim.conversation_id,
-                [
-                    {
-                        "status_update": True,
-                        "type": "error",
-                        "id": TOO_MANY_CONVERSATIONS,
-                        "message": (
-                            f"Too many conversations are running (the limit is {limit}); "
-                            "this one was stopped to make room for a new one."
-                        ),
-                        "conversation_id": victim.conversation_id,
-                    }
-                ],
-            )
-            self._begin_close(victim)
+        victims: list[ConversationRuntime] = []
+        if self._membership is None:  # in a cluster, the claim kept the limit
+            limit = self._config.max_concurrent_conversations
+            user = runtime.record.user_id
+            mine = [
+                rt for rt in self._runtimes.values() if rt.record.user_id == user and not rt.closing
+            ]
+            mine.sort(key=lambda rt: rt.last_active)
+            victims = mine[: max(len(mine) - limit + 1, 0)]
+            for victim in victims:
+                self._evict(victim)
         self._runtimes[runtime.conversation_id] = runtime
         return victims
+
+    def _evict(self, victim: ConversationRuntime) -> asyncio.Task[None]:
+        """Closes a loop to make room under the per-user limit, telling its viewers why."""
+        limit = self._config.max_concurrent_conversations
+        log.info(
+            "conversation.evicted",
+            conversation_id=victim.conversation_id,
+            user_id=victim.record.user_id,
+            limit=limit,
+        )
+        self._broadcaster.publish(
+            victim.conversation_id,
+            [
+                {
+                    "status_update": True,
+                    "type": "error",
+                    "id": TOO_MANY_CONVERSATIONS,
+                    "message": (
+                        f"Too many conversations are running (the limit is {limit}); "
+                        "this one was stopped to make room for a new one."
+                    ),
+                    "conversation_id": victim.conversation_id,
+                }
+            ],
+        )
+        return self._begin_close(victim)
+
+    async def evict(self, conversation_id: str) -> bool:
+        """Closes a loop running here for the per-user limit (a claim elsewhere asked);
+        False when it does not run here."""
+        runtime = self._runtimes.get(conversation_id)
+        if runtime is None:
+            return False
+        if not runtime.closing:
+            self._evict(runtime)
+        await asyncio.shield(runtime.closed.wait())
+        return True
+
+    async def take_over(self, record: ConversationRecord) -> None:
+        """Starts, from its log, a conversation whose owner is gone (or handed it over)."""
+        await self._start(
+            record.conversation_id,
+            record.user_id,
+            record.agent,
+            record.settings,
+            [],
+            None,
+            take_over=True,
+        )
+
+    def runs_here(self, conversation_id: str) -> bool:
+        """Whether this node runs the conversation's loop (and so publishes its events)."""
+        runtime = self._runtimes.get(conversation_id)
+        return runtime is not None and not runtime.closing
+
+    def latest_here(self, conversation_id: str) -> int | None:
+        """The newest event id this node committed for a loop it runs."""
+        runtime = self._runtimes.get(conversation_id)
+        return runtime.latest_event_id if runtime is not None else None
+
+    def publish_followed(self, conversation_id: str, items: Sequence[StreamItem]) -> None:
+        """Fans out events another node committed (see cluster.follow) to local streams."""
+        self._broadcaster.publish(conversation_id, items)
+
+    async def hand_off_all(self) -> None:
+        """Drain: every loop here stops without a ``stopped`` event and its lease is handed
+        over, so another node continues it from the log at once."""
+        self._stopping = True
+        tasks = [
+            self._begin_close(runtime, graceful=False, hand_off=True)
+            for runtime in list(self._runtimes.values())
+        ]
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     async def _finish_start(
         self,
@@ -424,8 +496,11 @@ class ConversationEngine:
                     reason="CONNECTION_ID_TAKEN",
                     metadata={"connection_id": conn_id},
                 )
-            self._connections.add(Connection(conn_id, cid, user, instance), self._clock())
+            connection = Connection(conn_id, cid, user, instance)
+            self._connections.add(connection, self._clock())
             self._touch(runtime)
+            if self._membership is not None:
+                await self._membership.connection_added(connection)
             return {"conversation_id": cid, "connection_id": conn_id}, False
 
         await self._ledger.run(key, operation)
@@ -535,6 +610,8 @@ class ConversationEngine:
             runtime = self._runtimes.get(connection.conversation_id)
             if runtime is not None:
                 self._touch(runtime)  # idle cleanup counts from the last viewer leaving
+            if self._membership is not None:
+                await self._membership.connections_removed([conn_id])
             log.info(
                 "connection.removed",
                 conversation_id=connection.conversation_id,
@@ -565,37 +642,74 @@ class ConversationEngine:
         await self._ledger.run(key, operation)
         return await self.get_conversation(cid, user_id)
 
-    def _begin_close(self, runtime: ConversationRuntime) -> asyncio.Task[None]:
+    def _begin_close(
+        self, runtime: ConversationRuntime, *, graceful: bool = True, hand_off: bool = False
+    ) -> asyncio.Task[None]:
         """Moves a runtime to CLOSING and drops its connections at once; the rest of the
-        close runs in an owned task (returned; the same one for every caller)."""
+        close runs in an owned task (returned; the same one for every caller).
+
+        ``graceful``: the log ends with ``stopped``; otherwise the loop is only dropped
+        (its lease moved on, or ``hand_off``: it is handed to another node).
+        """
         if runtime.close_task is None:
             runtime.begin_close()
-            self._connections.remove_conversation(runtime.conversation_id)
+            dropped = self._connections.remove_conversation(runtime.conversation_id)
             runtime.close_task = self._spawn(
-                self._close_sequence(runtime), f"close:{runtime.conversation_id}"
+                self._close_sequence(
+                    runtime, graceful, hand_off, [c.connection_id for c in dropped]
+                ),
+                f"close:{runtime.conversation_id}",
             )
         return runtime.close_task
 
-    async def _close_sequence(self, runtime: ConversationRuntime) -> None:
+    async def _close_sequence(
+        self,
+        runtime: ConversationRuntime,
+        graceful: bool,
+        hand_off: bool,
+        dropped_connections: list[str],
+    ) -> None:
         cid = runtime.conversation_id
         try:
             if runtime.start_task is not None:
                 # Its writes come first in the log; it does not launch a closing runtime.
                 await asyncio.wait([runtime.start_task])
             await runtime.shutdown()
-            runtime.record.last_active_time = datetime.now(UTC)
-            try:
-                await self._append(
-                    runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)]
-                )
-                await self._store.save_conversation(runtime.record)
-            except StorageError as exc:
-                log.warning("conversation.close_not_logged", conversation_id=cid, error=str(exc))
+            if graceful:
+                runtime.record.last_active_time = datetime.now(UTC)
+                try:
+                    await self._append(
+                        runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)]
+                    )
+                    await self._store.save_conversation(runtime.record)
+                except StorageError as exc:
+                    log.warning(
+                        "conversation.close_not_logged", conversation_id=cid, error=str(exc)
+                    )
+            if self._membership is not None and (graceful or hand_off):
+                try:
+                    await self._membership.release(cid, keep_running=hand_off)
+                    if not hand_off:
+                        await self._membership.connections_removed(dropped_connections)
+                except StorageError as exc:
+                    log.warning("conversation.release_failed", conversation_id=cid, error=str(exc))
         finally:
             if self._runtimes.get(cid) is runtime:
                 del self._runtimes[cid]
             runtime.mark_closed()
-        log.info("conversation.closed", conversation_id=cid)
+            # Streams that follow this node for the conversation's live events (other
+            # nodes' followers) must find its new owner.
+            self._broadcaster.fail_followers(
+                cid,
+                Unavailable(
+                    f"conversation {cid} no longer runs on this node", reason="OWNER_MOVED"
+                ),
+            )
+        log.info(
+            "conversation.closed" if graceful else "conversation.dropped",
+            conversation_id=cid,
+            handed_off=hand_off,
+        )
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -739,7 +853,13 @@ class ConversationEngine:
         return page.events, token
 
     async def stream_events(
-        self, *, conversation_id: str, user_id: str = "", start_id: int = 0, max_batch: int = 0
+        self,
+        *,
+        conversation_id: str,
+        user_id: str = "",
+        start_id: int = 0,
+        max_batch: int = 0,
+        owner_only: bool = False,
     ) -> AsyncIterator[list[StreamItem]]:
         """Yields batches of stored then live events from ``start_id``, each exactly once.
 
@@ -764,7 +884,10 @@ class ConversationEngine:
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
         max_bytes = self._config.max_batch_bytes
-        subscription = self._broadcaster.subscribe(cid)
+        if owner_only and not self.runs_here(cid):
+            # Another node's follower: it must follow whoever runs the loop, not this node.
+            raise Unavailable(f"conversation {cid} does not run on this node", reason="OWNER_MOVED")
+        subscription = self._broadcaster.subscribe(cid, follower=owner_only)
         next_id = start_id
         try:
             async for page in self._read_range(cid, next_id, None, batch):
@@ -821,9 +944,16 @@ class ConversationEngine:
     async def run_cleanup_once(self) -> None:
         """Expires silent client instances' connections and closes idle loops."""
         now = self._clock()
-        for connection in self._connections.expire_instances(
-            now, self._config.connection_ttl_seconds
-        ):
+        ttl = self._config.connection_ttl_seconds
+        if self._membership is not None:
+            # A client instance may heartbeat any node of the cluster.
+            silent = self._connections.silent_instances(now, ttl)
+            for instance in await self._membership.instances_alive(silent, ttl):
+                self._connections.heartbeat(instance, now)
+        expired = self._connections.expire_instances(now, ttl)
+        if self._membership is not None and expired:
+            await self._membership.connections_removed([c.connection_id for c in expired])
+        for connection in expired:
             log.info(
                 "connection.expired",
                 conversation_id=connection.conversation_id,
@@ -967,7 +1097,20 @@ class ConversationEngine:
         if durable.cancelled():
             return
         error = durable.exception()
-        if isinstance(error, ConversationLogError) and not runtime.closing:
+        if isinstance(error, OwnerMoved | LogInterrupted) and not runtime.closing:
+            # The lease moved on, or whether the write landed is unknown: nothing more may
+            # be written by this run, not even ``stopped``.
+            log.warning(
+                "conversation.lost",
+                conversation_id=runtime.conversation_id,
+                error=str(error),
+            )
+            self._begin_close(runtime, graceful=False)
+            if self._membership is not None:
+                self._membership.lost(
+                    runtime.conversation_id, readopt=isinstance(error, LogInterrupted)
+                )
+        elif isinstance(error, ConversationLogError) and not runtime.closing:
             log.error(
                 "conversation.log_conflict_closed",
                 conversation_id=runtime.conversation_id,

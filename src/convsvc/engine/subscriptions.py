@@ -42,10 +42,15 @@ class Subscription:
         "_limit_bytes",
         "_wakeup",
         "conversation_id",
+        "follower",
     )
 
-    def __init__(self, conversation_id: str, limit: int, limit_bytes: int) -> None:
+    def __init__(
+        self, conversation_id: str, limit: int, limit_bytes: int, *, follower: bool = False
+    ) -> None:
         self.conversation_id = conversation_id
+        self.follower = follower
+        """Another node following this one's live events (ended when the loop leaves)."""
         self._limit = limit
         self._limit_bytes = limit_bytes
         self._bytes = 0
@@ -106,8 +111,10 @@ class Broadcaster:
         self._buffer_bytes = buffer_bytes
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
 
-    def subscribe(self, conversation_id: str) -> Subscription:
-        subscription = Subscription(conversation_id, self._buffer_limit, self._buffer_bytes)
+    def subscribe(self, conversation_id: str, *, follower: bool = False) -> Subscription:
+        subscription = Subscription(
+            conversation_id, self._buffer_limit, self._buffer_bytes, follower=follower
+        )
         self._subscribers[conversation_id].add(subscription)
         return subscription
 
@@ -128,6 +135,14 @@ class Broadcaster:
 
     def subscriber_count(self, conversation_id: str) -> int:
         return len(self._subscribers.get(conversation_id, ()))
+
+    def fail_followers(self, conversation_id: str, error: ConvsvcError) -> None:
+        """Ends other nodes' follower subscriptions of a conversation (its loop left)."""
+        subscribers = self._subscribers.get(conversation_id)
+        for subscription in list(subscribers or ()):
+            if subscription.follower:
+                subscription.fail(error)
+                self.unsubscribe(subscription)
 
     def fail_all(self, error: ConvsvcError) -> None:
         """Ends every subscription, e.g. on shutdown."""

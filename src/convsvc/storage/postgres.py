@@ -13,6 +13,7 @@ the directory of connections and client-instance heartbeats (see ``convsvc.clust
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -228,7 +229,7 @@ class PostgresStore(GroupCommitStore):
                     continue
                 try:
                     outcomes.extend(
-                        await self._run(lambda conn, w=write: self._transaction(conn, [w]))
+                        await self._run(functools.partial(self._transaction, writes=[write]))
                     )
                 except asyncpg.UniqueViolationError as exc:
                     outcomes.append(exc)
@@ -492,7 +493,7 @@ class PostgresStore(GroupCommitStore):
                 keep_running,
             )
         )
-        return status.endswith(" 1")
+        return str(status).endswith(" 1")
 
     def forget_lease(self, conversation_id: str) -> None:
         """Drops a lease this node learned it lost (its writes are fenced anyway)."""
