@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
 
 from convsvc.agents import available_agents
+from convsvc.cluster.follow import Followers
+from convsvc.cluster.node import ClusterNode
+from convsvc.cluster.routing import Router
+from convsvc.cluster.servicer import ClusteredServicer
 from convsvc.config import Settings
 from convsvc.engine import ConversationEngine
+from convsvc.storage.postgres import PostgresStore
 from convsvc.storage.sqlite import SqliteStore
 from convsvc.transport.server import GrpcServer
 from convsvc.workers import AgentCatalog, WorkerPool
@@ -26,11 +32,24 @@ class ConvsvcApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         storage = settings.storage
-        self.store = SqliteStore(
-            storage.sqlite_path,
-            synchronous=storage.sqlite_synchronous,
-            group_commit=storage.group_commit,
-        )
+        self.postgres: PostgresStore | None = None
+        self.store: SqliteStore | PostgresStore
+        if settings.database_url is not None:
+            self.postgres = PostgresStore(
+                settings.database_url.get_secret_value(),
+                password=settings.resolved_database_password(),
+                node_id=uuid.uuid4().hex,
+                lease_ttl_seconds=settings.cluster.lease_ttl_seconds,
+                pool_size=settings.cluster.pool_size,
+                group_commit=storage.group_commit,
+            )
+            self.store = self.postgres
+        else:
+            self.store = SqliteStore(
+                storage.sqlite_path,
+                synchronous=storage.sqlite_synchronous,
+                group_commit=storage.group_commit,
+            )
         in_process = available_agents()
         self.workers = WorkerPool(
             settings.workers, in_process, max_event_bytes=settings.engine.max_batch_bytes
@@ -39,6 +58,9 @@ class ConvsvcApp:
             settings.engine, self.store, AgentCatalog(in_process, self.workers)
         )
         self.server: GrpcServer | None = None
+        self.cluster: ClusterNode | None = None
+        self._router: Router | None = None
+        self._followers: Followers | None = None
         self._metrics: Any = None
 
     async def start(self) -> str:
@@ -46,6 +68,25 @@ class ConvsvcApp:
         await self.store.open()
         await self.engine.start()
         self.workers.start()
+        servicer = None
+        if self.postgres is not None:
+            # The address is known once bound; the node registers right after.
+            self.cluster = ClusterNode(
+                self.settings.cluster,
+                self.postgres,
+                self.engine,
+                self.settings.advertise_address or "",
+                limit=self.settings.engine.max_concurrent_conversations,
+            )
+            self._router = Router(
+                self.cluster,
+                self.postgres,
+                self.engine,
+                auth_token=self.settings.resolved_auth_token(),
+                max_message_bytes=self.settings.max_message_bytes,
+            )
+            self._followers = Followers(self.cluster, self.postgres, self.engine, self._router)
+            servicer = ClusteredServicer(self.engine, self._router, self._followers)
         self.server = GrpcServer(
             self.engine,
             self.settings.listen,
@@ -53,7 +94,12 @@ class ConvsvcApp:
             auth_token=self.settings.resolved_auth_token(),
             tls=self.settings.tls,
             max_message_bytes=self.settings.max_message_bytes,
+            servicer=servicer,
         )
+        if self.cluster is not None and self._router is not None:
+            self.cluster.address = self.cluster.address or self.server.address
+            await self.cluster.register()
+            self.cluster.start(self.server.set_serving, self._router.evict_remote)
         await self.server.start()
         if self.settings.metrics_listen:
             host, port = self.settings.metrics_listen.rsplit(":", 1)
@@ -63,7 +109,16 @@ class ConvsvcApp:
             tmp = self.settings.ready_file.with_suffix(".tmp")
             tmp.write_text(address)
             tmp.replace(self.settings.ready_file)  # readers never see a half-written file
-        log.info("server.serving", address=address, data_dir=str(self.settings.data_dir))
+        if self.cluster is not None:
+            log.info(
+                "server.serving",
+                address=address,
+                database=self.settings.shown_database(),
+                node_id=self.cluster.node_id,
+                advertised=self.cluster.address,
+            )
+        else:
+            log.info("server.serving", address=address, data_dir=str(self.settings.data_dir))
         return address
 
     async def stop(self) -> None:
@@ -72,6 +127,11 @@ class ConvsvcApp:
         log.info("server.stopping")
         if self.server is not None:
             await self.server.enter_shutdown()
+            if self.cluster is not None:
+                # Drain: loops are handed to other nodes (no ``stopped``) before streams end,
+                # so subscribers that resume elsewhere find them running.
+                await self.engine.hand_off_all()
+                await self.cluster.leave()
             self.engine.end_streams()
             if not await self.server.drain(self.settings.shutdown_grace_seconds):
                 log.warning("server.grace_exceeded", grace=self.settings.shutdown_grace_seconds)
@@ -79,6 +139,12 @@ class ConvsvcApp:
             await self.server.stop(0)
         await self.engine.stop()
         await self.workers.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
+        if self._followers is not None:
+            await self._followers.stop()
+        if self._router is not None:
+            await self._router.close()
         await self.store.close()
         if self._metrics is not None:
             self._metrics.shutdown()

@@ -14,6 +14,8 @@ from convsvc.app import run
 from convsvc.config import Settings
 from convsvc.healthcheck import check_health, local_address
 from convsvc.logs import configure_logging
+from convsvc.storage import StorageError
+from convsvc.storage.postgres import migrate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key-file", type=Path)
     serve.add_argument("--tls-client-ca-file", type=Path, help="require client certificates (mTLS)")
     serve.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
+    serve.add_argument(
+        "--database-url",
+        help="postgresql://user@host:port/db: run as a node of a cluster (CONVSVC_DATABASE_URL)",
+    )
+    serve.add_argument(
+        "--database-password-file", type=Path, help="read the database password from this file"
+    )
+    serve.add_argument(
+        "--advertise-address", help="host:port other nodes reach this one at (default: bound)"
+    )
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=["json", "console"])
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or update the PostgreSQL schema (serve also does it on start)",
+        description="Apply the schema migrations a PostgreSQL database lacks.",
+    )
+    migrate.add_argument("--database-url", help="postgresql://... (CONVSVC_DATABASE_URL)")
+    migrate.add_argument("--database-password-file", type=Path)
     health = commands.add_parser(
         "health",
         help="check that a running server is SERVING (exit status 0) or not (1)",
@@ -70,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             address = args.address or local_address(Settings().listen)
             return check_health(address, timeout=args.timeout, tls_ca_file=args.tls_ca_file)
         settings = _settings_from(args)
+        if args.command == "migrate":
+            return _migrate(settings)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +104,22 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(run(settings))
             return 0
     asyncio.run(run(settings))
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    if settings.database_url is None:
+        print("convsvc: migrate needs --database-url or CONVSVC_DATABASE_URL", file=sys.stderr)
+        return 2
+    try:
+        applied = asyncio.run(
+            migrate(settings.database_url.get_secret_value(), settings.resolved_database_password())
+        )
+    except StorageError as exc:
+        print(f"convsvc: {settings.shown_database()}: {exc}", file=sys.stderr)
+        return 1
+    done = ", ".join(applied) if applied else "nothing to do: the schema is up to date"
+    print(f"{settings.shown_database()}: {done}")
     return 0
 
 

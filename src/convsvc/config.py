@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,6 +76,33 @@ class WorkersConfig(BaseModel):
         return self
 
 
+class ClusterConfig(BaseModel):
+    """Clustered mode (with a database URL): leases, takeover and forwarding."""
+
+    model_config = {"frozen": True}
+
+    lease_ttl_seconds: float = Field(10.0, gt=0)
+    """A node whose heartbeat is older than this is dead and its conversations move."""
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    """How often a node renews its heartbeat (and so all its leases)."""
+    takeover_scan_seconds: float = Field(1.0, gt=0)
+    """How often a node looks for conversations whose owner is dead or that were handed
+    over, and claims them."""
+    takeover_batch: int = Field(100, ge=1)
+    """The most conversations one scan claims."""
+    pool_size: int = Field(8, ge=1)
+    """Connections to PostgreSQL per node."""
+
+    @model_validator(mode="after")
+    def _heartbeats_outpace_the_ttl(self) -> ClusterConfig:
+        if self.heartbeat_interval_seconds * 2 > self.lease_ttl_seconds:
+            raise ValueError(
+                "CONVSVC_CLUSTER__LEASE_TTL_SECONDS must be at least twice "
+                "CONVSVC_CLUSTER__HEARTBEAT_INTERVAL_SECONDS"
+            )
+        return self
+
+
 class TlsConfig(BaseModel):
     """Server TLS; with ``client_ca_file`` clients must present a certificate (mTLS)."""
 
@@ -122,8 +150,15 @@ class Settings(BaseSettings):
     use_uvloop: bool = True
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
+    database_url: SecretStr | None = None
+    """postgresql://user@host:port/db: clustered mode on PostgreSQL (else embedded SQLite)."""
+    database_password_file: Path | None = None
+    """The database password, read from this file (kept out of the URL and the logs)."""
+    advertise_address: str | None = None
+    """host:port other nodes use to reach this one (default: the bound address)."""
     engine: EngineConfig = EngineConfig()
     workers: WorkersConfig = WorkersConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _events_fit_in_messages(self) -> Settings:
@@ -167,6 +202,25 @@ class Settings(BaseSettings):
             sqlite_synchronous=self.sqlite_synchronous,
             group_commit=self.group_commit,
         )
+
+    def resolved_database_password(self) -> str | None:
+        """The database password from its file, when one is named."""
+        if self.database_password_file is None:
+            return None
+        password = self.database_password_file.read_text().strip()
+        if not password:
+            raise ValueError(f"{self.database_password_file} is empty")
+        return password
+
+    def shown_database(self) -> str:
+        """The database URL without its password, for logs."""
+        if self.database_url is None:
+            return ""
+        parsed = urlsplit(self.database_url.get_secret_value())
+        host = parsed.hostname or ""
+        port = f":{parsed.port}" if parsed.port else ""
+        user = f"{parsed.username}@" if parsed.username else ""
+        return f"{parsed.scheme}://{user}{host}{port}{parsed.path}"
 
     def resolved_auth_token(self) -> str | None:
         """The bearer token, read from the file when one is named."""

@@ -405,6 +405,18 @@ class ConversationEngine:
             take_over=True,
         )
 
+    def adopt_connections(self, connections: Sequence[Connection]) -> None:
+        """Registers connections made through a node that no longer runs their
+        conversation (their heartbeats count from now)."""
+        now = self._clock()
+        for connection in connections:
+            runtime = self._runtimes.get(connection.conversation_id)
+            if runtime is not None and not runtime.closing:
+                self._connections.add(connection, now)
+
+    def local_connection(self, connection_id: str) -> Connection | None:
+        return self._connections.get(connection_id)
+
     def runs_here(self, conversation_id: str) -> bool:
         """Whether this node runs the conversation's loop (and so publishes its events)."""
         runtime = self._runtimes.get(conversation_id)
@@ -1151,6 +1163,10 @@ class ConversationEngine:
             # OpenHands' event_to_dict renders a MessageAction's content as "message" too.
             payload["message"] = args.get("content", "")
         return payload
+
+    def page_size(self, page_size: int) -> int:
+        """A request's page size, checked and defaulted."""
+        return self._page_size(page_size)
 
     def _page_size(self, page_size: int) -> int:
         return validation.check_page_size(

@@ -495,6 +495,20 @@ class PostgresStore(GroupCommitStore):
         )
         return str(status).endswith(" 1")
 
+    async def stop_orphan(self, conversation_id: str) -> None:
+        """Stops a running conversation whose owner is gone (nobody can log ``stopped``)."""
+        await self._run(
+            lambda conn: conn.execute(
+                self._sql(
+                    "UPDATE conversations c SET running = false, owner_node = NULL, "
+                    "owner_address = NULL, lease_epoch = c.lease_epoch + 1 "
+                    "WHERE c.conversation_id = $1 AND c.running "
+                    f"AND (c.owner_node IS NULL OR NOT {_OWNER_ALIVE})"
+                ),
+                conversation_id,
+            )
+        )
+
     def forget_lease(self, conversation_id: str) -> None:
         """Drops a lease this node learned it lost (its writes are fenced anyway)."""
         self._epochs.pop(conversation_id, None)
@@ -521,8 +535,8 @@ class PostgresStore(GroupCommitStore):
                 self._sql(
                     "SELECT c.conversation_id, c.user_id, c.agent, c.settings, c.create_time, "
                     "c.last_active_time FROM conversations c WHERE c.running AND "
-                    f"(c.owner_node IS NULL OR NOT {_OWNER_ALIVE}) "
-                    "ORDER BY c.last_active_time LIMIT $1"
+                    "(c.owner_node IS NULL OR c.owner_node IN (SELECT node_id FROM nodes "
+                    "WHERE heartbeat_at <= now() - make_interval(secs => $TTL))) LIMIT $1"
                 ),
                 limit,
             )
@@ -570,7 +584,9 @@ class PostgresStore(GroupCommitStore):
     async def leave_cluster(self) -> None:
         """Removes this node's row: what it still owns is taken over at once."""
         await self._run(
-            lambda conn: conn.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+            lambda conn: conn.execute(
+                "UPDATE nodes SET heartbeat_at = '-infinity' WHERE node_id = $1", self.node_id
+            )
         )
 
     async def live_nodes(self) -> list[tuple[str, str]]:
@@ -617,6 +633,14 @@ class PostgresStore(GroupCommitStore):
             connection_id,
         )
         return Connection(*rows[0]) if rows else None
+
+    async def connections_of(self, conversation_id: str) -> list[Connection]:
+        rows = await self._fetch(
+            "SELECT connection_id, conversation_id, user_id, client_instance_id "
+            "FROM connections WHERE conversation_id = $1",
+            conversation_id,
+        )
+        return [Connection(*row) for row in rows]
 
     async def list_connections(
         self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()

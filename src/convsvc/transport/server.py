@@ -31,6 +31,7 @@ class GrpcServer:
         auth_token: str | None = None,
         tls: TlsConfig | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
+        servicer: ConversationServicer | None = None,
     ) -> None:
         interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
         self._server = grpc.aio.server(
@@ -46,7 +47,7 @@ class GrpcServer:
         self._server.add_generic_rpc_handlers(
             (
                 conversation_service_handler(
-                    ConversationServicer(engine), self._gate, self._not_serving
+                    servicer or ConversationServicer(engine), self._gate, self._not_serving
                 ),
             )
         )
@@ -78,8 +79,17 @@ class GrpcServer:
 
     async def _not_serving(self) -> None:
         # A failed store accepts no writes: balancers should send traffic elsewhere.
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports whether this server can serve (e.g. while its database is away)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._health.set(service, status)
 
     async def enter_shutdown(self) -> None:
         """Reports NOT_SERVING so that balancers stop sending new calls."""

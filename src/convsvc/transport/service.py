@@ -19,11 +19,19 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from convsvc.errors import ConvsvcError, InvalidArgument, Unavailable
-from convsvc.storage import ConversationLogError, StorageError
+from convsvc.storage import (
+    ConversationLogError,
+    LogInterrupted,
+    OwnerMoved,
+    StorageError,
+    StoreUnavailable,
+)
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.status import (
+    database_unavailable,
     internal_error,
     log_conflict,
+    owner_moved,
     storage_failure,
     to_grpc_status,
 )
@@ -45,6 +53,15 @@ LATENCY = Histogram(
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+def _serializer(response_type: Any) -> Callable[[Any], bytes]:
+    """Serializes a response message; bytes (an answer relayed from another node) pass."""
+
+    def serialize(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else response.SerializeToString()
+
+    return serialize
 
 
 OnStorageFailure = Callable[[], Awaitable[None]]
@@ -120,6 +137,12 @@ async def _abort(
 ) -> None:
     if isinstance(exc, ConvsvcError):
         error = exc
+    elif isinstance(exc, OwnerMoved):
+        error = owner_moved(exc)
+    elif isinstance(exc, LogInterrupted | StoreUnavailable):
+        # The database is away: this node recovers by itself once it is back.
+        log.warning("rpc.database_unavailable", method=method, error=str(exc))
+        error = database_unavailable()
     elif isinstance(exc, ConversationLogError):
         # One conversation's log conflicted; the node and its other conversations are fine.
         log.error("rpc.log_conflict", method=method, conversation_id=exc.conversation_id)
@@ -210,7 +233,7 @@ def conversation_service_handler(
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        serialize = _identity if method.name in _PRE_ENCODED else response_type.SerializeToString
+        serialize = _identity if method.name in _PRE_ENCODED else _serializer(response_type)
         behaviour = getattr(servicer, method.name)
         # No request_deserializer: the guards parse, so that bad bytes get a clear status.
         if method.server_streaming:

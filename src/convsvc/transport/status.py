@@ -8,7 +8,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from convsvc import errors
-from convsvc.storage import ConversationLogError, StorageError
+from convsvc.storage import ConversationLogError, OwnerMoved, StorageError
 
 ERROR_DOMAIN = "convsvc.v1"
 
@@ -57,6 +57,20 @@ def log_conflict(error: ConversationLogError) -> errors.ConvsvcError:
         "write was not made and the conversation was stopped: start it again to continue",
         reason="LOG_CONFLICT",
         metadata={"conversation_id": cid},
+    )
+
+
+def owner_moved(error: OwnerMoved) -> errors.ConvsvcError:
+    metadata = {"conversation_id": error.conversation_id}
+    if error.owner_address:
+        metadata["owner_address"] = error.owner_address
+    return errors.Unavailable(str(error), reason="OWNER_MOVED", metadata=metadata)
+
+
+def database_unavailable() -> errors.ConvsvcError:
+    return errors.Unavailable(
+        "the database cannot be reached; this node recovers by itself once it is back: retry",
+        reason="DATABASE_UNAVAILABLE",
     )
 
 

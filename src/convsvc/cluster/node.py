@@ -1,0 +1,220 @@
+"""This node's membership of the cluster: heartbeat, leases, takeover and the directory.
+
+The node's heartbeat row renews every lease it holds (database clock). A node whose heartbeat
+is older than the lease TTL is dead: every live node scans for running conversations whose
+owner is dead (or that were handed over) and claims them, which starts their loops here from
+the log. A claim bumps the conversation's epoch, and every append is fenced on it, so a node
+that was only paused can write nothing once it wakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+
+from convsvc.config import ClusterConfig
+from convsvc.domain import Connection, ConversationRecord
+from convsvc.engine import ConversationEngine
+from convsvc.errors import ConvsvcError, ResourceExhausted, Unavailable
+from convsvc.storage import StorageError
+from convsvc.storage.postgres import OwnedElsewhere, Owner, PostgresStore
+
+log = structlog.get_logger(__name__)
+
+SetServing = Callable[[bool], Awaitable[None]]
+EvictRemote = Callable[[str, Owner], Awaitable[None]]
+
+_CLAIM_ATTEMPTS = 5
+"""Evict-then-claim rounds before a start gives up (other starts keep taking the room)."""
+
+
+def owner_moved(conversation_id: str, owner: Owner | None) -> Unavailable:
+    """UNAVAILABLE/OWNER_MOVED, with the owner's address for the client to call."""
+    metadata = {"conversation_id": conversation_id}
+    if owner is not None and owner.address:
+        metadata["owner_address"] = owner.address
+    where = f"node {owner.address}" if owner is not None and owner.address else "another node"
+    return Unavailable(
+        f"conversation {conversation_id} runs on {where}; call that node",
+        reason="OWNER_MOVED",
+        metadata=metadata,
+    )
+
+
+class ClusterNode:
+    """Implements the engine's Membership on PostgreSQL and runs the node's background work."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        store: PostgresStore,
+        engine: ConversationEngine,
+        address: str,
+        *,
+        limit: int,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._engine = engine
+        self.address = address
+        self._limit = limit
+        self._readopt: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._set_serving: SetServing | None = None
+        self._evict_remote: EvictRemote | None = None
+        self._serving = True
+        self.database_reachable = True
+
+    @property
+    def node_id(self) -> str:
+        return self._store.node_id
+
+    def start(self, set_serving: SetServing, evict_remote: EvictRemote) -> None:
+        """Starts the heartbeat and the takeover scan (after the first heartbeat)."""
+        self._set_serving = set_serving
+        self._evict_remote = evict_remote
+        self._engine.join_cluster(self)
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
+            asyncio.create_task(self._takeover_loop(), name="cluster-takeover"),
+        ]
+
+    async def register(self) -> None:
+        """The first heartbeat: the node is in the cluster once this returns."""
+        await self._store.heartbeat_node(self.address)
+        log.info("cluster.joined", node_id=self.node_id, address=self.address)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def leave(self) -> None:
+        """Marks this node dead at once, so what it still owns is taken over now."""
+        try:
+            await self._store.leave_cluster()
+        except StorageError as exc:
+            log.warning("cluster.leave_failed", error=str(exc))
+
+    # -- Membership ----------------------------------------------------------------------
+
+    async def claim(self, record: ConversationRecord, *, take_over: bool) -> None:
+        cid = record.conversation_id
+        for _ in range(_CLAIM_ATTEMPTS):
+            try:
+                claim = await self._store.claim(
+                    record, address=self.address, limit=self._limit, take_over=take_over
+                )
+            except OwnedElsewhere as exc:
+                raise owner_moved(cid, exc.owner) from None
+            if claim.epoch is not None:
+                self._readopt.discard(cid)
+                if claim.took_over:
+                    log.info("cluster.claimed", conversation_id=cid, epoch=claim.epoch)
+                return
+            if take_over:
+                raise Unavailable(f"conversation {cid} is no longer running", reason="NOT_RUNNING")
+            # The user is at the limit: the oldest running conversations stop first.
+            await asyncio.gather(*(self._evict(victim, owner) for victim, owner in claim.victims))
+        raise ResourceExhausted(
+            "other starts keep taking the room freed under the per-user limit; retry",
+            reason="TOO_MANY_CONVERSATIONS",
+            metadata={"limit": str(self._limit)},
+        )
+
+    async def _evict(self, conversation_id: str, owner: Owner) -> None:
+        if owner.node_id == self.node_id and await self._engine.evict(conversation_id):
+            return
+        if owner.alive and owner.node_id is not None and owner.node_id != self.node_id:
+            assert self._evict_remote is not None
+            await self._evict_remote(conversation_id, owner)
+            return
+        # Nobody runs it (its owner died, or it was being handed over): stop it in place.
+        await self._store.stop_orphan(conversation_id)
+
+    async def release(self, conversation_id: str, *, keep_running: bool) -> None:
+        await self._store.release(conversation_id, keep_running=keep_running)
+
+    def lost(self, conversation_id: str, *, readopt: bool) -> None:
+        self._store.forget_lease(conversation_id)
+        if readopt:
+            self._readopt.add(conversation_id)
+
+    async def connection_added(self, connection: Connection) -> None:
+        await self._store.put_connection(connection)
+
+    async def connections_removed(self, connection_ids: Sequence[str]) -> None:
+        await self._store.drop_connections(connection_ids)
+
+    async def instances_alive(self, instance_ids: Sequence[str], within: float) -> set[str]:
+        return await self._store.instances_seen_within(instance_ids, within)
+
+    # -- background work -------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_seconds)
+            try:
+                await self._store.heartbeat_node(self.address)
+            except StorageError as exc:
+                if self.database_reachable:
+                    log.error("cluster.database_unreachable", error=str(exc))
+                self.database_reachable = False
+                await self._report(serving=False)
+                continue
+            if not self.database_reachable:
+                log.info("cluster.database_back")
+            self.database_reachable = True
+            await self._report(serving=True)
+
+    async def _report(self, *, serving: bool) -> None:
+        if serving != self._serving and self._set_serving is not None:
+            self._serving = serving
+            await self._set_serving(serving)
+
+    async def _takeover_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.takeover_scan_seconds)
+            if not self.database_reachable:
+                continue
+            try:
+                await self.take_over_orphans()
+            except StorageError as exc:
+                log.warning("cluster.takeover_scan_failed", error=str(exc))
+
+    async def take_over_orphans(self) -> int:
+        """Claims running conversations nobody runs; returns how many this node took."""
+        records = await self._store.orphans(self._config.takeover_batch)
+        for cid in list(self._readopt):
+            if not self._engine.runs_here(cid):
+                record = await self._store.get_conversation(cid)
+                if record is not None:
+                    records.append(record)
+            else:
+                self._readopt.discard(cid)
+        taken = 0
+        for record in records:
+            try:
+                await self._engine.take_over(record)
+                # Connections made through the old owner live on: the client's next send
+                # by connection id reaches this node.
+                self._engine.adopt_connections(
+                    await self._store.connections_of(record.conversation_id)
+                )
+                taken += 1
+            except (ConvsvcError, StorageError) as exc:
+                # Another node was quicker, or the conversation stopped meanwhile.
+                log.info(
+                    "cluster.takeover_skipped",
+                    conversation_id=record.conversation_id,
+                    reason=getattr(exc, "reason", type(exc).__name__),
+                )
+        if taken:
+            log.info("cluster.took_over", count=taken)
+        return taken

@@ -1,0 +1,276 @@
+"""Which node answers a call, and forwarding to it.
+
+A call about one conversation is answered by the node that runs it: a node that does not
+forwards the request unchanged to the owner (the caller's deadline and request id travel with
+it) and relays the answer or the status, so the caller sees one answer, as if it had called
+the owner. A forwarded call carries a header that stops it being forwarded again: a node that
+receives one but does not own the conversation answers OWNER_MOVED instead.
+Reads of stored data (SearchEvents, and the stored part of StreamEvents) never move: every
+node reads the shared database. Lists cover the whole cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
+
+from convsvc.cluster.node import ClusterNode, owner_moved
+from convsvc.domain import ConversationStatus
+from convsvc.engine import ConversationEngine, validation
+from convsvc.engine.paging import decode_token, encode_token
+from convsvc.errors import ConvsvcError, Unavailable
+from convsvc.storage.postgres import Owner, PostgresStore
+from convsvc.transport.convert import connection_to_pb, conversation_to_pb
+from convsvc.v1 import conversation_service_pb2 as pb
+
+log = structlog.get_logger(__name__)
+
+FORWARDED = "x-convsvc-forwarded"
+"""Set on a call one node makes to another: it is answered where it lands."""
+EVICT = "x-convsvc-evict"
+"""On a forwarded CloseConversation: the close makes room under the per-user limit."""
+FOLLOW = "x-convsvc-follow"
+"""On a StreamEvents between nodes: live events of a loop the callee runs, or OWNER_MOVED."""
+
+_BY_CONVERSATION = {
+    "StartConversation",
+    "JoinConversation",
+    "CloseConversation",
+    "GetConversation",
+    "CompleteWithAgentLlm",
+}
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def header(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return None
+
+
+class Router:
+    """Routes ConversationService calls within the cluster."""
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        store: PostgresStore,
+        engine: ConversationEngine,
+        *,
+        auth_token: str | None,
+        max_message_bytes: int,
+    ) -> None:
+        self._node = node
+        self._store = store
+        self._engine = engine
+        self._auth = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """One channel per peer, kept for the node's life."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    def metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        return (*self._auth, (FORWARDED, self._node.node_id), *extra)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    # -- where a call goes -----------------------------------------------------------------
+
+    async def destination(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> Owner | None:
+        """The live node a call must go to, or None to answer it here."""
+        cid = await self._conversation_of(method, request)
+        if not cid or self._engine.runs_here(cid):
+            return None
+        owner = await self._store.owner_of(cid)
+        if owner is None or not owner.alive or owner.node_id == self._node.node_id:
+            return None  # not running (or its owner is gone): this node may claim it
+        if header(context, FORWARDED) is not None:
+            raise owner_moved(cid, owner)  # the caller's idea of the owner was stale
+        return owner
+
+    async def _conversation_of(self, method: str, request: Any) -> str:
+        if method in _BY_CONVERSATION:
+            return str(request.conversation_id)
+        if method == "SendEvent":
+            if request.conversation_id:
+                return str(request.conversation_id)
+            return await self._conversation_of_connection(request.connection_id)
+        if method == "DisconnectConnection":
+            return await self._conversation_of_connection(request.connection_id)
+        return ""
+
+    async def _conversation_of_connection(self, connection_id: str) -> str:
+        if not connection_id or self._engine.local_connection(connection_id) is not None:
+            return ""
+        connection = await self._store.find_connection(connection_id)
+        return connection.conversation_id if connection is not None else ""
+
+    async def forward(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, owner: Owner
+    ) -> bytes:
+        """Sends the call to its owner and returns the owner's answer, or aborts with the
+        owner's status (its ErrorInfo included)."""
+        assert owner.address is not None
+        call = self.channel(owner.address).unary_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['ConversationService'].full_name}/{method}",
+            request_serializer=_identity,
+            response_deserializer=_identity,
+        )
+        remaining = context.time_remaining()
+        try:
+            response: bytes = await call(
+                request.SerializeToString(),
+                metadata=self.metadata(),
+                timeout=remaining if remaining is not None else 30.0,
+            )
+            return response
+        except grpc.aio.AioRpcError as exc:
+            trailing = tuple(exc.trailing_metadata() or ())
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
+                key == "grpc-status-details-bin" for key, _ in trailing
+            ):
+                # The owner did not answer at all: once its lease expires another node
+                # takes the conversation over and the retry succeeds.
+                raise Unavailable(
+                    f"the node running this conversation ({owner.address}) does not answer; "
+                    "retry: another node takes it over once its lease expires",
+                    reason="OWNER_UNREACHABLE",
+                    metadata={"owner_address": owner.address},
+                ) from None
+            await context.abort(exc.code(), exc.details() or "", trailing_metadata=trailing)
+            raise  # unreachable: abort raises
+
+    async def evict_remote(self, conversation_id: str, owner: Owner) -> None:
+        """Asks a conversation's owner to stop it to make room under the per-user limit."""
+        assert owner.address is not None
+        stub = self.channel(owner.address).unary_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['ConversationService'].full_name}/CloseConversation",
+            request_serializer=pb.CloseConversationRequest.SerializeToString,
+            response_deserializer=pb.CloseConversationResponse.FromString,
+        )
+        try:
+            await stub(
+                pb.CloseConversationRequest(conversation_id=conversation_id),
+                metadata=self.metadata((EVICT, "1")),
+                timeout=30.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"could not stop conversation {conversation_id} on {owner.address} to make "
+                f"room under the per-user limit ({exc.code().name}); retry",
+                reason="OWNER_UNREACHABLE",
+                metadata={"owner_address": owner.address},
+            ) from None
+
+    # -- cluster-wide answers ------------------------------------------------------------------
+
+    async def list_conversations(
+        self, request: pb.ListConversationsRequest
+    ) -> pb.ListConversationsResponse:
+        """Running conversations on every node, by id; each live view from its owner."""
+        user = validation.check_user_id(request.user_id)
+        wanted = sorted(
+            {validation.check_id("conversation_ids", c) for c in request.conversation_ids}
+        )
+        size = self._engine.page_size(request.page_size)
+        query = ["conversations", user, wanted]
+        key = self._store.page_token_key
+        after = decode_token(key, request.page_token, query, str) if request.page_token else ""
+        running = await self._store.running_for(user, after, size + 1, wanted)
+        page = running[:size]
+        views = await self._views(page, request.user_id)
+        token = encode_token(key, query, page[-1][0]) if len(running) > size else ""
+        return pb.ListConversationsResponse(conversations=views, next_page_token=token)
+
+    async def _views(
+        self, page: Sequence[tuple[str, Owner]], user_id: str
+    ) -> list[pb.Conversation]:
+        by_owner: dict[str, list[str]] = {}
+        here: list[str] = []
+        for cid, owner in page:
+            if owner.node_id == self._node.node_id or not owner.alive or not owner.address:
+                here.append(cid)
+            else:
+                by_owner.setdefault(owner.address, []).append(cid)
+        found: dict[str, pb.Conversation] = {}
+        for cid in here:
+            try:
+                view = await self._engine.get_conversation(cid, user_id)
+            except ConvsvcError:
+                continue
+            if view.status is ConversationStatus.STOPPED:
+                # Running by intent, its loop is being moved to a live node.
+                view.status = ConversationStatus.STARTING
+            found[cid] = conversation_to_pb(view)
+        for address, cids in by_owner.items():
+            found.update(await self._remote_views(address, cids, user_id))
+        return [found[cid] for cid, _ in page if cid in found]
+
+    async def _remote_views(
+        self, address: str, cids: list[str], user_id: str
+    ) -> dict[str, pb.Conversation]:
+        call = self.channel(address).unary_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['ConversationService'].full_name}/ListConversations",
+            request_serializer=pb.ListConversationsRequest.SerializeToString,
+            response_deserializer=pb.ListConversationsResponse.FromString,
+        )
+        try:
+            response = await call(
+                pb.ListConversationsRequest(
+                    user_id=user_id, conversation_ids=cids, page_size=len(cids)
+                ),
+                metadata=self.metadata(),
+                timeout=10.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cluster.list_peer_failed", address=address, code=exc.code().name)
+            return {}
+        return {c.conversation_id: c for c in response.conversations}
+
+    async def list_connections(
+        self, request: pb.ListConnectionsRequest
+    ) -> pb.ListConnectionsResponse:
+        """Connections on every node, from the shared directory."""
+        user = validation.check_user_id(request.user_id)
+        wanted = sorted(
+            {validation.check_id("conversation_ids", c) for c in request.conversation_ids}
+        )
+        size = self._engine.page_size(request.page_size)
+        query = ["connections", user, wanted]
+        key = self._store.page_token_key
+        after = decode_token(key, request.page_token, query, str) if request.page_token else ""
+        found = await self._store.list_connections(user, after, size + 1, wanted)
+        page = found[:size]
+        token = encode_token(key, query, page[-1].connection_id) if len(found) > size else ""
+        connections = [connection_to_pb(c) for c in page]
+        if request.user_id:
+            for connection in connections:
+                connection.client_instance_id = ""  # as on one node: not a user's business
+        return pb.ListConnectionsResponse(connections=connections, next_page_token=token)
+
+    async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """Keeps an instance's connections alive on every node."""
+        _, ttl = self._engine.heartbeat(request.client_instance_id)
+        count = await self._store.touch_instance(request.client_instance_id)
+        return pb.HeartbeatResponse(connection_count=count, ttl_seconds=ttl)

@@ -1,0 +1,97 @@
+"""ConversationService on a node of a cluster: each call answered where its conversation runs.
+
+The same methods as on a single node (``transport.servicer``); calls about one conversation
+are first routed (``routing``), lists and heartbeats cover the cluster, and streams follow the
+owner's live events (``follow``). A call another node forwarded is answered here, as a single
+node would, and never forwarded again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from convsvc.cluster.follow import Followers
+from convsvc.cluster.routing import EVICT, FOLLOW, FORWARDED, Router, header
+from convsvc.engine import ConversationEngine, validation
+from convsvc.transport.convert import conversation_to_pb, stream_items_to_bytes
+from convsvc.transport.servicer import Context, ConversationServicer
+from convsvc.v1 import conversation_service_pb2 as pb
+
+Local = Callable[[Any, Context], Awaitable[Any]]
+
+
+class ClusteredServicer(ConversationServicer):
+    def __init__(self, engine: ConversationEngine, router: Router, followers: Followers) -> None:
+        super().__init__(engine)
+        self._router = router
+        self._followers = followers
+
+    async def _routed(self, method: str, request: Any, context: Context, local: Local) -> Any:
+        owner = await self._router.destination(method, request, context)
+        if owner is None:
+            return await local(request, context)
+        return await self._router.forward(method, request, context, owner)
+
+    async def StartConversation(self, request: Any, context: Context) -> Any:
+        return await self._routed("StartConversation", request, context, super().StartConversation)
+
+    async def JoinConversation(self, request: Any, context: Context) -> Any:
+        return await self._routed("JoinConversation", request, context, super().JoinConversation)
+
+    async def SendEvent(self, request: Any, context: Context) -> Any:
+        return await self._routed("SendEvent", request, context, super().SendEvent)
+
+    async def DisconnectConnection(self, request: Any, context: Context) -> Any:
+        return await self._routed(
+            "DisconnectConnection", request, context, super().DisconnectConnection
+        )
+
+    async def CloseConversation(self, request: Any, context: Context) -> Any:
+        if header(context, EVICT) is not None and header(context, FORWARDED) is not None:
+            # Another node's start needs the room under the user's limit.
+            await self._engine.evict(
+                validation.check_id("conversation_id", request.conversation_id)
+            )
+            view = await self._engine.get_conversation(request.conversation_id)
+            return pb.CloseConversationResponse(conversation=conversation_to_pb(view))
+        return await self._routed("CloseConversation", request, context, super().CloseConversation)
+
+    async def GetConversation(self, request: Any, context: Context) -> Any:
+        return await self._routed("GetConversation", request, context, super().GetConversation)
+
+    async def CompleteWithAgentLlm(self, request: Any, context: Context) -> Any:
+        return await self._routed(
+            "CompleteWithAgentLlm", request, context, super().CompleteWithAgentLlm
+        )
+
+    async def ListConversations(self, request: Any, context: Context) -> Any:
+        if header(context, FORWARDED) is not None:
+            return await super().ListConversations(request, context)
+        return await self._router.list_conversations(request)
+
+    async def ListConnections(self, request: Any, context: Context) -> Any:
+        if header(context, FORWARDED) is not None:
+            return await super().ListConnections(request, context)
+        return await self._router.list_connections(request)
+
+    async def Heartbeat(self, request: Any, context: Context) -> Any:
+        return await self._router.heartbeat(request)
+
+    async def StreamEvents(self, request: Any, context: Context) -> AsyncIterator[bytes]:
+        if header(context, FOLLOW) is not None:
+            stream = self._engine.stream_events(
+                conversation_id=request.conversation_id,
+                user_id=request.user_id,
+                start_id=request.start_id,
+                max_batch=request.max_batch_size,
+                owner_only=True,
+            )
+            async for items in stream:
+                for message in stream_items_to_bytes(items):
+                    yield message
+            return
+        cid = validation.check_id("conversation_id", request.conversation_id)
+        async with self._followers.following(cid):
+            async for message in super().StreamEvents(request, context):
+                yield message

@@ -1,0 +1,79 @@
+"""Three nodes on one PostgreSQL serve the whole API: any node answers for any conversation,
+as the owner would."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from convsvc.codec import dict_to_struct
+from convsvc.v1 import conversation_service_pb2 as pb
+from tests.cluster.conftest import Cluster
+from tests.helpers import echo_of, expect_error, grpc_events_until, ids
+
+
+def message(text: str) -> pb.SendEventRequest:
+    return dict_to_struct({"action": "message", "args": {"content": text}})
+
+
+async def test_any_node_answers_for_any_conversation(cluster: Callable[..., Cluster]) -> None:
+    a, b, c = cluster(3).nodes
+    started = await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="conv-1", user_id="alice")
+    )
+    assert started.conversation.conversation_id == "conv-1"
+    joined = await b.stub.JoinConversation(
+        pb.JoinConversationRequest(
+            conversation_id="conv-1", connection_id="tab-1", user_id="alice",
+            client_instance_id="web-1",
+        )
+    )
+    assert joined.connection.conversation_id == "conv-1"
+    # By connection id through a third node, by conversation id through the first.
+    sent = await c.stub.SendEvent(
+        pb.SendEventRequest(connection_id="tab-1", user_id="alice", event=message("hello"))
+    )
+    assert sent.conversation_id == "conv-1"
+    seen_on_b = await grpc_events_until(b.stub, "conv-1", echo_of("hello"), user_id="alice")
+    seen_on_c = await grpc_events_until(c.stub, "conv-1", echo_of("hello"), user_id="alice")
+    assert ids(seen_on_b) == ids(seen_on_c) == list(range(len(ids(seen_on_b))))
+    assert sent.event_id in ids(seen_on_b)
+
+    views = [
+        (await node.stub.GetConversation(
+            pb.GetConversationRequest(conversation_id="conv-1", user_id="alice")
+        )).conversation
+        for node in (a, b, c)
+    ]
+    assert len({v.SerializeToString() for v in views}) == 1  # the owner's answer, everywhere
+    assert views[0].connection_count == 1
+    for node in (a, b, c):
+        listed = await node.stub.ListConversations(pb.ListConversationsRequest(user_id="alice"))
+        assert [v.conversation_id for v in listed.conversations] == ["conv-1"]
+        connections = await node.stub.ListConnections(pb.ListConnectionsRequest())
+        assert [(x.connection_id, x.client_instance_id) for x in connections.connections] == [
+            ("tab-1", "web-1")
+        ]
+    beat = await c.stub.Heartbeat(pb.HeartbeatRequest(client_instance_id="web-1"))
+    assert beat.connection_count == 1
+
+    # Another user sees nothing, through any node.
+    await expect_error(
+        c.stub.GetConversation(pb.GetConversationRequest(conversation_id="conv-1", user_id="eve")),
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+    )
+    removed = await a.stub.DisconnectConnection(
+        pb.DisconnectConnectionRequest(connection_id="tab-1", user_id="alice")
+    )
+    assert removed.removed
+    closed = await c.stub.CloseConversation(
+        pb.CloseConversationRequest(conversation_id="conv-1", user_id="alice")
+    )
+    assert closed.conversation.status == pb.CONVERSATION_STATUS_STOPPED
+    # Closed: any node may start it again, and it continues the same log.
+    again = await b.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="conv-1", user_id="alice")
+    )
+    assert again.conversation.latest_event_id > sent.event_id
