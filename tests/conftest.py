@@ -22,8 +22,8 @@ from convsvc.app import ConvsvcApp
 from convsvc.config import EngineConfig, Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.sqlite import SqliteStore
-from tests.postgres import PostgresServer, postgres_server
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.postgres import PostgresServer, postgres_server
 
 CONVSVC_BIN = Path(sys.executable).parent / "convsvc"
 

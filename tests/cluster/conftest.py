@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +82,3 @@ async def cluster(postgres_dsn: str, tmp_path: Path) -> AsyncIterator[Callable[.
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(10)
-
-
-@pytest.fixture
-def node_logs(cluster: Callable[..., Cluster]) -> Iterator[None]:
-    yield

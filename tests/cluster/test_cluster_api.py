@@ -25,7 +25,9 @@ async def test_any_node_answers_for_any_conversation(cluster: Callable[..., Clus
     assert started.conversation.conversation_id == "conv-1"
     joined = await b.stub.JoinConversation(
         pb.JoinConversationRequest(
-            conversation_id="conv-1", connection_id="tab-1", user_id="alice",
+            conversation_id="conv-1",
+            connection_id="tab-1",
+            user_id="alice",
             client_instance_id="web-1",
         )
     )
@@ -41,9 +43,11 @@ async def test_any_node_answers_for_any_conversation(cluster: Callable[..., Clus
     assert sent.event_id in ids(seen_on_b)
 
     views = [
-        (await node.stub.GetConversation(
-            pb.GetConversationRequest(conversation_id="conv-1", user_id="alice")
-        )).conversation
+        (
+            await node.stub.GetConversation(
+                pb.GetConversationRequest(conversation_id="conv-1", user_id="alice")
+            )
+        ).conversation
         for node in (a, b, c)
     ]
     assert len({v.SerializeToString() for v in views}) == 1  # the owner's answer, everywhere

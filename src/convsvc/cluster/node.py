@@ -201,12 +201,7 @@ class ClusterNode:
         taken = 0
         for record in records:
             try:
-                await self._engine.take_over(record)
-                # Connections made through the old owner live on: the client's next send
-                # by connection id reaches this node.
-                self._engine.adopt_connections(
-                    await self._store.connections_of(record.conversation_id)
-                )
+                await self._take_over(record)
                 taken += 1
             except (ConvsvcError, StorageError) as exc:
                 # Another node was quicker, or the conversation stopped meanwhile.
@@ -218,3 +213,15 @@ class ClusterNode:
         if taken:
             log.info("cluster.took_over", count=taken)
         return taken
+
+    async def adopt(self, conversation_id: str) -> None:
+        """Takes over one conversation whose owner is gone, at a caller's request."""
+        record = await self._store.get_conversation(conversation_id)
+        if record is not None:
+            await self._take_over(record)
+
+    async def _take_over(self, record: ConversationRecord) -> None:
+        await self._engine.take_over(record)
+        # Connections made through the old owner live on: the client's next send by
+        # connection id reaches this node.
+        self._engine.adopt_connections(await self._store.connections_of(record.conversation_id))

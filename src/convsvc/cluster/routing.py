@@ -103,8 +103,13 @@ class Router:
         if not cid or self._engine.runs_here(cid):
             return None
         owner = await self._store.owner_of(cid)
-        if owner is None or not owner.alive or owner.node_id == self._node.node_id:
-            return None  # not running (or its owner is gone): this node may claim it
+        if owner is None or owner.node_id == self._node.node_id:
+            return None  # not running: this node may start it
+        if not owner.alive or owner.node_id is None:
+            # Running, but its owner is gone (or handed it over): take it over now rather
+            # than after the next scan.
+            await self._node.adopt(cid)
+            return None
         if header(context, FORWARDED) is not None:
             raise owner_moved(cid, owner)  # the caller's idea of the owner was stale
         return owner

@@ -536,9 +536,11 @@ class PostgresStore(GroupCommitStore):
                     "SELECT c.conversation_id, c.user_id, c.agent, c.settings, c.create_time, "
                     "c.last_active_time FROM conversations c WHERE c.running AND "
                     "(c.owner_node IS NULL OR c.owner_node IN (SELECT node_id FROM nodes "
-                    "WHERE heartbeat_at <= now() - make_interval(secs => $TTL))) LIMIT $1"
+                    "WHERE heartbeat_at <= now() - make_interval(secs => $TTL) "
+                    "AND node_id <> $2)) LIMIT $1"
                 ),
                 limit,
+                self.node_id,
             )
         )
         return [_record(row) for row in rows]
