@@ -32,7 +32,8 @@ async def wait_running_elsewhere(node: Node, conversation_id: str, limit: float)
         except grpc.aio.AioRpcError as exc:
             # Until the old owner's lease expires: OWNER_UNREACHABLE when it is dead, the
             # caller's deadline when it is paused.
-            assert exc.code() in RETRYABLE, exc.details()
+            if exc.code() not in RETRYABLE:
+                raise
         else:
             if view.status == pb.CONVERSATION_STATUS_RUNNING:
                 return time.monotonic() - started

@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 SetServing = Callable[[bool], Awaitable[None]]
 EvictRemote = Callable[[str, Owner], Awaitable[None]]
 
-_CLAIM_ATTEMPTS = 5
+_CLAIM_ATTEMPTS = 10
 """Evict-then-claim rounds before a start gives up (other starts keep taking the room)."""
 
 
@@ -106,7 +106,7 @@ class ClusterNode:
 
     async def claim(self, record: ConversationRecord, *, take_over: bool) -> None:
         cid = record.conversation_id
-        for _ in range(_CLAIM_ATTEMPTS):
+        for attempt in range(_CLAIM_ATTEMPTS):
             try:
                 claim = await self._store.claim(
                     record, address=self.address, limit=self._limit, take_over=take_over
@@ -120,6 +120,8 @@ class ClusterNode:
                 return
             if take_over:
                 raise Unavailable(f"conversation {cid} is no longer running", reason="NOT_RUNNING")
+            if attempt == _CLAIM_ATTEMPTS - 1:
+                break  # evicting now would stop a conversation for a start that gives up
             # The user is at the limit: the oldest running conversations stop first.
             await asyncio.gather(*(self._evict(victim, owner) for victim, owner in claim.victims))
         raise ResourceExhausted(

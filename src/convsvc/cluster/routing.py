@@ -103,11 +103,12 @@ class Router:
         if not cid or self._engine.runs_here(cid):
             return None
         owner = await self._store.owner_of(cid)
-        if owner is None or owner.node_id == self._node.node_id:
+        if owner is None:
             return None  # not running: this node may start it
-        if not owner.alive or owner.node_id is None:
-            # Running, but its owner is gone (or handed it over): take it over now rather
-            # than after the next scan.
+        if not owner.alive or owner.node_id in (None, self._node.node_id):
+            # Running by intent, but nobody runs its loop: its owner is gone, handed it
+            # over, or is this node, which lost it when the database went away. Take it
+            # over now rather than at the next scan.
             await self._node.adopt(cid)
             return None
         if header(context, FORWARDED) is not None:
