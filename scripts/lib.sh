@@ -48,3 +48,16 @@ ensure_venv() {
   "$uv" pip install -q --python "$venv/bin/python" -c "$constraints" "$@" >&2
   printf '%s\n' "$venv"
 }
+
+# ensure_debian_packages TEST PACKAGE...: installs the Debian packages unless TEST (a shell
+# command) already succeeds.
+ensure_debian_packages() {
+  local check=$1; shift
+  if ! eval "$check" >/dev/null 2>&1; then
+    log "installing $* (Debian packages)"
+    local sudo_cmd
+    sudo_cmd=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" >&2
+  fi
+}
