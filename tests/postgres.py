@@ -50,6 +50,8 @@ class PostgresServer:
     bin_dir: Path
     root: Path
     port: int
+    password: str = "convsvc-test-secret"
+    """Over TCP every client must authenticate (SCRAM), as in production."""
 
     @property
     def data_dir(self) -> Path:
@@ -69,8 +71,11 @@ class PostgresServer:
         )
 
     def init(self) -> None:
+        password_file = self.root / "password"
+        password_file.write_text(self.password)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(password_file, "postgres", "postgres")
         subprocess.run(
             self._as_owner(
                 str(self.bin_dir / "initdb"),
@@ -78,7 +83,9 @@ class PostgresServer:
                 str(self.data_dir),
                 "-U",
                 "postgres",
-                "--auth=trust",
+                f"--pwfile={password_file}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 "--no-sync",
             ),
             check=True,
@@ -99,18 +106,19 @@ class PostgresServer:
         """Every postgres process dies at once, as in a power cut (recovery replays WAL)."""
         self._pg_ctl("-w", "-m", "immediate", "stop")
 
-    def admin_dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+    def admin_dsn(self, database: str = "postgres", *, with_password: bool = True) -> str:
+        secret = f":{self.password}" if with_password else ""
+        return f"postgresql://postgres{secret}@127.0.0.1:{self.port}/{database}"
 
-    async def create_database(self) -> str:
-        """A fresh, empty database; returns its DSN."""
+    async def create_database(self, *, with_password: bool = True) -> str:
+        """A fresh, empty database; returns its DSN (without the password when asked)."""
         name = f"t_{uuid.uuid4().hex[:16]}"
         conn = await asyncpg.connect(self.admin_dsn())
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
-        return self.admin_dsn(name)
+        return self.admin_dsn(name, with_password=with_password)
 
 
 @contextlib.contextmanager

@@ -95,15 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    if settings.use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(run(settings))
-            return 0
-    asyncio.run(run(settings))
+    try:
+        if settings.use_uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                pass
+            else:
+                uvloop.run(run(settings))
+                return 0
+        asyncio.run(run(settings))
+    except StorageError as exc:  # the store could not be opened: nothing was served
+        print(f"convsvc: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -148,6 +148,8 @@ class PostgresStore(GroupCommitStore):
             )
         except _UNREACHABLE as exc:
             raise _unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:  # e.g. a wrong password, a missing database
+            raise StorageError(f"the database refused the connection: {exc}") from exc
         await migrate_pool(self._pool)
         self.page_token_key = await self._run(self._load_page_token_key)
         self._start_writer()
@@ -748,6 +750,8 @@ async def migrate(dsn: str, password: str | None = None) -> list[str]:
         pool = await asyncpg.create_pool(dsn, password=password, min_size=1, max_size=1)
     except _UNREACHABLE as exc:
         raise _unavailable(exc) from exc
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"the database refused the connection: {exc}") from exc
     try:
         return await migrate_pool(pool)
     finally:
