@@ -51,6 +51,7 @@ class ConvsvcApp:
                 group_commit=storage.group_commit,
             )
         in_process = available_agents()
+        self._in_process_agents = set(in_process)
         self.workers = WorkerPool(
             settings.workers, in_process, max_event_bytes=settings.engine.max_batch_bytes
         )
@@ -77,6 +78,8 @@ class ConvsvcApp:
                 self.engine,
                 self.settings.advertise_address or "",
                 limit=self.settings.engine.max_concurrent_conversations,
+                in_process_agents=self._in_process_agents,
+                workers=self.workers,
             )
             self._router = Router(
                 self.cluster,

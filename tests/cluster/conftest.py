@@ -12,6 +12,7 @@ import pytest
 
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess
+from tests.workers.conftest import start_worker  # noqa: F401  (a fixture used here too)
 
 # Short leases keep the takeover tests quick; the defaults are in the README.
 FAST_CLUSTER = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import structlog
 
@@ -21,6 +21,7 @@ from convsvc.engine import ConversationEngine
 from convsvc.errors import ConvsvcError, ResourceExhausted, Unavailable
 from convsvc.storage import StorageError
 from convsvc.storage.postgres import OwnedElsewhere, Owner, PostgresStore
+from convsvc.workers import WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -55,8 +56,12 @@ class ClusterNode:
         address: str,
         *,
         limit: int,
+        in_process_agents: Collection[str],
+        workers: WorkerPool,
     ) -> None:
         self._config = config
+        self._in_process_agents = frozenset(in_process_agents)
+        self._workers = workers
         self._store = store
         self._engine = engine
         self.address = address
@@ -84,7 +89,7 @@ class ClusterNode:
 
     async def register(self) -> None:
         """The first heartbeat: the node is in the cluster once this returns."""
-        await self._store.heartbeat_node(self.address)
+        await self._store.heartbeat_node(self.address, sorted(self._worker_kinds()))
         log.info("cluster.joined", node_id=self.node_id, address=self.address)
 
     async def stop(self) -> None:
@@ -163,7 +168,7 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_seconds)
             try:
-                await self._store.heartbeat_node(self.address)
+                await self._store.heartbeat_node(self.address, sorted(self._worker_kinds()))
             except StorageError as exc:
                 if self.database_reachable:
                     log.error("cluster.database_unreachable", error=str(exc))
@@ -202,6 +207,8 @@ class ClusterNode:
                 self._readopt.discard(cid)
         taken = 0
         for record in records:
+            if await self.placement(record.agent) is not None:
+                continue  # a node whose workers have room for it takes it over
             try:
                 await self._take_over(record)
                 taken += 1
@@ -215,6 +222,19 @@ class ClusterNode:
         if taken:
             log.info("cluster.took_over", count=taken)
         return taken
+
+    def _worker_kinds(self) -> set[str]:
+        return self._workers.kinds_with_room()
+
+    async def placement(self, agent: str) -> Owner | None:
+        """Another live node to run a new loop of ``agent`` on, when this node has no
+        room for it now and that node's workers do; None to run it here."""
+        if agent in self._in_process_agents or agent in self._workers.kinds_with_room():
+            return None
+        for node_id, address in await self._store.nodes_running(agent):
+            if node_id != self.node_id:
+                return Owner(node_id, address, True)
+        return None  # nobody has room: it waits here for a worker, as on one node
 
     async def adopt(self, conversation_id: str) -> None:
         """Takes over one conversation whose owner is gone, at a caller's request."""

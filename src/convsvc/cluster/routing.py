@@ -44,6 +44,9 @@ _BY_CONVERSATION = {
 }
 
 
+_STARTS = {"StartConversation", "JoinConversation"}
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -100,11 +103,16 @@ class Router:
     ) -> Owner | None:
         """The live node a call must go to, or None to answer it here."""
         cid = await self._conversation_of(method, request)
-        if not cid or self._engine.runs_here(cid):
+        if cid and self._engine.runs_here(cid):
             return None
-        owner = await self._store.owner_of(cid)
+        owner = await self._store.owner_of(cid) if cid else None
         if owner is None:
-            return None  # not running: this node may start it
+            if method in _STARTS and header(context, FORWARDED) is None:
+                # Not running: it starts here, unless its agent runs on workers that only
+                # another node has room for.
+                agent = getattr(request, "agent", "") or self._engine.default_agent
+                return await self._node.placement(agent)
+            return None
         if not owner.alive or owner.node_id in (None, self._node.node_id):
             # Running by intent, but nobody runs its loop: its owner is gone, handed it
             # over, or is this node, which lost it when the database went away. Take it

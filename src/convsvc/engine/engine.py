@@ -417,6 +417,10 @@ class ConversationEngine:
     def local_connection(self, connection_id: str) -> Connection | None:
         return self._connections.get(connection_id)
 
+    @property
+    def default_agent(self) -> str:
+        return self._config.default_agent
+
     def runs_here(self, conversation_id: str) -> bool:
         """Whether this node runs the conversation's loop (and so publishes its events)."""
         runtime = self._runtimes.get(conversation_id)

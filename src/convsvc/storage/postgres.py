@@ -573,17 +573,29 @@ class PostgresStore(GroupCommitStore):
 
     # -- nodes ----------------------------------------------------------------------------
 
-    async def heartbeat_node(self, address: str) -> None:
-        """Registers this node or renews its heartbeat (and so all of its leases)."""
+    async def heartbeat_node(self, address: str, agent_kinds: Sequence[str] = ()) -> None:
+        """Registers this node or renews its heartbeat (and so all of its leases), with the
+        agent kinds its workers have room for."""
         await self._run(
             lambda conn: conn.execute(
-                "INSERT INTO nodes (node_id, address, heartbeat_at) VALUES ($1, $2, now()) "
-                "ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), "
-                "address = excluded.address",
+                "INSERT INTO nodes (node_id, address, heartbeat_at, agent_kinds) "
+                "VALUES ($1, $2, now(), $3) ON CONFLICT (node_id) DO UPDATE SET "
+                "heartbeat_at = now(), address = excluded.address, "
+                "agent_kinds = excluded.agent_kinds",
                 self.node_id,
                 address,
+                list(agent_kinds),
             )
         )
+
+    async def nodes_running(self, agent_kind: str) -> list[tuple[str, str]]:
+        """(node id, address) of live nodes whose workers have room for ``agent_kind``."""
+        rows = await self._fetch(
+            "SELECT node_id, address FROM nodes WHERE $1 = ANY(agent_kinds) "
+            "AND heartbeat_at > now() - make_interval(secs => $TTL) ORDER BY random()",
+            agent_kind,
+        )
+        return [(row[0], row[1]) for row in rows]
 
     async def leave_cluster(self) -> None:
         """Removes this node's row: what it still owns is taken over at once."""

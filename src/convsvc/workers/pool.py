@@ -296,6 +296,15 @@ class WorkerPool:
     def heard(self, session: WorkerSession) -> None:
         session.last_heard = self._clock()
 
+    def kinds_with_room(self) -> set[str]:
+        """Agent kinds some attached worker has room for now."""
+        return {
+            kind
+            for session in self._sessions.values()
+            if not session.detached and session.free > 0
+            for kind in session.kinds
+        }
+
     def workers(self) -> Iterator[WorkerSession]:
         return iter(list(self._sessions.values()))
 

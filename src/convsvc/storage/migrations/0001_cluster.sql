@@ -48,7 +48,9 @@ CREATE TABLE nodes (
     node_id text PRIMARY KEY,
     address text NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL
+    heartbeat_at timestamptz NOT NULL,
+    -- Agent kinds its attached workers have room for (where worker conversations start).
+    agent_kinds text[] NOT NULL DEFAULT '{}'
 );
 
 -- Connections live on the conversation's owner; this directory lets any node find them.
