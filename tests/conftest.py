@@ -194,6 +194,6 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-async def postgres_dsn(postgres: PostgresServer) -> str:
+def postgres_dsn(postgres: PostgresServer) -> str:
     """A database of this test's own on the session's server."""
-    return await postgres.create_database()
+    return postgres.create_database()

@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 
 def postgres_bin_dir() -> Path:
     """Where the Debian package put initdb and pg_ctl (the newest version installed)."""
@@ -110,14 +108,31 @@ class PostgresServer:
         secret = f":{self.password}" if with_password else ""
         return f"postgresql://postgres{secret}@127.0.0.1:{self.port}/{database}"
 
-    async def create_database(self, *, with_password: bool = True) -> str:
-        """A fresh, empty database; returns its DSN (without the password when asked)."""
+    def create_database(self, *, with_password: bool = True) -> str:
+        """A fresh, empty database; returns its DSN (without the password when asked).
+
+        Made with psql, so that test environments without asyncpg (the OpenHands venvs) can
+        run clusters too."""
         name = f"t_{uuid.uuid4().hex[:16]}"
-        conn = await asyncpg.connect(self.admin_dsn())
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        subprocess.run(
+            [
+                str(self.bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-q",
+                "-c",
+                f'CREATE DATABASE "{name}"',
+            ],
+            env={**os.environ, "PGPASSWORD": self.password},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return self.admin_dsn(name, with_password=with_password)
 
 

@@ -19,7 +19,7 @@ def run_convsvc(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 async def test_migrate_creates_the_schema_once(postgres: PostgresServer) -> None:
-    dsn = await postgres.create_database()
+    dsn = postgres.create_database()
     first = run_convsvc("migrate", "--database-url", dsn)
     assert first.returncode == 0, first.stderr
     assert "0001_cluster.sql" in first.stdout
@@ -39,7 +39,7 @@ async def test_migrate_without_a_database_explains_itself() -> None:
 async def test_the_password_comes_from_a_file_and_is_never_logged(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    dsn = await postgres.create_database(with_password=False)
+    dsn = postgres.create_database(with_password=False)
     password_file = tmp_path / "db-password"
     password_file.write_text(postgres.password + "\n")
     env = {**FAST_CLUSTER, "CONVSVC_DATABASE_URL": dsn}
@@ -65,7 +65,7 @@ async def test_the_password_comes_from_a_file_and_is_never_logged(
 async def test_a_wrong_password_stops_the_node_with_a_clear_error(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    dsn = await postgres.create_database(with_password=False)
+    dsn = postgres.create_database(with_password=False)
     env = {
         **_base_env(),
         **FAST_CLUSTER,

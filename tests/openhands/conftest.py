@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.openhands.fake_llm import FakeLLM
+from tests.postgres import PostgresServer, postgres_server
 
 MANAGER_CLASS = "convclient.openhands.RemoteConversationManager"
 LLM_KEY = "sk-convsvc-test-4f1b2c3d9e8a7b6c"
@@ -235,6 +236,46 @@ def replicas(
     root = tmp_path_factory.mktemp("replicas")
     first = start_openhands(root, convsvc.address, "replica-a", REDIS_HOST=redis_address)
     second = start_openhands(root, convsvc.address, "replica-b", REDIS_HOST=redis_address)
+    yield first, second
+    stop_process(first.process)
+    stop_process(second.process)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's package; scripts/test-openhands installs it)."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[tuple[Convsvc, Convsvc]]:
+    """Two convsvc nodes sharing one PostgreSQL database."""
+    root = tmp_path_factory.mktemp("cluster")
+    env = {"CONVSVC_DATABASE_URL": postgres.create_database()}
+    nodes = (
+        Convsvc(root / "a", root / "node-a.log", extra_env=env),
+        Convsvc(root / "b", root / "node-b.log", extra_env=env),
+    )
+    for node in nodes:
+        node.start()
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_replicas(
+    tmp_path_factory: pytest.TempPathFactory,
+    cluster_nodes: tuple[Convsvc, Convsvc],
+    redis_address: str,
+) -> Iterator[tuple[OpenHandsServer, OpenHandsServer]]:
+    """Two OpenHands web servers sharing Redis, each talking to a different convsvc node."""
+    root = tmp_path_factory.mktemp("cluster-replicas")
+    first = start_openhands(root, cluster_nodes[0].address, "replica-a", REDIS_HOST=redis_address)
+    second = start_openhands(root, cluster_nodes[1].address, "replica-b", REDIS_HOST=redis_address)
     yield first, second
     stop_process(first.process)
     stop_process(second.process)

@@ -20,7 +20,7 @@ from tests.storage.backends import StoreFactory, make_event, make_record, own, s
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
     dsn = ""
     if request.param == "postgres":
-        dsn = await request.getfixturevalue("postgres").create_database()
+        dsn = request.getfixturevalue("postgres").create_database()
     async for factory in store_factory(request.param, tmp_path, dsn):
         yield factory
 
