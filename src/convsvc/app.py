@@ -134,6 +134,7 @@ class ConvsvcApp:
                 # Drain: loops are handed to other nodes (no ``stopped``) before streams end,
                 # so subscribers that resume elsewhere find them running.
                 await self.engine.hand_off_all()
+                await self.cluster.stop()  # no heartbeat may renew it after it leaves
                 await self.cluster.leave()
             self.engine.end_streams()
             if not await self.server.drain(self.settings.shutdown_grace_seconds):
