@@ -12,7 +12,15 @@ import dataclasses
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,6 +108,8 @@ class ConversationEngine:
         self._agents = agents  # a live view: worker kinds appear as workers attach
         self._clock = clock
         self._runtimes: dict[str, ConversationRuntime] = {}
+        self._by_user: defaultdict[str | None, set[str]] = defaultdict(set)
+        """Running conversation ids by user: a user's list does not grow with others'."""
         self._connections = ConnectionRegistry()
         self._broadcaster = Broadcaster(
             config.subscriber_buffer_events, config.subscriber_buffer_bytes
@@ -330,7 +340,7 @@ class ConversationEngine:
                     max_bytes=self._config.max_batch_bytes,
                 )
             except BaseException:
-                del self._runtimes[cid]
+                self._unregister(runtime)
                 runtime.mark_closed()
                 raise
             runtime.start_task = self._spawn(
@@ -354,7 +364,17 @@ class ConversationEngine:
             for victim in victims:
                 self._evict(victim)
         self._runtimes[runtime.conversation_id] = runtime
+        self._by_user[runtime.record.user_id].add(runtime.conversation_id)
         return victims
+
+    def _unregister(self, runtime: ConversationRuntime) -> None:
+        cid = runtime.conversation_id
+        if self._runtimes.get(cid) is runtime:
+            del self._runtimes[cid]
+            mine = self._by_user[runtime.record.user_id]
+            mine.discard(cid)
+            if not mine:
+                del self._by_user[runtime.record.user_id]
 
     def _evict(self, victim: ConversationRuntime) -> asyncio.Task[None]:
         """Closes a loop to make room under the per-user limit, telling its viewers why."""
@@ -710,8 +730,7 @@ class ConversationEngine:
                 except StorageError as exc:
                     log.warning("conversation.release_failed", conversation_id=cid, error=str(exc))
         finally:
-            if self._runtimes.get(cid) is runtime:
-                del self._runtimes[cid]
+            self._unregister(runtime)
             runtime.mark_closed()
             # Streams that follow this node for the conversation's live events (other
             # nodes' followers) must find its new owner.
@@ -764,11 +783,18 @@ class ConversationEngine:
         """Running (and starting) conversations, by id, one page at a time."""
 
         def candidates(user: str | None, wanted: set[str]) -> Iterator[tuple[str, Any]]:
-            for cid, runtime in self._runtimes.items():
+            if wanted:
+                ids: Iterable[str] = wanted
+            elif user is not None:
+                ids = self._by_user.get(user, ())
+            else:
+                ids = self._runtimes
+            for cid in ids:
+                runtime = self._runtimes.get(cid)
                 if (
-                    not runtime.closing
+                    runtime is not None
+                    and not runtime.closing
                     and (user is None or runtime.record.user_id == user)
-                    and (not wanted or cid in wanted)
                 ):
                     yield cid, runtime
 
