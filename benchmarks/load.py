@@ -93,21 +93,30 @@ def floor_stream(address: str, count: int, batch: int) -> dict[str, float]:
 # -- convsvc ----------------------------------------------------------------------------------
 
 
-def send_events(address: str, concurrency: int, count: int, tag: str) -> dict[str, float]:
-    """SendEvent calls, each worker to its own running conversation."""
+def send_events(
+    address: str, concurrency: int, count: int, tag: str, via: str | None = None
+) -> dict[str, float]:
+    """SendEvent calls, each worker to its own running conversation, started through
+    ``address`` and sent through ``via`` (another node of a cluster) when given."""
 
     async def run() -> dict[str, float]:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with (
+            grpc.aio.insecure_channel(address) as channel,
+            grpc.aio.insecure_channel(via or address) as send_channel,
+        ):
             stub = pb_grpc.ConversationServiceStub(channel)
+            sender = pb_grpc.ConversationServiceStub(send_channel)
             ids = [f"{tag}-{i}" for i in range(concurrency)]
             for cid in ids:
                 await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
             event = struct(NOTE)
             for cid in ids:  # warm-up
-                await stub.SendEvent(pb.SendEventRequest(conversation_id=cid, event=event))
+                await sender.SendEvent(pb.SendEventRequest(conversation_id=cid, event=event))
 
             def call(index: int, n: int) -> Any:
-                return stub.SendEvent(pb.SendEventRequest(conversation_id=ids[index], event=event))
+                return sender.SendEvent(
+                    pb.SendEventRequest(conversation_id=ids[index], event=event)
+                )
 
             elapsed, latencies = await _workers(concurrency, count, call)
         return _rate(count, elapsed, latencies)
@@ -115,13 +124,21 @@ def send_events(address: str, concurrency: int, count: int, tag: str) -> dict[st
     return run_async(run())
 
 
-def round_trip(address: str, count: int, cid: str = "round-trip") -> dict[str, float]:
-    """A user message sent, then its echo received on the conversation's tail."""
+def round_trip(
+    address: str, count: int, cid: str = "round-trip", via: str | None = None
+) -> dict[str, float]:
+    """A user message sent, then its echo received on the conversation's tail; started
+    through ``address``, sent and tailed through ``via`` when given."""
 
     async def run() -> dict[str, float]:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with (
+            grpc.aio.insecure_channel(address) as owner,
+            grpc.aio.insecure_channel(via or address) as channel,
+        ):
+            await pb_grpc.ConversationServiceStub(owner).StartConversation(
+                pb.StartConversationRequest(conversation_id=cid)
+            )
             stub = pb_grpc.ConversationServiceStub(channel)
-            await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
             tail = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid)).__aiter__()
 
             async def echo_of(content: str) -> None:
@@ -246,17 +263,45 @@ def subscribers(
     return run_async(run())
 
 
-def start_many(address: str, prefix: str, count: int, concurrency: int) -> dict[str, float]:
+def start_many(
+    address: str, prefix: str, count: int, concurrency: int, users: int = 0
+) -> dict[str, float]:
+    """Starts ``count`` echo conversations (spread over ``users`` users when given)."""
+
     async def run() -> dict[str, float]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
 
             def call(index: int, n: int) -> Any:
                 cid = f"{prefix}-{index}-{n}"
-                return stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+                user = f"user-{(index * count + n) % users}" if users else ""
+                return stub.StartConversation(
+                    pb.StartConversationRequest(conversation_id=cid, user_id=user)
+                )
 
             elapsed, latencies = await _workers(concurrency, count, call)
         return {"starts_per_s": count / elapsed, **latency_summary(latencies)}
+
+    return run_async(run())
+
+
+def list_user(address: str, user: str, rounds: int) -> dict[str, float]:
+    """One user's conversation list (a page of 100), ``rounds`` times."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            latencies: list[float] = []
+            listed = 0
+            for n in range(rounds + 5):
+                began = time.perf_counter()
+                response = await stub.ListConversations(
+                    pb.ListConversationsRequest(user_id=user, page_size=100)
+                )
+                if n >= 5:  # warm-up
+                    latencies.append(time.perf_counter() - began)
+                listed = len(response.conversations)
+        return {"listed": listed, **latency_summary(latencies)}
 
     return run_async(run())
 

@@ -63,6 +63,25 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             "KiB",
         ),
     ]
+    cluster = results.get("cluster")
+    if cluster:
+        found += [
+            Goal("takeover after kill -9 (max)", cluster["takeover"]["max_s"], 15.0, False, "s"),
+            Goal(
+                "a user's list page at scale (SQLite node)",
+                cluster["scale"]["sqlite"]["user_list_p50_ms_at_scale"],
+                20.0,
+                False,
+                "ms",
+            ),
+            Goal(
+                "a user's list page at scale (cluster)",
+                cluster["scale"]["cluster"]["user_list_p50_ms_at_scale"],
+                20.0,
+                False,
+                "ms",
+            ),
+        ]
     return found
 
 
@@ -113,6 +132,7 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"worker emitting as fast as it can, vs catch-up "
         f"{results['catch_up']['events_per_s']:,.0f} events/s |",
         *_agents_rows(results["agents"]),
+        *_cluster_rows(results.get("cluster")),
         "",
         "| goal | measured | target | met |",
         "| --- | --- | --- | --- |",
@@ -175,6 +195,49 @@ def _agents_rows(agents: dict[str, Any]) -> list[str]:
         f"(worker and zygote {memory['worker_and_zygote_pss_mib']:.0f} MiB once): about "
         f"{fits:,.0f} conversations in 24 GiB |",
     ]
+
+
+def _cluster_rows(cluster: dict[str, Any] | None) -> list[str]:
+    if not cluster:
+        return []
+    floor, ratios = cluster["postgres_floor"], cluster["ratios"]
+    aggregate, takeover = cluster["aggregate"], cluster["takeover"]
+    rows = [
+        f"| cluster: PostgreSQL floor (bare asyncpg, fenced append) | "
+        f"{floor['appends_per_s_1']:,.0f} commits/s on 1 connection, "
+        f"{floor['appends_per_s_16']:,.0f} on 16, "
+        f"{floor['events_per_s_64_per_commit']:,.0f} events/s at 64 per commit |",
+        f"| cluster: send through the owner / floor | {ratios['send_owner_1']:.2f} x at 1 in "
+        f"flight ({cluster['send_owner_1']['calls_per_s']:,.0f}/s), "
+        f"{ratios['send_owner_16']:.2f} x at 16 "
+        f"({cluster['send_owner_16']['calls_per_s']:,.0f}/s) |",
+        f"| cluster: send through another node (forwarded) / floor | "
+        f"{ratios['send_forwarded_1']:.2f} x at 1 in flight "
+        f"({cluster['send_forwarded_1']['calls_per_s']:,.0f}/s), "
+        f"{ratios['send_forwarded_16']:.2f} x at 16 "
+        f"({cluster['send_forwarded_16']['calls_per_s']:,.0f}/s) |",
+        f"| cluster: round trip p50 / empty-call p50 | through the owner "
+        f"{ratios['round_trip_owner_p50']:.1f} x ({cluster['round_trip_owner']['p50_ms']:.2f} ms), "
+        f"through another node {ratios['round_trip_forwarded_p50']:.1f} x "
+        f"({cluster['round_trip_forwarded']['p50_ms']:.2f} ms) |",
+        f"| cluster: aggregate send, 16 in flight per node | 1 SQLite node "
+        f"{aggregate['sqlite_1_node']:,.0f}/s; PostgreSQL 1 node "
+        f"{aggregate['postgres_1_nodes']:,.0f}/s, 2 nodes {aggregate['postgres_2_nodes']:,.0f}/s,"
+        f" 3 nodes {aggregate['postgres_3_nodes']:,.0f}/s |",
+        f"| cluster: takeover after kill -9 ({takeover['kills']} kills, lease TTL "
+        f"{takeover['lease_ttl_seconds']:.0f} s) | p50 {takeover['p50_s']:.1f} s, max "
+        f"{takeover['max_s']:.1f} s; {takeover['lost']} of {takeover['acknowledged']} "
+        f"acknowledged events lost |",
+    ]
+    for label, key in (("one SQLite node", "sqlite"), ("3 nodes on PostgreSQL", "cluster")):
+        scale = cluster["scale"][key]
+        rows.append(
+            f"| cluster scale: {label} | {scale['stored']:,} stored, {scale['running']:,} "
+            f"running: {scale['starts_per_s']:,.0f} starts/s, {scale['kib_per_loop']:.1f} KiB "
+            f"per loop, a user's list page p50 {scale['user_list_p50_ms_small']:.1f} ms "
+            f"before, {scale['user_list_p50_ms_at_scale']:.1f} ms at scale |"
+        )
+    return rows
 
 
 def write(results: dict[str, Any], checked: list[Goal], out: Path) -> tuple[Path, Path]:

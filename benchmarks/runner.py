@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, scenarios
+from benchmarks import cluster, report, scenarios
 
 
 def machine() -> dict[str, Any]:
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("CONVSVC_BENCH_OPENHANDS_PYTHON") or None,
         help="python of a venv with openhands-ai and convclient, for the adapter row",
     )
+    parser.add_argument(
+        "--no-cluster", action="store_true", help="skip the clustered mode (PostgreSQL) section"
+    )
     args = parser.parse_args(argv)
     sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes.full()
     began = time.monotonic()
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     results["adapter"] = scenarios.adapter(sizes, progress, args.openhands_python)
     results["worker_relay"] = scenarios.worker_relay(sizes, progress)
     results["agents"] = scenarios.agents(sizes, progress, args.openhands_python)
+    if not args.no_cluster:
+        results["cluster"] = cluster.run(args.quick, progress)
     checked = report.goals(results)
     print(report.table(results, checked))
     json_path, png_path = report.write(results, checked, args.out)

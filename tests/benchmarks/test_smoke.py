@@ -26,7 +26,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
     steps = ("floor and send", "round trip", "floor:", "disk:", "catch-up:", "fan-out:", "scale:")
-    for step in (*steps, "durability:", "worker relay:"):
+    for step in (*steps, "durability:", "worker relay:", "cluster: takeover"):
         assert step in finished.stderr  # progress is shown while it runs
 
     results = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -51,6 +51,13 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("disk_sync", "fsync", "p50_ms"),
         ("disk_sync", "normal_send_16", "calls_per_s"),
         ("disk_sync", "normal_round_trip", "p50_ms"),
+        ("cluster", "postgres_floor", "appends_per_s_16"),
+        ("cluster", "send_forwarded_16", "calls_per_s"),
+        ("cluster", "round_trip_forwarded", "p50_ms"),
+        ("cluster", "aggregate", "postgres_3_nodes"),
+        ("cluster", "takeover", "max_s"),
+        ("cluster", "scale", "sqlite", "starts_per_s"),
+        ("cluster", "scale", "cluster", "user_list_p50_ms_at_scale"),
     }
     for path in figures:
         value = results
@@ -62,5 +69,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert results["agents"]["status"].startswith("not measured")  # no OpenHands venv here
     assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event
     assert {goal["name"] for goal in results["goals"]} >= {"catch-up", "fan-out"}
+    takeover = results["cluster"]["takeover"]
+    assert takeover["acknowledged"] == 40 and takeover["lost"] == 0  # through a kill -9
+    assert results["cluster"]["scale"]["cluster"]["stored"] == 2_000
     assert "adapter" in results  # measured when an OpenHands venv is given (scripts/bench)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
