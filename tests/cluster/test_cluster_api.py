@@ -3,6 +3,7 @@ as the owner would."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -81,3 +82,82 @@ async def test_any_node_answers_for_any_conversation(cluster: Callable[..., Clus
         pb.StartConversationRequest(conversation_id="conv-1", user_id="alice")
     )
     assert again.conversation.latest_event_id > sent.event_id
+
+
+async def test_a_retry_through_another_node_appends_once(cluster: Callable[..., Cluster]) -> None:
+    a, b, c = cluster(3).nodes
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="conv", user_id="alice")
+    )
+    request = pb.SendEventRequest(
+        conversation_id="conv", user_id="alice", event=message("once"), request_id="req-1"
+    )
+    first = await b.stub.SendEvent(request)
+    again = await c.stub.SendEvent(request)  # the answer was lost: retried elsewhere
+    assert again.event_id == first.event_id
+    log = await grpc_events_until(b.stub, "conv", echo_of("once"), user_id="alice")
+    assert [p["id"] for p in log if p.get("message") == "once" and p["source"] == "user"] == [
+        first.event_id
+    ]
+    changed = pb.SendEventRequest(
+        conversation_id="conv", user_id="alice", event=message("other"), request_id="req-1"
+    )
+    await expect_error(
+        c.stub.SendEvent(changed), grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_CONFLICT"
+    )
+
+
+async def test_an_eviction_on_another_node_reaches_its_viewers(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b = cluster(2, CONVSVC_ENGINE__MAX_CONCURRENT_CONVERSATIONS="1").nodes
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="old", user_id="alice")
+    )
+    seen: list[dict[str, object]] = []
+
+    async def watch() -> None:
+        seen.extend(
+            await grpc_events_until(
+                b.stub,
+                "old",
+                lambda payloads: any(
+                    p.get("extras", {}).get("agent_state") == "stopped" for p in payloads
+                ),
+                user_id="alice",
+                timeout=20,
+            )
+        )
+
+    watcher = asyncio.create_task(watch())
+    await grpc_events_until(b.stub, "old", lambda p: len(ids(p)) >= 2, user_id="alice")
+    await b.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="new", user_id="alice")
+    )
+    await watcher
+    statuses = [p["status_update_item"] for p in seen if "status_update_item" in p]
+    assert any(s.get("id") == "AGENT_ERROR$TOO_MANY_CONVERSATIONS" for s in statuses), seen
+    listed = await a.stub.ListConversations(pb.ListConversationsRequest(user_id="alice"))
+    assert [v.conversation_id for v in listed.conversations] == ["new"]
+
+
+async def test_nodes_forward_with_the_shared_service_token(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b = cluster(2, CONVSVC_AUTH_TOKEN="cluster-secret").nodes
+    token = (("authorization", "Bearer cluster-secret"),)
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="conv", user_id="alice"), metadata=token
+    )
+    sent = await b.stub.SendEvent(  # forwarded to a, which requires the token too
+        pb.SendEventRequest(conversation_id="conv", user_id="alice", event=message("hi")),
+        metadata=token,
+    )
+    assert sent.conversation_id == "conv"
+    await expect_error(
+        b.stub.SendEvent(
+            pb.SendEventRequest(conversation_id="conv", user_id="alice", event=message("no"))
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
+    )

@@ -34,6 +34,18 @@ async def rest(openhands: OpenHandsServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def settled_after(client: AsyncConvsvcClient, conversation_id: str, event_id: int) -> None:
+    """Waits on the conversation's stream until the agent awaits input after ``event_id``."""
+
+    async def settled() -> None:
+        async for batch in client.tail_events(conversation_id, start_id=event_id + 1):
+            for event in batch.events:
+                if event.payload.get("extras", {}).get("agent_state") == "awaiting_user_input":
+                    return
+
+    await asyncio.wait_for(settled(), EVENT_TIMEOUT)
+
+
 async def new_conversation(rest: httpx.AsyncClient, message: str) -> str:
     response = await rest.post("/api/conversations", json={"initial_user_msg": message})
     assert response.status_code == 200, response.text
@@ -65,10 +77,13 @@ async def test_a_conversation_through_openhands(
 
     # Events the browser misses while away, sent straight to the service.
     async with AsyncConvsvcClient(address=convsvc.address) as client:
-        await client.send_event(
+        sent = await client.send_event(
             {"action": "message", "args": {"content": "while you were away"}},
             conversation_id=conversation_id,
         )
+        # The browser comes back once the agent has answered and waits again, so that what
+        # it is sent is the replay alone.
+        await settled_after(client, conversation_id, sent.event_id)
     again = Browser(openhands)
     await again.connect(conversation_id, latest_event_id=last_seen)
     await again.until(echo_of("while you were away"))

@@ -118,7 +118,10 @@ class Followers:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     log.warning("cluster.follow_failed", conversation_id=cid, code=exc.code().name)
-                await asyncio.sleep(_RETRY_SECONDS)
+            except Exception:
+                # A follower must outlive any one failure: its subscribers wait on it.
+                log.exception("cluster.follow_failed", conversation_id=cid)
+            await asyncio.sleep(_RETRY_SECONDS)
 
     async def _relay(self, cid: str, address: str, follower: _Follower) -> None:
         call = self._router.channel(address).unary_stream(

@@ -18,7 +18,7 @@ import structlog
 from convsvc.config import ClusterConfig
 from convsvc.domain import Connection, ConversationRecord
 from convsvc.engine import ConversationEngine
-from convsvc.errors import ConvsvcError, ResourceExhausted, Unavailable
+from convsvc.errors import ConvsvcError, FailedPrecondition, ResourceExhausted, Unavailable
 from convsvc.storage import StorageError
 from convsvc.storage.postgres import OwnedElsewhere, Owner, PostgresStore
 from convsvc.workers import WorkerPool
@@ -123,8 +123,12 @@ class ClusterNode:
                 if claim.took_over:
                     log.info("cluster.claimed", conversation_id=cid, epoch=claim.epoch)
                 return
-            if take_over:
-                raise Unavailable(f"conversation {cid} is no longer running", reason="NOT_RUNNING")
+            if take_over:  # it was closed meanwhile
+                raise FailedPrecondition(
+                    f"conversation {cid} is not running; start or join it first",
+                    reason="CONVERSATION_NOT_RUNNING",
+                    metadata={"conversation_id": cid},
+                )
             if attempt == _CLAIM_ATTEMPTS - 1:
                 break  # evicting now would stop a conversation for a start that gives up
             # The user is at the limit: the oldest running conversations stop first.
@@ -199,12 +203,12 @@ class ClusterNode:
         """Claims running conversations nobody runs; returns how many this node took."""
         records = await self._store.orphans(self._config.takeover_batch)
         for cid in list(self._readopt):
+            # Tried once more: if another node owns it now, or it stopped, that is final.
+            self._readopt.discard(cid)
             if not self._engine.runs_here(cid):
                 record = await self._store.get_conversation(cid)
                 if record is not None:
                     records.append(record)
-            else:
-                self._readopt.discard(cid)
         taken = 0
         for record in records:
             if await self.placement(record.agent) is not None:
@@ -212,12 +216,15 @@ class ClusterNode:
             try:
                 await self._take_over(record)
                 taken += 1
-            except (ConvsvcError, StorageError) as exc:
+            except StorageError as exc:
+                self._readopt.add(record.conversation_id)  # the database is away: later
+                log.info("cluster.takeover_deferred", error=str(exc))
+            except ConvsvcError as exc:
                 # Another node was quicker, or the conversation stopped meanwhile.
                 log.info(
                     "cluster.takeover_skipped",
                     conversation_id=record.conversation_id,
-                    reason=getattr(exc, "reason", type(exc).__name__),
+                    reason=exc.reason,
                 )
         if taken:
             log.info("cluster.took_over", count=taken)

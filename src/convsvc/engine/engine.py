@@ -310,10 +310,15 @@ class ConversationEngine:
                 # The lease first: from here no other node can append to this log, so the
                 # end read next is the end.
                 await self._membership.claim(record, take_over=take_over)
-            # A record is always written before its conversation's first event.
-            latest = await self._store.latest_event_id(cid) if stored is not None else -1
-            if self._stopping:
-                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            try:
+                # A record is always written before its conversation's first event.
+                latest = await self._store.latest_event_id(cid) if stored is not None else -1
+                if self._stopping:
+                    raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            except BaseException:
+                if self._membership is not None:  # claimed, but no loop runs it here
+                    self._membership.lost(cid, readopt=not self._stopping)
+                raise
             # From here to the end of the block nothing awaits: admission, evictions,
             # registration and the queueing of the start's writes happen in one step.
             self._store.clear_log_failure(cid)  # the end of the log was just read again
