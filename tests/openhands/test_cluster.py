@@ -7,9 +7,9 @@ from __future__ import annotations
 import httpx
 
 from convclient import AsyncConvsvcClient
-from tests.openhands.browser import EVENT_TIMEOUT, Browser
+from tests.openhands.browser import EVENT_TIMEOUT
 from tests.openhands.conftest import LLM_KEY, Convsvc, OpenHandsServer
-from tests.openhands.test_openhands_server import echo_of, new_conversation
+from tests.openhands.test_openhands_server import echo_of, one_conversation_in_two_browsers
 
 
 async def test_two_replicas_on_two_nodes_serve_one_conversation(
@@ -17,16 +17,7 @@ async def test_two_replicas_on_two_nodes_serve_one_conversation(
     cluster_nodes: tuple[Convsvc, Convsvc],
 ) -> None:
     first, second = cluster_replicas
-    async with httpx.AsyncClient(base_url=first.url, timeout=EVENT_TIMEOUT) as rest:
-        settings = {"llm_model": "openai/gpt-4o", "llm_api_key": LLM_KEY, "agent": "CodeActAgent"}
-        assert (await rest.post("/api/settings", json=settings)).status_code == 200
-        conversation_id = await new_conversation(rest, "one")
-
-    on_first, on_second = Browser(first), Browser(second)
-    await on_first.connect(conversation_id)
-    await on_second.connect(conversation_id)
-    await on_first.until(echo_of("one"))
-    await on_second.until(echo_of("one"))
+    conversation_id, on_first, on_second = await one_conversation_in_two_browsers(first, second)
     # Typed in each browser: through its replica's node, forwarded to the owner if need be.
     await on_second.say("two")
     await on_first.until(echo_of("two"))

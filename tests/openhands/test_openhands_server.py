@@ -34,6 +34,23 @@ async def rest(openhands: OpenHandsServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def one_conversation_in_two_browsers(
+    first: OpenHandsServer, second: OpenHandsServer
+) -> tuple[str, Browser, Browser]:
+    """A conversation started through ``first`` with the message "one", open in a browser
+    on each web server, both having seen its echo."""
+    async with httpx.AsyncClient(base_url=first.url, timeout=EVENT_TIMEOUT) as rest:
+        settings = {"llm_model": "openai/gpt-4o", "llm_api_key": LLM_KEY, "agent": "CodeActAgent"}
+        assert (await rest.post("/api/settings", json=settings)).status_code == 200
+        conversation_id = await new_conversation(rest, "one")
+    on_first, on_second = Browser(first), Browser(second)
+    await on_first.connect(conversation_id)
+    await on_second.connect(conversation_id)
+    await on_first.until(echo_of("one"))
+    await on_second.until(echo_of("one"))
+    return conversation_id, on_first, on_second
+
+
 async def settled_after(client: AsyncConvsvcClient, conversation_id: str, event_id: int) -> None:
     """Waits on the conversation's stream until the agent awaits input after ``event_id``."""
 
@@ -183,17 +200,7 @@ async def test_events_appended_while_a_browser_connects_arrive_once(
 async def test_replicas_sharing_redis_deliver_each_event_once(
     replicas: tuple[OpenHandsServer, OpenHandsServer],
 ) -> None:
-    first, second = replicas
-    async with httpx.AsyncClient(base_url=first.url, timeout=EVENT_TIMEOUT) as rest:
-        settings = {"llm_model": "openai/gpt-4o", "llm_api_key": LLM_KEY, "agent": "CodeActAgent"}
-        assert (await rest.post("/api/settings", json=settings)).status_code == 200
-        conversation_id = await new_conversation(rest, "one")
-
-    on_first, on_second = Browser(first), Browser(second)
-    await on_first.connect(conversation_id)
-    await on_second.connect(conversation_id)
-    await on_first.until(echo_of("one"))
-    await on_second.until(echo_of("one"))
+    _, on_first, on_second = await one_conversation_in_two_browsers(*replicas)
     await on_first.say("two")
     await on_first.until(echo_of("two"))
     await on_second.until(echo_of("two"))

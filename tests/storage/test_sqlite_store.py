@@ -6,29 +6,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from convsvc.codec import encode_event
-from convsvc.domain import Event, EventKind
+from convsvc.domain import Event
 from convsvc.storage import ConversationLogError, StorageError
 from convsvc.storage.sqlite import SqliteStore
-
-
-def make_event(cid: str, event_id: int) -> Event:
-    event = Event(
-        cid,
-        event_id,
-        datetime.now(UTC),
-        "user",
-        EventKind.ACTION,
-        "message",
-        {"id": event_id, "action": "message", "args": {"content": str(event_id)}},
-    )
-    event.encoded = encode_event(event)
-    return event
+from tests.storage.backends import make_event
 
 
 async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:

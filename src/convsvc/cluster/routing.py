@@ -12,6 +12,7 @@ node reads the shared database. Lists cover the whole cluster.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -49,6 +50,19 @@ _STARTS = {"StartConversation", "JoinConversation"}
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    user: str | None
+    wanted: list[str]
+    size: int
+    after: str
+    query: list[Any]
+    key: bytes
+
+    def next_token(self, last: str) -> str:
+        return encode_token(self.key, self.query, last)
 
 
 def header(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -203,19 +217,25 @@ class Router:
         self, request: pb.ListConversationsRequest
     ) -> pb.ListConversationsResponse:
         """Running conversations on every node, by id; each live view from its owner."""
+        cursor = self._cursor("conversations", request)
+        running = await self._store.running_for(
+            cursor.user, cursor.after, cursor.size + 1, cursor.wanted
+        )
+        page = running[: cursor.size]
+        views = await self._views(page, request.user_id)
+        token = cursor.next_token(page[-1][0]) if len(running) > cursor.size else ""
+        return pb.ListConversationsResponse(conversations=views, next_page_token=token)
+
+    def _cursor(self, kind: str, request: Any) -> _Cursor:
+        """Where a list request's page starts, checked as on a single node."""
         user = validation.check_user_id(request.user_id)
         wanted = sorted(
             {validation.check_id("conversation_ids", c) for c in request.conversation_ids}
         )
-        size = self._engine.page_size(request.page_size)
-        query = ["conversations", user, wanted]
+        query = [kind, user, wanted]
         key = self._store.page_token_key
         after = decode_token(key, request.page_token, query, str) if request.page_token else ""
-        running = await self._store.running_for(user, after, size + 1, wanted)
-        page = running[:size]
-        views = await self._views(page, request.user_id)
-        token = encode_token(key, query, page[-1][0]) if len(running) > size else ""
-        return pb.ListConversationsResponse(conversations=views, next_page_token=token)
+        return _Cursor(user, wanted, self._engine.page_size(request.page_size), after, query, key)
 
     async def _views(
         self, page: Sequence[tuple[str, Owner]], user_id: str
@@ -266,17 +286,12 @@ class Router:
         self, request: pb.ListConnectionsRequest
     ) -> pb.ListConnectionsResponse:
         """Connections on every node, from the shared directory."""
-        user = validation.check_user_id(request.user_id)
-        wanted = sorted(
-            {validation.check_id("conversation_ids", c) for c in request.conversation_ids}
+        cursor = self._cursor("connections", request)
+        found = await self._store.list_connections(
+            cursor.user, cursor.after, cursor.size + 1, cursor.wanted
         )
-        size = self._engine.page_size(request.page_size)
-        query = ["connections", user, wanted]
-        key = self._store.page_token_key
-        after = decode_token(key, request.page_token, query, str) if request.page_token else ""
-        found = await self._store.list_connections(user, after, size + 1, wanted)
-        page = found[:size]
-        token = encode_token(key, query, page[-1].connection_id) if len(found) > size else ""
+        page = found[: cursor.size]
+        token = cursor.next_token(page[-1].connection_id) if len(found) > cursor.size else ""
         connections = [connection_to_pb(c) for c in page]
         if request.user_id:
             for connection in connections:

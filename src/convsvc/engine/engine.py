@@ -362,7 +362,7 @@ class ConversationEngine:
             limit = self._config.max_concurrent_conversations
             user = runtime.record.user_id
             mine = [
-                rt for rt in self._runtimes.values() if rt.record.user_id == user and not rt.closing
+                rt for cid in self._by_user.get(user, ()) if not (rt := self._runtimes[cid]).closing
             ]
             mine.sort(key=lambda rt: rt.last_active)
             victims = mine[: max(len(mine) - limit + 1, 0)]

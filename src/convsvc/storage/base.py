@@ -71,6 +71,27 @@ class EventPage:
     next_id: int | None
 
 
+def plan_page(
+    sizes: Sequence[tuple[int, int]], limit: int, max_bytes: int, reverse: bool
+) -> tuple[tuple[int, int] | None, int | None]:
+    """Which events a page takes, from (id, encoded size) of up to ``limit + 1`` events in
+    page order: the id range to load (None: none) and where the range continues.
+
+    Backends read sizes first so that events left out of a page are never loaded (a page of
+    1,000 events of 1 MiB would be a gigabyte); the first event always fits.
+    """
+    taken, total = 0, 0
+    for _, size in sizes[:limit]:
+        if taken and total + size > max_bytes:
+            break
+        taken, total = taken + 1, total + size
+    next_id = sizes[taken][0] if taken < len(sizes) else None
+    if not taken:
+        return None, next_id
+    low, high = sizes[0][0], sizes[taken - 1][0]
+    return ((high, low) if reverse else (low, high)), next_id
+
+
 class ConversationStore(Protocol):
     """Conversations, their event logs and idempotency records."""
 

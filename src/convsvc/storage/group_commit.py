@@ -99,6 +99,38 @@ class GroupCommitStore(ABC):
     def set_commit_listener(self, listener: CommitListener) -> None:
         self._listener = listener
 
+    async def save_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        await self.submit_conversation(record, idempotency)
+
+    def submit_conversation(
+        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(
+            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+        )
+
+    def submit_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(
+            PendingWrite(events=events, requests=[idempotency] if idempotency else [])
+        )
+
+    async def append_events(
+        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
+    ) -> None:
+        await self.submit_events(events, idempotency)
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        await self._submit(PendingWrite(requests=[record]))
+
+    def _stamp(self, write: PendingWrite) -> None:
+        """Adds what the backend needs to a write as it is submitted: a clustered backend
+        stamps the lease epoch it fences on; a single node has nothing to fence."""
+        write.epoch = None
+
     def clear_log_failure(self, conversation_id: str) -> None:
         self._failed_logs.pop(conversation_id, None)
 
@@ -114,6 +146,7 @@ class GroupCommitStore(ABC):
             raise StorageError("the store is closed")
         if write.log is not None and write.log in self._failed_logs:
             raise self._failed_logs[write.log]
+        self._stamp(write)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         write.done = done
         self._queue.put_nowait(write)

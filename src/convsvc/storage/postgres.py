@@ -12,7 +12,6 @@ the directory of connections and client-instance heartbeats (see ``convsvc.clust
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import secrets
@@ -26,7 +25,13 @@ import asyncpg
 import structlog
 
 from convsvc.domain import Connection, ConversationRecord, IdempotencyRecord, StoredEvent
-from convsvc.storage.base import EventPage, OwnerMoved, StorageError, StoreUnavailable
+from convsvc.storage.base import (
+    EventPage,
+    OwnerMoved,
+    StorageError,
+    StoreUnavailable,
+    plan_page,
+)
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
 
 log = structlog.get_logger(__name__)
@@ -185,38 +190,10 @@ class PostgresStore(GroupCommitStore):
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _submit_fenced(self, write: PendingWrite) -> asyncio.Future[None]:
+    def _stamp(self, write: PendingWrite) -> None:
         target = write.target
         if target is not None:
             write.epoch = self._epochs.get(target, -1)  # no claim held: fenced off
-        return self._submit(write)
-
-    async def save_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
-    ) -> None:
-        await self.submit_conversation(record, idempotency)
-
-    def submit_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
-        return self._submit_fenced(
-            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
-        )
-
-    def submit_events(
-        self, events: Sequence[Any], idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
-        return self._submit_fenced(
-            PendingWrite(events=events, requests=[idempotency] if idempotency else [])
-        )
-
-    async def append_events(
-        self, events: Sequence[Any], idempotency: IdempotencyRecord | None = None
-    ) -> None:
-        await self.submit_events(events, idempotency)
-
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        await self._submit(PendingWrite(requests=[record]))
 
     async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
         try:
@@ -349,7 +326,7 @@ class PostgresStore(GroupCommitStore):
     ) -> EventPage:
         order = "DESC" if reverse else "ASC"
         high = end_id if end_id is not None else 2**63 - 1
-        # Sizes first (octet_length reads no TOASTed value), so events left out are not loaded.
+        # octet_length() reads no TOASTed value.
         sizes = await self._fetch(
             "SELECT id, octet_length(encoded) FROM events "
             "WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
@@ -359,23 +336,14 @@ class PostgresStore(GroupCommitStore):
             high,
             limit + 1,
         )
-        taken, total = 0, 0
-        for _, size in sizes[:limit]:
-            if taken and total + size > max_bytes:
-                break
-            taken, total = taken + 1, total + size
-        next_id = sizes[taken][0] if taken < len(sizes) else None
-        if not taken:
+        span, next_id = plan_page([(row[0], row[1]) for row in sizes], limit, max_bytes, reverse)
+        if span is None:
             return EventPage([], next_id)
-        low, top = sizes[0][0], sizes[taken - 1][0]
-        if reverse:
-            low, top = top, low
         rows = await self._fetch(
             "SELECT id, encoded FROM events WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
             f"ORDER BY id {order}",
             conversation_id,
-            low,
-            top,
+            *span,
         )
         return EventPage([StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows], next_id)
 
@@ -551,14 +519,8 @@ class PostgresStore(GroupCommitStore):
         self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()
     ) -> list[tuple[str, Owner]]:
         """Running conversations (of one user, or all with ``user_id`` None), by id."""
-        where = ["c.running", "c.conversation_id > $1"]
-        args: list[Any] = [after, limit]
-        if user_id is not None:
-            args.append(user_id)
-            where.append(f"c.user_id = ${len(args)}")
-        if wanted:
-            args.append(list(wanted))
-            where.append(f"c.conversation_id = ANY(${len(args)}::text[])")
+        where, args = _page_filters("c.conversation_id", after, limit, user_id, wanted)
+        where.append("c.running")
         rows = await self._run(
             lambda conn: conn.fetch(
                 self._sql(
@@ -661,14 +623,7 @@ class PostgresStore(GroupCommitStore):
     async def list_connections(
         self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()
     ) -> list[Connection]:
-        where = ["connection_id > $1"]
-        args: list[Any] = [after, limit]
-        if user_id is not None:
-            args.append(user_id)
-            where.append(f"user_id = ${len(args)}")
-        if wanted:
-            args.append(list(wanted))
-            where.append(f"conversation_id = ANY(${len(args)}::text[])")
+        where, args = _page_filters("connection_id", after, limit, user_id, wanted)
         rows = await self._fetch(
             "SELECT connection_id, conversation_id, user_id, client_instance_id FROM connections "
             f"WHERE {' AND '.join(where)} ORDER BY connection_id LIMIT $2",
@@ -706,6 +661,23 @@ class PostgresStore(GroupCommitStore):
             float(seconds),
         )
         return {row[0] for row in rows}
+
+
+def _page_filters(
+    key: str, after: str, limit: int, user_id: str | None, wanted: Sequence[str]
+) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and arguments of a page ordered by ``key`` ($1: after, $2: limit),
+    of one user's rows and of the wanted conversations, when given."""
+    table = key.split(".", 1)[0] + "." if "." in key else ""
+    where = [f"{key} > $1"]
+    args: list[Any] = [after, limit]
+    if user_id is not None:
+        args.append(user_id)
+        where.append(f"{table}user_id = ${len(args)}")
+    if wanted:
+        args.append(list(wanted))
+        where.append(f"{table}conversation_id = ANY(${len(args)}::text[])")
+    return where, args
 
 
 def _record(row: asyncpg.Record) -> ConversationRecord:

@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,8 +25,8 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import structlog
 
-from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
-from convsvc.storage.base import EventPage, StorageError
+from convsvc.domain import ConversationRecord, IdempotencyRecord, StoredEvent
+from convsvc.storage.base import EventPage, StorageError, plan_page
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
 
 log = structlog.get_logger(__name__)
@@ -173,35 +173,6 @@ class SqliteStore(GroupCommitStore):
             self._writer_thread.stop()
             self._writer_thread = None
 
-    async def save_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
-    ) -> None:
-        await self._submit(
-            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
-        )
-
-    def submit_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
-        return self._submit(
-            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
-        )
-
-    def submit_events(
-        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
-        return self._submit(
-            PendingWrite(events=events, requests=[idempotency] if idempotency else [])
-        )
-
-    async def append_events(
-        self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
-    ) -> None:
-        await self.submit_events(events, idempotency)
-
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        await self._submit(PendingWrite(requests=[record]))
-
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         rows = await self._read(
             "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
@@ -256,29 +227,20 @@ class SqliteStore(GroupCommitStore):
     ) -> EventPage:
         order = "DESC" if reverse else "ASC"
         bounds = (conversation_id, start_id, end_id if end_id is not None else 2**63 - 1)
-        # Sizes first: length() of a blob reads its header only, so events left out of the
-        # page are never loaded (a page of 1,000 events of 1 MiB would be a gigabyte).
+        # length() of a blob reads its header only.
         sizes = await self._read(
             "SELECT id, length(encoded) FROM events "
             "WHERE conversation_id = ? AND id >= ? AND id <= ? "
             f"ORDER BY id {order} LIMIT ?",
             (*bounds, limit + 1),
         )
-        taken, total = 0, 0
-        for _, size in sizes[:limit]:
-            if taken and total + size > max_bytes:
-                break
-            taken, total = taken + 1, total + size
-        next_id = sizes[taken][0] if taken < len(sizes) else None
-        if not taken:
+        span, next_id = plan_page(sizes, limit, max_bytes, reverse)
+        if span is None:
             return EventPage([], next_id)
-        low, high = sizes[0][0], sizes[taken - 1][0]
-        if reverse:
-            low, high = high, low
         rows = await self._read(
             "SELECT id, encoded FROM events WHERE conversation_id = ? AND id >= ? AND id <= ? "
             f"ORDER BY id {order}",
-            (conversation_id, low, high),
+            (conversation_id, *span),
         )
         return EventPage([StoredEvent(id=row[0], encoded=row[1]) for row in rows], next_id)
 
