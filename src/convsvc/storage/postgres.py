@@ -404,23 +404,27 @@ class PostgresStore(GroupCommitStore):
                 if take_over and not running:
                     return Claim(None, [])
                 if not running:
-                    others = await conn.fetch(
-                        self._sql(
-                            "SELECT c.conversation_id, c.owner_node, c.owner_address, "
-                            f"{_OWNER_ALIVE} AS alive FROM conversations c "
-                            "WHERE c.user_id IS NOT DISTINCT FROM $1 AND c.running "
-                            "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
-                            "c.conversation_id"
-                        ),
+                    count = await conn.fetchval(
+                        "SELECT count(*) FROM conversations WHERE running "
+                        "AND user_id IS NOT DISTINCT FROM $1 AND conversation_id <> $2",
                         record.user_id,
                         cid,
                     )
-                    excess = len(others) - limit + 1
+                    excess = int(count) - limit + 1
                     if excess > 0:
-                        return Claim(
-                            None,
-                            [(o[0], Owner(o[1], o[2], bool(o[3]))) for o in others[:excess]],
+                        oldest = await conn.fetch(
+                            self._sql(
+                                "SELECT c.conversation_id, c.owner_node, c.owner_address, "
+                                f"{_OWNER_ALIVE} AS alive FROM conversations c "
+                                "WHERE c.user_id IS NOT DISTINCT FROM $1 AND c.running "
+                                "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
+                                "c.conversation_id LIMIT $3"
+                            ),
+                            record.user_id,
+                            cid,
+                            excess,
                         )
+                        return Claim(None, [(o[0], Owner(o[1], o[2], bool(o[3]))) for o in oldest])
                 epoch = await conn.fetchval(
                     "INSERT INTO conversations AS c (conversation_id, user_id, agent, settings, "
                     "create_time, last_active_time, running, owner_node, owner_address, "
