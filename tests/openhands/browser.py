@@ -18,22 +18,34 @@ class Browser:
 
     def __init__(self, server: OpenHandsServer) -> None:
         self._server = server
-        self.sio = socketio.AsyncClient(reconnection=False)
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
+        self.sio = self._client()
 
-        @self.sio.on("oh_event")
+    def _client(self) -> socketio.AsyncClient:
+        sio = socketio.AsyncClient(reconnection=False)
+
+        @sio.on("oh_event")
         async def on_event(data: dict[str, Any]) -> None:
             self.events.append(data)
             self._changed.set()
 
+        return sio
+
     async def connect(self, conversation_id: str, latest_event_id: int = -1) -> None:
-        await self.sio.connect(
-            f"{self._server.url}?conversation_id={conversation_id}"
-            f"&latest_event_id={latest_event_id}",
-            transports=["websocket"],
-            wait_timeout=EVENT_TIMEOUT,
-        )
+        url = f"{self._server.url}?conversation_id={conversation_id}"
+        url += f"&latest_event_id={latest_event_id}"
+        try:
+            await self.sio.connect(url, transports=["websocket"], wait_timeout=EVENT_TIMEOUT)
+        except socketio.exceptions.ConnectionError as exc:
+            # Seen rarely with OpenHands 0.62 behind a Redis manager: the websocket closes
+            # right after the server accepted the join, before the client saw the namespace.
+            # OpenHands' frontend reconnects; so does this browser, once, with what it has
+            # received so far discarded (the server replays it).
+            if "Unexpected connection error" not in str(exc) or self.events:
+                raise
+            self.sio = self._client()
+            await self.sio.connect(url, transports=["websocket"], wait_timeout=EVENT_TIMEOUT)
 
     async def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> None:
         async with asyncio.timeout(EVENT_TIMEOUT):

@@ -107,6 +107,22 @@ async def metadata_when(
             await asyncio.sleep(0.1)  # another process's file: nothing to wait on
 
 
+async def stored_metadata_when(
+    session_dir: Path, condition: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The metadata file OpenHands keeps for a conversation, once ``condition`` holds."""
+    path = session_dir / "metadata.json"
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        while True:
+            try:
+                stored: dict[str, Any] = json.loads(path.read_text())
+            except (OSError, ValueError):  # not yet written, or met mid-write
+                stored = {}
+            if condition(stored):
+                return stored
+            await asyncio.sleep(0.1)  # another process's file: nothing to wait on
+
+
 async def tail_until(
     client: AsyncConvsvcClient, conversation_id: str, done: Callable[[Events], bool]
 ) -> Events:
@@ -142,10 +158,10 @@ async def test_a_task_typed_in_the_browser_runs_a_command_and_finishes(
     assert info["last_updated_at"] > info["created_at"]
     # Cost and tokens as OpenHands' manager keeps them: the fake LLM reports 100 prompt and
     # 10 completion tokens per call, and four calls were made (two per task).
-    stored = json.loads(
-        (agent_openhands.log_path.parent / "file-store" / "sessions" / conversation_id)
-        .joinpath("metadata.json")
-        .read_text()
+    # The web process saves them a moment after each event (debounced): wait for the last.
+    stored = await stored_metadata_when(
+        agent_openhands.log_path.parent / "file-store" / "sessions" / conversation_id,
+        lambda m: m.get("prompt_tokens", 0) >= 400,
     )
     assert stored["prompt_tokens"] == 400
     assert stored["completion_tokens"] == 40

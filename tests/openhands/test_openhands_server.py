@@ -34,6 +34,16 @@ async def rest(openhands: OpenHandsServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def agent_state_now(state: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """True once the latest agent state change received is ``state``."""
+
+    def done(events: list[dict[str, Any]]) -> bool:
+        states = [e for e in events if e.get("observation") == "agent_state_changed"]
+        return bool(states) and states[-1].get("extras", {}).get("agent_state") == state
+
+    return done
+
+
 async def one_conversation_in_two_browsers(
     first: OpenHandsServer, second: OpenHandsServer
 ) -> tuple[str, Browser, Browser]:
@@ -103,7 +113,8 @@ async def test_a_conversation_through_openhands(
         await settled_after(client, conversation_id, sent.event_id)
     again = Browser(openhands)
     await again.connect(conversation_id, latest_event_id=last_seen)
-    await again.until(echo_of("while you were away"))
+    awaiting = agent_state_now("awaiting_user_input")
+    await again.until(lambda events: echo_of("while you were away")(events) and awaiting(events))
     missed = again.ids()
     assert len(missed) == len(set(missed)), f"duplicates: {missed}"
     assert min(missed) > last_seen
@@ -113,7 +124,11 @@ async def test_a_conversation_through_openhands(
         later = [e async for e in client.iter_events(conversation_id, start_id=last_seen + 1)]
     not_states = [e.id for e in later if e.name != "agent_state_changed"]
     assert [i for i in missed if i in not_states] == not_states
-    assert again.events[-1]["observation"] == "agent_state_changed"
+    # Of the missed state changes (running, then awaiting_user_input) only the latest came,
+    # after every other missed event.
+    states = [e for e in again.events if e.get("observation") == "agent_state_changed"]
+    assert [s["extras"]["agent_state"] for s in states] == ["awaiting_user_input"]
+    assert again.ids()[-1] == states[0]["id"]
 
     info = (await rest.get(f"/api/conversations/{conversation_id}")).json()
     assert info["status"] == "RUNNING"
