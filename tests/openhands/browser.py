@@ -40,8 +40,8 @@ class Browser:
         except socketio.exceptions.ConnectionError as exc:
             # Seen rarely with OpenHands 0.62 behind a Redis manager: the websocket closes
             # right after the server accepted the join, before the client saw the namespace.
-            # OpenHands' frontend reconnects; so does this browser, once, with what it has
-            # received so far discarded (the server replays it).
+            # OpenHands' frontend reconnects; so does this browser, once, if it has received
+            # nothing yet (the new connection's replay then starts from the same point).
             if "Unexpected connection error" not in str(exc) or self.events:
                 raise
             self.sio = self._client()
