@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from convsvc.config import TlsConfig
 from convsvc.engine import ConversationEngine
 from convsvc.transport.auth import BearerTokenInterceptor
+from convsvc.transport.reflection import enable_reflection
 from convsvc.transport.service import SERVICE_NAME, CallGate, conversation_service_handler
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.workers import (
@@ -51,14 +51,14 @@ class GrpcServer:
                 ),
             )
         )
-        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [SERVICE_NAME, health.SERVICE_NAME]
         if worker_pool is not None:
             self._server.add_generic_rpc_handlers(
                 (agent_worker_handler(AgentWorkerServicer(worker_pool, self._gate)),)
             )
             services.append(WORKER_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(services, self._server)
+        enable_reflection(self._server, services)
         if tls is None:
             self.port = self._server.add_insecure_port(listen)
         else:
