@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from convsvc.app import run
 from convsvc.config import Settings
-from convsvc.healthcheck import check_health, local_address
-from convsvc.logs import configure_logging
 from convsvc.storage import StorageError
-from convsvc.storage.postgres import migrate
+
+SERVER_EXTRA = (
+    "the server's dependencies come with the 'server' extra: pip install 'convsvc[server]' "
+    "(from a checkout: pip install -c constraints.txt '.[server]'). The client alone "
+    "(convclient) needs none of them."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,12 +88,21 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        # Imported here: ``convsvc --help`` and this message work with the client install.
+        from convsvc.app import run
+        from convsvc.healthcheck import check_health, local_address
+        from convsvc.logs import configure_logging
+        from convsvc.storage.postgres import migrate
+    except ModuleNotFoundError as exc:
+        print(f"convsvc: {exc.name} is not installed: {SERVER_EXTRA}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "health":
             address = args.address or local_address(Settings().listen)
             return check_health(address, timeout=args.timeout, tls_ca_file=args.tls_ca_file)
         settings = _settings_from(args)
         if args.command == "migrate":
-            return _migrate(settings)
+            return _migrate(settings, migrate)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"convsvc: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _migrate(settings: Settings) -> int:
+def _migrate(settings: Settings, migrate: Callable[..., Coroutine[Any, Any, list[str]]]) -> int:
     if settings.database_url is None:
         print("convsvc: migrate needs --database-url or CONVSVC_DATABASE_URL", file=sys.stderr)
         return 2
