@@ -34,11 +34,21 @@ uv_bin() {
   printf '%s\n' "$tools/bin/uv"
 }
 
+# The checkout these scripts belong to. Cached venvs hold it as an editable install, so each
+# checkout gets venvs of its own: two checkouts never repoint each other's (uv's cache makes a
+# new venv take seconds).
+CHECKOUT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CHECKOUT_ID=$(printf '%s' "$CHECKOUT" | sha256sum | cut -c1-10)
+
+# venv_path NAME PYTHON_VERSION: where this checkout's cached venv of that name lives.
+venv_path() { printf '%s\n' "$CACHE_ROOT/venv-$1-py$2-$CHECKOUT_ID"; }
+
 # ensure_venv NAME PYTHON_VERSION CONSTRAINTS REQUIREMENT...: creates (once) and updates a cached
 # venv, then prints its path. uv makes the update a fast no-op when nothing changed.
 ensure_venv() {
   local name=$1 pyver=$2 constraints=$3; shift 3
-  local venv="$CACHE_ROOT/venv-$name-py$pyver" uv py
+  local venv uv py
+  venv=$(venv_path "$name" "$pyver")
   uv=$(uv_bin)
   if [ ! -x "$venv/bin/python" ]; then
     py=$(find_python "$pyver")
