@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from prometheus_client import start_http_server
 
+from convsvc import metrics
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
@@ -63,6 +64,7 @@ class ConvsvcApp:
         self._router: Router | None = None
         self._followers: Followers | None = None
         self._metrics: Any = None
+        self._collector: metrics.NodeCollector | None = None
 
     async def start(self) -> str:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
@@ -107,6 +109,7 @@ class ConvsvcApp:
         if self.settings.metrics_listen:
             host, port = self.settings.metrics_listen.rsplit(":", 1)
             self._metrics, _ = start_http_server(int(port), addr=host)
+            self._collector = metrics.register(self.engine, self.workers)
         address = self.server.address
         if self.settings.ready_file is not None:
             tmp = self.settings.ready_file.with_suffix(".tmp")
@@ -152,6 +155,9 @@ class ConvsvcApp:
         await self.store.close()
         if self._metrics is not None:
             self._metrics.shutdown()
+        if self._collector is not None:
+            metrics.unregister(self._collector)
+            self._collector = None
         log.info("server.stopped")
 
 

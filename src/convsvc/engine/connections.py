@@ -74,6 +74,9 @@ class ConnectionRegistry:
                     expired.append(removed)
         return expired
 
+    def count(self) -> int:
+        return len(self._by_id)
+
     def all(self) -> list[Connection]:
         return list(self._by_id.values())
 

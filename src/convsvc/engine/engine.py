@@ -85,6 +85,17 @@ def _retrieve_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineGauges:
+    conversations_by_status: dict[str, int]
+    """By phase: starting, running, closing."""
+    conversations_by_agent_state: dict[str, int]
+    connections: int
+    stream_subscribers: int
+    stream_lag_events: int
+    """The most events any live subscriber has waiting (how far the slowest is behind)."""
+
+
 class ConversationEngine:
     """Starts, joins, feeds, lists and closes conversations; streams their events.
 
@@ -1262,5 +1273,17 @@ class ConversationEngine:
     def running_count(self) -> int:
         return len(self._runtimes)
 
+    def gauges(self) -> EngineGauges:
+        """What the node holds now, for metrics (read at scrape time, in one step)."""
+        by_status: defaultdict[str, int] = defaultdict(int)
+        by_state: defaultdict[str, int] = defaultdict(int)
+        for runtime in self._runtimes.values():
+            by_status[runtime.phase.value] += 1
+            by_state[runtime.agent_state] += 1
+        subscribers, lag = self._broadcaster.backlog()
+        return EngineGauges(
+            dict(by_status), dict(by_state), self._connections.count(), subscribers, lag
+        )
 
-__all__ = ["TOO_MANY_CONVERSATIONS", "ConversationEngine", "ConvsvcError"]
+
+__all__ = ["TOO_MANY_CONVERSATIONS", "ConversationEngine", "ConvsvcError", "EngineGauges"]

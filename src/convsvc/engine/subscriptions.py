@@ -77,6 +77,11 @@ class Subscription:
         self._wakeup.set()
         return True
 
+    @property
+    def waiting(self) -> int:
+        """Items buffered and not yet taken by the stream."""
+        return len(self._items)
+
     def fail(self, error: ConvsvcError) -> None:
         """Ends the subscription with ``error`` once buffered items are taken."""
         if self._error is None:
@@ -132,6 +137,15 @@ class Broadcaster:
         for subscription in list(subscribers):
             if not subscription.push(items):
                 subscribers.discard(subscription)
+
+    def backlog(self) -> tuple[int, int]:
+        """(live subscribers, the most items any of them has waiting)."""
+        count, most = 0, 0
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                count += 1
+                most = max(most, subscription.waiting)
+        return count, most
 
     def subscriber_count(self, conversation_id: str) -> int:
         return len(self._subscribers.get(conversation_id, ()))

@@ -296,6 +296,23 @@ class WorkerPool:
     def heard(self, session: WorkerSession) -> None:
         session.last_heard = self._clock()
 
+    def slots(self) -> dict[str, tuple[int, int]]:
+        """(capacity, free) of attached workers, by agent kind (a worker counts under each
+        kind it runs)."""
+        found: dict[str, tuple[int, int]] = {}
+        for session in self._sessions.values():
+            if session.detached:
+                continue
+            for kind in session.kinds:
+                capacity, free = found.get(kind, (0, 0))
+                found[kind] = (capacity + session.capacity, free + max(session.free, 0))
+        return found
+
+    @property
+    def waiting_count(self) -> int:
+        """Loops waiting for a worker with room."""
+        return len(self._waiting)
+
     def kinds_with_room(self) -> set[str]:
         """Agent kinds some attached worker has room for now."""
         return {
