@@ -121,6 +121,8 @@ async def test_an_unreachable_database_fails_writes_it_may_have_lost_then_recove
             await a.latest_event_id("c1")
         with pytest.raises(LogInterrupted):  # refused until the log end is read again
             a.submit_events([make_event("c1", 2)])
+        with pytest.raises(StoreUnavailable):  # the lease is kept, to be released later
+            await a.release("c1", keep_running=False)
     finally:
         postgres.start()
     assert not a.failed  # the store itself goes on
@@ -128,6 +130,8 @@ async def test_an_unreachable_database_fails_writes_it_may_have_lost_then_recove
     a.clear_log_failure("c1")
     await a.append_events([make_event("c1", latest + 1)])
     assert [e.id for e in await a.read_events("c1", 0)] == list(range(latest + 2))
+    assert await a.release("c1", keep_running=False)  # still held: released now
+    assert await a.owner_of("c1") is None
 
 
 async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> None:

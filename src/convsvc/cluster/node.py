@@ -67,6 +67,8 @@ class ClusterNode:
         self.address = address
         self._limit = limit
         self._readopt: set[str] = set()
+        self._pending_releases: dict[str, bool] = {}
+        """Leases of loops that ended here but could not be released yet (keep_running)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._set_serving: SetServing | None = None
         self._evict_remote: EvictRemote | None = None
@@ -150,7 +152,18 @@ class ClusterNode:
         await self._store.stop_orphan(conversation_id)
 
     async def release(self, conversation_id: str, *, keep_running: bool) -> None:
-        await self._store.release(conversation_id, keep_running=keep_running)
+        try:
+            await self._store.release(conversation_id, keep_running=keep_running)
+        except StorageError as exc:
+            # The loop has ended here; until the lease says so, this node must not take the
+            # conversation up again (a closed one would come back). Retried by the scan.
+            self._pending_releases[conversation_id] = keep_running
+            log.warning("cluster.release_deferred", conversation_id=conversation_id, error=str(exc))
+
+    async def _retry_releases(self) -> None:
+        for cid, keep_running in list(self._pending_releases.items()):
+            await self._store.release(cid, keep_running=keep_running)
+            del self._pending_releases[cid]
 
     def lost(self, conversation_id: str, *, readopt: bool) -> None:
         self._store.forget_lease(conversation_id)
@@ -201,6 +214,7 @@ class ClusterNode:
 
     async def take_over_orphans(self) -> int:
         """Claims running conversations nobody runs; returns how many this node took."""
+        await self._retry_releases()
         records = await self._store.orphans(self._config.takeover_batch)
         for cid in list(self._readopt):
             # Tried once more: if another node owns it now, or it stopped, that is final.
@@ -245,6 +259,8 @@ class ClusterNode:
 
     async def adopt(self, conversation_id: str) -> None:
         """Takes over one conversation whose owner is gone, at a caller's request."""
+        if conversation_id in self._pending_releases:
+            return  # its loop ended here; the lease is released as soon as the database lets
         record = await self._store.get_conversation(conversation_id)
         if record is not None:
             await self._take_over(record)

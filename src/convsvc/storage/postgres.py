@@ -454,7 +454,7 @@ class PostgresStore(GroupCommitStore):
         ``keep_running``: another node should take it over at once (drain, lost log);
         otherwise it is stopped. False when the lease had already moved on.
         """
-        epoch = self._epochs.pop(conversation_id, None)
+        epoch = self._epochs.get(conversation_id)
         if epoch is None:
             return False
         status = await self._run(
@@ -467,6 +467,8 @@ class PostgresStore(GroupCommitStore):
                 keep_running,
             )
         )
+        # Forgotten only once released: a release that failed can be tried again.
+        self._epochs.pop(conversation_id, None)
         return str(status).endswith(" 1")
 
     async def stop_orphan(self, conversation_id: str) -> None:
