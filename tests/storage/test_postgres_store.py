@@ -138,3 +138,11 @@ async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> 
     dsn = postgres.create_database()
     assert await migrate(dsn) == ["0001_cluster.sql"]
     assert await migrate(dsn) == []
+
+
+async def test_conversations_without_a_user_count_against_each_other(nodes: NodeFactory) -> None:
+    a = await nodes("a:1")
+    await a.claim(make_record("c1", None), address="a:1", limit=1)
+    await a.claim(make_record("mine", "alice"), address="a:1", limit=1)  # another user's
+    full = await a.claim(make_record("c2", None), address="a:1", limit=1)
+    assert full.epoch is None and [cid for cid, _ in full.victims] == ["c1"]

@@ -404,9 +404,15 @@ class PostgresStore(GroupCommitStore):
                 if take_over and not running:
                     return Claim(None, [])
                 if not running:
+                    # "= $1" (or IS NULL), not IS NOT DISTINCT FROM: only these use the index.
+                    same_user = (
+                        "user_id = $1"
+                        if record.user_id is not None
+                        else "$1::text IS NULL AND user_id IS NULL"
+                    )
                     count = await conn.fetchval(
-                        "SELECT count(*) FROM conversations WHERE running "
-                        "AND user_id IS NOT DISTINCT FROM $1 AND conversation_id <> $2",
+                        f"SELECT count(*) FROM conversations WHERE running AND {same_user} "
+                        "AND conversation_id <> $2",
                         record.user_id,
                         cid,
                     )
@@ -416,7 +422,7 @@ class PostgresStore(GroupCommitStore):
                             self._sql(
                                 "SELECT c.conversation_id, c.owner_node, c.owner_address, "
                                 f"{_OWNER_ALIVE} AS alive FROM conversations c "
-                                "WHERE c.user_id IS NOT DISTINCT FROM $1 AND c.running "
+                                f"WHERE c.running AND c.{same_user} "
                                 "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
                                 "c.conversation_id LIMIT $3"
                             ),
@@ -506,20 +512,31 @@ class PostgresStore(GroupCommitStore):
 
     async def orphans(self, limit: int) -> list[ConversationRecord]:
         """Running conversations whose owner is gone (or that were handed off)."""
-        rows = await self._run(
-            lambda conn: conn.fetch(
-                self._sql(
-                    "SELECT c.conversation_id, c.user_id, c.agent, c.settings, c.create_time, "
-                    "c.last_active_time FROM conversations c WHERE c.running AND "
-                    "(c.owner_node IS NULL OR c.owner_node IN (SELECT node_id FROM nodes "
-                    "WHERE heartbeat_at <= now() - make_interval(secs => $TTL) "
-                    "AND node_id <> $2)) LIMIT $1"
-                ),
-                limit,
-                self.node_id,
-            )
+        columns = (
+            "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
+            "FROM conversations WHERE running AND "
         )
-        return [_record(row) for row in rows]
+
+        async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            dead = [
+                row[0]
+                for row in await conn.fetch(
+                    self._sql(
+                        "SELECT node_id FROM nodes WHERE node_id <> $1 "
+                        "AND heartbeat_at <= now() - make_interval(secs => $TTL)"
+                    ),
+                    self.node_id,
+                )
+            ]
+            # Two lookups of the partial index on owner_node (an OR of them would scan).
+            rows = list(await conn.fetch(columns + "owner_node IS NULL LIMIT $1", limit))
+            if dead and len(rows) < limit:
+                rows += await conn.fetch(
+                    columns + "owner_node = ANY($1::text[]) LIMIT $2", dead, limit - len(rows)
+                )
+            return rows
+
+        return [_record(row) for row in await self._run(work)]
 
     async def running_for(
         self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()
