@@ -406,13 +406,13 @@ class PostgresStore(GroupCommitStore):
                 if not running:
                     # "= $1" (or IS NULL), not IS NOT DISTINCT FROM: only these use the index.
                     same_user = (
-                        "user_id = $1"
+                        "c.user_id = $1"
                         if record.user_id is not None
-                        else "$1::text IS NULL AND user_id IS NULL"
+                        else "$1::text IS NULL AND c.user_id IS NULL"
                     )
                     count = await conn.fetchval(
-                        f"SELECT count(*) FROM conversations WHERE running AND {same_user} "
-                        "AND conversation_id <> $2",
+                        f"SELECT count(*) FROM conversations c WHERE c.running AND {same_user} "
+                        "AND c.conversation_id <> $2",
                         record.user_id,
                         cid,
                     )
@@ -422,7 +422,7 @@ class PostgresStore(GroupCommitStore):
                             self._sql(
                                 "SELECT c.conversation_id, c.owner_node, c.owner_address, "
                                 f"{_OWNER_ALIVE} AS alive FROM conversations c "
-                                f"WHERE c.running AND c.{same_user} "
+                                f"WHERE c.running AND {same_user} "
                                 "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
                                 "c.conversation_id LIMIT $3"
                             ),
