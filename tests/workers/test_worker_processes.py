@@ -46,16 +46,28 @@ async def send(stub: pb_grpc.ConversationServiceStub, cid: str, text: str) -> in
     return int(response.event_id)
 
 
+async def worker_running_c1(
+    app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+    first: str,
+) -> WorkerProcess:
+    """Worker w1 attached and running conversation c1, which has echoed ``first``."""
+    assert app.server is not None
+    worker = start_worker(app.server.address, "w1")
+    await attached(app, "w1")
+    await start(stub, "c1", first)
+    await grpc_events_until(stub, "c1", echo_of(first), timeout=30)
+    return worker
+
+
 async def test_a_worker_runs_a_conversation_end_to_end(
     worker_app: ConvsvcApp,
     stub: pb_grpc.ConversationServiceStub,
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "first")
-    await grpc_events_until(stub, "c1", echo_of("first"), timeout=30)
+    await worker_running_c1(worker_app, stub, start_worker, "first")
     event_id = await send(stub, "c1", "second")
     echoed = echo_of("second")
     waiting = agent_state_is("awaiting_user_input")
@@ -80,10 +92,7 @@ async def test_a_killed_worker_s_conversation_continues_on_another(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    first = start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "before")
-    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    first = await worker_running_c1(worker_app, stub, start_worker, "before")
     assert worker_app.workers.holder("c1") == "w1"
     start_worker(worker_app.server.address, "w2")
     await attached(worker_app, "w2")
@@ -104,10 +113,7 @@ async def test_a_killed_conversation_process_is_started_again(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    worker = start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "one")
-    await grpc_events_until(stub, "c1", echo_of("one"), timeout=30)
+    worker = await worker_running_c1(worker_app, stub, start_worker, "one")
     [pid] = worker.conversation_pids()
     assignment = worker_app.workers._sessions["w1"].loops["c1"].assignment
 
@@ -152,10 +158,7 @@ async def test_close_stops_the_loop_on_its_worker_before_logging_stopped(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    worker = start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "hello")
-    await grpc_events_until(stub, "c1", echo_of("hello"), timeout=30)
+    worker = await worker_running_c1(worker_app, stub, start_worker, "hello")
     await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
     page = await stub.SearchEvents(pb.SearchEventsRequest(conversation_id="c1", page_size=100))
     last = page.events[-1]
@@ -323,10 +326,7 @@ async def test_a_worker_whose_zygote_dies_exits_and_its_conversations_move(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    broken = start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "before")
-    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    broken = await worker_running_c1(worker_app, stub, start_worker, "before")
     start_worker(worker_app.server.address, "w2")
     await attached(worker_app, "w2")
     [zygote] = children_of(broken.process.pid)
@@ -346,10 +346,7 @@ async def test_a_worker_stopped_with_sigterm_hands_its_conversations_over(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     assert worker_app.server is not None
-    leaving = start_worker(worker_app.server.address, "w1")
-    await attached(worker_app, "w1")
-    await start(stub, "c1", "before")
-    await grpc_events_until(stub, "c1", echo_of("before"), timeout=30)
+    leaving = await worker_running_c1(worker_app, stub, start_worker, "before")
     [conversation_pid] = leaving.conversation_pids()
     start_worker(worker_app.server.address, "w2")
     await attached(worker_app, "w2")

@@ -443,13 +443,9 @@ async def test_a_worker_that_reads_nothing_is_detached_over_grpc(tmp_path: Path)
             worker.close()
 
 
-async def test_a_completion_error_from_the_worker_is_a_clear_status(
-    worker_app: ConvsvcApp,
-    stub: pb_grpc.ConversationServiceStub,
-    scripted: Callable[..., ScriptedWorker],
-) -> None:
-    worker, assign = await assigned_worker(worker_app, stub, scripted)
-    asking = asyncio.ensure_future(
+def ask_completion(stub: pb_grpc.ConversationServiceStub) -> asyncio.Future[Any]:
+    """A CompleteWithAgentLlm call on c1, left running while the worker is scripted."""
+    return asyncio.ensure_future(
         stub.CompleteWithAgentLlm(
             pb.CompleteWithAgentLlmRequest(
                 conversation_id="c1", messages=[dict_to_struct({"role": "user", "content": "x"})]
@@ -457,6 +453,15 @@ async def test_a_completion_error_from_the_worker_is_a_clear_status(
             timeout=10,
         )
     )
+
+
+async def test_a_completion_error_from_the_worker_is_a_clear_status(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    asking = ask_completion(stub)
     request = await worker.receive("completion")
     worker.send(
         wpb.AttachRequest(
@@ -481,14 +486,7 @@ async def test_a_completion_in_flight_when_the_worker_dies_answers_unavailable(
     scripted: Callable[..., ScriptedWorker],
 ) -> None:
     worker, _ = await assigned_worker(worker_app, stub, scripted)
-    asking = asyncio.ensure_future(
-        stub.CompleteWithAgentLlm(
-            pb.CompleteWithAgentLlmRequest(
-                conversation_id="c1", messages=[dict_to_struct({"role": "user", "content": "x"})]
-            ),
-            timeout=10,
-        )
-    )
+    asking = ask_completion(stub)
     await worker.receive("completion")
     worker.close()  # the worker goes away without answering
     with pytest.raises(grpc.aio.AioRpcError) as caught:
