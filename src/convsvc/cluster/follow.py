@@ -94,11 +94,10 @@ class Followers:
                 await asyncio.sleep(_RETRY_SECONDS)
         follower.started.set()
         while True:
-            latest_here = self._engine.latest_here(cid)
+            latest_here = await self._engine.while_here(cid)
             if latest_here is not None:
-                # This node runs it and publishes its events itself.
+                # The loop ran here (its events reached subscribers directly) and has left.
                 follower.next_id = max(follower.next_id, latest_here + 1)
-                await asyncio.sleep(_RETRY_SECONDS)
                 continue
             try:
                 owner = await self._store.owner_of(cid)

@@ -462,10 +462,15 @@ class ConversationEngine:
         runtime = self._runtimes.get(conversation_id)
         return runtime is not None and not runtime.closing
 
-    def latest_here(self, conversation_id: str) -> int | None:
-        """The newest event id this node committed for a loop it runs."""
+    async def while_here(self, conversation_id: str) -> int | None:
+        """Waits while this node runs the conversation's loop (it publishes the events
+        itself meanwhile); returns the newest id it committed, or None when it does not run
+        here."""
         runtime = self._runtimes.get(conversation_id)
-        return runtime.latest_event_id if runtime is not None else None
+        if runtime is None:
+            return None
+        await runtime.closed.wait()
+        return runtime.latest_event_id
 
     def publish_followed(self, conversation_id: str, items: Sequence[StreamItem]) -> None:
         """Fans out events another node committed (see cluster.follow) to local streams."""
