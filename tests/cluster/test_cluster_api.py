@@ -161,3 +161,30 @@ async def test_nodes_forward_with_the_shared_service_token(
         grpc.StatusCode.UNAUTHENTICATED,
         "UNAUTHENTICATED",
     )
+
+
+async def test_joins_racing_on_one_id_through_every_node_get_one_conversation(
+    cluster: Callable[..., Cluster],
+) -> None:
+    nodes = cluster(3).nodes
+    for round_ in range(5):
+        cid = f"race-{round_}"
+        joins = [
+            node.stub.JoinConversation(
+                pb.JoinConversationRequest(
+                    conversation_id=cid, connection_id=f"tab-{round_}-{n}", user_id="alice"
+                )
+            )
+            for n, node in enumerate(nodes * 2)
+        ]
+        answers = await asyncio.gather(*joins)
+        assert {a.conversation.conversation_id for a in answers} == {cid}
+        log = await grpc_events_until(
+            nodes[0].stub, cid, lambda p: len(ids(p)) >= 2, user_id="alice"
+        )
+        states = [p["extras"]["agent_state"] for p in log if "extras" in p]
+        assert states.count("loading") == 1  # started once, by one owner
+        listed = await nodes[2].stub.ListConnections(
+            pb.ListConnectionsRequest(conversation_ids=[cid])
+        )
+        assert len(listed.connections) == 6

@@ -14,6 +14,7 @@ from typing import Any
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.routing import EVICT, FOLLOW, FORWARDED, Router, header
 from convsvc.engine import ConversationEngine, validation
+from convsvc.errors import Unavailable
 from convsvc.transport.convert import conversation_to_pb, stream_items_to_bytes
 from convsvc.transport.servicer import Context, ConversationServicer
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -30,7 +31,16 @@ class ClusteredServicer(ConversationServicer):
     async def _routed(self, method: str, request: Any, context: Context, local: Local) -> Any:
         owner = await self._router.destination(method, request, context)
         if owner is None:
-            return await local(request, context)
+            try:
+                return await local(request, context)
+            except Unavailable as exc:
+                # Another node claimed it between the lookup and this node's claim (two
+                # joins racing through two nodes): the caller gets that node's answer.
+                if exc.reason != "OWNER_MOVED" or header(context, FORWARDED) is not None:
+                    raise
+                owner = await self._router.destination(method, request, context)
+                if owner is None:
+                    raise
         return await self._router.forward(method, request, context, owner)
 
     async def StartConversation(self, request: Any, context: Context) -> Any:
