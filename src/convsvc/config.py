@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convsvc.domain import AdmissionPolicy
+
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 """Room in a response for what is not event bytes (framing, page token, status update)."""
 
@@ -22,7 +24,16 @@ class EngineConfig(BaseModel):
     model_config = {"frozen": True}
 
     max_concurrent_conversations: int = Field(3, ge=1)
-    """Running conversations per user; a new start closes the least recently active."""
+    """Running conversations per user; what a start does at the limit is its admission
+    policy (by default, OpenHands': the least recently active loops stop)."""
+    admission_policy: AdmissionPolicy = AdmissionPolicy.EVICT_OLDEST
+    """The policy of starts (and joins) that do not name one."""
+    queue_timeout_seconds: float = Field(300.0, gt=0)
+    """The longest a start waits in the admission queue (a shorter call deadline wins)."""
+    watch_history: int = Field(10_000, ge=16)
+    """Conversation changes kept so that watchers can resume after a reconnect."""
+    watch_max_lag: int = Field(5_000, ge=1)
+    """Changes a watcher may fall behind before it is dropped (it then resumes)."""
     close_delay_seconds: float = Field(3600.0, ge=0)
     """Idle time after which a loop that is not running and has no connection is closed."""
     cleanup_interval_seconds: float = Field(15.0, gt=0)
@@ -44,6 +55,15 @@ class EngineConfig(BaseModel):
     default_page_size: int = 100
     max_page_size: int = 1000
     max_stream_batch: int = 1000
+
+    @model_validator(mode="after")
+    def _watchers_resume_within_the_history(self) -> EngineConfig:
+        if self.watch_max_lag >= self.watch_history:
+            raise ValueError(
+                "CONVSVC_ENGINE__WATCH_MAX_LAG must be below CONVSVC_ENGINE__WATCH_HISTORY, "
+                "so that a dropped watcher can resume"
+            )
+        return self
 
 
 class WorkersConfig(BaseModel):

@@ -16,6 +16,21 @@ class ConversationStatus(enum.StrEnum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     STOPPED = "STOPPED"
+    QUEUED = "QUEUED"
+    """Not OpenHands': a start waiting for a free slot under the per-user limit."""
+
+
+class AdmissionPolicy(enum.StrEnum):
+    """What a start does when its user already runs as many conversations as allowed."""
+
+    EVICT_OLDEST = "evict_oldest"
+    """OpenHands' behaviour: the least recently active loops stop to make room."""
+    EVICT_IDLE_ONLY = "evict_idle_only"
+    """Like EVICT_OLDEST, but a loop whose agent is running is never stopped."""
+    REJECT = "reject"
+    """Nothing is stopped; the start fails."""
+    QUEUE = "queue"
+    """The start waits for one of the user's loops to stop."""
 
 
 class EventKind(enum.StrEnum):
@@ -58,6 +73,8 @@ class ConversationView:
     create_time: datetime
     last_active_time: datetime
     connection_count: int
+    queue_position: int = 0
+    """For a QUEUED start: 1 for the next to run; otherwise 0."""
 
 
 @dataclass(slots=True, frozen=True)

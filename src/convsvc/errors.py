@@ -78,3 +78,9 @@ class Unauthenticated(ConvsvcError):
     """The call lacks valid credentials."""
 
     reason = "UNAUTHENTICATED"
+
+
+class Unimplemented(ConvsvcError):
+    """The server does not offer this (in this mode)."""
+
+    reason = "NOT_SUPPORTED"

@@ -25,6 +25,7 @@ from convsvc.engine.paging import decode_token, encode_token
 from convsvc.errors import ConvsvcError, Unavailable
 from convsvc.storage.postgres import Owner, PostgresStore
 from convsvc.transport.convert import connection_to_pb, conversation_to_pb
+from convsvc.transport.status import RelayedStatus
 from convsvc.v1 import conversation_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -157,8 +158,8 @@ class Router:
     async def forward(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, owner: Owner
     ) -> bytes:
-        """Sends the call to its owner and returns the owner's answer, or aborts with the
-        owner's status (its ErrorInfo included)."""
+        """Sends the call to its owner and returns the owner's answer, or raises the owner's
+        status (its ErrorInfo included) as RelayedStatus."""
         assert owner.address is not None
         call = self.channel(owner.address).unary_unary(
             f"/{pb.DESCRIPTOR.services_by_name['ConversationService'].full_name}/{method}",
@@ -186,8 +187,7 @@ class Router:
                     reason="OWNER_UNREACHABLE",
                     metadata={"owner_address": owner.address},
                 ) from None
-            await context.abort(exc.code(), exc.details() or "", trailing_metadata=trailing)
-            raise  # unreachable: abort raises
+            raise RelayedStatus(exc.code(), exc.details() or "", trailing) from None
 
     async def evict_remote(self, conversation_id: str, owner: Owner) -> None:
         """Asks a conversation's owner to stop it to make room under the per-user limit."""

@@ -14,8 +14,9 @@ from typing import Any
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.routing import EVICT, FOLLOW, FORWARDED, Router, header
 from convsvc.engine import ConversationEngine, validation
-from convsvc.errors import Unavailable
-from convsvc.transport.convert import conversation_to_pb, stream_items_to_bytes
+from convsvc.engine.subscriptions import StreamItem
+from convsvc.errors import Unavailable, Unimplemented
+from convsvc.transport.convert import conversation_to_pb
 from convsvc.transport.servicer import Context, ConversationServicer
 from convsvc.v1 import conversation_service_pb2 as pb
 
@@ -88,7 +89,7 @@ class ClusteredServicer(ConversationServicer):
     async def Heartbeat(self, request: Any, context: Context) -> Any:
         return await self._router.heartbeat(request)
 
-    async def StreamEvents(self, request: Any, context: Context) -> AsyncIterator[bytes]:
+    async def stream_items(self, request: Any, context: Context) -> AsyncIterator[list[StreamItem]]:
         if header(context, FOLLOW) is not None:
             stream = self._engine.stream_events(
                 conversation_id=request.conversation_id,
@@ -98,10 +99,17 @@ class ClusteredServicer(ConversationServicer):
                 owner_only=True,
             )
             async for items in stream:
-                for message in stream_items_to_bytes(items):
-                    yield message
+                yield items
             return
         cid = validation.check_id("conversation_id", request.conversation_id)
         async with self._followers.following(cid):
-            async for message in super().StreamEvents(request, context):
-                yield message
+            async for items in super().stream_items(request, context):
+                yield items
+
+    async def WatchConversations(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        raise Unimplemented(
+            "WatchConversations is not available in clustered mode yet: it would only see "
+            "the conversations of the node it reaches. Poll ListConversations instead.",
+            reason="WATCH_NOT_SUPPORTED_IN_CLUSTER",
+        )
+        yield  # an async generator, as a streaming method is

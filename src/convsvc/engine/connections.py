@@ -49,6 +49,9 @@ class ConnectionRegistry:
             if (removed := self.remove(connection_id)) is not None
         ]
 
+    def ids_for(self, conversation_id: str) -> tuple[str, ...]:
+        return tuple(sorted(self._by_conversation.get(conversation_id, ())))
+
     def count_for_conversation(self, conversation_id: str) -> int:
         return len(self._by_conversation.get(conversation_id, ()))
 

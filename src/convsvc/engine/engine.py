@@ -30,6 +30,7 @@ from convsvc.agents import AgentLoop, agent_state_changed
 from convsvc.codec import encode_event
 from convsvc.config import EngineConfig
 from convsvc.domain import (
+    AdmissionPolicy,
     Connection,
     ConversationRecord,
     ConversationStatus,
@@ -42,6 +43,12 @@ from convsvc.domain import (
     StoredEvent,
 )
 from convsvc.engine import validation
+from convsvc.engine.admission import (
+    AdmissionQueues,
+    QueuedStart,
+    Reservation,
+    victims_for,
+)
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.idempotency import RequestKey, RequestLedger
 from convsvc.engine.membership import Membership
@@ -55,6 +62,7 @@ from convsvc.engine.runtime import (
 )
 from convsvc.engine.secrets import storable_settings
 from convsvc.engine.subscriptions import Broadcaster, StreamItem, SubscriberTooSlow
+from convsvc.engine.watch import ChangeFeed, ChangeKind, WatchedConversation, WatchUpdate
 from convsvc.errors import (
     AlreadyExists,
     ConvsvcError,
@@ -63,6 +71,7 @@ from convsvc.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    Unimplemented,
 )
 from convsvc.storage import (
     ConversationLogError,
@@ -126,6 +135,8 @@ class ConversationEngine:
             config.subscriber_buffer_events, config.subscriber_buffer_bytes
         )
         self._ledger = RequestLedger(store)
+        self._changes = ChangeFeed(config.watch_history, config.watch_max_lag)
+        self._admission = AdmissionQueues(self._room, self._queue_moved)
         self._start_guards: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cleanup_task: asyncio.Task[None] | None = None
@@ -137,6 +148,7 @@ class ConversationEngine:
             self._append_numbered,
             self._read_history,
             self._publish_status,
+            self._now_running,
         )
         store.set_commit_listener(self._on_commit)
 
@@ -153,12 +165,12 @@ class ConversationEngine:
     def end_streams(self) -> None:
         """Ends every event stream with UNAVAILABLE so clients resume elsewhere (shutdown)."""
         self._stopping = True
-        self._broadcaster.fail_all(
-            Unavailable(
-                "the server is shutting down; resume the stream on another server or later",
-                reason="SHUTTING_DOWN",
-            )
+        shutting_down = Unavailable(
+            "the server is shutting down; resume the stream on another server or later",
+            reason="SHUTTING_DOWN",
         )
+        self._broadcaster.fail_all(shutting_down)
+        self._changes.end(shutting_down)
 
     async def stop(self) -> None:
         """Ends streams, stops cleanup and closes every loop; the store's owner flushes it."""
@@ -193,9 +205,11 @@ class ConversationEngine:
         initial_user_message: JsonObject | None = None,
         replay_events: Sequence[JsonObject] = (),
         request_id: str = "",
+        admission_policy: AdmissionPolicy | None = None,
     ) -> ConversationView:
         """Starts a loop, or returns the running one (idempotent)."""
         user = validation.check_user_id(user_id)
+        policy = self._policy(admission_policy)
         cid = validation.check_optional_id("conversation_id", conversation_id)
         agent_name = self._check_agent(agent)
         settings = settings or {}
@@ -213,7 +227,7 @@ class ConversationEngine:
         started: list[ConversationRuntime] = []
 
         async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
-            runtime, stored = await self._start(
+            runtime, stored = await self._admitted_start(
                 cid or uuid.uuid4().hex,
                 user,
                 agent_name,
@@ -221,6 +235,7 @@ class ConversationEngine:
                 first_events,
                 key,
                 start_request,
+                policy,
             )
             started.append(runtime)
             return {"conversation_id": runtime.conversation_id}, stored
@@ -229,6 +244,123 @@ class ConversationEngine:
         if started and not started[0].closing:
             return self._view(started[0])
         return await self.get_conversation(result["conversation_id"], user_id)
+
+    def _policy(self, requested: AdmissionPolicy | None) -> AdmissionPolicy:
+        policy = requested or self._config.admission_policy
+        if self._membership is not None and policy is not AdmissionPolicy.EVICT_OLDEST:
+            raise Unimplemented(
+                f"admission policy {policy.value} is not available in clustered mode "
+                "(only evict_oldest is)",
+                reason="ADMISSION_POLICY_NOT_SUPPORTED",
+                metadata={"field": "admission_policy"},
+            )
+        return policy
+
+    async def _admitted_start(
+        self,
+        cid: str,
+        user: str | None,
+        agent_name: str,
+        settings: JsonObject,
+        first_events: list[JsonObject],
+        key: RequestKey | None,
+        start_request: StartRequest | None,
+        policy: AdmissionPolicy,
+    ) -> tuple[ConversationRuntime, bool]:
+        """``_start`` under an admission policy: a ``queue`` start first waits for room."""
+        reservation = None
+        if policy is AdmissionPolicy.QUEUE and not self.runs_here(cid):
+            reservation = await self._wait_for_room(cid, user, agent_name)
+        try:
+            return await self._start(
+                cid,
+                user,
+                agent_name,
+                settings,
+                first_events,
+                key,
+                start_request,
+                policy=policy,
+                reservation=reservation,
+            )
+        finally:
+            self._admission.release(reservation)
+
+    async def _wait_for_room(
+        self, cid: str, user: str | None, agent_name: str
+    ) -> Reservation | None:
+        """Queues the start when its user has no room (or others wait already), until it
+        is first and there is room; None when it need not wait."""
+        already = self._admission.queued(cid)
+        if already is not None:
+            # The same conversation waits already: this start goes in with it.
+            self._check_owner_id(cid, already.user_id, user)
+            await already.left.wait()
+            return None
+        stored = await self._store.get_conversation(cid)
+        if stored is not None:
+            self._check_owner(stored, user)
+            user = stored.user_id
+        if not self._admission.must_wait(user) or self.runs_here(cid):
+            return None
+        if (already := self._admission.queued(cid)) is not None:  # queued while we read
+            await already.left.wait()
+            return None
+        entry = QueuedStart(
+            conversation_id=cid,
+            user_id=user,
+            agent=agent_name,
+            create_time=stored.create_time if stored is not None else datetime.now(UTC),
+            latest_event_id=await self._store.latest_event_id(cid) if stored else -1,
+            is_new=stored is None,
+        )
+        if self.runs_here(cid) or self._admission.queued(cid) is not None:
+            return None  # started or queued by another call while the log end was read
+        self._admission.enqueue(entry)
+        self._publish_queued(
+            entry, ChangeKind.CREATED if entry.is_new else ChangeKind.STATUS_CHANGED
+        )
+        log.info("conversation.queued", conversation_id=cid, user_id=user)
+        admitted = False
+        try:
+            reservation = await self._admission.wait(entry, self._config.queue_timeout_seconds)
+            admitted = True
+            return reservation
+        finally:
+            if not admitted:
+                self._publish_queued(entry, ChangeKind.CLOSED)
+
+    def _room(self, user: str | None) -> int:
+        """How many more loops the user may run now (closing ones still count)."""
+        return self._config.max_concurrent_conversations - len(self._by_user.get(user, ()))
+
+    def _queue_moved(self, entry: QueuedStart, position: int) -> None:
+        self._publish_queued(entry, ChangeKind.QUEUE_POSITION_CHANGED, position)
+
+    def _queued_view(self, entry: QueuedStart, position: int | None = None) -> ConversationView:
+        return ConversationView(
+            conversation_id=entry.conversation_id,
+            user_id=entry.user_id,
+            agent=entry.agent,
+            status=ConversationStatus.QUEUED if position != 0 else ConversationStatus.STOPPED,
+            agent_state="",
+            latest_event_id=entry.latest_event_id,
+            create_time=entry.create_time,
+            last_active_time=entry.create_time,
+            connection_count=0,
+            queue_position=self._admission.position(entry) if position is None else position,
+        )
+
+    def _publish_queued(
+        self, entry: QueuedStart, kind: ChangeKind, position: int | None = None
+    ) -> None:
+        if kind is ChangeKind.CLOSED:
+            position = 0
+        self._changes.publish(kind, WatchedConversation(self._queued_view(entry, position), ()))
+
+    def _check_owner_id(self, cid: str, owner: str | None, user: str | None) -> None:
+        if user is not None and owner != user:
+            raise self._not_found(cid)
 
     def _check_agent(self, agent: str) -> str:
         if not agent:
@@ -294,6 +426,8 @@ class ConversationEngine:
         start_request: StartRequest | None = None,
         *,
         take_over: bool = False,
+        policy: AdmissionPolicy | None = None,
+        reservation: Reservation | None = None,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid`` (started if needed) and whether the request id's
         answer was stored with the start."""
@@ -332,6 +466,9 @@ class ConversationEngine:
                 raise
             # From here to the end of the block nothing awaits: admission, evictions,
             # registration and the queueing of the start's writes happen in one step.
+            victims = self._victims(
+                record.user_id, policy or self._config.admission_policy, reservation
+            )
             self._store.clear_log_failure(cid)  # the end of the log was just read again
             runtime = ConversationRuntime(
                 record,
@@ -344,7 +481,7 @@ class ConversationEngine:
             )
             if runtime.agent.numbers_own_events:
                 first_events = []  # the loop logs them itself, numbered as it goes
-            victims = self._admit(runtime)
+            self._register(runtime, victims)
             try:
                 saved = self._store.submit_conversation(
                     record, key.record({"conversation_id": cid}) if key else None
@@ -359,29 +496,45 @@ class ConversationEngine:
                 self._unregister(runtime)
                 runtime.mark_closed()
                 raise
+            self._admission.release(reservation)  # the loop now counts itself
+            queued = reservation is not None
+            self._publish_change(
+                runtime,
+                ChangeKind.CREATED if stored is None and not queued else ChangeKind.STATUS_CHANGED,
+            )
             runtime.start_task = self._spawn(
                 self._finish_start(runtime, victims, saved, durable), f"start:{cid}"
             )
         await asyncio.shield(runtime.start_task)
         return runtime, True
 
-    def _admit(self, runtime: ConversationRuntime) -> list[ConversationRuntime]:
-        """Registers a new runtime, first closing the owner's least recently active loops
-        beyond the per-user limit; returns those (each told why, exactly once)."""
-        victims: list[ConversationRuntime] = []
-        if self._membership is None:  # in a cluster, the claim kept the limit
-            limit = self._config.max_concurrent_conversations
-            user = runtime.record.user_id
-            mine = [
-                rt for cid in self._by_user.get(user, ()) if not (rt := self._runtimes[cid]).closing
-            ]
-            mine.sort(key=lambda rt: rt.last_active)
-            victims = mine[: max(len(mine) - limit + 1, 0)]
-            for victim in victims:
-                self._evict(victim)
+    def _victims(
+        self, user: str | None, policy: AdmissionPolicy, reservation: Reservation | None
+    ) -> list[ConversationRuntime]:
+        """The user's loops a new one must stop to stay under the per-user limit, as the
+        admission policy allows (raises TooManyConversations when it does not)."""
+        if self._membership is not None:  # in a cluster, the claim kept the limit
+            return []
+        mine = [
+            rt for cid in self._by_user.get(user, ()) if not (rt := self._runtimes[cid]).closing
+        ]
+        others_reserved = self._admission.reserved(user) - (1 if reservation else 0)
+        chosen = set(
+            victims_for(
+                policy,
+                self._config.max_concurrent_conversations,
+                [(rt.conversation_id, rt.last_active, rt.agent_state) for rt in mine],
+                max(others_reserved, 0),
+            )
+        )
+        return [rt for rt in mine if rt.conversation_id in chosen]
+
+    def _register(self, runtime: ConversationRuntime, victims: list[ConversationRuntime]) -> None:
+        """Registers a new runtime, closing ``victims`` first (each told why, exactly once)."""
+        for victim in victims:
+            self._evict(victim)
         self._runtimes[runtime.conversation_id] = runtime
         self._by_user[runtime.record.user_id].add(runtime.conversation_id)
-        return victims
 
     def _unregister(self, runtime: ConversationRuntime) -> None:
         cid = runtime.conversation_id
@@ -391,6 +544,7 @@ class ConversationEngine:
             mine.discard(cid)
             if not mine:
                 del self._by_user[runtime.record.user_id]
+            self._admission.room_freed(runtime.record.user_id)
 
     def _evict(self, victim: ConversationRuntime) -> asyncio.Task[None]:
         """Closes a loop to make room under the per-user limit, telling its viewers why."""
@@ -449,6 +603,7 @@ class ConversationEngine:
             runtime = self._runtimes.get(connection.conversation_id)
             if runtime is not None and not runtime.closing:
                 self._connections.add(connection, now)
+                self._connections_changed(connection.conversation_id)
 
     def local_connection(self, connection_id: str) -> Connection | None:
         return self._connections.get(connection_id)
@@ -534,9 +689,11 @@ class ConversationEngine:
             user, request_id, "JoinConversation", {"c": cid, "n": conn_id, "i": instance}
         )
 
+        policy = self._policy(None)
+
         async def operation(key: RequestKey | None) -> tuple[JsonObject, bool]:
-            runtime, _ = await self._start(
-                cid, user, self._config.default_agent, settings, [], None
+            runtime, _ = await self._admitted_start(
+                cid, user, self._config.default_agent, settings, [], None, None, policy
             )
             # No await from here on: a close marks the runtime closing and drops its
             # connections in one step, so a connection is never left on a closed loop.
@@ -556,6 +713,9 @@ class ConversationEngine:
             connection = Connection(conn_id, cid, user, instance)
             self._connections.add(connection, self._clock())
             self._touch(runtime)
+            if held is not None and held.conversation_id != cid:
+                self._connections_changed(held.conversation_id)
+            self._connections_changed(cid)
             if self._membership is not None:
                 await self._membership.connection_added(connection)
             return {"conversation_id": cid, "connection_id": conn_id}, False
@@ -667,6 +827,7 @@ class ConversationEngine:
             runtime = self._runtimes.get(connection.conversation_id)
             if runtime is not None:
                 self._touch(runtime)  # idle cleanup counts from the last viewer leaving
+            self._connections_changed(connection.conversation_id)
             if self._membership is not None:
                 await self._membership.connections_removed([conn_id])
             log.info(
@@ -711,6 +872,7 @@ class ConversationEngine:
         if runtime.close_task is None:
             runtime.begin_close()
             dropped = self._connections.remove_conversation(runtime.conversation_id)
+            self._publish_change(runtime, ChangeKind.CLOSED)
             runtime.close_task = self._spawn(
                 self._close_sequence(
                     runtime, graceful, hand_off, [c.connection_id for c in dropped]
@@ -777,6 +939,9 @@ class ConversationEngine:
         if runtime is not None:
             self._check_owner(runtime.record, user)
             return self._view(runtime)
+        if (queued := self._admission.queued(cid)) is not None:
+            self._check_owner_id(cid, queued.user_id, user)
+            return self._queued_view(queued)
         record = await self._store.get_conversation(cid)
         if record is None:
             raise self._not_found(cid)
@@ -996,6 +1161,45 @@ class ConversationEngine:
                 yield page.events
             next_id = page.next_id
 
+    async def watch_conversations(
+        self,
+        *,
+        user_id: str = "",
+        conversation_ids: Sequence[str] = (),
+        resume_token: str = "",
+    ) -> AsyncIterator[WatchUpdate]:
+        """A snapshot of the matching queued, starting and running conversations (or, with
+        a token this feed can resume from, none), then every matching change."""
+        user = validation.check_user_id(user_id)
+        wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
+        if self._stopping:
+            raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+
+        def matches(watched: WatchedConversation) -> bool:
+            view = watched.view
+            return (user is None or view.user_id == user) and (
+                not wanted or view.conversation_id in wanted
+            )
+
+        seq = self._changes.resumable_seq(resume_token) if resume_token else None
+        if seq is None:
+            # Taken in one step with the feed's position: no change falls between them.
+            seq = self._changes.last_seq
+            snapshot = [
+                watched
+                for runtime in self._runtimes.values()
+                if not runtime.closing and matches(watched := self._watched(runtime))
+            ]
+            snapshot += [
+                watched
+                for entry in self._admission.all_queued()
+                if matches(watched := WatchedConversation(self._queued_view(entry), ()))
+            ]
+            snapshot.sort(key=lambda w: w.view.conversation_id)
+            yield WatchUpdate(snapshot, (), self._changes.token(seq))
+        async for update in self._changes.changes_after(seq, matches):
+            yield update
+
     def heartbeat(self, client_instance_id: str) -> tuple[int, float]:
         """Keeps an instance's connections alive; returns (connections, ttl seconds)."""
         instance = validation.check_id("client_instance_id", client_instance_id)
@@ -1014,6 +1218,8 @@ class ConversationEngine:
             for instance in await self._membership.instances_alive(silent, ttl):
                 self._connections.heartbeat(instance, now)
         expired = self._connections.expire_instances(now, ttl)
+        for cid in sorted({c.conversation_id for c in expired}):
+            self._connections_changed(cid)
         if self._membership is not None and expired:
             await self._membership.connections_removed([c.connection_id for c in expired])
         for connection in expired:
@@ -1196,7 +1402,11 @@ class ConversationEngine:
             runtime.latest_event_id = event.id
             if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
                 extras = event.payload.get("extras") or {}
-                runtime.agent_state = str(extras.get("agent_state", runtime.agent_state))
+                state = str(extras.get("agent_state", runtime.agent_state))
+                if state != runtime.agent_state:
+                    runtime.agent_state = state
+                    if not runtime.closing:
+                        self._publish_change(runtime, ChangeKind.AGENT_STATE_CHANGED)
         for cid, stored in by_conversation.items():
             self._broadcaster.publish(cid, stored)
 
@@ -1273,6 +1483,23 @@ class ConversationEngine:
             last_active_time=runtime.last_active_time,
             connection_count=self._connections.count_for_conversation(record.conversation_id),
         )
+
+    def _watched(self, runtime: ConversationRuntime) -> WatchedConversation:
+        cid = runtime.conversation_id
+        return WatchedConversation(self._view(runtime), self._connections.ids_for(cid))
+
+    def _publish_change(self, runtime: ConversationRuntime, kind: ChangeKind) -> None:
+        self._changes.publish(kind, self._watched(runtime))
+
+    def _connections_changed(self, conversation_id: str) -> None:
+        runtime = self._runtimes.get(conversation_id)
+        if runtime is not None and not runtime.closing:
+            self._publish_change(runtime, ChangeKind.CONNECTIONS_CHANGED)
+
+    def _now_running(self, runtime: ConversationRuntime) -> None:
+        """LogAccess.running: the loop finished starting."""
+        if not runtime.closing:
+            self._publish_change(runtime, ChangeKind.STATUS_CHANGED)
 
     @property
     def running_count(self) -> int:

@@ -43,6 +43,7 @@ AppendNumbered = Callable[
 ]
 ReadHistory = Callable[["ConversationRuntime", int], AsyncIterator[list[StoredEvent]]]
 PublishStatus = Callable[["ConversationRuntime", JsonObject], None]
+Running = Callable[["ConversationRuntime"], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class LogAccess:
     append_numbered: AppendNumbered
     read_history: ReadHistory
     publish_status: PublishStatus
+    running: Running
+    """Told once the loop has started and runs."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,7 @@ class ConversationRuntime:
                 await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
             if self.phase is Phase.STARTING:
                 self.phase = Phase.RUNNING
+                self._log.running(self)
             while True:
                 event = await self._inbox.get()
                 try:

@@ -9,15 +9,54 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from convsvc.codec import dict_to_struct, encode_event_batch, struct_to_dict
-from convsvc.domain import Connection, ConversationStatus, ConversationView, JsonObject
+from convsvc.domain import (
+    AdmissionPolicy,
+    Connection,
+    ConversationStatus,
+    ConversationView,
+    JsonObject,
+)
 from convsvc.engine.subscriptions import StreamItem
+from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchUpdate
+from convsvc.errors import InvalidArgument
 from convsvc.v1 import conversation_service_pb2 as pb
 
 _STATUS = {
     ConversationStatus.STARTING: pb.CONVERSATION_STATUS_STARTING,
     ConversationStatus.RUNNING: pb.CONVERSATION_STATUS_RUNNING,
     ConversationStatus.STOPPED: pb.CONVERSATION_STATUS_STOPPED,
+    ConversationStatus.QUEUED: pb.CONVERSATION_STATUS_QUEUED,
 }
+_CHANGE_KIND = {
+    ChangeKind.CREATED: pb.CONVERSATION_CHANGE_KIND_CREATED,
+    ChangeKind.STATUS_CHANGED: pb.CONVERSATION_CHANGE_KIND_STATUS_CHANGED,
+    ChangeKind.AGENT_STATE_CHANGED: pb.CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED,
+    ChangeKind.CONNECTIONS_CHANGED: pb.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED,
+    ChangeKind.QUEUE_POSITION_CHANGED: pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED,
+    ChangeKind.CLOSED: pb.CONVERSATION_CHANGE_KIND_CLOSED,
+}
+_POLICY: dict[int, AdmissionPolicy] = {
+    pb.ADMISSION_POLICY_EVICT_OLDEST: AdmissionPolicy.EVICT_OLDEST,
+    pb.ADMISSION_POLICY_EVICT_IDLE_ONLY: AdmissionPolicy.EVICT_IDLE_ONLY,
+    pb.ADMISSION_POLICY_REJECT: AdmissionPolicy.REJECT,
+    pb.ADMISSION_POLICY_QUEUE: AdmissionPolicy.QUEUE,
+}
+SNAPSHOT_PAGE = 500
+"""Conversations per snapshot response (each response stays far below message limits)."""
+
+
+def admission_policy(value: int) -> AdmissionPolicy | None:
+    """The policy a request names; None for the server's."""
+    if value == pb.ADMISSION_POLICY_UNSPECIFIED:
+        return None
+    try:
+        return _POLICY[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"admission_policy {value} is not a known AdmissionPolicy",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": "admission_policy"},
+        ) from None
 
 
 def optional_struct(message: Message, field: str) -> JsonObject | None:
@@ -59,6 +98,7 @@ def conversation_to_pb(view: ConversationView) -> pb.Conversation:
         agent_state=view.agent_state,
         latest_event_id=view.latest_event_id,
         connection_count=view.connection_count,
+        queue_position=view.queue_position,
     )
     message.create_time.FromDatetime(view.create_time)
     message.last_active_time.FromDatetime(view.last_active_time)
@@ -97,3 +137,38 @@ def search_page_to_bytes(encoded_events: list[bytes], next_page_token: str) -> b
     """A serialized SearchEventsResponse built from stored event encodings."""
     tail = pb.SearchEventsResponse(next_page_token=next_page_token).SerializeToString()
     return encode_event_batch(encoded_events) + tail
+
+
+def watched_to_pb(watched: WatchedConversation) -> pb.WatchedConversation:
+    return pb.WatchedConversation(
+        conversation=conversation_to_pb(watched.view), connection_ids=watched.connection_ids
+    )
+
+
+def change_to_pb(change: Change) -> pb.ConversationChange:
+    message = pb.ConversationChange(
+        kind=_CHANGE_KIND[change.kind], watched=watched_to_pb(change.watched)
+    )
+    message.change_time.FromDatetime(change.time)
+    return message
+
+
+def watch_update_to_pb(update: WatchUpdate) -> list[pb.WatchConversationsResponse]:
+    """A snapshot in pages (the token on the last), or one response of changes."""
+    if update.snapshot is None:
+        return [
+            pb.WatchConversationsResponse(
+                changes=[change_to_pb(c) for c in update.changes],
+                resume_token=update.resume_token,
+            )
+        ]
+    pages = [
+        update.snapshot[start : start + SNAPSHOT_PAGE]
+        for start in range(0, len(update.snapshot), SNAPSHOT_PAGE)
+    ] or [[]]
+    responses = [
+        pb.WatchConversationsResponse(snapshot=[watched_to_pb(w) for w in page]) for page in pages
+    ]
+    responses[-1].snapshot_complete = True
+    responses[-1].resume_token = update.resume_token
+    return responses

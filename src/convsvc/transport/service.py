@@ -28,6 +28,7 @@ from convsvc.storage import (
 )
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.status import (
+    RelayedStatus,
     database_unavailable,
     internal_error,
     log_conflict,
@@ -40,7 +41,7 @@ from convsvc.v1 import conversation_service_pb2 as pb
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversationService"].full_name
-_PRE_ENCODED = {"SearchEvents", "StreamEvents"}
+_PRE_ENCODED = {"SearchEvents", "StreamEvents", "Connect"}
 
 CALLS = Counter("convsvc_rpc_calls_total", "RPCs handled", ["method", "code"])
 LATENCY = Histogram(
@@ -135,6 +136,9 @@ async def _abort(
     exc: Exception,
     on_storage_failure: OnStorageFailure | None,
 ) -> None:
+    if isinstance(exc, RelayedStatus):  # another node's answer, passed on as it was
+        CALLS.labels(method, exc.code.name).inc()
+        await context.abort(exc.code, exc.details, trailing_metadata=exc.trailing_metadata)
     if isinstance(exc, ConvsvcError):
         error = exc
     elif isinstance(exc, OwnerMoved):
@@ -218,6 +222,39 @@ def _guard_stream(
     return handle
 
 
+def _guard_bidi(
+    method: str,
+    request_type: Any,
+    fn: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]],
+    gate: CallGate,
+    on_storage_failure: OnStorageFailure | None,
+) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def handle(
+        request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            gate.enter()
+        except ConvsvcError as exc:
+            await _abort(method, context, exc, on_storage_failure)
+
+        async def parsed() -> AsyncIterator[Any]:
+            async for data in request_iterator:
+                yield parse_request(request_type, data)
+
+        try:
+            async for response in fn(parsed(), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(method, context, exc, on_storage_failure)
+        finally:
+            gate.leave()
+        CALLS.labels(method, "OK").inc()
+
+    return handle
+
+
 def conversation_service_handler(
     servicer: ConversationServicer,
     gate: CallGate,
@@ -236,7 +273,12 @@ def conversation_service_handler(
         serialize = _identity if method.name in _PRE_ENCODED else _serializer(response_type)
         behaviour = getattr(servicer, method.name)
         # No request_deserializer: the guards parse, so that bad bytes get a clear status.
-        if method.server_streaming:
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _guard_bidi(method.name, request_type, behaviour, gate, on_storage_failure),
+                response_serializer=serialize,
+            )
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _guard_stream(method.name, request_type, behaviour, gate, on_storage_failure),
                 response_serializer=serialize,

@@ -8,13 +8,17 @@ from typing import TypeAlias
 import grpc
 
 from convsvc.engine import ConversationEngine
+from convsvc.engine.subscriptions import StreamItem
+from convsvc.transport.connect import ConnectSession
 from convsvc.transport.convert import (
     StructList,
+    admission_policy,
     connection_to_pb,
     conversation_to_pb,
     optional_struct,
     search_page_to_bytes,
     stream_items_to_bytes,
+    watch_update_to_pb,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
 
@@ -26,6 +30,7 @@ class ConversationServicer:
 
     def __init__(self, engine: ConversationEngine) -> None:
         self._engine = engine
+        self._connect_holders: dict[str, object] = {}
 
     async def StartConversation(
         self, request: pb.StartConversationRequest, context: Context
@@ -38,6 +43,7 @@ class ConversationServicer:
             initial_user_message=optional_struct(request, "initial_user_message"),
             replay_events=StructList(request.replay_events),
             request_id=request.request_id,
+            admission_policy=admission_policy(request.admission_policy),
         )
         return pb.StartConversationResponse(conversation=conversation_to_pb(view))
 
@@ -137,15 +143,38 @@ class ConversationServicer:
     async def StreamEvents(
         self, request: pb.StreamEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
-        stream = self._engine.stream_events(
+        async for items in self.stream_items(request, context):
+            for message in stream_items_to_bytes(items):
+                yield message
+
+    def stream_items(
+        self, request: pb.StreamEventsRequest, context: Context
+    ) -> AsyncIterator[list[StreamItem]]:
+        """The events StreamEvents sends (Connect sends them too)."""
+        return self._engine.stream_events(
             conversation_id=request.conversation_id,
             user_id=request.user_id,
             start_id=request.start_id,
             max_batch=request.max_batch_size,
         )
-        async for items in stream:
-            for message in stream_items_to_bytes(items):
-                yield message
+
+    async def WatchConversations(
+        self, request: pb.WatchConversationsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchConversationsResponse]:
+        updates = self._engine.watch_conversations(
+            user_id=request.user_id,
+            conversation_ids=list(request.conversation_ids),
+            resume_token=request.resume_token,
+        )
+        async for update in updates:
+            for response in watch_update_to_pb(update):
+                yield response
+
+    async def Connect(
+        self, requests: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> AsyncIterator[bytes]:
+        async for message in ConnectSession(self, context, self._connect_holders).run(requests):
+            yield message
 
     async def CompleteWithAgentLlm(
         self, request: pb.CompleteWithAgentLlmRequest, context: Context

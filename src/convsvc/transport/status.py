@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -22,6 +24,7 @@ _CODES: list[tuple[type[errors.ConvsvcError], int]] = [
     (errors.Unavailable, code_pb2.UNAVAILABLE),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
 ]
 
 
@@ -41,6 +44,40 @@ def to_grpc_status(error: errors.ConvsvcError) -> grpc.Status:
     detail.Pack(info)
     status = status_pb2.Status(code=_code_for(error), message=error.message, details=[detail])
     return rpc_status.to_status(status)
+
+
+class RelayedStatus(Exception):
+    """A status another node answered, relayed to the caller unchanged."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[Any, ...]
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+    def error_info(self) -> error_details_pb2.ErrorInfo | None:
+        for key, value in self.trailing_metadata:
+            if key == "grpc-status-details-bin":
+                status = status_pb2.Status.FromString(value)
+                for detail in status.details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        return info
+        return None
+
+
+def failure_parts(
+    error: errors.ConvsvcError | RelayedStatus,
+) -> tuple[str, str, str, dict[str, str]]:
+    """(code name, reason, message, metadata) of an error, for answers inside a stream."""
+    if isinstance(error, RelayedStatus):
+        info = error.error_info()
+        reason = info.reason if info is not None else error.code.name
+        metadata = dict(info.metadata) if info is not None else {}
+        return error.code.name, reason, error.details, metadata
+    return to_grpc_status(error).code.name, error.reason, error.message, dict(error.metadata)
 
 
 def storage_failure(error: StorageError) -> errors.ConvsvcError:

@@ -14,22 +14,54 @@ class ConversationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONVERSATION_STATUS_STARTING: _ClassVar[ConversationStatus]
     CONVERSATION_STATUS_RUNNING: _ClassVar[ConversationStatus]
     CONVERSATION_STATUS_STOPPED: _ClassVar[ConversationStatus]
+    CONVERSATION_STATUS_QUEUED: _ClassVar[ConversationStatus]
+
+class AdmissionPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADMISSION_POLICY_UNSPECIFIED: _ClassVar[AdmissionPolicy]
+    ADMISSION_POLICY_EVICT_OLDEST: _ClassVar[AdmissionPolicy]
+    ADMISSION_POLICY_EVICT_IDLE_ONLY: _ClassVar[AdmissionPolicy]
+    ADMISSION_POLICY_REJECT: _ClassVar[AdmissionPolicy]
+    ADMISSION_POLICY_QUEUE: _ClassVar[AdmissionPolicy]
 
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
     EVENT_KIND_ACTION: _ClassVar[EventKind]
     EVENT_KIND_OBSERVATION: _ClassVar[EventKind]
+
+class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONVERSATION_CHANGE_KIND_UNSPECIFIED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_CREATED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_STATUS_CHANGED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_CLOSED: _ClassVar[ConversationChangeKind]
 CONVERSATION_STATUS_UNSPECIFIED: ConversationStatus
 CONVERSATION_STATUS_STARTING: ConversationStatus
 CONVERSATION_STATUS_RUNNING: ConversationStatus
 CONVERSATION_STATUS_STOPPED: ConversationStatus
+CONVERSATION_STATUS_QUEUED: ConversationStatus
+ADMISSION_POLICY_UNSPECIFIED: AdmissionPolicy
+ADMISSION_POLICY_EVICT_OLDEST: AdmissionPolicy
+ADMISSION_POLICY_EVICT_IDLE_ONLY: AdmissionPolicy
+ADMISSION_POLICY_REJECT: AdmissionPolicy
+ADMISSION_POLICY_QUEUE: AdmissionPolicy
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_ACTION: EventKind
 EVENT_KIND_OBSERVATION: EventKind
+CONVERSATION_CHANGE_KIND_UNSPECIFIED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_CREATED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_STATUS_CHANGED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_CLOSED: ConversationChangeKind
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count")
+    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +71,7 @@ class Conversation(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     status: ConversationStatus
@@ -48,7 +81,8 @@ class Conversation(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     last_active_time: _timestamp_pb2.Timestamp
     connection_count: int
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class Connection(_message.Message):
     __slots__ = ("connection_id", "conversation_id", "user_id", "client_instance_id")
@@ -81,7 +115,7 @@ class Event(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., id: _Optional[int] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class StartConversationRequest(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id")
+    __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id", "admission_policy")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +123,7 @@ class StartConversationRequest(_message.Message):
     INITIAL_USER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REPLAY_EVENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     agent: str
@@ -96,7 +131,8 @@ class StartConversationRequest(_message.Message):
     initial_user_message: _struct_pb2.Struct
     replay_events: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
     request_id: str
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., initial_user_message: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., replay_events: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    admission_policy: AdmissionPolicy
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., initial_user_message: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., replay_events: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., request_id: _Optional[str] = ..., admission_policy: _Optional[_Union[AdmissionPolicy, str]] = ...) -> None: ...
 
 class StartConversationResponse(_message.Message):
     __slots__ = ("conversation",)
@@ -315,3 +351,122 @@ class CompleteWithAgentLlmResponse(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     content: str
     def __init__(self, content: _Optional[str] = ...) -> None: ...
+
+class WatchedConversation(_message.Message):
+    __slots__ = ("conversation", "connection_ids")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConversationChange(_message.Message):
+    __slots__ = ("kind", "watched", "change_time")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WATCHED_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_TIME_FIELD_NUMBER: _ClassVar[int]
+    kind: ConversationChangeKind
+    watched: WatchedConversation
+    change_time: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[_Union[ConversationChangeKind, str]] = ..., watched: _Optional[_Union[WatchedConversation, _Mapping]] = ..., change_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchConversationsRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_ids", "resume_token")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_ids: _containers.RepeatedScalarFieldContainer[str]
+    resume_token: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchConversationsResponse(_message.Message):
+    __slots__ = ("snapshot", "snapshot_complete", "changes", "resume_token")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _containers.RepeatedCompositeFieldContainer[WatchedConversation]
+    snapshot_complete: bool
+    changes: _containers.RepeatedCompositeFieldContainer[ConversationChange]
+    resume_token: str
+    def __init__(self, snapshot: _Optional[_Iterable[_Union[WatchedConversation, _Mapping]]] = ..., snapshot_complete: bool = ..., changes: _Optional[_Iterable[_Union[ConversationChange, _Mapping]]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class ConnectRequest(_message.Message):
+    __slots__ = ("open", "send")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    SEND_FIELD_NUMBER: _ClassVar[int]
+    open: ConnectOpen
+    send: ConnectSend
+    def __init__(self, open: _Optional[_Union[ConnectOpen, _Mapping]] = ..., send: _Optional[_Union[ConnectSend, _Mapping]] = ...) -> None: ...
+
+class ConnectOpen(_message.Message):
+    __slots__ = ("conversation_id", "connection_id", "user_id", "settings", "start_id", "max_batch_size")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    START_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    connection_id: str
+    user_id: str
+    settings: _struct_pb2.Struct
+    start_id: int
+    max_batch_size: int
+    def __init__(self, conversation_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., user_id: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., start_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class ConnectSend(_message.Message):
+    __slots__ = ("event", "request_id")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    event: _struct_pb2.Struct
+    request_id: str
+    def __init__(self, event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("opened", "events", "send_result")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SEND_RESULT_FIELD_NUMBER: _ClassVar[int]
+    opened: ConnectOpened
+    events: StreamEventsResponse
+    send_result: ConnectSendResult
+    def __init__(self, opened: _Optional[_Union[ConnectOpened, _Mapping]] = ..., events: _Optional[_Union[StreamEventsResponse, _Mapping]] = ..., send_result: _Optional[_Union[ConnectSendResult, _Mapping]] = ...) -> None: ...
+
+class ConnectOpened(_message.Message):
+    __slots__ = ("conversation", "connection")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    connection: Connection
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ...) -> None: ...
+
+class ConnectSendResult(_message.Message):
+    __slots__ = ("request_id", "event_id", "failure")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    event_id: int
+    failure: ConnectSendFailure
+    def __init__(self, request_id: _Optional[str] = ..., event_id: _Optional[int] = ..., failure: _Optional[_Union[ConnectSendFailure, _Mapping]] = ...) -> None: ...
+
+class ConnectSendFailure(_message.Message):
+    __slots__ = ("code", "reason", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -85,6 +85,16 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.FromString,
                 )
+        self.WatchConversations = channel.unary_stream(
+                '/convsvc.v1.ConversationService/WatchConversations',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsResponse.FromString,
+                )
+        self.Connect = channel.stream_stream(
+                '/convsvc.v1.ConversationService/Connect',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.FromString,
+                )
 
 
 class ConversationServiceServicer(object):
@@ -197,6 +207,31 @@ class ConversationServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchConversations(self, request, context):
+        """Streams how the conversations that match change: first a snapshot of those that are
+        queued, starting or running, then every change as it happens, with no gap. A watcher
+        resumes after the `resume_token` of the last response it received; when the server can
+        no longer resume from it (the token is too old, or from a server that restarted) it
+        sends a new snapshot, which replaces everything the watcher knew. A watcher that falls
+        more than the server's limit behind is dropped with RESOURCE_EXHAUSTED, reason
+        WATCHER_TOO_SLOW, and the token to resume with in the error's metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """One stream per connection: the first request joins a conversation (as
+        JoinConversation), later requests send events (as SendEvent, each answered with a
+        SendResult in order), and the conversation's events flow back (as StreamEvents). When
+        the client ends its side, the server answers the sends still pending, delivers the
+        events they appended, disconnects the connection and ends the call. If the client goes
+        away, the connection is disconnected at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +294,16 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.CompleteWithAgentLlm,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.SerializeToString,
+            ),
+            'WatchConversations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConversations,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsResponse.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,5 +527,39 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/CompleteWithAgentLlm',
             convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.CompleteWithAgentLlmResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def WatchConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/convsvc.v1.ConversationService/WatchConversations',
+            convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.WatchConversationsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(request_iterator, target, '/convsvc.v1.ConversationService/Connect',
+            convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

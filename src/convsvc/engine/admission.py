@@ -1,0 +1,172 @@
+"""Admission under the per-user limit: which loops a start may stop, and the queue of starts
+that wait for room (policy ``queue``).
+
+A start that leaves the queue holds a reservation until its loop is registered, so a start
+of another policy arriving meanwhile cannot take the room it waited for (it evicts or fails
+instead, as its own policy says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from convsvc.domain import AdmissionPolicy
+from convsvc.errors import DeadlineExceeded, ResourceExhausted
+
+
+@dataclass(eq=False)
+class QueuedStart:
+    """A start waiting in its user's queue."""
+
+    conversation_id: str
+    user_id: str | None
+    agent: str
+    create_time: datetime
+    latest_event_id: int
+    is_new: bool
+    """No conversation with this id existed when it queued."""
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    left: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when it leaves the queue (admitted or given up)."""
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Room kept for a start that left the queue, until its loop is registered."""
+
+    user_id: str | None
+    held: bool = True
+
+
+class TooManyConversations(ResourceExhausted):
+    reason = "TOO_MANY_CONVERSATIONS"
+
+    def __init__(self, limit: int, running: Sequence[str], why: str) -> None:
+        super().__init__(
+            f"the user already runs {len(running)} conversations (the limit is {limit}); {why}",
+            metadata={"limit": str(limit), "running_conversation_ids": ",".join(running)},
+        )
+
+
+def victims_for(
+    policy: AdmissionPolicy,
+    limit: int,
+    running: Sequence[tuple[str, float, str]],
+    reserved: int,
+) -> list[str]:
+    """The conversations a start must stop before it runs.
+
+    ``running``: the user's loops that are not already closing, as (id, last active time,
+    agent state). Raises :class:`TooManyConversations` when the policy forbids what room
+    needs.
+    """
+    excess = len(running) + reserved - limit + 1
+    if excess <= 0:
+        return []
+    oldest_first = sorted(running, key=lambda item: item[1])
+    ids = sorted(cid for cid, _, _ in running)
+    if policy is AdmissionPolicy.EVICT_OLDEST:
+        return [cid for cid, _, _ in oldest_first[:excess]]
+    if policy is AdmissionPolicy.EVICT_IDLE_ONLY:
+        idle = [cid for cid, _, state in oldest_first if state != "running"]
+        if len(idle) >= excess:
+            return idle[:excess]
+        raise TooManyConversations(
+            limit, ids, "their agents are running and this policy never stops a running agent"
+        )
+    raise TooManyConversations(limit, ids, "this policy stops none of them; close one first")
+
+
+class AdmissionQueues:
+    """Per user, the starts waiting for room, first come first served."""
+
+    def __init__(
+        self,
+        room: Callable[[str | None], int],
+        on_moved: Callable[[QueuedStart, int], None],
+    ) -> None:
+        """``room(user)``: how many more loops the user may run now (reservations aside);
+        ``on_moved(entry, position)``: a waiting entry moved up."""
+        self._room = room
+        self._on_moved = on_moved
+        self._queues: defaultdict[str | None, list[QueuedStart]] = defaultdict(list)
+        self._by_conversation: dict[str, QueuedStart] = {}
+        self._reserved: defaultdict[str | None, int] = defaultdict(int)
+
+    def queued(self, conversation_id: str) -> QueuedStart | None:
+        return self._by_conversation.get(conversation_id)
+
+    def position(self, entry: QueuedStart) -> int:
+        return self._queues[entry.user_id].index(entry) + 1
+
+    def all_queued(self) -> list[QueuedStart]:
+        return list(self._by_conversation.values())
+
+    def reserved(self, user_id: str | None) -> int:
+        return self._reserved.get(user_id, 0)
+
+    def must_wait(self, user_id: str | None) -> bool:
+        return bool(self._queues.get(user_id)) or self._free(user_id) <= 0
+
+    def enqueue(self, entry: QueuedStart) -> None:
+        self._queues[entry.user_id].append(entry)
+        self._by_conversation[entry.conversation_id] = entry
+
+    async def wait(self, entry: QueuedStart, timeout: float) -> Reservation:
+        """Waits until ``entry`` is first and its user has room; then it leaves the queue
+        holding a reservation. Raises DeadlineExceeded after ``timeout`` seconds (a call's
+        deadline cancels the wait sooner); the entry leaves the queue either way."""
+        queue = self._queues[entry.user_id]
+        try:
+            async with asyncio.timeout(timeout):
+                while not (queue[0] is entry and self._free(entry.user_id) > 0):
+                    entry.wakeup.clear()
+                    await entry.wakeup.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no room for conversation {entry.conversation_id} within {timeout:g} s of "
+                "waiting in the admission queue",
+                reason="ADMISSION_QUEUE_TIMEOUT",
+                metadata={"conversation_id": entry.conversation_id},
+            ) from None
+        finally:
+            self._leave(entry)
+        if self._free(entry.user_id) > 0:
+            self._reserved[entry.user_id] += 1
+            return Reservation(entry.user_id)
+        raise AssertionError("unreachable: room was checked without an await")
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Gives back a reservation (its loop was registered, or the start failed)."""
+        if reservation is None or not reservation.held:
+            return
+        reservation.held = False
+        user = reservation.user_id
+        self._reserved[user] -= 1
+        if not self._reserved[user]:
+            del self._reserved[user]
+        self.room_freed(user)
+
+    def room_freed(self, user_id: str | None) -> None:
+        queue = self._queues.get(user_id)
+        if queue:
+            queue[0].wakeup.set()
+
+    def _free(self, user_id: str | None) -> int:
+        return self._room(user_id) - self.reserved(user_id)
+
+    def _leave(self, entry: QueuedStart) -> None:
+        queue = self._queues[entry.user_id]
+        index = queue.index(entry)
+        del queue[index]
+        del self._by_conversation[entry.conversation_id]
+        if not queue:
+            del self._queues[entry.user_id]
+        entry.left.set()
+        for behind, moved in enumerate(queue[index:], start=index + 1):
+            self._on_moved(moved, behind)
+        self.room_freed(entry.user_id)

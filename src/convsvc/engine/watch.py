@@ -1,0 +1,140 @@
+"""The change feed behind WatchConversations.
+
+The engine publishes a change whenever a conversation appears, changes status or agent
+state, gains or loses a connection, moves up the admission queue or stops. Each change gets
+the next sequence number and is kept in a bounded history, which every watcher reads with
+its own cursor: publishing never waits and costs the same however many watch. A watcher's
+resume token names the feed (one per server process) and the last sequence number it saw,
+so it can continue after a reconnect while the history still holds what followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from convsvc.domain import ConversationView
+from convsvc.errors import ConvsvcError, InvalidArgument, ResourceExhausted
+
+MAX_CHANGES_PER_BATCH = 500
+
+
+class ChangeKind(enum.StrEnum):
+    CREATED = "created"
+    STATUS_CHANGED = "status_changed"
+    AGENT_STATE_CHANGED = "agent_state_changed"
+    CONNECTIONS_CHANGED = "connections_changed"
+    QUEUE_POSITION_CHANGED = "queue_position_changed"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True, frozen=True)
+class WatchedConversation:
+    view: ConversationView
+    connection_ids: tuple[str, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Change:
+    seq: int
+    kind: ChangeKind
+    watched: WatchedConversation
+    time: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class WatchUpdate:
+    """What a watch stream sends next: a snapshot (which replaces what the watcher knew)
+    or changes, and the token to resume after it."""
+
+    snapshot: Sequence[WatchedConversation] | None
+    changes: Sequence[Change]
+    resume_token: str
+
+
+Matches = Callable[[WatchedConversation], bool]
+
+
+class WatcherTooSlow(ResourceExhausted):
+    reason = "WATCHER_TOO_SLOW"
+
+
+class ChangeFeed:
+    def __init__(self, history: int, max_lag: int) -> None:
+        self._id = uuid.uuid4().hex[:16]
+        self._history: deque[Change] = deque(maxlen=history)
+        self._max_lag = max_lag
+        self._last_seq = 0
+        self._wakeup = asyncio.Event()
+        self._ended: ConvsvcError | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def publish(self, kind: ChangeKind, watched: WatchedConversation) -> None:
+        self._last_seq += 1
+        self._history.append(Change(self._last_seq, kind, watched, datetime.now(UTC)))
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    def end(self, error: ConvsvcError) -> None:
+        """Ends every watch with ``error`` (the server is shutting down)."""
+        self._ended = error
+        self._wakeup.set()
+
+    def token(self, seq: int) -> str:
+        return f"{self._id}.{seq}"
+
+    def resumable_seq(self, token: str) -> int | None:
+        """The sequence number a token resumes after, or None when this feed cannot resume
+        from it (another server process's token, or older than the history)."""
+        feed_id, _, seq_text = token.partition(".")
+        if not seq_text.isdigit() or len(token) > 64:
+            raise InvalidArgument(
+                "resume_token is not a token this service handed out",
+                reason="INVALID_RESUME_TOKEN",
+                metadata={"field": "resume_token"},
+            )
+        seq = int(seq_text)
+        if feed_id != self._id or seq > self._last_seq or seq < self._oldest_seq() - 1:
+            return None
+        return seq
+
+    def _oldest_seq(self) -> int:
+        return self._history[0].seq if self._history else self._last_seq + 1
+
+    async def changes_after(self, seq: int, matches: Matches) -> AsyncIterator[WatchUpdate]:
+        """Every matching change after ``seq``, in batches, forever (or until ``end``).
+
+        A watcher that comes back for more while further behind than the lag allows is
+        dropped: what it missed may be about to leave the history.
+        """
+        while True:
+            if self._ended is not None:
+                raise self._ended
+            if self._last_seq - seq > self._max_lag or seq < self._oldest_seq() - 1:
+                raise WatcherTooSlow(
+                    f"the watch fell more than {self._max_lag} changes behind and was dropped; "
+                    "resume with the resume_token in this error's metadata",
+                    metadata={"resume_token": self.token(seq)},
+                )
+            if seq == self._last_seq:
+                await self._wakeup.wait()
+                continue
+            start = seq - self._oldest_seq() + 1
+            batch: list[Change] = []
+            for change in itertools.islice(self._history, start, None):
+                seq = change.seq
+                if matches(change.watched):
+                    batch.append(change)
+                    if len(batch) == MAX_CHANGES_PER_BATCH:
+                        break
+            if batch:
+                yield WatchUpdate(None, batch, self.token(seq))

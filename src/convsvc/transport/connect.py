@@ -1,0 +1,230 @@
+"""Connect: one bidirectional stream per connection (join, sends in, events out, disconnect).
+
+A session is built from the servicer's own methods (JoinConversation, SendEvent,
+DisconnectConnection and the event stream), so on a cluster node it is routed and followed
+exactly as those calls are. Two pumps feed one bounded outbox that the stream drains:
+- events: the conversation's events from the requested id on;
+- sends: the client's requests, answered one at a time in order. The pump reads the next
+  request only once the outbox takes the previous answer, so a client that sends faster
+  than it reads is held back by HTTP/2 flow control rather than by memory.
+A client that does not read its events is dropped like a slow StreamEvents subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol
+
+import grpc
+import structlog
+
+from convsvc.domain import StoredEvent
+from convsvc.engine.subscriptions import StreamItem
+from convsvc.errors import ConvsvcError, InvalidArgument
+from convsvc.transport.convert import stream_items_to_bytes
+from convsvc.transport.status import RelayedStatus, failure_parts
+from convsvc.v1 import conversation_service_pb2 as pb
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_MESSAGES = 64
+"""Responses waiting to be written before the pumps wait (and so stop reading)."""
+DRAIN_SECONDS = 10.0
+"""After the client's last send: how long the stream waits for the events its sends
+appended to go out before it ends anyway."""
+_EVENTS_FIELD = 2
+"""ConnectResponse.events: stream messages are relayed as this field, not re-encoded."""
+
+
+class ConnectHost(Protocol):
+    """The servicer methods a session is made of."""
+
+    async def JoinConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
+
+    async def SendEvent(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
+
+    async def DisconnectConnection(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any: ...
+
+    def stream_items(
+        self, request: pb.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[list[StreamItem]]: ...
+
+
+def _as(message_type: Any, answer: Any) -> Any:
+    """A servicer answer as a message (a forwarded one arrives as the owner's bytes)."""
+    return message_type.FromString(answer) if isinstance(answer, bytes) else answer
+
+
+def _wrap_events(stream_message: bytes) -> bytes:
+    # A length-delimited field: tag, length as a varint, then the bytes.
+    header = bytearray([(_EVENTS_FIELD << 3) | 2])
+    length = len(stream_message)
+    while length >= 0x80:
+        header.append((length & 0x7F) | 0x80)
+        length >>= 7
+    header.append(length)
+    return bytes(header) + stream_message
+
+
+_END = object()
+
+
+class ConnectSession:
+    def __init__(
+        self,
+        host: ConnectHost,
+        context: grpc.aio.ServicerContext,
+        holders: dict[str, object],
+    ) -> None:
+        """``holders``: which session holds each connection id on this node (a reconnect
+        with the same id takes it over, and the old session must not disconnect it)."""
+        self._host = host
+        self._context = context
+        self._holders = holders
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue(OUTBOX_MESSAGES)
+        self._delivered = -1
+        self._progress = asyncio.Event()
+        self._connection_id = ""
+        self._user_id = ""
+
+    async def run(self, requests: AsyncIterator[pb.ConnectRequest]) -> AsyncIterator[bytes]:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("request") != "open":
+            raise InvalidArgument(
+                "the first request of a Connect stream must be `open`",
+                reason="CONNECT_OPEN_FIRST",
+                metadata={"field": "open"},
+            )
+        opening = first.open
+        self._connection_id = opening.connection_id or f"connect-{uuid.uuid4().hex}"
+        self._user_id = opening.user_id
+        join = pb.JoinConversationRequest(
+            conversation_id=opening.conversation_id,
+            connection_id=self._connection_id,
+            user_id=opening.user_id,
+        )
+        if opening.HasField("settings"):
+            join.settings.CopyFrom(opening.settings)
+        joined = _as(
+            pb.JoinConversationResponse, await self._host.JoinConversation(join, self._context)
+        )
+        self._holders[self._connection_id] = self
+        try:
+            yield pb.ConnectResponse(
+                opened=pb.ConnectOpened(
+                    conversation=joined.conversation, connection=joined.connection
+                )
+            ).SerializeToString()
+            start_id = (
+                opening.start_id
+                if opening.HasField("start_id")
+                else joined.conversation.latest_event_id + 1
+            )
+            stream = pb.StreamEventsRequest(
+                conversation_id=opening.conversation_id,
+                user_id=opening.user_id,
+                start_id=start_id,
+                max_batch_size=opening.max_batch_size,
+            )
+            pumps = [
+                asyncio.create_task(self._pump(self._pump_events(stream))),
+                asyncio.create_task(self._pump(self._pump_sends(requests))),
+            ]
+            try:
+                while (item := await self._outbox.get()) is not _END:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            await self._disconnect()
+
+    async def _pump(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # ends the stream with it (mapped like any call's)
+            await self._outbox.put(exc)
+
+    async def _pump_events(self, request: pb.StreamEventsRequest) -> None:
+        async for items in self._host.stream_items(request, self._context):
+            for message in stream_items_to_bytes(items):
+                await self._outbox.put(_wrap_events(message))
+            ids = [item.id for item in items if isinstance(item, StoredEvent)]
+            if ids:
+                self._delivered = ids[-1]
+                self._progress.set()
+
+    async def _pump_sends(self, requests: AsyncIterator[pb.ConnectRequest]) -> None:
+        last_appended = -1
+        async for request in requests:
+            result = await self._send(request)
+            last_appended = max(last_appended, result.event_id)
+            await self._outbox.put(result.SerializeToString())
+        # The client ended its side: the events its sends appended go out before the end.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while self._delivered < last_appended:
+                    self._progress.clear()
+                    await self._progress.wait()
+        await self._outbox.put(_END)
+
+    async def _send(self, request: pb.ConnectRequest) -> pb.ConnectSendResult:
+        if request.WhichOneof("request") != "send":
+            return self._failed(
+                request.send.request_id,
+                InvalidArgument(
+                    "a Connect stream opens once: send `send` requests after `open`",
+                    reason="CONNECT_ALREADY_OPEN",
+                ),
+            )
+        send = request.send
+        event = pb.SendEventRequest(
+            connection_id=self._connection_id,
+            user_id=self._user_id,
+            request_id=send.request_id,
+        )
+        if send.HasField("event"):
+            event.event.CopyFrom(send.event)
+        try:
+            answer = _as(pb.SendEventResponse, await self._host.SendEvent(event, self._context))
+        except (ConvsvcError, RelayedStatus) as exc:
+            return self._failed(send.request_id, exc)
+        return pb.ConnectSendResult(request_id=send.request_id, event_id=answer.event_id)
+
+    @staticmethod
+    def _failed(request_id: str, error: ConvsvcError | RelayedStatus) -> pb.ConnectSendResult:
+        code, reason, message, metadata = failure_parts(error)
+        return pb.ConnectSendResult(
+            request_id=request_id,
+            event_id=-1,
+            failure=pb.ConnectSendFailure(
+                code=code, reason=reason, message=message, metadata=metadata
+            ),
+        )
+
+    async def _disconnect(self) -> None:
+        if self._holders.get(self._connection_id) is not self:
+            return  # a newer stream holds the connection now
+        del self._holders[self._connection_id]
+        request = pb.DisconnectConnectionRequest(
+            connection_id=self._connection_id, user_id=self._user_id
+        )
+        # Shielded: the client going away cancels this stream, not its clean-up.
+        done = asyncio.ensure_future(self._host.DisconnectConnection(request, self._context))
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.shield(done)
+        except (ConvsvcError, RelayedStatus) as exc:
+            log.warning(
+                "connect.disconnect_failed", connection_id=self._connection_id, error=str(exc)
+            )
