@@ -11,8 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from convsvc.agents import AgentLoop, agent_state_changed
 from convsvc.codec import decode_event, struct_to_dict
-from convsvc.domain import JsonObject, StoredEvent
+from convsvc.domain import EventSource, JsonObject, StoredEvent
 from convsvc.engine import ConversationEngine
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
@@ -162,3 +163,17 @@ def lifecycle_tasks() -> list[str]:
         for task in asyncio.all_tasks()
         if task.get_name().startswith(("agent:", "start:", "close:")) and not task.done()
     ]
+
+
+class BusyAgent(AgentLoop):
+    """Stays in the ``running`` state after a message until the test releases it."""
+
+    name = "busy"
+    release: asyncio.Event
+
+    async def start(self) -> None:
+        await self.context.emit(agent_state_changed("awaiting_user_input"), EventSource.ENVIRONMENT)
+
+    async def on_user_event(self, event: dict[str, Any]) -> None:
+        await self.context.emit(agent_state_changed("running"), EventSource.ENVIRONMENT)
+        await BusyAgent.release.wait()

@@ -5,24 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from convsvc.agents import AgentLoop, EchoAgent, agent_state_changed
-from convsvc.domain import ConversationStatus, EventSource
+from convsvc.agents import EchoAgent
+from convsvc.domain import ConversationStatus
 from tests.conftest import EngineHarness
-from tests.helpers import agent_state_is, engine_events_until, settled
-
-
-class BusyAgent(AgentLoop):
-    """Stays in the ``running`` state after a message until the test releases it."""
-
-    name = "busy"
-    release: asyncio.Event
-
-    async def start(self) -> None:
-        await self.context.emit(agent_state_changed("awaiting_user_input"), EventSource.ENVIRONMENT)
-
-    async def on_user_event(self, event: dict[str, Any]) -> None:
-        await self.context.emit(agent_state_changed("running"), EventSource.ENVIRONMENT)
-        await BusyAgent.release.wait()
+from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settled
 
 
 async def status(engine: EngineHarness, cid: str) -> ConversationStatus:

@@ -1,9 +1,9 @@
 """Admission under the per-user limit: which loops a start may stop, and the queue of starts
 that wait for room (policy ``queue``).
 
-A start that leaves the queue holds a reservation until its loop is registered, so a start
-of another policy arriving meanwhile cannot take the room it waited for (it evicts or fails
-instead, as its own policy says).
+A start that leaves the queue holds a reservation until its loop is registered, so another
+queued start cannot take the room it waited for, and a start of another policy counts it
+(an evict_oldest start evicts to make room for both).
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ class AdmissionQueues:
     def must_wait(self, user_id: str | None) -> bool:
         return bool(self._queues.get(user_id)) or self._free(user_id) <= 0
 
-    def enqueue(self, entry: QueuedStart) -> None:
-        self._queues[entry.user_id].append(entry)
+    def enqueue(self, entry: QueuedStart, *, first: bool = False) -> None:
+        self._queues[entry.user_id].insert(0 if first else len(self._queues[entry.user_id]), entry)
         self._by_conversation[entry.conversation_id] = entry
 
     async def wait(self, entry: QueuedStart, timeout: float) -> Reservation:

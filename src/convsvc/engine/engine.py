@@ -47,6 +47,7 @@ from convsvc.engine.admission import (
     AdmissionQueues,
     QueuedStart,
     Reservation,
+    TooManyConversations,
     victims_for,
 )
 from convsvc.engine.connections import ConnectionRegistry
@@ -267,27 +268,38 @@ class ConversationEngine:
         start_request: StartRequest | None,
         policy: AdmissionPolicy,
     ) -> tuple[ConversationRuntime, bool]:
-        """``_start`` under an admission policy: a ``queue`` start first waits for room."""
-        reservation = None
-        if policy is AdmissionPolicy.QUEUE and not self.runs_here(cid):
-            reservation = await self._wait_for_room(cid, user, agent_name)
-        try:
-            return await self._start(
-                cid,
-                user,
-                agent_name,
-                settings,
-                first_events,
-                key,
-                start_request,
-                policy=policy,
-                reservation=reservation,
-            )
-        finally:
-            self._admission.release(reservation)
+        """``_start`` under an admission policy: a ``queue`` start first waits for room.
+
+        A start of another policy may take the room at the moment a queued one leaves the
+        queue (OpenHands' evict_oldest starts at once); the queued start then waits again,
+        first in line.
+        """
+        first_in_line = False
+        while True:
+            reservation = None
+            if policy is AdmissionPolicy.QUEUE and not self.runs_here(cid):
+                reservation = await self._wait_for_room(cid, user, agent_name, first_in_line)
+            try:
+                return await self._start(
+                    cid,
+                    user,
+                    agent_name,
+                    settings,
+                    first_events,
+                    key,
+                    start_request,
+                    policy=policy,
+                    reservation=reservation,
+                )
+            except TooManyConversations:
+                if reservation is None:
+                    raise
+                first_in_line = True
+            finally:
+                self._admission.release(reservation)
 
     async def _wait_for_room(
-        self, cid: str, user: str | None, agent_name: str
+        self, cid: str, user: str | None, agent_name: str, first_in_line: bool
     ) -> Reservation | None:
         """Queues the start when its user has no room (or others wait already), until it
         is first and there is room; None when it need not wait."""
@@ -301,7 +313,7 @@ class ConversationEngine:
         if stored is not None:
             self._check_owner(stored, user)
             user = stored.user_id
-        if not self._admission.must_wait(user) or self.runs_here(cid):
+        if not (first_in_line or self._admission.must_wait(user)) or self.runs_here(cid):
             return None
         if (already := self._admission.queued(cid)) is not None:  # queued while we read
             await already.left.wait()
@@ -316,7 +328,7 @@ class ConversationEngine:
         )
         if self.runs_here(cid) or self._admission.queued(cid) is not None:
             return None  # started or queued by another call while the log end was read
-        self._admission.enqueue(entry)
+        self._admission.enqueue(entry, first=first_in_line)
         self._publish_queued(
             entry, ChangeKind.CREATED if entry.is_new else ChangeKind.STATUS_CHANGED
         )
@@ -1182,6 +1194,7 @@ class ConversationEngine:
             )
 
         seq = self._changes.resumable_seq(resume_token) if resume_token else None
+        resumed = seq is not None
         if seq is None:
             # Taken in one step with the feed's position: no change falls between them.
             seq = self._changes.last_seq
@@ -1197,7 +1210,7 @@ class ConversationEngine:
             ]
             snapshot.sort(key=lambda w: w.view.conversation_id)
             yield WatchUpdate(snapshot, (), self._changes.token(seq))
-        async for update in self._changes.changes_after(seq, matches):
+        async for update in self._changes.changes_after(seq, matches, resumed=resumed):
             yield update
 
     def heartbeat(self, client_instance_id: str) -> tuple[int, float]:

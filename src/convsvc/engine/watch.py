@@ -110,22 +110,29 @@ class ChangeFeed:
     def _oldest_seq(self) -> int:
         return self._history[0].seq if self._history else self._last_seq + 1
 
-    async def changes_after(self, seq: int, matches: Matches) -> AsyncIterator[WatchUpdate]:
+    async def changes_after(
+        self, seq: int, matches: Matches, *, resumed: bool
+    ) -> AsyncIterator[WatchUpdate]:
         """Every matching change after ``seq``, in batches, forever (or until ``end``).
 
         A watcher that comes back for more while further behind than the lag allows is
-        dropped: what it missed may be about to leave the history.
+        dropped: what it missed may be about to leave the history. (One that resumed is not
+        held to the lag until it has caught up once.)
         """
+        caught_up = not resumed
         while True:
             if self._ended is not None:
                 raise self._ended
-            if self._last_seq - seq > self._max_lag or seq < self._oldest_seq() - 1:
+            behind = self._last_seq - seq
+            # A watcher catching up after a resume is bound by the history alone.
+            if (caught_up and behind > self._max_lag) or seq < self._oldest_seq() - 1:
                 raise WatcherTooSlow(
                     f"the watch fell more than {self._max_lag} changes behind and was dropped; "
                     "resume with the resume_token in this error's metadata",
                     metadata={"resume_token": self.token(seq)},
                 )
             if seq == self._last_seq:
+                caught_up = True
                 await self._wakeup.wait()
                 continue
             start = seq - self._oldest_seq() + 1

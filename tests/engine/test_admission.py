@@ -1,0 +1,237 @@
+"""Admission policies at the per-user limit: evict_oldest (OpenHands'), evict_idle_only,
+reject and queue, set for the server or per start."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from convsvc.agents import EchoAgent
+from convsvc.domain import AdmissionPolicy, ConversationStatus
+from convsvc.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from tests.conftest import EngineHarness
+from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settled
+
+AGENTS = {"busy": BusyAgent, "echo": EchoAgent}
+BUSY = {"action": "message", "args": {"content": "work"}}
+
+
+async def running_ids(engine, user: str = "alice") -> set[str]:
+    return {v.conversation_id for v in engine.list_conversations(user_id=user)[0]}
+
+
+async def make_busy(engine, cid: str, policy: AdmissionPolicy | None = None) -> None:
+    """A conversation whose agent is running (until BusyAgent.release is set)."""
+    await engine.start_conversation(
+        conversation_id=cid, user_id="alice", agent="busy", admission_policy=policy
+    )
+    await settled(engine, cid)
+    await engine.send_event(conversation_id=cid, user_id="alice", event=BUSY)
+    await engine_events_until(engine, cid, agent_state_is("running"))
+
+
+async def until_queued(watch, cid: str, position: int) -> None:
+    """Reads the engine's watch until ``cid`` is queued at ``position``."""
+    async with asyncio.timeout(10):
+        async for update in watch:
+            for change in update.changes or ():
+                view = change.watched.view
+                if view.conversation_id == cid and view.queue_position == position:
+                    return
+
+
+@pytest.fixture
+async def busy_engine(make_engine):
+    BusyAgent.release = asyncio.Event()
+    harness: EngineHarness = await make_engine(max_concurrent_conversations=2, agents=AGENTS)
+    yield harness.engine
+    BusyAgent.release.set()
+
+
+async def test_reject_stops_nothing_and_names_the_limit_and_the_running_ids(busy_engine) -> None:
+    engine = busy_engine
+    for cid in ("a", "b"):
+        await engine.start_conversation(conversation_id=cid, user_id="alice")
+
+    with pytest.raises(ResourceExhausted) as caught:
+        await engine.start_conversation(
+            conversation_id="c", user_id="alice", admission_policy=AdmissionPolicy.REJECT
+        )
+
+    assert caught.value.reason == "TOO_MANY_CONVERSATIONS"
+    assert caught.value.metadata == {"limit": "2", "running_conversation_ids": "a,b"}
+    assert await running_ids(engine) == {"a", "b"}
+    with pytest.raises(NotFound):  # the refused start created nothing
+        await engine.get_conversation("c")
+    # Another user has room of their own.
+    await engine.start_conversation(
+        conversation_id="d", user_id="bob", admission_policy=AdmissionPolicy.REJECT
+    )
+
+
+async def test_evict_idle_only_stops_an_idle_loop_but_never_a_running_agent(busy_engine) -> None:
+    engine = busy_engine
+    await make_busy(engine, "working")
+    await engine.start_conversation(conversation_id="idle", user_id="alice")
+    await settled(engine, "idle")
+
+    # The idle loop is the one this policy may stop, though "working" is older.
+    await make_busy(engine, "new", AdmissionPolicy.EVICT_IDLE_ONLY)
+    assert await running_ids(engine) == {"working", "new"}
+    assert (await engine.get_conversation("idle")).status is ConversationStatus.STOPPED
+
+    # Every slot's agent is running now: nothing may stop.
+    with pytest.raises(ResourceExhausted) as caught:
+        await engine.start_conversation(
+            conversation_id="third",
+            user_id="alice",
+            admission_policy=AdmissionPolicy.EVICT_IDLE_ONLY,
+        )
+    assert caught.value.reason == "TOO_MANY_CONVERSATIONS"
+    assert caught.value.metadata == {"limit": "2", "running_conversation_ids": "new,working"}
+    assert await running_ids(engine) == {"working", "new"}
+
+    # OpenHands' policy stops one of them all the same.
+    await engine.start_conversation(conversation_id="third", user_id="alice")
+    running = await running_ids(engine)
+    assert len(running) == 2 and "third" in running
+
+
+async def test_the_server_policy_applies_to_starts_and_joins_that_name_none(make_engine) -> None:
+    harness: EngineHarness = await make_engine(
+        max_concurrent_conversations=1, admission_policy="reject"
+    )
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="a", user_id="alice")
+    with pytest.raises(ResourceExhausted):
+        await engine.join_conversation(conversation_id="b", connection_id="s", user_id="alice")
+    # A start may still ask for OpenHands' behaviour.
+    await engine.start_conversation(
+        conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.EVICT_OLDEST
+    )
+    assert await running_ids(engine) == {"b"}
+
+
+async def test_queued_starts_wait_in_order_with_their_position_visible(make_engine) -> None:
+    harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="a", user_id="alice")
+    watch = engine.watch_conversations(user_id="alice")
+    assert [w.view.conversation_id for w in (await anext(watch)).snapshot] == ["a"]
+
+    def queue(cid: str) -> asyncio.Task:
+        return asyncio.create_task(
+            engine.start_conversation(
+                conversation_id=cid, user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+            )
+        )
+
+    b = queue("b")
+    change = (await anext(watch)).changes[0]
+    assert (change.kind, change.watched.view.status) == ("created", ConversationStatus.QUEUED)
+    c = queue("c")
+    await anext(watch)
+    view = await engine.get_conversation("c", "alice")
+    assert (view.status, view.queue_position) == (ConversationStatus.QUEUED, 2)
+    assert (await engine.get_conversation("b")).queue_position == 1
+    with pytest.raises(NotFound):  # a queued start is as private as a running one
+        await engine.get_conversation("b", "bob")
+    assert await running_ids(engine) == {"a"}  # the list holds what runs, not what waits
+
+    await engine.close_conversation(conversation_id="a")
+
+    started = await asyncio.wait_for(b, 10)
+    assert started.status in (ConversationStatus.STARTING, ConversationStatus.RUNNING)
+    assert not c.done()
+    view = await engine.get_conversation("c")
+    assert (view.status, view.queue_position) == (ConversationStatus.QUEUED, 1)
+    seen = []
+    while not any(
+        ch.watched.view.conversation_id == "c" and ch.kind == "queue_position_changed"
+        for ch in seen
+    ):
+        seen += (await asyncio.wait_for(anext(watch), 10)).changes
+    assert [ch.kind for ch in seen if ch.watched.view.conversation_id == "a"][-1] == "closed"
+
+    await engine.close_conversation(conversation_id="b")
+    await asyncio.wait_for(c, 10)
+    assert await running_ids(engine) == {"c"}
+    await watch.aclose()
+
+
+async def test_a_queued_start_gives_up_at_the_queue_timeout(make_engine) -> None:
+    harness: EngineHarness = await make_engine(
+        max_concurrent_conversations=1, queue_timeout_seconds=0.2
+    )
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="a", user_id="alice")
+
+    with pytest.raises(DeadlineExceeded) as caught:
+        await engine.start_conversation(
+            conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+        )
+
+    assert caught.value.reason == "ADMISSION_QUEUE_TIMEOUT"
+    with pytest.raises(NotFound):  # it left the queue and never existed
+        await engine.get_conversation("b")
+
+
+async def test_a_cancelled_queued_start_leaves_the_queue_and_the_next_moves_up(
+    make_engine,
+) -> None:
+    harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="a", user_id="alice")
+    watch = engine.watch_conversations()
+    first = asyncio.create_task(
+        engine.start_conversation(
+            conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+        )
+    )
+    second = asyncio.create_task(
+        engine.start_conversation(
+            conversation_id="c", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+        )
+    )
+    await until_queued(watch, "c", 2)
+
+    first.cancel()  # a caller's deadline passing cancels its wait the same way
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    assert (await engine.get_conversation("c")).queue_position == 1
+    await engine.close_conversation(conversation_id="a")
+    await asyncio.wait_for(second, 10)
+    assert await running_ids(engine) == {"c"}
+    await watch.aclose()
+
+
+async def test_a_queued_start_whose_room_another_policy_took_waits_again_first_in_line(
+    make_engine,
+) -> None:
+    harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="a", user_id="alice")
+    watch = engine.watch_conversations()
+    queued = asyncio.create_task(
+        engine.start_conversation(
+            conversation_id="q", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+        )
+    )
+    await until_queued(watch, "q", 1)
+    await watch.aclose()
+
+    # "a" stops, and an evict_oldest start arrives while "q" reads its log end.
+    await asyncio.gather(
+        engine.close_conversation(conversation_id="a"),
+        engine.start_conversation(conversation_id="late", user_id="alice"),
+    )
+
+    # Never two at once; "q" either runs or waits first in line.
+    assert len(await running_ids(engine)) == 1
+    if not queued.done():
+        assert (await engine.get_conversation("q")).queue_position == 1
+        await engine.close_conversation(conversation_id="late")
+    await asyncio.wait_for(queued, 10)
+    assert await running_ids(engine) == {"q"}
