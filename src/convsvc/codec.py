@@ -102,6 +102,11 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def encode_message_field(field_number: int, encoded_message: bytes) -> bytes:
+    """The bytes of a message field (length-delimited) holding an already encoded message."""
+    return _varint(field_number << 3 | 2) + _varint(len(encoded_message)) + encoded_message
+
+
 def encode_event_batch(encoded_events: list[bytes]) -> bytes:
     """Builds the bytes of a message whose field 1 is ``repeated Event`` from encoded events.
 

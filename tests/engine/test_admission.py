@@ -38,6 +38,7 @@ async def until_queued(watch, cid: str, position: int) -> None:
             for change in update.changes or ():
                 view = change.watched.view
                 if view.conversation_id == cid and view.queue_position == position:
+                    assert view.status is ConversationStatus.QUEUED
                     return
 
 
@@ -128,10 +129,9 @@ async def test_queued_starts_wait_in_order_with_their_position_visible(make_engi
         )
 
     b = queue("b")
-    change = (await anext(watch)).changes[0]
-    assert (change.kind, change.watched.view.status) == ("created", ConversationStatus.QUEUED)
+    await until_queued(watch, "b", 1)
     c = queue("c")
-    await anext(watch)
+    await until_queued(watch, "c", 2)
     view = await engine.get_conversation("c", "alice")
     assert (view.status, view.queue_position) == (ConversationStatus.QUEUED, 2)
     assert (await engine.get_conversation("b")).queue_position == 1

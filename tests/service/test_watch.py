@@ -22,6 +22,7 @@ class Watch:
     def __init__(self, stub, **request) -> None:
         self.call = stub.WatchConversations(pb.WatchConversationsRequest(**request))
         self.token = ""
+        self.pending: list[pb.ConversationChange] = []
 
     async def next(self) -> pb.WatchConversationsResponse:
         response = await asyncio.wait_for(self.call.read(), 10)
@@ -40,14 +41,20 @@ class Watch:
                 return seen
 
     async def changes_until(self, kind: int, cid: str) -> list[pb.ConversationChange]:
-        changes: list[pb.ConversationChange] = []
-        while not any(
-            c.kind == kind and c.watched.conversation.conversation_id == cid for c in changes
-        ):
+        """Changes up to the first of ``kind`` for ``cid``; later ones are kept for the
+        next call."""
+        changes = self.pending
+        while not any(self._is(c, kind, cid) for c in changes):
             response = await self.next()
             assert not response.snapshot and not response.snapshot_complete
             changes += response.changes
-        return changes
+        end = next(i for i, c in enumerate(changes) if self._is(c, kind, cid)) + 1
+        self.pending = changes[end:]
+        return changes[:end]
+
+    @staticmethod
+    def _is(change: pb.ConversationChange, kind: int, cid: str) -> bool:
+        return change.kind == kind and change.watched.conversation.conversation_id == cid
 
 
 async def test_snapshot_then_every_change_of_a_conversation_life(stub) -> None:
@@ -62,6 +69,7 @@ async def test_snapshot_then_every_change_of_a_conversation_life(stub) -> None:
 
     await stub.StartConversation(pb.StartConversationRequest(conversation_id="c1", user_id="alice"))
     changes = await watch.changes_until(KIND.CONVERSATION_CHANGE_KIND_STATUS_CHANGED, "c1")
+    changes = [c for c in changes if c.watched.conversation.conversation_id == "c1"]
     created = changes[0]
     assert created.kind == KIND.CONVERSATION_CHANGE_KIND_CREATED
     assert created.watched.conversation.status == pb.CONVERSATION_STATUS_STARTING
@@ -79,7 +87,12 @@ async def test_snapshot_then_every_change_of_a_conversation_life(stub) -> None:
     states = []
     while "awaiting_user_input" not in states[1:]:
         changes = await watch.changes_until(KIND.CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED, "c1")
-        states += [c.watched.conversation.agent_state for c in changes]
+        states += [
+            c.watched.conversation.agent_state
+            for c in changes
+            if c.watched.conversation.conversation_id == "c1"
+            and c.kind == KIND.CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED
+        ]
     assert states[-2:] == ["running", "awaiting_user_input"]
 
     await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from convsvc.codec import encode_message_field
 from convsvc.domain import StoredEvent
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import ConvsvcError, InvalidArgument
@@ -35,8 +36,8 @@ OUTBOX_MESSAGES = 64
 DRAIN_SECONDS = 10.0
 """After the client's last send: how long the stream waits for the events its sends
 appended to go out before it ends anyway."""
-_EVENTS_FIELD = 2
-"""ConnectResponse.events: stream messages are relayed as this field, not re-encoded."""
+_EVENTS_FIELD = pb.ConnectResponse.EVENTS_FIELD_NUMBER
+"""Stream messages are relayed as this field of ConnectResponse, not re-encoded."""
 
 
 class ConnectHost(Protocol):
@@ -58,17 +59,6 @@ class ConnectHost(Protocol):
 def _as(message_type: Any, answer: Any) -> Any:
     """A servicer answer as a message (a forwarded one arrives as the owner's bytes)."""
     return message_type.FromString(answer) if isinstance(answer, bytes) else answer
-
-
-def _wrap_events(stream_message: bytes) -> bytes:
-    # A length-delimited field: tag, length as a varint, then the bytes.
-    header = bytearray([(_EVENTS_FIELD << 3) | 2])
-    length = len(stream_message)
-    while length >= 0x80:
-        header.append((length & 0x7F) | 0x80)
-        length >>= 7
-    header.append(length)
-    return bytes(header) + stream_message
 
 
 _END = object()
@@ -158,7 +148,7 @@ class ConnectSession:
     async def _pump_events(self, request: pb.StreamEventsRequest) -> None:
         async for items in self._host.stream_items(request, self._context):
             for message in stream_items_to_bytes(items):
-                await self._outbox.put(_wrap_events(message))
+                await self._outbox.put(encode_message_field(_EVENTS_FIELD, message))
             ids = [item.id for item in items if isinstance(item, StoredEvent)]
             if ids:
                 self._delivered = ids[-1]
@@ -169,7 +159,7 @@ class ConnectSession:
         async for request in requests:
             result = await self._send(request)
             last_appended = max(last_appended, result.event_id)
-            await self._outbox.put(result.SerializeToString())
+            await self._outbox.put(pb.ConnectResponse(send_result=result).SerializeToString())
         # The client ended its side: the events its sends appended go out before the end.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_SECONDS):
