@@ -88,7 +88,7 @@ async def engine(make_engine: Callable[..., Any]) -> EngineHarness:
 async def running_app(data_dir: Path, **settings: Any) -> AsyncIterator[ConvsvcApp]:
     """A ConvsvcApp serving on 127.0.0.1:0 in this process."""
     app = ConvsvcApp(
-        Settings(listen="127.0.0.1:0", data_dir=data_dir, use_uvloop=False, **settings)
+        Settings(**{"listen": "127.0.0.1:0", "data_dir": data_dir, "use_uvloop": False, **settings})
     )
     await app.start()
     try:

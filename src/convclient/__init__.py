@@ -3,6 +3,7 @@ dependency. The OpenHands adapter lives in ``convclient.openhands``."""
 
 from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
+from convclient.connect import AsyncConnectSession, ConnectSession
 from convclient.errors import (
     AlreadyExistsError,
     ConvsvcClientError,
@@ -15,23 +16,33 @@ from convclient.errors import (
     UnauthenticatedError,
 )
 from convclient.models import (
+    AdmissionPolicy,
+    ChangeKind,
     Connection,
     Conversation,
+    ConversationChange,
     ConversationStatus,
     Event,
     EventBatch,
     HeartbeatResult,
     Page,
     SendResult,
+    WatchedConversation,
+    WatchUpdate,
 )
 from convclient.sync_client import ConvsvcClient
 
 __all__ = [
+    "AdmissionPolicy",
     "AlreadyExistsError",
+    "AsyncConnectSession",
     "AsyncConvsvcClient",
+    "ChangeKind",
     "ClientSettings",
+    "ConnectSession",
     "Connection",
     "Conversation",
+    "ConversationChange",
     "ConversationStatus",
     "ConvsvcClient",
     "ConvsvcClientError",
@@ -47,4 +58,6 @@ __all__ = [
     "SendResult",
     "ServiceUnavailableError",
     "UnauthenticatedError",
+    "WatchUpdate",
+    "WatchedConversation",
 ]

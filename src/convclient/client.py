@@ -3,10 +3,8 @@ errors, plus event tails that survive a service restart."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
@@ -14,19 +12,16 @@ import grpc
 from convclient import channel as channels
 from convclient import convert, requests
 from convclient.config import ClientSettings
-from convclient.errors import ConvsvcClientError, ServiceUnavailableError, from_rpc_error
-from convclient.models import Connection, Conversation, Event, EventBatch, Page
+from convclient.connect import AsyncConnectSession, open_request
+from convclient.errors import ConvsvcClientError, from_rpc_error
+from convclient.models import Connection, Conversation, Event, EventBatch, Page, WatchUpdate
+from convclient.reconnect import RESUMABLE, Reconnects
+from convclient.watch import WatchReader
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-# Stream failures after which a tail reconnects and resumes by id: the service went away or
-# is shutting down (UNAVAILABLE), or dropped this stream for falling behind.
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_RECONNECT_FIRST_DELAY = 0.1
-_RECONNECT_MAX_DELAY = 2.0
 
 
 def _unary(
@@ -182,8 +177,11 @@ class AsyncConvsvcClient:
         up with ServiceUnavailableError after ``stream_reconnect_seconds`` without success.
         """
         next_id = start_id
-        failing_since: float | None = None
-        delay = _RECONNECT_FIRST_DELAY
+        reconnects = Reconnects(
+            f"the event stream of {conversation_id}",
+            self.settings.address,
+            self.settings.stream_reconnect_seconds,
+        )
         while True:
             call = self._stub.StreamEvents(
                 requests.stream_events(
@@ -197,7 +195,7 @@ class AsyncConvsvcClient:
             failure: grpc.aio.AioRpcError | None = None
             try:
                 async for response in call:
-                    failing_since, delay = None, _RECONNECT_FIRST_DELAY
+                    reconnects.succeeded()
                     batch = convert.event_batch(response)
                     fresh = [event for event in batch.events if event.id >= next_id]
                     if fresh:
@@ -205,21 +203,73 @@ class AsyncConvsvcClient:
                     if fresh or batch.status_update is not None:
                         yield EventBatch(events=fresh, status_update=batch.status_update)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RESUMABLE:
+                if exc.code() not in RESUMABLE:
                     raise self._error(exc) from None
                 failure = exc
             finally:
                 call.cancel()
-            now = time.monotonic()
-            failing_since = failing_since if failing_since is not None else now
-            if now - failing_since >= self.settings.stream_reconnect_seconds:
-                cause = f": {failure.details()}" if failure is not None else ""
-                raise ServiceUnavailableError(
-                    f"lost the event stream of {conversation_id} at {self.settings.address} and "
-                    f"could not resume it within {self.settings.stream_reconnect_seconds:g} s"
-                    f"{cause}",
-                    code=grpc.StatusCode.UNAVAILABLE,
-                    reason="STREAM_LOST",
-                )
-            await asyncio.sleep(delay)  # back off before reconnecting
-            delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+            await reconnects.wait(failure)
+
+    async def watch_conversations(
+        self,
+        *,
+        user_id: str = "",
+        conversation_ids: Iterable[str] = (),
+        resume_token: str = "",
+    ) -> AsyncIterator[WatchUpdate]:
+        """A snapshot of the queued, starting and running conversations that match, then
+        their changes; never ends by itself.
+
+        Like ``tail_events`` it reconnects when the stream breaks and resumes after the last
+        update yielded. When the service cannot resume (it restarted) it yields a new
+        snapshot: an update with ``snapshot`` set always replaces what the caller knew.
+        """
+        wanted = list(conversation_ids)
+        reader = WatchReader(resume_token)
+        reconnects = Reconnects(
+            "the conversation watch", self.settings.address, self.settings.stream_reconnect_seconds
+        )
+        while True:
+            call = self._stub.WatchConversations(
+                reader.request(user_id, wanted), metadata=self._metadata
+            )
+            failure: grpc.aio.AioRpcError | None = None
+            try:
+                async for response in call:
+                    reconnects.succeeded()
+                    if (update := reader.read(response)) is not None:
+                        yield update
+            except grpc.aio.AioRpcError as exc:
+                error = self._error(exc)
+                if exc.code() not in RESUMABLE:
+                    raise error from None
+                reader.failed(exc, error.metadata)
+                failure = exc
+            finally:
+                call.cancel()
+            await reconnects.wait(failure)
+
+    def connect(
+        self,
+        conversation_id: str,
+        *,
+        connection_id: str = "",
+        user_id: str = "",
+        settings: Mapping[str, Any] | None = None,
+        start_id: int | None = None,
+        max_batch_size: int = 0,
+    ) -> AsyncConnectSession:
+        """One stream for one connection: ``async with client.connect("c1") as session``,
+        then ``await session.send(event)`` and ``async for batch in session.events()``.
+        ``start_id``: the first event id to receive (only new events when None)."""
+        opening = open_request(
+            conversation_id,
+            connection_id=connection_id,
+            user_id=user_id,
+            settings=settings,
+            start_id=start_id,
+            max_batch_size=max_batch_size,
+        )
+        return AsyncConnectSession(
+            self._stub.Connect(metadata=self._metadata), opening, self._error
+        )

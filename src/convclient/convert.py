@@ -9,11 +9,15 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from convclient.models import (
+    AdmissionPolicy,
+    ChangeKind,
     Connection,
     Conversation,
+    ConversationChange,
     ConversationStatus,
     Event,
     EventBatch,
+    WatchedConversation,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
 
@@ -21,6 +25,21 @@ _STATUS = {
     pb.CONVERSATION_STATUS_STARTING: ConversationStatus.STARTING,
     pb.CONVERSATION_STATUS_RUNNING: ConversationStatus.RUNNING,
     pb.CONVERSATION_STATUS_STOPPED: ConversationStatus.STOPPED,
+    pb.CONVERSATION_STATUS_QUEUED: ConversationStatus.QUEUED,
+}
+_CHANGE_KIND = {
+    pb.CONVERSATION_CHANGE_KIND_CREATED: ChangeKind.CREATED,
+    pb.CONVERSATION_CHANGE_KIND_STATUS_CHANGED: ChangeKind.STATUS_CHANGED,
+    pb.CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED: ChangeKind.AGENT_STATE_CHANGED,
+    pb.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ChangeKind.CONNECTIONS_CHANGED,
+    pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ChangeKind.QUEUE_POSITION_CHANGED,
+    pb.CONVERSATION_CHANGE_KIND_CLOSED: ChangeKind.CLOSED,
+}
+ADMISSION_POLICY = {
+    AdmissionPolicy.EVICT_OLDEST: pb.ADMISSION_POLICY_EVICT_OLDEST,
+    AdmissionPolicy.EVICT_IDLE_ONLY: pb.ADMISSION_POLICY_EVICT_IDLE_ONLY,
+    AdmissionPolicy.REJECT: pb.ADMISSION_POLICY_REJECT,
+    AdmissionPolicy.QUEUE: pb.ADMISSION_POLICY_QUEUE,
 }
 _KIND = {pb.EVENT_KIND_ACTION: "action", pb.EVENT_KIND_OBSERVATION: "observation"}
 
@@ -52,7 +71,7 @@ def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     return {key: _value(value) for key, value in struct.fields.items()}
 
 
-def _time(message: pb.Conversation, field: str) -> datetime | None:
+def _time(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
@@ -70,6 +89,7 @@ def conversation(message: pb.Conversation) -> Conversation:
         create_time=_time(message, "create_time"),
         last_active_time=_time(message, "last_active_time"),
         connection_count=message.connection_count,
+        queue_position=message.queue_position,
     )
 
 
@@ -100,4 +120,21 @@ def event_batch(message: pb.StreamEventsResponse) -> EventBatch:
         status_update=from_struct(message.status_update)
         if message.HasField("status_update")
         else None,
+    )
+
+
+def watched(message: pb.WatchedConversation) -> WatchedConversation:
+    return WatchedConversation(
+        conversation=conversation(message.conversation),
+        connection_ids=list(message.connection_ids),
+    )
+
+
+def change(message: pb.ConversationChange) -> ConversationChange | None:
+    """None for a kind this client does not know (a newer server's)."""
+    kind = _CHANGE_KIND.get(message.kind)
+    if kind is None:
+        return None
+    return ConversationChange(
+        kind=kind, watched=watched(message.watched), change_time=_time(message, "change_time")
     )

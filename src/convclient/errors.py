@@ -94,6 +94,15 @@ def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+def error_for_code(
+    code: grpc.StatusCode, message: str, *, reason: str = "", metadata: dict[str, str] | None = None
+) -> ConvsvcClientError:
+    """The typed error for a status code (e.g. a send's failure inside a stream)."""
+    return _BY_CODE.get(code, ConvsvcClientError)(
+        message, code=code, reason=reason, metadata=metadata
+    )
+
+
 def from_rpc_error(error: grpc.RpcError, *, address: str, timeout: float) -> ConvsvcClientError:
     """The typed error for a failed call, with a message a person can act on."""
     call: Any = error
@@ -102,12 +111,10 @@ def from_rpc_error(error: grpc.RpcError, *, address: str, timeout: float) -> Con
     info = _error_info(error)
     reason = info.reason if info is not None else ""
     metadata = dict(info.metadata) if info is not None else {}
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason:
         message = f"convsvc at {address} did not answer within {timeout:g} s"
     elif code == grpc.StatusCode.UNAVAILABLE and not reason:
         message = f"convsvc at {address} is unreachable: {details}"
     else:
         message = details or code.name
-    return _BY_CODE.get(code, ConvsvcClientError)(
-        message, code=code, reason=reason, metadata=metadata
-    )
+    return error_for_code(code, message, reason=reason, metadata=metadata)

@@ -19,6 +19,21 @@ class ConversationStatus(StrEnum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     STOPPED = "STOPPED"
+    QUEUED = "QUEUED"
+    """A start waiting for room under the per-user limit (admission policy ``queue``)."""
+
+
+class AdmissionPolicy(StrEnum):
+    """What a start does when its user runs as many conversations as the limit allows."""
+
+    EVICT_OLDEST = "evict_oldest"
+    """OpenHands' behaviour: the least recently active stop to make room."""
+    EVICT_IDLE_ONLY = "evict_idle_only"
+    """Only loops whose agent is not running may stop; else ResourceExhaustedError."""
+    REJECT = "reject"
+    """Nothing stops: ResourceExhaustedError (reason TOO_MANY_CONVERSATIONS)."""
+    QUEUE = "queue"
+    """The start waits for room (status QUEUED, with its position), up to its deadline."""
 
 
 class Conversation(_Model):
@@ -35,6 +50,8 @@ class Conversation(_Model):
     create_time: datetime | None = None
     last_active_time: datetime | None = None
     connection_count: int = 0
+    queue_position: int = 0
+    """For a QUEUED start: 1 for the next to run; otherwise 0."""
 
 
 class Connection(_Model):
@@ -82,3 +99,33 @@ class SendResult(_Model):
 class HeartbeatResult(_Model):
     connection_count: int
     ttl_seconds: float
+
+
+class ChangeKind(StrEnum):
+    CREATED = "CREATED"
+    STATUS_CHANGED = "STATUS_CHANGED"
+    AGENT_STATE_CHANGED = "AGENT_STATE_CHANGED"
+    CONNECTIONS_CHANGED = "CONNECTIONS_CHANGED"
+    QUEUE_POSITION_CHANGED = "QUEUE_POSITION_CHANGED"
+    CLOSED = "CLOSED"
+    """The loop stopped (or its queued start gave up): forget it until it appears again."""
+
+
+class WatchedConversation(_Model):
+    conversation: Conversation
+    connection_ids: list[str] = Field(default_factory=list)
+
+
+class ConversationChange(_Model):
+    kind: ChangeKind
+    watched: WatchedConversation
+    change_time: datetime | None = None
+
+
+class WatchUpdate(_Model):
+    """What a watch yields: a whole snapshot (replace what you knew) or changes in order."""
+
+    snapshot: list[WatchedConversation] | None = None
+    changes: list[ConversationChange] = Field(default_factory=list)
+    resume_token: str = ""
+    """Pass to watch_conversations to continue after this update."""

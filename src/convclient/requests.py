@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from convclient import convert
-from convclient.models import Connection, Conversation, Event, HeartbeatResult, Page, SendResult
+from convclient.models import (
+    AdmissionPolicy,
+    Connection,
+    Conversation,
+    Event,
+    HeartbeatResult,
+    Page,
+    SendResult,
+)
 from convsvc.v1 import conversation_service_pb2 as pb
 
 R = TypeVar("R")
@@ -37,8 +45,12 @@ def start_conversation(
     initial_user_message: JsonMapping | None = None,
     replay_events: Sequence[JsonMapping] = (),
     request_id: str | None = None,
+    admission_policy: AdmissionPolicy | str | None = None,
 ) -> Prepared[Conversation]:
-    """Starts the conversation, or returns it when it runs already (idempotent)."""
+    """Starts the conversation, or returns it when it runs already (idempotent).
+
+    ``admission_policy``: what to do at the user's limit (the server's policy when None).
+    """
     request = pb.StartConversationRequest(
         conversation_id=conversation_id,
         user_id=user_id,
@@ -46,6 +58,8 @@ def start_conversation(
         replay_events=[convert.to_struct(e) for e in replay_events],
         request_id=request_id or new_request_id(),
     )
+    if admission_policy is not None:
+        request.admission_policy = convert.ADMISSION_POLICY[AdmissionPolicy(admission_policy)]
     if settings is not None:
         request.settings.CopyFrom(convert.to_struct(settings))
     if initial_user_message is not None:

@@ -3,7 +3,7 @@ synchronously). Same calls, deadlines, retries and errors as the async client.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
@@ -11,8 +11,11 @@ import grpc
 from convclient import channel as channels
 from convclient import requests
 from convclient.config import ClientSettings
-from convclient.errors import from_rpc_error
-from convclient.models import Event
+from convclient.connect import ConnectSession, open_request
+from convclient.errors import ConvsvcClientError, from_rpc_error
+from convclient.models import Event, WatchUpdate
+from convclient.reconnect import RESUMABLE, Reconnects
+from convclient.watch import WatchReader
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
 P = ParamSpec("P")
@@ -64,9 +67,7 @@ class ConvsvcClient:
                 prepared.request, timeout=self.settings.timeout_seconds, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(
-                exc, address=self.settings.address, timeout=self.settings.timeout_seconds
-            ) from None
+            raise self._error(exc) from None
         return prepared.read(response)
 
     start_conversation = _unary(requests.start_conversation)
@@ -80,6 +81,70 @@ class ConvsvcClient:
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
     complete_with_agent_llm = _unary(requests.complete_with_agent_llm)
+
+    def watch_conversations(
+        self,
+        *,
+        user_id: str = "",
+        conversation_ids: Iterable[str] = (),
+        resume_token: str = "",
+    ) -> Iterator[WatchUpdate]:
+        """As AsyncConvsvcClient.watch_conversations, blocking: a snapshot, then changes,
+        resumed across reconnects; never ends by itself (close the generator to stop)."""
+        wanted = list(conversation_ids)
+        reader = WatchReader(resume_token)
+        reconnects = Reconnects(
+            "the conversation watch", self.settings.address, self.settings.stream_reconnect_seconds
+        )
+        while True:
+            call = self._stub.WatchConversations(
+                reader.request(user_id, wanted), metadata=self._metadata
+            )
+            failure: grpc.RpcError | None = None
+            try:
+                for response in call:
+                    reconnects.succeeded()
+                    if (update := reader.read(response)) is not None:
+                        yield update
+            except grpc.RpcError as exc:
+                error = self._error(exc)
+                if exc.code() not in RESUMABLE:  # type: ignore[attr-defined]
+                    raise error from None
+                reader.failed(exc, error.metadata)
+                failure = exc
+            finally:
+                call.cancel()
+            reconnects.wait_blocking(failure)
+
+    def connect(
+        self,
+        conversation_id: str,
+        *,
+        connection_id: str = "",
+        user_id: str = "",
+        settings: Mapping[str, Any] | None = None,
+        start_id: int | None = None,
+        max_batch_size: int = 0,
+    ) -> ConnectSession:
+        """As AsyncConvsvcClient.connect, blocking: ``with client.connect("c1") as session``."""
+        opening = open_request(
+            conversation_id,
+            connection_id=connection_id,
+            user_id=user_id,
+            settings=settings,
+            start_id=start_id,
+            max_batch_size=max_batch_size,
+        )
+        return ConnectSession(
+            lambda requests: self._stub.Connect(requests, metadata=self._metadata),
+            opening,
+            self._error,
+        )
+
+    def _error(self, exc: grpc.RpcError) -> ConvsvcClientError:
+        return from_rpc_error(
+            exc, address=self.settings.address, timeout=self.settings.timeout_seconds
+        )
 
     def iter_events(
         self,

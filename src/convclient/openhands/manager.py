@@ -49,6 +49,8 @@ _STATUS = {
     ConversationStatus.STARTING: OpenHandsStatus.STARTING,
     ConversationStatus.RUNNING: OpenHandsStatus.RUNNING,
     ConversationStatus.STOPPED: OpenHandsStatus.STOPPED,
+    # OpenHands has no queue: a start that waits for room is still starting to its eyes.
+    ConversationStatus.QUEUED: OpenHandsStatus.STARTING,
 }
 # Secret containers pydantic cannot dump as JSON; sent in their own shape (see below).
 _SECRET_CONTAINERS = {"secrets_store", "git_provider_tokens", "custom_secrets"}
