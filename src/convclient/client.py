@@ -216,6 +216,7 @@ class AsyncConvsvcClient:
         user_id: str = "",
         conversation_ids: Iterable[str] = (),
         resume_token: str = "",
+        on_interrupted: Callable[[], None] | None = None,
     ) -> AsyncIterator[WatchUpdate]:
         """A snapshot of the queued, starting and running conversations that match, then
         their changes; never ends by itself.
@@ -223,6 +224,8 @@ class AsyncConvsvcClient:
         Like ``tail_events`` it reconnects when the stream breaks and resumes after the last
         update yielded. When the service cannot resume (it restarted) it yields a new
         snapshot: an update with ``snapshot`` set always replaces what the caller knew.
+        ``on_interrupted`` is called when the stream breaks, before reconnecting (what the
+        caller knew may then be stale until the next update).
         """
         wanted = list(conversation_ids)
         reader = WatchReader(resume_token)
@@ -247,6 +250,8 @@ class AsyncConvsvcClient:
                 failure = exc
             finally:
                 call.cancel()
+            if on_interrupted is not None:
+                on_interrupted()
             await reconnects.wait(failure)
 
     def connect(

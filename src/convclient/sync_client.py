@@ -88,6 +88,7 @@ class ConvsvcClient:
         user_id: str = "",
         conversation_ids: Iterable[str] = (),
         resume_token: str = "",
+        on_interrupted: Callable[[], None] | None = None,
     ) -> Iterator[WatchUpdate]:
         """As AsyncConvsvcClient.watch_conversations, blocking: a snapshot, then changes,
         resumed across reconnects; never ends by itself (close the generator to stop)."""
@@ -114,6 +115,8 @@ class ConvsvcClient:
                 failure = exc
             finally:
                 call.cancel()
+            if on_interrupted is not None:
+                on_interrupted()
             reconnects.wait_blocking(failure)
 
     def connect(

@@ -128,6 +128,38 @@ async def test_attach_gives_routes_the_remote_event_stream(
     assert await manager.attach_to_conversation("no-such-conversation") is None
 
 
+async def test_lists_are_answered_from_the_watched_copy_with_reads_of_own_writes(
+    manager: RemoteConversationManager, convsvc: Convsvc
+) -> None:
+    await asyncio.wait_for(manager.mirror.wait_live(), 10)
+    list_calls = 0
+    list_conversations = manager.client.list_conversations
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal list_calls
+        list_calls += 1
+        return await list_conversations(*args, **kwargs)
+
+    manager.client.list_conversations = counted  # type: ignore[method-assign]
+
+    # Another web process starts and joins a conversation: this one learns it by the watch.
+    async with AsyncConvsvcClient(address=convsvc.address) as other:
+        await other.join_conversation("elsewhere", "sock-x", user_id="carol")
+    async with asyncio.timeout(10):
+        while await manager.get_connections(user_id="carol") != {"sock-x": "elsewhere"}:
+            await manager.mirror.settle(lambda m: m.has_connection("elsewhere", "sock-x"))
+    assert await manager.get_running_agent_loops(user_id="carol") == {"elsewhere"}
+
+    # Its own start and close are seen by its very next read.
+    await manager.maybe_start_agent_loop("mine", Settings(), "dora")
+    assert await manager.get_running_agent_loops(user_id="dora") == {"mine"}
+    [info] = await manager.get_agent_loop_info(user_id="dora")
+    assert info.conversation_id == "mine"
+    await manager.close_session("mine")
+    assert await manager.get_running_agent_loops(user_id="dora") == set()
+    assert list_calls == 0  # none of these answers needed a list call
+
+
 def test_settings_reach_the_service_with_their_secrets() -> None:
     dumped = settings_to_json(Settings(llm_model="m", llm_api_key=SecretStr(LLM_KEY)))
     assert dumped["llm_api_key"] == LLM_KEY  # the service redacts it before storing or logging

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +33,7 @@ from pydantic import SecretStr
 from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
 from convclient.errors import ConvsvcClientError, NotFoundError
+from convclient.mirror import ConversationMirror
 from convclient.models import Conversation, ConversationStatus
 from convclient.openhands.compat import replays_through_join
 from convclient.openhands.conversation import RemoteConversation
@@ -144,6 +146,7 @@ class RemoteConversationManager(ConversationManager):
         self._joins: dict[str, _Join] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._followers: dict[str, MetadataFollower] = {}
+        self._mirror: ConversationMirror | None = None
 
     @classmethod
     def get_instance(
@@ -160,6 +163,10 @@ class RemoteConversationManager(ConversationManager):
         self._client = AsyncConvsvcClient(self.client_settings)
         self._sync_client = ConvsvcClient(self.client_settings)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="convsvc-heartbeat")
+        # What OpenHands asks again and again (which loops run, which connections exist) is
+        # answered from a copy the service keeps current, instead of a call per question.
+        self._mirror = ConversationMirror(self._client)
+        self._mirror.start()
         log.info("conversations run in convsvc at %s", self.client_settings.address)
         return self
 
@@ -169,6 +176,8 @@ class RemoteConversationManager(ConversationManager):
         self._relays.clear()
         self._followers.clear()
         await asyncio.gather(*tasks)
+        if self._mirror is not None:
+            await self._mirror.stop()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -182,6 +191,13 @@ class RemoteConversationManager(ConversationManager):
         if self._client is None:
             raise RuntimeError("RemoteConversationManager is used before `async with` opened it")
         return self._client
+
+    @property
+    def mirror(self) -> ConversationMirror:
+        """The watched copy of the service's conversations that answers OpenHands' lists."""
+        if self._mirror is None:
+            raise RuntimeError("RemoteConversationManager is used before `async with` opened it")
+        return self._mirror
 
     @property
     def sync_client(self) -> ConvsvcClient:
@@ -207,6 +223,7 @@ class RemoteConversationManager(ConversationManager):
             replay_events=json.loads(replay_json) if replay_json else (),
         )
         self._follow_metadata(sid, user_id, settings, conversation.latest_event_id + 1)
+        await self._settle(lambda mirror: mirror.has_conversation(sid))
         return self._loop_info(conversation, user_id)
 
     async def join_conversation(
@@ -232,6 +249,7 @@ class RemoteConversationManager(ConversationManager):
             await previous.stop()
         self._relays[connection_id] = relay
         relay.start()
+        await self._settle(lambda mirror: mirror.has_connection(sid, connection_id))
         store = RemoteEventStore(
             self.sync_client,
             sid,
@@ -266,12 +284,14 @@ class RemoteConversationManager(ConversationManager):
         if relay is not None:
             await relay.stop()
         await self.client.disconnect(connection_id)
+        await self._settle(lambda mirror: not mirror.holds_connection(connection_id))
 
     async def close_session(self, sid: str) -> None:
         follower = self._followers.pop(sid, None)
         if follower is not None:
             await follower.stop()
         await self.client.close_conversation(sid)
+        await self._settle(lambda mirror: not mirror.has_conversation(sid))
 
     # -- what OpenHands' routes ask ---------------------------------------------------------
 
@@ -298,6 +318,8 @@ class RemoteConversationManager(ConversationManager):
     ) -> dict[str, str]:
         if filter_to_sids is not None and not filter_to_sids:
             return {}
+        if self._mirror is not None and self._mirror.live:
+            return self._mirror.connections(_user(user_id), filter_to_sids)
         return {
             connection.connection_id: connection.conversation_id
             async for connection in self.client.iter_connections(
@@ -351,12 +373,19 @@ class RemoteConversationManager(ConversationManager):
     ) -> list[Conversation]:
         if filter_to_sids is not None and not filter_to_sids:
             return []
+        if self._mirror is not None and self._mirror.live:
+            return self._mirror.running(_user(user_id), filter_to_sids)
         return [
             conversation
             async for conversation in self.client.iter_conversations(
                 user_id=_user(user_id), conversation_ids=sorted(filter_to_sids or ())
             )
         ]
+
+    async def _settle(self, reflected: Callable[[ConversationMirror], bool]) -> None:
+        """Reads after a change this process made see it (see ConversationMirror.settle)."""
+        if self._mirror is not None:
+            await self._mirror.settle(reflected)
 
     def _loop_info(
         self,
