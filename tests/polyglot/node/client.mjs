@@ -1,5 +1,6 @@
-// A Node.js client of convsvc that knows only protos/: it starts, joins, sends to, tails, lists
-// and closes a conversation, then provokes an error, printing one JSON line per step.
+// A Node.js client of convsvc that knows only protos/: it watches conversations, starts, joins,
+// sends to, tails, lists, talks over one Connect stream to and closes a conversation, then
+// provokes an error, printing one JSON line per step.
 // Usage: node client.mjs HOST:PORT PROTOS_DIR
 import path from "node:path";
 import grpc from "@grpc/grpc-js";
@@ -82,6 +83,51 @@ function tail(conversationId, done) {
   });
 }
 
+// WatchConversations: a snapshot first, then every change of this user's conversations.
+const watched = { snapshot: null, changes: [] };
+let snapshotTaken;
+const snapshotReady = new Promise((resolve) => { snapshotTaken = resolve; });
+const watch = client.WatchConversations({ user_id: "node-user" });
+const watchClosed = new Promise((resolve, reject) => {
+  const timer = setTimeout(() => { watch.cancel(); reject(new Error(`no close in ${JSON.stringify(watched)}`)); }, 30_000);
+  watch.on("data", (response) => {
+    if (response.snapshot_complete) {
+      watched.snapshot = response.snapshot.map((w) => w.conversation.conversation_id);
+      snapshotTaken();
+    }
+    for (const change of response.changes) {
+      watched.changes.push([change.kind, change.watched.conversation.conversation_id, change.watched.connection_ids.length]);
+      if (change.kind === "CONVERSATION_CHANGE_KIND_CLOSED") { clearTimeout(timer); watch.cancel(); resolve(); }
+    }
+  });
+  watch.on("error", (error) => { if (error.code !== grpc.status.CANCELLED) { clearTimeout(timer); reject(error); } });
+});
+await snapshotReady;
+
+// Connect: one bidirectional stream joins, sends (each answered in order) and receives events;
+// ending our side makes the server answer, deliver what the sends appended, and disconnect.
+function connect(conversationId, connectionId, text) {
+  return new Promise((resolve, reject) => {
+    const seen = { opened: null, results: [], events: [] };
+    const stream = client.Connect();
+    const timer = setTimeout(() => { stream.cancel(); reject(new Error(`connect stalled: ${JSON.stringify(seen)}`)); }, CALL_DEADLINE_MS);
+    stream.on("data", (response) => {
+      if (response.opened) {
+        seen.opened = response.opened.connection.connection_id;
+        stream.write({ send: { event: toStruct({ action: "message", args: { content: text } }), request_id: "node-connect-1" } });
+      } else if (response.send_result) {
+        seen.results.push({ request_id: response.send_result.request_id, event_id: Number(response.send_result.event_id) });
+      } else if (response.events) {
+        seen.events.push(...response.events.events.map((e) => ({ id: Number(e.id), ...fromStruct(e.payload) })));
+        if (seen.events.some((e) => e.source === "agent" && e.message === text)) stream.end();
+      }
+    });
+    stream.on("status", (status) => { clearTimeout(timer); seen.status = grpc.status[status.code]; resolve(seen); });
+    stream.on("error", (error) => { clearTimeout(timer); reject(error); });
+    stream.write({ open: { conversation_id: conversationId, connection_id: connectionId, user_id: "node-user" } });
+  });
+}
+
 const cid = "node-demo";
 const started = await call("StartConversation", { conversation_id: cid, user_id: "node-user", request_id: "node-start-1" });
 report("start", { conversation_id: started.conversation.conversation_id, status: started.conversation.status });
@@ -99,11 +145,24 @@ report("send", { event_id: Number(sent.event_id) });
 const events = await echoed;
 report("stream", { ids: events.map((e) => e.id), echo: events.find((e) => e.source === "agent" && e.action === "message").message });
 
+const over = await connect(cid, "node-connect", "hello over connect");
+report("connect", {
+  opened: over.opened,
+  results: over.results,
+  echo: over.events.find((e) => e.source === "agent" && e.action === "message").message,
+  ids: over.events.map((e) => e.id),
+  status: over.status,
+});
+const afterConnect = await call("ListConnections", { user_id: "node-user" });
+report("connections", { ids: afterConnect.connections.map((c) => c.connection_id) });
+
 const listed = await call("ListConversations", { user_id: "node-user" });
 report("list", { conversations: listed.conversations.map((c) => [c.conversation_id, c.status]) });
 
 const closed = await call("CloseConversation", { conversation_id: cid, user_id: "node-user" });
 report("close", { status: closed.conversation.status });
+await watchClosed;
+report("watch", watched);
 
 try {
   await call("GetConversation", { conversation_id: "no-such-conversation", user_id: "node-user" });
