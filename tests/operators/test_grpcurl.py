@@ -211,3 +211,122 @@ async def test_bad_requests_show_code_and_reason(
     assert f"Code: {code}" in output
     assert re.search(rf'"reason":\s*"{reason}"', output), output
     assert "Traceback" not in output
+
+
+def section_blocks(title: str) -> list[str]:
+    """The code blocks of a README section."""
+    text = README.read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return text.split("```sh\n")[1:]
+
+
+def live_view_commands() -> tuple[list[str], list[str], bytes]:
+    """The README's WatchConversations command, and its Connect command with its stdin."""
+    watch_block, connect_block = section_blocks("Live views: WatchConversations and Connect")
+    watch = shlex.split(watch_block.split("```", 1)[0].strip())
+    first, *rest = connect_block.split("```", 1)[0].strip().splitlines()
+    connect = shlex.split(first.split("<<", 1)[0])
+    stdin = "\n".join(line for line in rest if line != "EOF") + "\n"
+    return watch, connect, stdin.encode()
+
+
+class MessageReader(StreamReader):
+    """Keeps grpcurl's printed messages whole (not only their events)."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        super().__init__(process)
+        self.messages: list[dict[str, Any]] = []
+
+    def _parse(self) -> None:
+        while True:
+            text = self._buffer.lstrip()
+            try:
+                message, end = self._decoder.raw_decode(text)
+            except json.JSONDecodeError:
+                return
+            self._buffer = text[end:]
+            self.messages.append(message)
+            self.events.append(message)
+
+
+async def test_readme_live_views_watch_and_connect(address: str) -> None:
+    watch_argv, connect_argv, connect_stdin = live_view_commands()
+    start = walkthrough_commands()["convsvc.v1.ConversationService/StartConversation"]
+    watch = await asyncio.create_subprocess_exec(
+        *expand(watch_argv, address), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        reader = MessageReader(watch)
+        await reader.until(lambda messages: any(m.get("snapshot_complete") for m in messages))
+        await grpcurl_json(start, address)  # "demo" for alice
+
+        def changed(kind: str) -> Callable[[list[dict[str, Any]]], bool]:
+            return lambda messages: any(
+                change["kind"] == f"CONVERSATION_CHANGE_KIND_{kind}"
+                and change["watched"]["conversation"]["conversation_id"] == "demo"
+                for m in messages
+                for change in m.get("changes", [])
+            )
+
+        await reader.until(changed("CREATED"))
+        assert all(m.get("resume_token") for m in reader.messages)
+
+        connect = await asyncio.create_subprocess_exec(
+            *expand(connect_argv, address),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(connect.communicate(connect_stdin), COMMAND_TIMEOUT)
+        assert connect.returncode == 0, output.decode()
+        messages = MessageReader(connect)
+        messages._buffer = output.decode()
+        messages._parse()
+        opened, *rest = messages.messages
+        assert opened["opened"]["connection"]["connection_id"] == "browser-2"
+        [result] = [m["send_result"] for m in rest if "send_result" in m]
+        assert result["request_id"] == "hi-again-1" and "failure" not in result
+        delivered = [
+            event["payload"]
+            for m in rest
+            if "events" in m
+            for event in m["events"].get("events", [])
+        ]
+        mine = next(p for p in delivered if p["id"] == int(result["event_id"]))
+        assert mine["message"] == "hi again"  # what the send appended came before the end
+
+        # The watch saw the Connect connection come and go.
+        await reader.until(
+            lambda messages: (
+                [
+                    len(change["watched"].get("connection_ids", []))
+                    for m in messages
+                    for change in m.get("changes", [])
+                    if change["kind"] == "CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED"
+                ][-2:]
+                == [1, 0]
+            )
+        )
+    finally:
+        watch.kill()
+        await watch.wait()
+
+
+async def test_readme_admission_policy_example(address: str) -> None:
+    [reject_block] = section_blocks("Admission policies")
+    reject = shlex.split(reject_block.split("```", 1)[0].strip())
+    service = "convsvc.v1.ConversationService"
+    for cid in ("a", "b", "c"):  # the limit is 3
+        start = [
+            "grpcurl",
+            "-plaintext",
+            "-d",
+            json.dumps({"conversation_id": cid, "user_id": "alice"}),
+            "$ADDR",
+            f"{service}/StartConversation",
+        ]
+        await grpcurl_json(start, address)
+    code, output = await grpcurl(reject, address)
+    assert code != 0
+    assert "Code: ResourceExhausted" in output
+    assert re.search(r'"reason":\s*"TOO_MANY_CONVERSATIONS"', output), output
+    assert '"running_conversation_ids":"a,b,c"' in output.replace(" ", "")
