@@ -167,6 +167,45 @@ def round_trip(
     return run_async(run())
 
 
+def connect_round_trip(address: str, count: int, cid: str = "connect-trip") -> dict[str, float]:
+    """The round trip of ``round_trip`` over one Connect stream: the message sent and its
+    echo received on the same bidirectional stream."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.ConversationServiceStub(channel).Connect()
+            await call.write(
+                pb.ConnectRequest(open=pb.ConnectOpen(conversation_id=cid, connection_id=cid))
+            )
+            await call.read()  # opened
+
+            async def echo_of(content: str) -> None:
+                while True:
+                    response = await call.read()
+                    for event in response.events.events:
+                        if (
+                            event.source == "agent"
+                            and event.name == "message"
+                            and (event.payload.fields["message"].string_value == content)
+                        ):
+                            return
+
+            latencies: list[float] = []
+            for n in range(count + 20):
+                content = f"ping-{n}"
+                began = time.perf_counter()
+                await call.write(pb.ConnectRequest(send=pb.ConnectSend(event=message(content))))
+                await echo_of(content)
+                if n >= 20:  # the first ones warm up
+                    latencies.append(time.perf_counter() - began)
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:
+                pass  # the server ends the call once our side is done
+        return latency_summary(latencies)
+
+    return run_async(run())
+
+
 def fsync_latency(directory: Path, count: int) -> dict[str, float]:
     """Appends a 4 KiB page and fsyncs it, ``count`` times, in a file under ``directory``."""
     latencies: list[float] = []

@@ -107,8 +107,10 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"p50 {send['send_1']['p50_ms']:.3f} ms, p99 {send['send_1']['p99_ms']:.3f} ms |",
         f"| send, 16 in flight | {send['send_16']['calls_per_s']:,.0f} calls/s, "
         f"p50 {send['send_16']['p50_ms']:.3f} ms, p99 {send['send_16']['p99_ms']:.3f} ms |",
-        f"| round trip (message -> echo) | p50 {send['round_trip']['p50_ms']:.3f} ms, "
+        f"| round trip (message -> echo), SendEvent + StreamEvents | "
+        f"p50 {send['round_trip']['p50_ms']:.3f} ms, "
         f"p99 {send['round_trip']['p99_ms']:.3f} ms |",
+        *_connect_rows(send),
         f"| against the durable floor | send {_ratio(send, floor, 'send_1', 'durable_1')} x at 1"
         f" in flight, {_ratio(send, floor, 'send_16', 'durable_16')} x at 16; round trip p50 "
         f"{send['round_trip']['p50_ms'] / floor['durable_1']['p50_ms']:.2f} x the durable call's |",
@@ -144,6 +146,17 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
             f"{goal.unit} | {'yes' if goal.met else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _connect_rows(send: dict[str, Any]) -> list[str]:
+    if "connect_round_trip" not in send:  # results from before Connect existed
+        return []
+    trip = send["connect_round_trip"]
+    return [
+        f"| round trip over one Connect stream | p50 {trip['p50_ms']:.3f} ms, "
+        f"p99 {trip['p99_ms']:.3f} ms ({trip['p50_ms'] / send['round_trip']['p50_ms']:.2f} x "
+        "the unary send and stream's p50) |"
+    ]
 
 
 def _ratio(send: dict[str, Any], floor: dict[str, Any], ours: str, base: str) -> str:

@@ -65,11 +65,15 @@ def calls(sizes: Sizes, progress: Progress) -> dict[str, Any]:
             turns["round_trip"] = in_process(
                 load.round_trip, server.address, sizes.round_trips // count, f"rt-{n}"
             )
+            progress(f"round trip over one Connect stream, round {n + 1} of {count}")
+            turns["connect_round_trip"] = in_process(
+                load.connect_round_trip, server.address, sizes.round_trips // count, f"ct-{n}"
+            )
             rounds.append(turns)
     merged = {name: median_figures([r[name] for r in rounds]) for name in rounds[0]}
     return {
         "floor": {k: v for k, v in merged.items() if k.startswith(("unary", "durable"))},
-        "send": {k: v for k, v in merged.items() if k.startswith(("send", "round"))},
+        "send": {k: v for k, v in merged.items() if k.startswith(("send", "round", "connect"))},
         "rounds": rounds,
     }
 

@@ -26,7 +26,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
     steps = ("floor and send", "round trip", "floor:", "disk:", "catch-up:", "fan-out:", "scale:")
-    for step in (*steps, "durability:", "worker relay:", "cluster: takeover"):
+    for step in (*steps, "Connect stream", "durability:", "worker relay:", "cluster: takeover"):
         assert step in finished.stderr  # progress is shown while it runs
 
     results = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -40,6 +40,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("send", "send_1", "calls_per_s"),
         ("send", "send_16", "p99_ms"),
         ("send", "round_trip", "p50_ms"),
+        ("send", "connect_round_trip", "p50_ms"),
         ("catch_up", "events_per_s"),
         ("fan_out", "deliveries_per_s"),
         ("fan_out", "p99_delay_ms"),
