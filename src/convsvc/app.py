@@ -21,7 +21,10 @@ from convsvc.config import Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.postgres import PostgresStore
 from convsvc.storage.sqlite import SqliteStore
+from convsvc.transport.access import Access, Auditor
 from convsvc.transport.server import GrpcServer
+from convsvc.transport.servicer import ConversationServicer
+from convsvc.transport.tokens import TokenAuthority, derived_signing_key
 from convsvc.workers import AgentCatalog, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -71,7 +74,7 @@ class ConvsvcApp:
         await self.store.open()
         await self.engine.start()
         self.workers.start()
-        servicer = None
+        servicer: ConversationServicer | None = None
         if self.postgres is not None:
             # The address is known once bound; the node registers right after.
             self.cluster = ClusterNode(
@@ -92,6 +95,8 @@ class ConvsvcApp:
             )
             self._followers = Followers(self.cluster, self.postgres, self.engine, self._router)
             servicer = ClusteredServicer(self.engine, self._router, self._followers)
+        servicer = servicer or ConversationServicer(self.engine)
+        servicer.secure(self._access(), Auditor(self.store))
         self.server = GrpcServer(
             self.engine,
             self.settings.listen,
@@ -126,6 +131,23 @@ class ConvsvcApp:
         else:
             log.info("server.serving", address=address, data_dir=str(self.settings.data_dir))
         return address
+
+    def _access(self) -> Access:
+        """Who may call: the service token, and scoped tokens signed with the configured key
+        or, by default, one derived from the service token."""
+        service_token = self.settings.resolved_auth_token()
+        key = self.settings.resolved_token_signing_key()
+        if key is None and service_token:
+            key = derived_signing_key(service_token)
+        authority = (
+            TokenAuthority(key, self.settings.token_max_ttl_seconds) if key is not None else None
+        )
+
+        def conversation_of_connection(connection_id: str) -> str | None:
+            connection = self.engine.local_connection(connection_id)
+            return connection.conversation_id if connection is not None else None
+
+        return Access(service_token, authority, self.store, conversation_of_connection)
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, streams end (clients resume elsewhere), calls in

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     """Written with the bound host:port once the server serves (useful with port 0)."""
     auth_token: SecretStr | None = None
     auth_token_file: Path | None = None
+    token_signing_key: SecretStr | None = None
+    """Signs scoped tokens (MintToken); derived from the service token when unset."""
+    token_signing_key_file: Path | None = None
+    token_max_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    """The longest a scoped token may live."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
@@ -241,6 +246,18 @@ class Settings(BaseSettings):
         port = f":{parsed.port}" if parsed.port else ""
         user = f"{parsed.username}@" if parsed.username else ""
         return f"{parsed.scheme}://{user}{host}{port}{parsed.path}"
+
+    def resolved_token_signing_key(self) -> bytes | None:
+        """The key set to sign scoped tokens, or read from its file; None when neither is
+        (the server then derives one from the service token, if it has one)."""
+        if self.token_signing_key is not None:
+            return self.token_signing_key.get_secret_value().encode()
+        if self.token_signing_key_file is not None:
+            key = self.token_signing_key_file.read_bytes().strip()
+            if not key:
+                raise ValueError(f"{self.token_signing_key_file} is empty")
+            return key
+        return None
 
     def resolved_auth_token(self) -> str | None:
         """The bearer token, read from the file when one is named."""

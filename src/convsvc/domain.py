@@ -122,3 +122,36 @@ class IdempotencyRecord:
     method: str
     fingerprint: str
     result: JsonObject
+
+
+@dataclass(slots=True, frozen=True)
+class AuditEntry:
+    """One recorded mutation: who made it, what it was and how it ended."""
+
+    time: datetime
+    credential: str
+    """"service", "token" or "anonymous"."""
+    subject: str
+    token_id: str
+    method: str
+    user_id: str
+    conversation_id: str
+    connection_id: str
+    request_id: str
+    code: str
+    """"OK" or the gRPC status code's name."""
+    reason: str
+    affected_token_id: str = ""
+    """For MintToken and RevokeToken: the token minted or revoked."""
+    sequence: int = 0
+    """Given by the store (0 until stored)."""
+
+
+@dataclass(slots=True, frozen=True)
+class AuditQuery:
+    """Which audit entries to read: those after ``after`` matching the filters."""
+
+    after: int = 0
+    conversation_id: str = ""
+    user_id: str = ""
+    limit: int = 100

@@ -80,6 +80,12 @@ class Unauthenticated(ConvsvcError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(ConvsvcError):
+    """The credentials are valid but do not allow this call."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class Unimplemented(ConvsvcError):
     """The server does not offer this (in this mode)."""
 

@@ -24,14 +24,13 @@ from convsvc.engine import ConversationEngine, validation
 from convsvc.engine.paging import decode_token, encode_token
 from convsvc.errors import ConvsvcError, Unavailable
 from convsvc.storage.postgres import Owner, PostgresStore
+from convsvc.transport.access import FORWARDED
 from convsvc.transport.convert import connection_to_pb, conversation_to_pb
 from convsvc.transport.status import RelayedStatus
 from convsvc.v1 import conversation_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
-FORWARDED = "x-convsvc-forwarded"
-"""Set on a call one node makes to another: it is answered where it lands."""
 EVICT = "x-convsvc-evict"
 """On a forwarded CloseConversation: the close makes room under the per-user limit."""
 FOLLOW = "x-convsvc-follow"

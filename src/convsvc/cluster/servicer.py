@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from convsvc.cluster.follow import Followers
-from convsvc.cluster.routing import EVICT, FOLLOW, FORWARDED, Router, header
+from convsvc.cluster.routing import EVICT, FOLLOW, Router, header
 from convsvc.engine import ConversationEngine, validation
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import Unavailable, Unimplemented
+from convsvc.transport.access import FORWARDED
 from convsvc.transport.convert import conversation_to_pb
 from convsvc.transport.servicer import Context, ConversationServicer
 from convsvc.v1 import conversation_service_pb2 as pb

@@ -31,6 +31,8 @@ from convsvc.codec import encode_event
 from convsvc.config import EngineConfig
 from convsvc.domain import (
     AdmissionPolicy,
+    AuditEntry,
+    AuditQuery,
     Connection,
     ConversationRecord,
     ConversationStatus,
@@ -1212,6 +1214,25 @@ class ConversationEngine:
             yield WatchUpdate(snapshot, (), self._changes.token(seq))
         async for update in self._changes.changes_after(seq, matches, resumed=resumed):
             yield update
+
+    async def list_audit(
+        self,
+        *,
+        conversation_id: str = "",
+        user_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[AuditEntry], str]:
+        """A page of the audit log, oldest first."""
+        cid = validation.check_optional_id("conversation_id", conversation_id) or ""
+        user = validation.check_user_id(user_id) or ""
+        size = self._page_size(page_size)
+        query = ["audit", cid, user]
+        key = self._store.page_token_key
+        after = decode_token(key, page_token, query, int) if page_token else 0
+        entries = await self._store.list_audit(AuditQuery(after, cid, user, size + 1))
+        token = encode_token(key, query, entries[size - 1].sequence) if len(entries) > size else ""
+        return entries[:size], token
 
     def heartbeat(self, client_instance_id: str) -> tuple[int, float]:
         """Keeps an instance's connections alive; returns (connections, ttl seconds)."""

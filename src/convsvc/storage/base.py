@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from convsvc.domain import ConversationRecord, Event, IdempotencyRecord, StoredEvent
+from convsvc.domain import (
+    AuditEntry,
+    AuditQuery,
+    ConversationRecord,
+    Event,
+    IdempotencyRecord,
+    StoredEvent,
+)
 
 CommitListener = Callable[[Sequence[Event]], None]
 
@@ -174,6 +181,20 @@ class ConversationStore(Protocol):
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
         """Records the answer of a call that changed no event log."""
+
+    def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
+        """Queues an audit entry for the next commit."""
+        ...
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Audit entries after ``query.after``, oldest first, at most ``query.limit``."""
+        ...
+
+    async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
+        """Records that a scoped token is revoked (kept until ``expire_time``)."""
+        ...
+
+    async def token_revoked(self, token_id: str) -> bool: ...
 
     async def prune_idempotency(self, older_than: datetime) -> int:
         """Forgets request ids recorded before ``older_than``; returns how many."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 from prometheus_client import Histogram
 
-from convsvc.domain import ConversationRecord, Event, IdempotencyRecord
+from convsvc.domain import AuditEntry, ConversationRecord, Event, IdempotencyRecord
 from convsvc.storage.base import (
     CommitListener,
     ConversationLogError,
@@ -50,6 +50,7 @@ class PendingWrite:
     conversations: list[ConversationRecord] = field(default_factory=list)
     events: Sequence[Event] = ()
     requests: list[IdempotencyRecord] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
     epoch: int | None = None
     """The lease epoch the writer held when it submitted (clustered backends fence on it)."""
     done: asyncio.Future[None] | None = None
@@ -73,7 +74,7 @@ class PendingWrite:
 
     @property
     def empty(self) -> bool:
-        return not (self.conversations or self.events or self.requests)
+        return not (self.conversations or self.events or self.requests or self.audit)
 
 
 WriteOutcome = Exception | None
@@ -137,6 +138,9 @@ class GroupCommitStore(ABC):
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
     ) -> None:
         await self.submit_events(events, idempotency)
+
+    def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
+        return self._submit(PendingWrite(audit=[entry]))
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
         await self._submit(PendingWrite(requests=[record]))

@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 
-from convsvc.domain import Connection, ConversationRecord, IdempotencyRecord, StoredEvent
+from convsvc.domain import (
+    AuditEntry,
+    AuditQuery,
+    Connection,
+    ConversationRecord,
+    IdempotencyRecord,
+    StoredEvent,
+)
 from convsvc.storage.base import (
     EventPage,
     OwnerMoved,
@@ -63,6 +70,17 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[])
 WHERE c.conversation_id = u.conversation_id AND c.lease_epoch = u.epoch
 RETURNING c.conversation_id
 """
+_INSERT_AUDIT = """
+INSERT INTO audit (time, credential, subject, token_id, method, user_id, conversation_id,
+                   connection_id, request_id, code, reason, affected_token_id)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                     $12::text[])
+"""
+_AUDIT_COLUMNS = (
+    "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
+    "connection_id, request_id, code, reason, affected_token_id"
+)
 _INSERT_REQUESTS = """
 INSERT INTO requests (scope, request_id, method, fingerprint, result)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -259,6 +277,28 @@ class PostgresStore(GroupCommitStore):
                     [r.fingerprint for r in requests],
                     [json.dumps(r.result) for r in requests],
                 )
+            audit = [a for w in writes for a in w.audit]
+            if audit:
+                await conn.execute(
+                    _INSERT_AUDIT,
+                    *(
+                        [getattr(a, column) for a in audit]
+                        for column in (
+                            "time",
+                            "credential",
+                            "subject",
+                            "token_id",
+                            "method",
+                            "user_id",
+                            "conversation_id",
+                            "connection_id",
+                            "request_id",
+                            "code",
+                            "reason",
+                            "affected_token_id",
+                        )
+                    ),
+                )
             owners: dict[str, str | None] = {}
             if fenced:
                 rows = await conn.fetch(
@@ -362,7 +402,36 @@ class PostgresStore(GroupCommitStore):
         status = await self._run(
             lambda conn: conn.execute("DELETE FROM requests WHERE create_time < $1", older_than)
         )
+        await self._run(
+            lambda conn: conn.execute("DELETE FROM revoked_tokens WHERE expire_time < now()")
+        )
         return int(status.split()[-1])
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        rows = await self._fetch(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE sequence > $1 "
+            "AND ($2 = '' OR conversation_id = $2) AND ($3 = '' OR user_id = $3 OR subject = $3) "
+            "ORDER BY sequence LIMIT $4",
+            query.after,
+            query.conversation_id,
+            query.user_id,
+            query.limit,
+        )
+        return [AuditEntry(**dict(row)) for row in rows]
+
+    async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO revoked_tokens (token_id, expire_time) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                token_id,
+                expire_time,
+            )
+        )
+
+    async def token_revoked(self, token_id: str) -> bool:
+        rows = await self._fetch("SELECT 1 FROM revoked_tokens WHERE token_id = $1", token_id)
+        return bool(rows)
 
     # -- leases ------------------------------------------------------------------------------
 

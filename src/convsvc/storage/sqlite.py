@@ -25,7 +25,13 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import structlog
 
-from convsvc.domain import ConversationRecord, IdempotencyRecord, StoredEvent
+from convsvc.domain import (
+    AuditEntry,
+    AuditQuery,
+    ConversationRecord,
+    IdempotencyRecord,
+    StoredEvent,
+)
 from convsvc.storage.base import EventPage, StorageError, plan_page
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
 
@@ -50,6 +56,26 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    credential TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    connection_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    affected_token_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_conversation ON audit (conversation_id, sequence);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    token_id TEXT PRIMARY KEY,
+    expire_time REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     scope TEXT NOT NULL,
     request_id TEXT NOT NULL,
@@ -69,6 +95,15 @@ ON CONFLICT (conversation_id) DO UPDATE SET
     last_active_time = excluded.last_active_time
 """
 _INSERT_EVENT = "INSERT INTO events (conversation_id, id, encoded) VALUES (?, ?, ?)"
+_INSERT_AUDIT = """
+INSERT INTO audit (time, credential, subject, token_id, method, user_id, conversation_id,
+                   connection_id, request_id, code, reason, affected_token_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_AUDIT_COLUMNS = (
+    "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
+    "connection_id, request_id, code, reason, affected_token_id"
+)
 _INSERT_REQUEST = """
 INSERT OR IGNORE INTO requests (scope, request_id, method, fingerprint, result, create_time)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -127,7 +162,9 @@ def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | No
         outcome.set_result(result)
 
 
-_Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+_Rows = tuple[
+    list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]
+]
 
 
 class SqliteStore(GroupCommitStore):
@@ -254,6 +291,52 @@ class SqliteStore(GroupCommitStore):
         method, fingerprint, result = rows[0]
         return IdempotencyRecord(scope, request_id, method, fingerprint, json.loads(result))
 
+    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        where, params = ["sequence > ?"], list[Any]([query.after])
+        if query.conversation_id:
+            where.append("conversation_id = ?")
+            params.append(query.conversation_id)
+        if query.user_id:
+            where.append("(user_id = ? OR subject = ?)")
+            params += [query.user_id, query.user_id]
+        rows = await self._read(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+            "ORDER BY sequence LIMIT ?",
+            (*params, query.limit),
+        )
+        return [
+            AuditEntry(
+                sequence=row[0],
+                time=datetime.fromisoformat(row[1]),
+                credential=row[2],
+                subject=row[3],
+                token_id=row[4],
+                method=row[5],
+                user_id=row[6],
+                conversation_id=row[7],
+                connection_id=row[8],
+                request_id=row[9],
+                code=row[10],
+                reason=row[11],
+                affected_token_id=row[12],
+            )
+            for row in rows
+        ]
+
+    async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
+        writer = self._writer
+        assert writer is not None
+        await self._on_writer_thread(
+            lambda: writer.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (token_id, expire_time) VALUES (?, ?)",
+                (token_id, expire_time.timestamp()),
+            )
+        )
+
+    async def token_revoked(self, token_id: str) -> bool:
+        rows = await self._read("SELECT 1 FROM revoked_tokens WHERE token_id = ?", (token_id,))
+        return bool(rows)
+
     async def prune_idempotency(self, older_than: datetime) -> int:
         writer = self._writer
         assert writer is not None
@@ -262,6 +345,8 @@ class SqliteStore(GroupCommitStore):
             cursor = writer.execute(
                 "DELETE FROM requests WHERE create_time < ?", (older_than.timestamp(),)
             )
+            # Revocations outlive their tokens' expiry by nothing: an expired token fails anyway.
+            writer.execute("DELETE FROM revoked_tokens WHERE expire_time < ?", (time.time(),))
             return int(cursor.rowcount)
 
         return await self._on_writer_thread(prune)
@@ -307,13 +392,15 @@ class SqliteStore(GroupCommitStore):
         def transaction(parts: list[_Rows]) -> None:  # runs on the writer thread
             writer.execute("BEGIN IMMEDIATE")
             try:
-                for conversation_rows, event_rows, request_rows in parts:
+                for conversation_rows, event_rows, request_rows, audit_rows in parts:
                     if conversation_rows:
                         writer.executemany(_UPSERT_CONVERSATION, conversation_rows)
                     if event_rows:
                         writer.executemany(_INSERT_EVENT, event_rows)
                     if request_rows:
                         writer.executemany(_INSERT_REQUEST, request_rows)
+                    if audit_rows:
+                        writer.executemany(_INSERT_AUDIT, audit_rows)
                 writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -365,5 +452,22 @@ def _rows(write: PendingWrite) -> _Rows:
         [
             (r.scope, r.request_id, r.method, r.fingerprint, json.dumps(r.result), now)
             for r in write.requests
+        ],
+        [
+            (
+                a.time.isoformat(),
+                a.credential,
+                a.subject,
+                a.token_id,
+                a.method,
+                a.user_id,
+                a.conversation_id,
+                a.connection_id,
+                a.request_id,
+                a.code,
+                a.reason,
+                a.affected_token_id,
+            )
+            for a in write.audit
         ],
     )

@@ -1,4 +1,5 @@
-"""Optional bearer-token authentication for every RPC but health and reflection."""
+"""Optional bearer-token authentication for every RPC but health and reflection: the service
+token, or for ConversationService a scoped token (checked further by ``transport.access``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+
+SCOPED_SERVICE = "/convsvc.v1.ConversationService/"
+"""The service that scoped tokens (transport.tokens) may call; every other needs the token."""
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -64,6 +69,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     presented = credentials.strip()
                 break
         if hmac.compare_digest(presented, self._expected):
+            return await continuation(handler_call_details)
+        if method.startswith(SCOPED_SERVICE) and presented.count(b".") == 2:
+            # A JWT: a scoped token, verified and bound to its scope by the handler table.
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is not None and handler.unary_stream is not None:

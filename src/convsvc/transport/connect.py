@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -25,6 +25,7 @@ from convsvc.codec import encode_message_field
 from convsvc.domain import StoredEvent
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import ConvsvcError, InvalidArgument
+from convsvc.transport.access import Access, Auditor, current_caller, forwarded
 from convsvc.transport.convert import stream_items_to_bytes
 from convsvc.transport.status import RelayedStatus, failure_parts
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -42,6 +43,9 @@ _EVENTS_FIELD = pb.ConnectResponse.EVENTS_FIELD_NUMBER
 
 class ConnectHost(Protocol):
     """The servicer methods a session is made of."""
+
+    access: Access | None
+    auditor: Auditor | None
 
     async def JoinConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
 
@@ -81,6 +85,7 @@ class ConnectSession:
         self._progress = asyncio.Event()
         self._connection_id = ""
         self._user_id = ""
+        self._caller = current_caller.get()
 
     async def run(self, requests: AsyncIterator[pb.ConnectRequest]) -> AsyncIterator[bytes]:
         first = await anext(requests, None)
@@ -91,6 +96,8 @@ class ConnectSession:
                 metadata={"field": "open"},
             )
         opening = first.open
+        if self._host.access is not None:  # binds a scoped caller's user, checks its scope
+            self._host.access.authorize("Connect", opening, self._caller)
         self._connection_id = opening.connection_id or f"connect-{uuid.uuid4().hex}"
         self._user_id = opening.user_id
         join = pb.JoinConversationRequest(
@@ -101,7 +108,8 @@ class ConnectSession:
         if opening.HasField("settings"):
             join.settings.CopyFrom(opening.settings)
         joined = _as(
-            pb.JoinConversationResponse, await self._host.JoinConversation(join, self._context)
+            pb.JoinConversationResponse,
+            await self._audited("JoinConversation", join, self._host.JoinConversation),
         )
         self._holders[self._connection_id] = self
         try:
@@ -186,10 +194,30 @@ class ConnectSession:
         if send.HasField("event"):
             event.event.CopyFrom(send.event)
         try:
-            answer = _as(pb.SendEventResponse, await self._host.SendEvent(event, self._context))
+            answer = _as(
+                pb.SendEventResponse, await self._audited("SendEvent", event, self._host.SendEvent)
+            )
         except (ConvsvcError, RelayedStatus) as exc:
             return self._failed(send.request_id, exc)
         return pb.ConnectSendResult(request_id=send.request_id, event_id=answer.event_id)
+
+    async def _audited(
+        self,
+        method: str,
+        request: Any,
+        call: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    ) -> Any:
+        """Makes one of the session's calls, recorded in the audit log as that call."""
+        auditor = self._host.auditor
+        if auditor is None or forwarded(self._context):
+            return await call(request, self._context)
+        try:
+            response = await call(request, self._context)
+        except (ConvsvcError, RelayedStatus) as exc:
+            auditor.record(method, request, self._caller, exc)
+            raise
+        auditor.record(method, request, self._caller, None, response)
+        return response
 
     @staticmethod
     def _failed(request_id: str, error: ConvsvcError | RelayedStatus) -> pb.ConnectSendResult:
@@ -210,7 +238,9 @@ class ConnectSession:
             connection_id=self._connection_id, user_id=self._user_id
         )
         # Shielded: the client going away cancels this stream, not its clean-up.
-        done = asyncio.ensure_future(self._host.DisconnectConnection(request, self._context))
+        done = asyncio.ensure_future(
+            self._audited("DisconnectConnection", request, self._host.DisconnectConnection)
+        )
         done.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.shield(done)

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from convsvc.codec import dict_to_struct, encode_event_batch, struct_to_dict
 from convsvc.domain import (
     AdmissionPolicy,
+    AuditEntry,
     Connection,
     ConversationStatus,
     ConversationView,
@@ -19,6 +20,7 @@ from convsvc.domain import (
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchUpdate
 from convsvc.errors import InvalidArgument
+from convsvc.transport.tokens import Permission
 from convsvc.v1 import conversation_service_pb2 as pb
 
 _STATUS = {
@@ -43,6 +45,43 @@ _POLICY: dict[int, AdmissionPolicy] = {
 }
 SNAPSHOT_PAGE = 500
 """Conversations per snapshot response (each response stays far below message limits)."""
+
+
+_PERMISSION: dict[int, Permission] = {
+    pb.PERMISSION_READ: Permission.READ,
+    pb.PERMISSION_WRITE: Permission.WRITE,
+    pb.PERMISSION_ADMIN: Permission.ADMIN,
+}
+
+
+def permission(value: int) -> Permission:
+    try:
+        return _PERMISSION[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"permission {value} is not PERMISSION_READ, _WRITE or _ADMIN",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": "permissions"},
+        ) from None
+
+
+def audit_entry_to_pb(entry: AuditEntry) -> pb.AuditEntry:
+    message = pb.AuditEntry(
+        sequence=entry.sequence,
+        credential=entry.credential,
+        subject=entry.subject,
+        token_id=entry.token_id,
+        method=entry.method,
+        user_id=entry.user_id,
+        conversation_id=entry.conversation_id,
+        connection_id=entry.connection_id,
+        request_id=entry.request_id,
+        code=entry.code,
+        reason=entry.reason,
+        affected_token_id=entry.affected_token_id,
+    )
+    message.time.FromDatetime(entry.time)
+    return message
 
 
 def admission_policy(value: int) -> AdmissionPolicy | None:

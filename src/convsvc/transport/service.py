@@ -26,6 +26,15 @@ from convsvc.storage import (
     StorageError,
     StoreUnavailable,
 )
+from convsvc.transport.access import (
+    ANONYMOUS,
+    MUTATIONS,
+    Access,
+    Auditor,
+    Caller,
+    current_caller,
+    forwarded,
+)
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.status import (
     RelayedStatus,
@@ -130,65 +139,116 @@ def parse_request(request_type: Any, data: bytes) -> Any:
         ) from None
 
 
-async def _abort(
-    method: str,
-    context: grpc.aio.ServicerContext,
-    exc: Exception,
-    on_storage_failure: OnStorageFailure | None,
-) -> None:
-    if isinstance(exc, RelayedStatus):  # another node's answer, passed on as it was
-        CALLS.labels(method, exc.code.name).inc()
-        await context.abort(exc.code, exc.details, trailing_metadata=exc.trailing_metadata)
-    if isinstance(exc, ConvsvcError):
-        error = exc
-    elif isinstance(exc, OwnerMoved):
-        error = owner_moved(exc)
-    elif isinstance(exc, LogInterrupted | StoreUnavailable):
+async def _as_error(
+    method: str, exc: Exception, on_storage_failure: OnStorageFailure | None
+) -> ConvsvcError | RelayedStatus:
+    """What a failed call answers (logging what the caller cannot act on)."""
+    if isinstance(exc, ConvsvcError | RelayedStatus):  # RelayedStatus: another node's answer
+        return exc
+    if isinstance(exc, OwnerMoved):
+        return owner_moved(exc)
+    if isinstance(exc, LogInterrupted | StoreUnavailable):
         # The database is away: this node recovers by itself once it is back.
         log.warning("rpc.database_unavailable", method=method, error=str(exc))
-        error = database_unavailable()
-    elif isinstance(exc, ConversationLogError):
+        return database_unavailable()
+    if isinstance(exc, ConversationLogError):
         # One conversation's log conflicted; the node and its other conversations are fine.
         log.error("rpc.log_conflict", method=method, conversation_id=exc.conversation_id)
-        error = log_conflict(exc)
-    elif isinstance(exc, StorageError):
+        return log_conflict(exc)
+    if isinstance(exc, StorageError):
         log.error("rpc.storage_failed", method=method, error=str(exc))
         if on_storage_failure is not None:
             await on_storage_failure()
-        error = storage_failure(exc)
-    else:
-        log.exception("rpc.internal_error", method=method)
-        error = internal_error()
+        return storage_failure(exc)
+    log.exception("rpc.internal_error", method=method)
+    return internal_error()
+
+
+async def _abort(
+    method: str, context: grpc.aio.ServicerContext, error: ConvsvcError | RelayedStatus
+) -> None:
+    if isinstance(error, RelayedStatus):
+        CALLS.labels(method, error.code.name).inc()
+        await context.abort(error.code, error.details, trailing_metadata=error.trailing_metadata)
+        return
     status = to_grpc_status(error)
     CALLS.labels(method, status.code.name).inc()
     await context.abort_with_status(status)
+
+
+class Guard:
+    """What every call goes through: the shutdown gate, request parsing, who calls and what
+    they may do, the audit log, and errors mapped to statuses."""
+
+    def __init__(
+        self,
+        gate: CallGate,
+        on_storage_failure: OnStorageFailure | None,
+        access: Access | None,
+        auditor: Auditor | None,
+    ) -> None:
+        self.gate = gate
+        self.on_storage_failure = on_storage_failure
+        self.access = access
+        self.auditor = auditor
+
+    async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self.gate.enter()
+        except ConvsvcError as exc:
+            await _abort(method, context, exc)
+
+    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Caller:
+        """Identifies the caller and checks (and binds) the request to what it may do."""
+        if self.access is None:
+            return ANONYMOUS
+        caller = await self.access.identify(context)
+        current_caller.set(caller)
+        self.access.authorize(method, request, caller)
+        return caller
+
+    def audit(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        request: Any,
+        caller: Caller,
+        error: ConvsvcError | RelayedStatus | None,
+        response: Any = None,
+    ) -> None:
+        # A call another node forwarded was audited where it arrived.
+        if self.auditor is not None and method in MUTATIONS and not forwarded(context):
+            self.auditor.record(method, request, caller, error, response)
 
 
 def _guard_unary(
     method: str,
     request_type: Any,
     fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-    gate: CallGate,
-    on_storage_failure: OnStorageFailure | None,
+    guard: Guard,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
     latency = LATENCY.labels(method)
     ok = CALLS.labels(method, "OK")
 
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
+        await guard.enter(method, context)
+        caller, request, response = ANONYMOUS, None, None
+        error: ConvsvcError | RelayedStatus | None = None
         try:
-            gate.enter()
-        except ConvsvcError as exc:
-            await _abort(method, context, exc, on_storage_failure)
-        try:
-            response = await fn(parse_request(request_type, data), context)
+            request = parse_request(request_type, data)
+            caller = await guard.admit(method, request, context)
+            response = await fn(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(method, context, exc, on_storage_failure)
-            raise  # unreachable: abort raises
+            error = await _as_error(method, exc, guard.on_storage_failure)
         finally:
-            gate.leave()
+            guard.gate.leave()
+        if request is not None:
+            guard.audit(method, context, request, caller, error, response)
+        if error is not None:
+            await _abort(method, context, error)
         ok.inc()
         latency.observe(time.perf_counter() - started)
         return response
@@ -200,23 +260,24 @@ def _guard_stream(
     method: str,
     request_type: Any,
     fn: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
-    gate: CallGate,
-    on_storage_failure: OnStorageFailure | None,
+    guard: Guard,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await guard.enter(method, context)
+        error: ConvsvcError | RelayedStatus | None = None
         try:
-            gate.enter()
-        except ConvsvcError as exc:
-            await _abort(method, context, exc, on_storage_failure)
-        try:
-            async for response in fn(parse_request(request_type, data), context):
+            request = parse_request(request_type, data)
+            await guard.admit(method, request, context)
+            async for response in fn(request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(method, context, exc, on_storage_failure)
+            error = await _as_error(method, exc, guard.on_storage_failure)
         finally:
-            gate.leave()
+            guard.gate.leave()
+        if error is not None:
+            await _abort(method, context, error)
         CALLS.labels(method, "OK").inc()
 
     return handle
@@ -226,30 +287,30 @@ def _guard_bidi(
     method: str,
     request_type: Any,
     fn: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]],
-    gate: CallGate,
-    on_storage_failure: OnStorageFailure | None,
+    guard: Guard,
 ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def handle(
         request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        try:
-            gate.enter()
-        except ConvsvcError as exc:
-            await _abort(method, context, exc, on_storage_failure)
+        await guard.enter(method, context)
 
         async def parsed() -> AsyncIterator[Any]:
             async for data in request_iterator:
                 yield parse_request(request_type, data)
 
+        error: ConvsvcError | RelayedStatus | None = None
         try:
+            await guard.admit(method, None, context)  # each request is checked as it comes
             async for response in fn(parsed(), context):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(method, context, exc, on_storage_failure)
+            error = await _as_error(method, exc, guard.on_storage_failure)
         finally:
-            gate.leave()
+            guard.gate.leave()
+        if error is not None:
+            await _abort(method, context, error)
         CALLS.labels(method, "OK").inc()
 
     return handle
@@ -263,8 +324,10 @@ def conversation_service_handler(
     """The generic handler serving every ConversationService method.
 
     ``gate`` admits calls until shutdown; ``on_storage_failure`` runs when a call fails
-    because the store did (health reporting).
+    because the store did (health reporting); the servicer's access and auditor (when
+    secured) decide who may call and record what they did.
     """
+    guard = Guard(gate, on_storage_failure, servicer.access, servicer.auditor)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     service = pb.DESCRIPTOR.services_by_name["ConversationService"]
     for method in service.methods:
@@ -275,17 +338,17 @@ def conversation_service_handler(
         # No request_deserializer: the guards parse, so that bad bytes get a clear status.
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _guard_bidi(method.name, request_type, behaviour, gate, on_storage_failure),
+                _guard_bidi(method.name, request_type, behaviour, guard),
                 response_serializer=serialize,
             )
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(method.name, request_type, behaviour, gate, on_storage_failure),
+                _guard_stream(method.name, request_type, behaviour, guard),
                 response_serializer=serialize,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(method.name, request_type, behaviour, gate, on_storage_failure),
+                _guard_unary(method.name, request_type, behaviour, guard),
                 response_serializer=serialize,
             )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

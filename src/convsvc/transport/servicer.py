@@ -7,15 +7,19 @@ from typing import TypeAlias
 
 import grpc
 
-from convsvc.engine import ConversationEngine
+from convsvc.engine import ConversationEngine, validation
 from convsvc.engine.subscriptions import StreamItem
+from convsvc.errors import FailedPrecondition, InvalidArgument
+from convsvc.transport.access import Access, Auditor
 from convsvc.transport.connect import ConnectSession
 from convsvc.transport.convert import (
     StructList,
     admission_policy,
+    audit_entry_to_pb,
     connection_to_pb,
     conversation_to_pb,
     optional_struct,
+    permission,
     search_page_to_bytes,
     stream_items_to_bytes,
     watch_update_to_pb,
@@ -31,6 +35,13 @@ class ConversationServicer:
     def __init__(self, engine: ConversationEngine) -> None:
         self._engine = engine
         self._connect_holders: dict[str, object] = {}
+        self.access: Access | None = None
+        self.auditor: Auditor | None = None
+
+    def secure(self, access: Access, auditor: Auditor) -> None:
+        """Who may call (scoped tokens) and the audit log of what they did."""
+        self.access = access
+        self.auditor = auditor
 
     async def StartConversation(
         self, request: pb.StartConversationRequest, context: Context
@@ -187,6 +198,62 @@ class ConversationServicer:
             messages=StructList(request.messages),
         )
         return pb.CompleteWithAgentLlmResponse(content=content)
+
+    async def MintToken(
+        self, request: pb.MintTokenRequest, context: Context
+    ) -> pb.MintTokenResponse:
+        authority = self.access.authority if self.access is not None else None
+        if authority is None:
+            raise FailedPrecondition(
+                "scoped tokens need a signing key: set CONVSVC_AUTH_TOKEN (the key is derived "
+                "from it) or CONVSVC_TOKEN_SIGNING_KEY",
+                reason="TOKENS_NOT_CONFIGURED",
+            )
+        user = validation.check_user_id(request.user_id)
+        if user is None:
+            raise InvalidArgument(
+                "user_id is required: a scoped token acts for one user",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "user_id"},
+            )
+        conversation_ids = [
+            validation.check_id("conversation_ids", c) for c in request.conversation_ids
+        ]
+        permissions = [permission(p) for p in request.permissions]
+        if not permissions:
+            raise InvalidArgument(
+                "name at least one permission (PERMISSION_READ, _WRITE or _ADMIN)",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "permissions"},
+            )
+        token, scope = authority.mint(user, conversation_ids, permissions, request.ttl_seconds)
+        response = pb.MintTokenResponse(token=token, token_id=scope.token_id)
+        response.expire_time.FromDatetime(scope.expire_time)
+        return response
+
+    async def RevokeToken(
+        self, request: pb.RevokeTokenRequest, context: Context
+    ) -> pb.RevokeTokenResponse:
+        token_id = validation.check_id("token_id", request.token_id)
+        if self.access is None or self.access.authority is None:
+            raise FailedPrecondition(
+                "this server issues no scoped tokens", reason="TOKENS_NOT_CONFIGURED"
+            )
+        await self.access.revoke(token_id)
+        return pb.RevokeTokenResponse()
+
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context: Context
+    ) -> pb.ListAuditEntriesResponse:
+        entries, token = await self._engine.list_audit(
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListAuditEntriesResponse(
+            entries=[audit_entry_to_pb(e) for e in entries], next_page_token=token
+        )
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context

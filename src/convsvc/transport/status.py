@@ -25,6 +25,7 @@ _CODES: list[tuple[type[errors.ConvsvcError], int]] = [
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
 ]
 
 

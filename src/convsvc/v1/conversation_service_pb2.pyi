@@ -39,6 +39,13 @@ class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_CLOSED: _ClassVar[ConversationChangeKind]
+
+class Permission(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERMISSION_UNSPECIFIED: _ClassVar[Permission]
+    PERMISSION_READ: _ClassVar[Permission]
+    PERMISSION_WRITE: _ClassVar[Permission]
+    PERMISSION_ADMIN: _ClassVar[Permission]
 CONVERSATION_STATUS_UNSPECIFIED: ConversationStatus
 CONVERSATION_STATUS_STARTING: ConversationStatus
 CONVERSATION_STATUS_RUNNING: ConversationStatus
@@ -59,6 +66,10 @@ CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CLOSED: ConversationChangeKind
+PERMISSION_UNSPECIFIED: Permission
+PERMISSION_READ: Permission
+PERMISSION_WRITE: Permission
+PERMISSION_ADMIN: Permission
 
 class Conversation(_message.Message):
     __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position")
@@ -470,3 +481,87 @@ class ConnectSendFailure(_message.Message):
     message: str
     metadata: _containers.ScalarMap[str, str]
     def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class MintTokenRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_ids", "permissions", "ttl_seconds")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    PERMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_ids: _containers.RepeatedScalarFieldContainer[str]
+    permissions: _containers.RepeatedScalarFieldContainer[Permission]
+    ttl_seconds: int
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., permissions: _Optional[_Iterable[_Union[Permission, str]]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class MintTokenResponse(_message.Message):
+    __slots__ = ("token", "token_id", "expire_time")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: str
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[str] = ..., expire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token_id", "request_id")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    request_id: str
+    def __init__(self, token_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("sequence", "time", "credential", "subject", "token_id", "method", "user_id", "conversation_id", "connection_id", "request_id", "code", "reason", "affected_token_id")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AFFECTED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    time: _timestamp_pb2.Timestamp
+    credential: str
+    subject: str
+    token_id: str
+    method: str
+    user_id: str
+    conversation_id: str
+    connection_id: str
+    request_id: str
+    code: str
+    reason: str
+    affected_token_id: str
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., credential: _Optional[str] = ..., subject: _Optional[str] = ..., token_id: _Optional[str] = ..., method: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., request_id: _Optional[str] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., affected_token_id: _Optional[str] = ...) -> None: ...
+
+class ListAuditEntriesRequest(_message.Message):
+    __slots__ = ("conversation_id", "user_id", "page_size", "page_token")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    user_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAuditEntriesResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

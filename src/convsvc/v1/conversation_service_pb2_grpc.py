@@ -95,6 +95,21 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.FromString,
                 )
+        self.MintToken = channel.unary_unary(
+                '/convsvc.v1.ConversationService/MintToken',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.MintTokenRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.MintTokenResponse.FromString,
+                )
+        self.RevokeToken = channel.unary_unary(
+                '/convsvc.v1.ConversationService/RevokeToken',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenResponse.FromString,
+                )
+        self.ListAuditEntries = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ListAuditEntries',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.FromString,
+                )
 
 
 class ConversationServiceServicer(object):
@@ -232,6 +247,34 @@ class ConversationServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MintToken(self, request, context):
+        """Mints a scoped token (service token only): a signed, expiring credential bound to one
+        user, to some or all of that user's conversations and to a set of permissions, that a
+        browser or another service can use to call this service directly and do nothing else.
+        Calls with a token beyond its scope answer PERMISSION_DENIED, reason TOKEN_SCOPE; an
+        expired, revoked or forged one answers UNAUTHENTICATED, reason TOKEN_EXPIRED,
+        TOKEN_REVOKED or TOKEN_INVALID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revokes a scoped token before it expires (service token only). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEntries(self, request, context):
+        """Reads the audit log (service token only): every mutation (start, join, send,
+        disconnect, close, mint, revoke, and Connect's join, sends and disconnect), who made it,
+        when, its request_id and its outcome, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +347,21 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'MintToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintToken,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.MintTokenRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.MintTokenResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,5 +619,56 @@ class ConversationService(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/convsvc.v1.ConversationService/Connect',
             convsvc_dot_v1_dot_conversation__service__pb2.ConnectRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.ConnectResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def MintToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/MintToken',
+            convsvc_dot_v1_dot_conversation__service__pb2.MintTokenRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.MintTokenResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/RevokeToken',
+            convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.RevokeTokenResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListAuditEntries',
+            convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
