@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convsvc.domain import AdmissionPolicy
 
+MIN_SIGNING_KEY_BYTES = 32
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 """Room in a response for what is not event bytes (framing, page token, status update)."""
 
@@ -201,6 +202,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _signing_key_long_enough(self) -> Settings:
+        key = self.token_signing_key
+        if key is not None and len(key.get_secret_value().encode()) < MIN_SIGNING_KEY_BYTES:
+            raise ValueError(
+                f"CONVSVC_TOKEN_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes long "
+                "(RFC 7518: an HS256 key as long as the hash)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("CONVSVC_TLS_CERT_FILE and CONVSVC_TLS_KEY_FILE go together")
@@ -254,8 +265,11 @@ class Settings(BaseSettings):
             return self.token_signing_key.get_secret_value().encode()
         if self.token_signing_key_file is not None:
             key = self.token_signing_key_file.read_bytes().strip()
-            if not key:
-                raise ValueError(f"{self.token_signing_key_file} is empty")
+            if len(key) < MIN_SIGNING_KEY_BYTES:
+                raise ValueError(
+                    f"{self.token_signing_key_file} must hold at least {MIN_SIGNING_KEY_BYTES} "
+                    "bytes (RFC 7518: an HS256 key as long as the hash)"
+                )
             return key
         return None
 

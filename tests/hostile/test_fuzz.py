@@ -95,6 +95,8 @@ def value_of(field: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
     if field.message_type is not None and field.message_type.full_name == "google.protobuf.Struct":
         one = st.one_of(event_like, st.dictionaries(st.text(max_size=10), json_value, max_size=4))
         one = one.map(struct_of)
+    elif field.message_type is not None:
+        one = message_of(field.message_type)  # e.g. Connect's open and send
     elif field.type == descriptor.FieldDescriptor.TYPE_STRING:
         one = strings
     elif field.type == descriptor.FieldDescriptor.TYPE_BOOL:
@@ -145,13 +147,18 @@ def channel(fuzz_server: ServerProcess) -> Iterator[grpc.Channel]:
         yield opened
 
 
-def invoke(channel: grpc.Channel, method: str, data: bytes) -> str:
-    """Sends raw request bytes; returns the status code name after checking the invariants."""
+def invoke(channel: grpc.Channel, method: str, data: bytes | list[bytes]) -> str:
+    """Sends raw request bytes (a list: the requests of a bidirectional stream); returns the
+    status code name after checking the invariants."""
     path = f"/{SERVICE.full_name}/{method}"
     streaming = SERVICE.methods_by_name[method].server_streaming
     failure: grpc.RpcError | None = None
     try:
-        if streaming:
+        if SERVICE.methods_by_name[method].client_streaming:
+            requests = data if isinstance(data, list) else [data]
+            for _ in channel.stream_stream(path)(iter(requests), timeout=0.5):
+                pass
+        elif streaming:
             responses = channel.unary_stream(path)(data, timeout=0.3)
             for _ in responses:
                 pass
@@ -164,6 +171,8 @@ def invoke(channel: grpc.Channel, method: str, data: bytes) -> str:
     code = failure.code()  # type: ignore[attr-defined]
     if streaming and code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "OK"  # a valid stream stays open: our deadline ended it
+    if method == "StartConversation" and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "QUEUED"  # a queued start waits for room: our deadline ended the wait
     assert code.name not in FORBIDDEN, (method, code, failure.details())  # type: ignore[attr-defined]
     assert "Traceback" not in (failure.details() or "")  # type: ignore[attr-defined]
     assert error_info(failure).reason  # type: ignore[arg-type]
@@ -187,11 +196,18 @@ FUZZ_SETTINGS = settings(
 @pytest.mark.parametrize("method", METHODS)
 def test_structured_requests_get_precise_answers(channel: grpc.Channel, tally, method: str) -> None:
     request_type = SERVICE.methods_by_name[method].input_type
+    if SERVICE.methods_by_name[method].client_streaming:
+        requests = st.lists(message_of(request_type), min_size=1, max_size=4)
+    else:
+        requests = message_of(request_type).map(lambda message: [message])
 
     @FUZZ_SETTINGS
-    @given(message_of(request_type))
-    def attack(request: Message) -> None:
-        tally.call("fuzz (structured)", invoke(channel, method, request.SerializeToString()))
+    @given(requests)
+    def attack(stream: list[Message]) -> None:
+        data = [request.SerializeToString() for request in stream]
+        tally.call(
+            "fuzz (structured)", invoke(channel, method, data if len(stream) > 1 else data[0])
+        )
 
     attack()
     assert serving(channel)

@@ -1230,6 +1230,7 @@ class ConversationEngine:
         query = ["audit", cid, user]
         key = self._store.page_token_key
         after = decode_token(key, page_token, query, int) if page_token else 0
+        await self._flush()  # entries of calls already answered are committed behind them
         entries = await self._store.list_audit(AuditQuery(after, cid, user, size + 1))
         token = encode_token(key, query, entries[size - 1].sequence) if len(entries) > size else ""
         return entries[:size], token

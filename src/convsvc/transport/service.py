@@ -198,14 +198,17 @@ class Guard:
         except ConvsvcError as exc:
             await _abort(method, context, exc)
 
-    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Caller:
-        """Identifies the caller and checks (and binds) the request to what it may do."""
+    async def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.access is None:
             return ANONYMOUS
         caller = await self.access.identify(context)
         current_caller.set(caller)
-        self.access.authorize(method, request, caller)
         return caller
+
+    def authorize(self, method: str, request: Any, caller: Caller) -> None:
+        """Checks (and binds) the request to what the caller may do."""
+        if self.access is not None:
+            self.access.authorize(method, request, caller)
 
     def audit(
         self,
@@ -237,7 +240,8 @@ def _guard_unary(
         error: ConvsvcError | RelayedStatus | None = None
         try:
             request = parse_request(request_type, data)
-            caller = await guard.admit(method, request, context)
+            caller = await guard.identify(context)
+            guard.authorize(method, request, caller)
             response = await fn(request, context)
         except grpc.aio.AbortError:
             raise
@@ -267,7 +271,7 @@ def _guard_stream(
         error: ConvsvcError | RelayedStatus | None = None
         try:
             request = parse_request(request_type, data)
-            await guard.admit(method, request, context)
+            guard.authorize(method, request, await guard.identify(context))
             async for response in fn(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -300,7 +304,8 @@ def _guard_bidi(
 
         error: ConvsvcError | RelayedStatus | None = None
         try:
-            await guard.admit(method, None, context)  # each request is checked as it comes
+            # Each request is checked as it comes (Connect's open).
+            guard.authorize(method, None, await guard.identify(context))
             async for response in fn(parsed(), context):
                 yield response
         except grpc.aio.AbortError:
