@@ -103,6 +103,9 @@ class AsyncConvsvcClient:
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
     complete_with_agent_llm = _unary(requests.complete_with_agent_llm)
+    mint_token = _unary(requests.mint_token)
+    revoke_token = _unary(requests.revoke_token)
+    list_audit_entries = _unary(requests.list_audit_entries)
 
     def iter_conversations(
         self, *, user_id: str = "", conversation_ids: Iterable[str] = (), page_size: int = 0

@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from convclient.models import (
     AdmissionPolicy,
+    AuditEntry,
     ChangeKind,
     Connection,
     Conversation,
@@ -17,6 +18,7 @@ from convclient.models import (
     ConversationStatus,
     Event,
     EventBatch,
+    Permission,
     WatchedConversation,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -34,6 +36,11 @@ _CHANGE_KIND = {
     pb.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ChangeKind.CONNECTIONS_CHANGED,
     pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ChangeKind.QUEUE_POSITION_CHANGED,
     pb.CONVERSATION_CHANGE_KIND_CLOSED: ChangeKind.CLOSED,
+}
+PERMISSION = {
+    Permission.READ: pb.PERMISSION_READ,
+    Permission.WRITE: pb.PERMISSION_WRITE,
+    Permission.ADMIN: pb.PERMISSION_ADMIN,
 }
 ADMISSION_POLICY = {
     AdmissionPolicy.EVICT_OLDEST: pb.ADMISSION_POLICY_EVICT_OLDEST,
@@ -137,4 +144,22 @@ def change(message: pb.ConversationChange) -> ConversationChange | None:
         return None
     return ConversationChange(
         kind=kind, watched=watched(message.watched), change_time=_time(message, "change_time")
+    )
+
+
+def audit_entry(message: pb.AuditEntry) -> AuditEntry:
+    return AuditEntry(
+        sequence=message.sequence,
+        time=_time(message, "time"),
+        credential=message.credential,
+        subject=message.subject,
+        token_id=message.token_id,
+        method=message.method,
+        user_id=message.user_id,
+        conversation_id=message.conversation_id,
+        connection_id=message.connection_id,
+        request_id=message.request_id,
+        code=message.code,
+        reason=message.reason,
+        affected_token_id=message.affected_token_id,
     )

@@ -129,3 +129,43 @@ class WatchUpdate(_Model):
     changes: list[ConversationChange] = Field(default_factory=list)
     resume_token: str = ""
     """Pass to watch_conversations to continue after this update."""
+
+
+class Permission(StrEnum):
+    """What a scoped token allows."""
+
+    READ = "read"
+    """GetConversation, ListConversations, ListConnections, SearchEvents, StreamEvents,
+    WatchConversations."""
+    WRITE = "write"
+    """SendEvent, Connect, JoinConversation, DisconnectConnection."""
+    ADMIN = "admin"
+    """StartConversation, CloseConversation."""
+
+
+class ScopedToken(_Model):
+    token: str
+    """Send as the client's ``token`` (``authorization: Bearer <token>``)."""
+    token_id: str
+    """Revoke it with this."""
+    expire_time: datetime
+
+
+class AuditEntry(_Model):
+    """One recorded mutation."""
+
+    sequence: int
+    time: datetime | None = None
+    credential: str
+    """"service", "token" or "anonymous"."""
+    subject: str = ""
+    token_id: str = ""
+    method: str
+    user_id: str = ""
+    conversation_id: str = ""
+    connection_id: str = ""
+    request_id: str = ""
+    code: str
+    """"OK" or the gRPC status code's name."""
+    reason: str = ""
+    affected_token_id: str = ""

@@ -6,16 +6,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, Generic, TypeVar
 
 from convclient import convert
 from convclient.models import (
     AdmissionPolicy,
+    AuditEntry,
     Connection,
     Conversation,
     Event,
     HeartbeatResult,
     Page,
+    Permission,
+    ScopedToken,
     SendResult,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -254,6 +258,56 @@ def complete_with_agent_llm(
     if llm_config is not None:
         request.llm_config.CopyFrom(convert.to_struct(llm_config))
     return Prepared("CompleteWithAgentLlm", request, lambda r: str(r.content))
+
+
+def mint_token(
+    user_id: str,
+    permissions: Iterable[Permission | str],
+    *,
+    conversation_ids: Iterable[str] = (),
+    ttl_seconds: int = 0,
+) -> Prepared[ScopedToken]:
+    """A scoped token for ``user_id`` (service token only): give it to a browser or a
+    service as its ``token``; it can do what ``permissions`` allow on ``conversation_ids``
+    (all of the user's when empty) until it expires (1 h by default) or is revoked."""
+    request = pb.MintTokenRequest(
+        user_id=user_id,
+        conversation_ids=list(conversation_ids),
+        permissions=[convert.PERMISSION[Permission(p)] for p in permissions],
+        ttl_seconds=ttl_seconds,
+    )
+    return Prepared(
+        "MintToken",
+        request,
+        lambda r: ScopedToken(
+            token=r.token, token_id=r.token_id, expire_time=r.expire_time.ToDatetime(tzinfo=UTC)
+        ),
+    )
+
+
+def revoke_token(token_id: str, *, request_id: str | None = None) -> Prepared[None]:
+    """Revokes a scoped token before it expires (idempotent)."""
+    request = pb.RevokeTokenRequest(token_id=token_id, request_id=request_id or new_request_id())
+    return Prepared("RevokeToken", request, lambda r: None)
+
+
+def list_audit_entries(
+    *, conversation_id: str = "", user_id: str = "", page_size: int = 0, page_token: str = ""
+) -> Prepared[Page[AuditEntry]]:
+    """A page of the audit log, oldest first (service token only)."""
+    request = pb.ListAuditEntriesRequest(
+        conversation_id=conversation_id,
+        user_id=user_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Prepared(
+        "ListAuditEntries",
+        request,
+        lambda r: Page[AuditEntry](
+            items=[convert.audit_entry(e) for e in r.entries], next_page_token=r.next_page_token
+        ),
+    )
 
 
 def stream_events(

@@ -81,6 +81,9 @@ class ConvsvcClient:
     search_events = _unary(requests.search_events)
     heartbeat = _unary(requests.heartbeat)
     complete_with_agent_llm = _unary(requests.complete_with_agent_llm)
+    mint_token = _unary(requests.mint_token)
+    revoke_token = _unary(requests.revoke_token)
+    list_audit_entries = _unary(requests.list_audit_entries)
 
     def watch_conversations(
         self,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from convsvc.domain import IdempotencyRecord
+from convsvc.domain import AuditEntry, AuditQuery, IdempotencyRecord
 from convsvc.storage import ConversationLogError
 from tests.storage.backends import StoreFactory, make_event, make_record, own, store_factory
 
@@ -129,3 +129,58 @@ async def test_idempotency_records_commit_with_their_events_and_are_pruned(
     assert await store.get_idempotency("u1", "missing") is None
     assert await store.prune_idempotency(datetime.now(UTC) + timedelta(seconds=5)) == 2
     assert await store.get_idempotency("u1", "r1") is None
+
+
+def audit_entry(method: str, conversation_id: str, user_id: str = "alice") -> AuditEntry:
+    return AuditEntry(
+        time=datetime.now(UTC),
+        credential="token",
+        subject=user_id,
+        token_id="t1",
+        method=method,
+        user_id=user_id,
+        conversation_id=conversation_id,
+        connection_id="",
+        request_id=f"r-{method}",
+        code="OK",
+        reason="",
+    )
+
+
+async def test_audit_entries_commit_in_order_filter_page_and_survive_reopening(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    await own(store, "c1")
+    written = [
+        store.submit_audit(audit_entry("StartConversation", "c1")),
+        store.submit_events([make_event("c1", 0)]),
+        store.submit_audit(audit_entry("SendEvent", "c1")),
+        store.submit_audit(audit_entry("CloseConversation", "c2", user_id="bob")),
+    ]
+    await asyncio.gather(*written)
+    store = await stores()  # reopened
+    everything = await store.list_audit(AuditQuery())
+    assert [e.method for e in everything] == ["StartConversation", "SendEvent", "CloseConversation"]
+    assert [e.sequence for e in everything] == sorted({e.sequence for e in everything})
+    assert everything[0].request_id == "r-StartConversation"
+    assert everything[0].time.tzinfo is not None
+    about_c1 = await store.list_audit(AuditQuery(conversation_id="c1"))
+    assert [e.method for e in about_c1] == ["StartConversation", "SendEvent"]
+    bobs = await store.list_audit(AuditQuery(user_id="bob"))
+    assert [e.method for e in bobs] == ["CloseConversation"]
+    after_first = await store.list_audit(AuditQuery(after=everything[0].sequence, limit=1))
+    assert [e.method for e in after_first] == ["SendEvent"]
+
+
+async def test_revoked_tokens_are_kept_until_they_expire(stores: StoreFactory) -> None:
+    store = await stores()
+    await store.revoke_token("t-live", datetime.now(UTC) + timedelta(hours=1))
+    await store.revoke_token("t-live", datetime.now(UTC) + timedelta(hours=1))  # idempotent
+    await store.revoke_token("t-past", datetime.now(UTC) - timedelta(seconds=1))
+    store = await stores()  # reopened
+    assert await store.token_revoked("t-live")
+    assert not await store.token_revoked("t-other")
+    await store.prune_idempotency(datetime.now(UTC))
+    assert await store.token_revoked("t-live")
+    assert not await store.token_revoked("t-past")  # expired: the token fails anyway
