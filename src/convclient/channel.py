@@ -81,3 +81,21 @@ def credentials(settings: ClientSettings) -> grpc.ChannelCredentials | None:
 def call_metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:
     token = settings.resolved_token()
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def aio_interceptors(settings: ClientSettings) -> list[Any] | None:
+    """The asyncio channel's interceptors: OpenTelemetry's when tracing is on."""
+    if not settings.tracing:
+        return None
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+
+
+def traced(channel: grpc.Channel, settings: ClientSettings) -> grpc.Channel:
+    """The blocking channel, with OpenTelemetry's interceptor when tracing is on."""
+    if not settings.tracing:
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor
+
+    return grpc.intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]

@@ -62,10 +62,15 @@ class AsyncConvsvcClient:
         self._metadata = channels.call_metadata(settings)
         credentials = channels.credentials(settings)
         options = channels.channel_options(settings)
+        interceptors = channels.aio_interceptors(settings)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(settings.address, options=options)
+            self._channel = grpc.aio.insecure_channel(
+                settings.address, options=options, interceptors=interceptors
+            )
         else:
-            self._channel = grpc.aio.secure_channel(settings.address, credentials, options)
+            self._channel = grpc.aio.secure_channel(
+                settings.address, credentials, options, interceptors=interceptors
+            )
         self._stub = pb_grpc.ConversationServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncConvsvcClient:

@@ -36,6 +36,9 @@ class ClientSettings(BaseSettings):
     """Deadline of each call, retries included."""
     stream_reconnect_seconds: float = Field(30.0, ge=0)
     """How long an event tail keeps trying to reconnect before it gives up."""
+    tracing: bool = False
+    """Spans for every call, continuing the caller's trace (CONVSVC_TRACING; needs the
+    ``tracing`` extra: opentelemetry-instrumentation-grpc)."""
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
     @model_validator(mode="after")

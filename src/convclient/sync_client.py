@@ -49,7 +49,7 @@ class ConvsvcClient:
             self._channel = grpc.insecure_channel(settings.address, options=options)
         else:
             self._channel = grpc.secure_channel(settings.address, credentials, options)
-        self._stub = pb_grpc.ConversationServiceStub(self._channel)
+        self._stub = pb_grpc.ConversationServiceStub(channels.traced(self._channel, settings))
 
     def __enter__(self) -> ConvsvcClient:
         return self

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from prometheus_client import start_http_server
 
-from convsvc import metrics
+from convsvc import metrics, tracing
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
@@ -68,9 +68,12 @@ class ConvsvcApp:
         self._followers: Followers | None = None
         self._metrics: Any = None
         self._collector: metrics.NodeCollector | None = None
+        self._tracer_provider: Any = None
 
     async def start(self) -> str:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
+        if self.settings.tracing:
+            self._tracer_provider = tracing.configure("convsvc")
         await self.store.open()
         await self.engine.start()
         self.workers.start()
@@ -105,6 +108,7 @@ class ConvsvcApp:
             tls=self.settings.tls,
             max_message_bytes=self.settings.max_message_bytes,
             servicer=servicer,
+            tracing=self.settings.tracing,
         )
         if self.cluster is not None and self._router is not None:
             self.cluster.address = self.cluster.address or self.server.address
@@ -180,6 +184,9 @@ class ConvsvcApp:
         if self._collector is not None:
             metrics.unregister(self._collector)
             self._collector = None
+        if self._tracer_provider is not None:
+            # Exports the spans still batched (off the event loop: it blocks).
+            await asyncio.to_thread(self._tracer_provider.shutdown)
         log.info("server.stopped")
 
 

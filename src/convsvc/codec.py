@@ -67,6 +67,7 @@ def encode_event(event: Event) -> bytes:
         source=event.source,
         kind=_KIND_TO_PB[event.kind],
         name=event.name,
+        trace_parent=event.trace_parent,
     )
     message.payload.update(event.payload)
     encoded: bytes = message.SerializeToString()
@@ -87,6 +88,7 @@ def decode_event(encoded: bytes) -> Event:
         name=message.name,
         payload=struct_to_dict(message.payload),
         encoded=encoded,
+        trace_parent=message.trace_parent,
     )
 
 

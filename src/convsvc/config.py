@@ -176,6 +176,8 @@ class Settings(BaseSettings):
     use_uvloop: bool = True
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
+    tracing: bool = False
+    """OpenTelemetry spans exported over OTLP (configured by the OTEL_* variables)."""
     database_url: SecretStr | None = None
     """postgresql://user@host:port/db: clustered mode on PostgreSQL (else embedded SQLite)."""
     database_password_file: Path | None = None

@@ -103,6 +103,8 @@ class Event:
     name: str
     payload: JsonObject
     encoded: bytes = field(default=b"", repr=False)
+    trace_parent: str = ""
+    """The W3C traceparent of the call (or user event) that caused it; "" untraced."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -83,6 +83,7 @@ from convsvc.storage import (
     OwnerMoved,
     StorageError,
 )
+from convsvc.tracing import current_trace_parent
 
 log = structlog.get_logger(__name__)
 
@@ -1335,6 +1336,7 @@ class ConversationEngine:
         """
         timestamp = datetime.now(UTC)
         stamp = timestamp.isoformat()
+        trace_parent = current_trace_parent()  # the call's, or the user event's being handled
         first_id = runtime.next_event_id
         events: list[Event] = []
         for offset, (payload, source) in enumerate(payloads):
@@ -1346,7 +1348,14 @@ class ConversationEngine:
             else:
                 kind, name = EventKind.OBSERVATION, str(payload.get("observation", ""))
             event = Event(
-                runtime.conversation_id, event_id, timestamp, source.value, kind, name, full
+                runtime.conversation_id,
+                event_id,
+                timestamp,
+                source.value,
+                kind,
+                name,
+                full,
+                trace_parent=trace_parent,
             )
             event.encoded = encode_event(event)
             if max_bytes is not None and len(event.encoded) > max_bytes:
@@ -1363,7 +1372,7 @@ class ConversationEngine:
         if not runtime.agent.numbers_own_events:
             for event in events:
                 if event.source == EventSource.USER and event.kind is EventKind.ACTION:
-                    runtime.deliver(event.payload)
+                    runtime.deliver(event.payload, event.trace_parent)
         return durable
 
     def _append_numbered(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from convsvc.domain import (
     StoredEvent,
 )
 from convsvc.errors import FailedPrecondition, InvalidArgument
+from convsvc.tracing import continued, current_trace_parent
 
 log = structlog.get_logger(__name__)
 
@@ -131,7 +133,8 @@ class ConversationRuntime:
         self.closed = asyncio.Event()
         self.start_task: asyncio.Task[None] | None = None
         self.close_task: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[JsonObject] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[JsonObject, str]] = asyncio.Queue()
+        self._start_trace = current_trace_parent()  # the call that started it
         self._task: asyncio.Task[None] | None = None
         self.agent = agent_factory(self)
 
@@ -190,9 +193,10 @@ class ConversationRuntime:
         self._log.publish_status(self, status)
 
     # Engine side
-    def deliver(self, event: JsonObject) -> None:
-        """Queues a user event for the agent (in log order, possibly before it is durable)."""
-        self._inbox.put_nowait(event)
+    def deliver(self, event: JsonObject, trace_parent: str = "") -> None:
+        """Queues a user event for the agent (in log order, possibly before it is durable),
+        with the trace context of the call that sent it."""
+        self._inbox.put_nowait((event, trace_parent))
 
     def begin_close(self) -> bool:
         """Moves to CLOSING; False when it already was closing or closed."""
@@ -205,7 +209,11 @@ class ConversationRuntime:
         """Starts the agent's task unless the runtime began closing meanwhile."""
         if self.phase is not Phase.STARTING:
             return False
-        self._task = asyncio.create_task(self._run(), name=f"agent:{self.conversation_id}")
+        # A context of its own: what the loop does belongs to the events it handles, not
+        # to the call that happened to start it.
+        self._task = asyncio.create_task(
+            self._run(), name=f"agent:{self.conversation_id}", context=contextvars.Context()
+        )
         return True
 
     async def shutdown(self) -> None:
@@ -225,11 +233,15 @@ class ConversationRuntime:
         self.phase = Phase.CLOSED
         self.closed.set()
 
+    def _span_attributes(self) -> dict[str, str]:
+        return {"convsvc.conversation_id": self.conversation_id, "convsvc.agent": self.record.agent}
+
     async def _run(self) -> None:
         bound = log.bind(conversation_id=self.conversation_id, agent=self.record.agent)
         try:
             try:
-                await self.agent.start()
+                with continued(self._start_trace, "agent.start", **self._span_attributes()):
+                    await self.agent.start()
             except LoopClosed:
                 raise
             except Exception:
@@ -239,9 +251,10 @@ class ConversationRuntime:
                 self.phase = Phase.RUNNING
                 self._log.running(self)
             while True:
-                event = await self._inbox.get()
+                event, trace_parent = await self._inbox.get()
                 try:
-                    await self.agent.on_user_event(event)
+                    with continued(trace_parent, "agent.user_event", **self._span_attributes()):
+                        await self.agent.on_user_event(event)
                 except LoopClosed:
                     raise
                 except Exception:

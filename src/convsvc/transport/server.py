@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from convsvc.config import TlsConfig
 from convsvc.engine import ConversationEngine
+from convsvc.tracing import server_interceptor
 from convsvc.transport.auth import BearerTokenInterceptor
 from convsvc.transport.reflection import enable_reflection
 from convsvc.transport.service import SERVICE_NAME, CallGate, conversation_service_handler
@@ -32,8 +35,12 @@ class GrpcServer:
         tls: TlsConfig | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
         servicer: ConversationServicer | None = None,
+        tracing: bool = False,
     ) -> None:
-        interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+        # Tracing first: a call refused for its credentials is traced too.
+        interceptors: list[Any] = [server_interceptor()] if tracing else []
+        if auth_token:
+            interceptors.append(BearerTokenInterceptor(auth_token))
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[

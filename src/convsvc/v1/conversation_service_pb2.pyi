@@ -108,7 +108,7 @@ class Connection(_message.Message):
     def __init__(self, connection_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., client_instance_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("conversation_id", "id", "timestamp", "source", "kind", "name", "payload")
+    __slots__ = ("conversation_id", "id", "timestamp", "source", "kind", "name", "payload", "trace_parent")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class Event(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     id: int
     timestamp: _timestamp_pb2.Timestamp
@@ -123,7 +124,8 @@ class Event(_message.Message):
     kind: EventKind
     name: str
     payload: _struct_pb2.Struct
-    def __init__(self, conversation_id: _Optional[str] = ..., id: _Optional[int] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    trace_parent: str
+    def __init__(self, conversation_id: _Optional[str] = ..., id: _Optional[int] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class StartConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id", "admission_policy")
