@@ -118,6 +118,7 @@ def event(message: pb.Event) -> Event:
         kind=_KIND.get(message.kind, "observation"),
         name=message.name,
         payload=from_struct(message.payload),
+        trace_parent=message.trace_parent,
     )
 
 

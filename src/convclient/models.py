@@ -76,6 +76,8 @@ class Event(_Model):
     """The action or observation name, e.g. "message" or "agent_state_changed"."""
     payload: dict[str, Any]
     """The OpenHands event dict (event_to_dict), including id, timestamp and source."""
+    trace_parent: str = ""
+    """The W3C traceparent of the call (or user event) that caused it, when traced."""
 
 
 class EventBatch(_Model):
