@@ -23,6 +23,7 @@ from convsvc.config import EngineConfig, Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.sqlite import SqliteStore
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.otlp import Collector, otlp_collector
 from tests.postgres import PostgresServer, postgres_server
 
 CONVSVC_BIN = Path(sys.executable).parent / "convsvc"
@@ -197,3 +198,10 @@ def postgres() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres: PostgresServer) -> str:
     """A database of this test's own on the session's server."""
     return postgres.create_database()
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[tuple[Collector, int]]:
+    """A real OTLP trace receiver on loopback, and its port."""
+    async with otlp_collector() as started:
+        yield started

@@ -52,6 +52,20 @@ def current_trace_parent() -> str:
 
 
 @contextlib.contextmanager
+def within(trace_parent: str) -> Iterator[None]:
+    """Makes ``trace_parent`` the current trace context for the block (without a span of
+    its own): what the block appends records it."""
+    if not trace_parent:
+        yield
+        return
+    token = otel_context.attach(propagate.extract({"traceparent": trace_parent}))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
 def continued(trace_parent: str, span_name: str, **attributes: Any) -> Iterator[None]:
     """Runs the block in a span continuing ``trace_parent`` (no span when it is empty)."""
     if not trace_parent:

@@ -5,75 +5,22 @@ its id stored with the events the call caused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
-import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from convclient import AsyncConvsvcClient, Event
+from tests.otlp import Collector, trace_id_of, traced_server_env
 
 HI = {"action": "message", "args": {"content": "traced hi"}}
-
-
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver: keeps every span exported to it."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.service_names: set[str] = set()
-        self._arrived = asyncio.Event()
-
-    async def Export(self, request: Any, context: Any) -> Any:
-        for resource_spans in request.resource_spans:
-            for attribute in resource_spans.resource.attributes:
-                if attribute.key == "service.name":
-                    self.service_names.add(attribute.value.string_value)
-            for scope_spans in resource_spans.scope_spans:
-                self.spans.extend(scope_spans.spans)
-        self._arrived.set()
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    async def until(self, done: Callable[[list[Any]], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not done(self.spans):
-                self._arrived.clear()
-                await self._arrived.wait()
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[tuple[Collector, int]]:
-    receiver = Collector()
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield receiver, port
-    await server.stop(None)
-
-
-def trace_id_of(trace_parent: str) -> str:
-    version, trace_id, span_id, flags = trace_parent.split("-")
-    assert (version, len(span_id)) == ("00", 16)
-    assert int(flags, 16) & 1  # sampled
-    return trace_id
 
 
 async def test_one_trace_from_the_caller_through_convsvc_into_the_agent_loop(
     collector: tuple[Collector, int], server_process: Callable[..., Any]
 ) -> None:
     receiver, port = collector
-    address = server_process(
-        {
-            "CONVSVC_TRACING": "true",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_BSP_SCHEDULE_DELAY": "50",
-            "OTEL_SERVICE_NAME": "convsvc-under-test",
-        }
-    ).start()
+    address = server_process(traced_server_env(port)).start()
     # The caller's own tracer (the web tier's, say): its span is the root of the trace.
     tracer = TracerProvider().get_tracer("test-web-tier")
     events: list[Event] = []

@@ -9,7 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from convclient import AsyncConvsvcClient
+from tests.otlp import Collector, trace_id_of, traced_server_env
 from tests.polyglot.conftest import PROTOS
 
 
@@ -66,3 +69,42 @@ async def test_a_node_worker_serves_a_conversation(
     finally:
         worker.terminate()
         await asyncio.wait_for(worker.wait(), 10)
+
+
+async def test_a_traced_send_reaches_the_worker_and_its_answer_keeps_the_trace(
+    node_client: Path, server_process: Callable[..., Any], collector: tuple[Collector, int]
+) -> None:
+    _, port = collector
+    address = server_process(traced_server_env(port)).start()
+    worker = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_client.parent / "echo_worker.mjs"),
+        address,
+        str(PROTOS),
+        "node-traced",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        await read_line(worker)  # attached
+        tracer = TracerProvider().get_tracer("test-web-tier")
+        async with AsyncConvsvcClient(address=address, tracing=True) as client:
+            await client.start_conversation("traced-node", agent="node-echo")
+            with tracer.start_as_current_span("browser sends") as root:
+                sent = await client.send_event(
+                    {"action": "message", "args": {"content": "hello"}},
+                    conversation_id="traced-node",
+                )
+            events = []
+            async with asyncio.timeout(30):
+                async for batch in client.tail_events("traced-node", start_id=sent.event_id):
+                    events.extend(batch.events)
+                    if any(e.source == "agent" and e.name == "message" for e in events):
+                        break
+        root_trace = f"{root.get_span_context().trace_id:032x}"
+        # The worker logged the user event and its answer: both carry the send's trace.
+        assert trace_id_of(events[0].trace_parent) == root_trace
+        answer = next(e for e in events if e.source == "agent" and e.name == "message")
+        assert trace_id_of(answer.trace_parent) == root_trace
+    finally:
+        worker.kill()
+        await worker.wait()

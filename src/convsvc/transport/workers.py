@@ -78,6 +78,7 @@ def _to_pb(message: Outgoing) -> wpb.AttachResponse:
                 assignment=message.assignment,
                 delivery_id=message.delivery_id,
                 payload=dict_to_struct(message.payload),
+                trace_parent=message.trace_parent,
             )
         )
     if isinstance(message, CompletionMessage):

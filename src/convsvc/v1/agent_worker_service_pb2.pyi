@@ -149,16 +149,18 @@ class LoopHistory(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_conversation_service_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class DeliverUserEvent(_message.Message):
-    __slots__ = ("conversation_id", "assignment", "delivery_id", "payload")
+    __slots__ = ("conversation_id", "assignment", "delivery_id", "payload", "trace_parent")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     assignment: int
     delivery_id: str
     payload: _struct_pb2.Struct
-    def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ..., delivery_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    trace_parent: str
+    def __init__(self, conversation_id: _Optional[str] = ..., assignment: _Optional[int] = ..., delivery_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class StopLoop(_message.Message):
     __slots__ = ("conversation_id", "assignment")

@@ -30,6 +30,7 @@ from convsvc.domain import EventSource, JsonObject
 from convsvc.engine.runtime import EventOutOfSequence, LoopClosed
 from convsvc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from convsvc.storage import StorageError
+from convsvc.tracing import current_trace_parent, within
 from convsvc.workers.pool import (
     AssignMessage,
     CompletionMessage,
@@ -54,6 +55,8 @@ class _Delivery:
     payload: JsonObject
     idempotency: IdempotencyFor
     logged: asyncio.Future[tuple[int, asyncio.Future[None]]]
+    trace_parent: str = ""
+    """The trace of the call that sent it (see convsvc.tracing)."""
     sent_to: int = 0
     """The assignment it was delivered to (0: not delivered yet)."""
 
@@ -89,6 +92,8 @@ class WorkerAgentLoop(AgentLoop):
         self._failures = 0
         self._gave_up = False
         self._first_message_logged = context.initial_user_message is None
+        self._handling_trace = ""
+        """The trace of the user event the worker logged last (what follows answers it)."""
         self._completions: dict[str, asyncio.Future[str]] = {}
         self._ready = asyncio.Event()
         """Set while a worker holds the loop and has its history."""
@@ -119,7 +124,11 @@ class WorkerAgentLoop(AgentLoop):
         delivery = self._by_request.get(request) if request is not None else None
         if delivery is None:
             delivery = _Delivery(
-                uuid.uuid4().hex, payload, idempotency, asyncio.get_running_loop().create_future()
+                uuid.uuid4().hex,
+                payload,
+                idempotency,
+                asyncio.get_running_loop().create_future(),
+                trace_parent=current_trace_parent(),
             )
             self._pending[delivery.delivery_id] = delivery
             if request is not None:
@@ -297,16 +306,22 @@ class WorkerAgentLoop(AgentLoop):
                         self._first_message_logged = True
                     continue
                 if run:
-                    durable = self.context.append_numbered(run_start, run)
+                    with within(self._handling_trace):
+                        durable = self.context.append_numbered(run_start, run)
                     run = []
                 delivery = self._pending.pop(event.delivery_id)
-                durable = self.context.append_numbered(
-                    event.id, [(payload, source)], delivery.idempotency(event.id)
-                )
+                # What the agent emits after a user event answers it: same trace (a worker
+                # handles one user event at a time).
+                self._handling_trace = delivery.trace_parent
+                with within(self._handling_trace):
+                    durable = self.context.append_numbered(
+                        event.id, [(payload, source)], delivery.idempotency(event.id)
+                    )
                 if not delivery.logged.done():
                     delivery.logged.set_result((event.id, durable))
             if run:
-                durable = self.context.append_numbered(run_start, run)
+                with within(self._handling_trace):
+                    durable = self.context.append_numbered(run_start, run)
         except LoopClosed:
             return durable  # the conversation is closing: the rest is dropped
         if payloads:
@@ -360,6 +375,7 @@ class WorkerAgentLoop(AgentLoop):
                 current.number,
                 delivery.delivery_id,
                 delivery.payload,
+                delivery.trace_parent,
             )
         )
 

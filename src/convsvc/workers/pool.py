@@ -77,6 +77,7 @@ class DeliverMessage:
     assignment: int
     delivery_id: str
     payload: JsonObject
+    trace_parent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
