@@ -17,6 +17,7 @@ from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
 from convsvc.cluster.routing import Router
 from convsvc.cluster.servicer import ClusteredServicer
+from convsvc.cluster.watch import ClusterWatch
 from convsvc.config import Settings
 from convsvc.engine import ConversationEngine
 from convsvc.storage.postgres import PostgresStore
@@ -97,7 +98,13 @@ class ConvsvcApp:
                 max_message_bytes=self.settings.max_message_bytes,
             )
             self._followers = Followers(self.cluster, self.postgres, self.engine, self._router)
-            servicer = ClusteredServicer(self.engine, self._router, self._followers)
+            watch = ClusterWatch(
+                self.postgres,
+                self.engine,
+                self._router.watch_peer,
+                self.settings.cluster.heartbeat_interval_seconds,
+            )
+            servicer = ClusteredServicer(self.engine, self._router, self._followers, watch)
         servicer = servicer or ConversationServicer(self.engine)
         servicer.secure(self._access(), Auditor(self.store))
         self.server = GrpcServer(

@@ -12,6 +12,7 @@ from convsvc.codec import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.cluster.conftest import Cluster
 from tests.helpers import echo_of, expect_error, grpc_events_until, ids
+from tests.service.test_watch import KIND, Watch
 
 
 def message(text: str) -> pb.SendEventRequest:
@@ -188,3 +189,41 @@ async def test_joins_racing_on_one_id_through_every_node_get_one_conversation(
             pb.ListConnectionsRequest(conversation_ids=[cid])
         )
         assert len(listed.connections) == 6
+
+
+async def test_a_watch_through_one_node_sees_the_whole_cluster_and_resumes_through_another(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b, c = cluster(3).nodes
+    await b.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="before", user_id="alice")
+    )
+    watch = Watch(a.stub, user_id="alice")
+    snapshot = await watch.snapshot()
+    assert list(snapshot) == ["before"]  # run by b, watched through a
+
+    # Conversations each node runs reach the one watch, with their connections.
+    for node, cid in ((b, "on-b"), (c, "on-c")):
+        await node.stub.StartConversation(
+            pb.StartConversationRequest(conversation_id=cid, user_id="alice")
+        )
+        await watch.changes_until(KIND.CONVERSATION_CHANGE_KIND_CREATED, cid)
+    await c.stub.JoinConversation(
+        pb.JoinConversationRequest(conversation_id="on-b", connection_id="tab", user_id="alice")
+    )
+    joined = await watch.changes_until(KIND.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED, "on-b")
+    assert list(joined[-1].watched.connection_ids) == ["tab"]
+    token = watch.token
+    watch.call.cancel()
+
+    # What happens meanwhile is resumed through another node, with no snapshot.
+    await a.stub.CloseConversation(pb.CloseConversationRequest(conversation_id="on-c"))
+    resumed = Watch(c.stub, user_id="alice", resume_token=token)
+    closed = await resumed.changes_until(KIND.CONVERSATION_CHANGE_KIND_CLOSED, "on-c")
+    assert closed[-1].watched.conversation.status == pb.CONVERSATION_STATUS_STOPPED
+    resumed.call.cancel()
+
+    # Another user's watch sees none of it; a token that is not a cluster's is refused.
+    assert await Watch(b.stub, user_id="bob").snapshot() == {}
+    bad = b.stub.WatchConversations(pb.WatchConversationsRequest(resume_token="abc.1"))
+    await expect_error(bad.read(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN")

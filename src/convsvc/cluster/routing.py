@@ -11,7 +11,7 @@ node reads the shared database. Lists cover the whole cluster.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from convsvc.cluster.node import ClusterNode, owner_moved
+from convsvc.cluster.watch import RESUME_ONLY
 from convsvc.domain import ConversationStatus
 from convsvc.engine import ConversationEngine, validation
 from convsvc.engine.paging import decode_token, encode_token
@@ -187,6 +188,24 @@ class Router:
                     metadata={"owner_address": owner.address},
                 ) from None
             raise RelayedStatus(exc.code(), exc.details() or "", trailing) from None
+
+    async def watch_peer(
+        self, address: str, request: pb.WatchConversationsRequest, resume_only: bool
+    ) -> AsyncIterator[pb.WatchConversationsResponse]:
+        """A peer's node-local watch (see cluster.watch)."""
+        call = self.channel(address).unary_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['ConversationService'].full_name}"
+            "/WatchConversations",
+            request_serializer=pb.WatchConversationsRequest.SerializeToString,
+            response_deserializer=pb.WatchConversationsResponse.FromString,
+        )
+        extra = ((RESUME_ONLY, "1"),) if resume_only else ()
+        stream = call(request, metadata=self.metadata(*extra))
+        try:
+            async for response in stream:
+                yield response
+        finally:
+            stream.cancel()
 
     async def evict_remote(self, conversation_id: str, owner: Owner) -> None:
         """Asks a conversation's owner to stop it to make room under the per-user limit."""

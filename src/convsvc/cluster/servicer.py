@@ -13,9 +13,10 @@ from typing import Any
 
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.routing import EVICT, FOLLOW, Router, header
+from convsvc.cluster.watch import RESUME_ONLY, ClusterWatch
 from convsvc.engine import ConversationEngine, validation
 from convsvc.engine.subscriptions import StreamItem
-from convsvc.errors import Unavailable, Unimplemented
+from convsvc.errors import Unavailable
 from convsvc.transport.access import FORWARDED
 from convsvc.transport.convert import conversation_to_pb
 from convsvc.transport.servicer import Context, ConversationServicer
@@ -25,10 +26,17 @@ Local = Callable[[Any, Context], Awaitable[Any]]
 
 
 class ClusteredServicer(ConversationServicer):
-    def __init__(self, engine: ConversationEngine, router: Router, followers: Followers) -> None:
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        router: Router,
+        followers: Followers,
+        watch: ClusterWatch,
+    ) -> None:
         super().__init__(engine)
         self._router = router
         self._followers = followers
+        self._watch = watch
 
     async def _routed(self, method: str, request: Any, context: Context, local: Local) -> Any:
         owner = await self._router.destination(method, request, context)
@@ -108,9 +116,9 @@ class ClusteredServicer(ConversationServicer):
                 yield items
 
     async def WatchConversations(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        raise Unimplemented(
-            "WatchConversations is not available in clustered mode yet: it would only see "
-            "the conversations of the node it reaches. Poll ListConversations instead.",
-            reason="WATCH_NOT_SUPPORTED_IN_CLUSTER",
-        )
-        yield  # an async generator, as a streaming method is
+        if header(context, FORWARDED) is not None:  # a peer's cluster watch: this node's part
+            responses = self._watch.local(request, header(context, RESUME_ONLY) is not None)
+        else:
+            responses = self._watch.watch(request)
+        async for response in responses:
+            yield response

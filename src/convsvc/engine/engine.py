@@ -1182,9 +1182,12 @@ class ConversationEngine:
         user_id: str = "",
         conversation_ids: Sequence[str] = (),
         resume_token: str = "",
+        resume_only: bool = False,
     ) -> AsyncIterator[WatchUpdate]:
         """A snapshot of the matching queued, starting and running conversations (or, with
-        a token this feed can resume from, none), then every matching change."""
+        a token this feed can resume from, none), then every matching change.
+        ``resume_only``: a token that cannot be resumed fails (RESUME_TOKEN_EXPIRED) instead
+        of getting a snapshot (a cluster watch then asks every node for one)."""
         user = validation.check_user_id(user_id)
         wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
         if self._stopping:
@@ -1198,6 +1201,10 @@ class ConversationEngine:
 
         seq = self._changes.resumable_seq(resume_token) if resume_token else None
         resumed = seq is not None
+        if seq is None and resume_only:
+            raise FailedPrecondition(
+                "this node can no longer resume from the token", reason="RESUME_TOKEN_EXPIRED"
+            )
         if seq is None:
             # Taken in one step with the feed's position: no change falls between them.
             seq = self._changes.last_seq
