@@ -124,6 +124,15 @@ def send_events(
     return run_async(run())
 
 
+def _is_echo(event: pb.Event, content: str) -> bool:
+    """Whether ``event`` is the echo agent's answer to the message ``content``."""
+    return (
+        event.source == "agent"
+        and event.name == "message"
+        and event.payload.fields["message"].string_value == content
+    )
+
+
 def round_trip(
     address: str, count: int, cid: str = "round-trip", via: str | None = None
 ) -> dict[str, float]:
@@ -142,15 +151,8 @@ def round_trip(
             tail = stub.StreamEvents(pb.StreamEventsRequest(conversation_id=cid)).__aiter__()
 
             async def echo_of(content: str) -> None:
-                while True:
-                    response = await tail.__anext__()
-                    for event in response.events:
-                        if (
-                            event.source == "agent"
-                            and event.name == "message"
-                            and (event.payload.fields["message"].string_value == content)
-                        ):
-                            return
+                while not any(_is_echo(e, content) for e in (await tail.__anext__()).events):
+                    pass
 
             latencies: list[float] = []
             for n in range(count + 20):
@@ -180,15 +182,8 @@ def connect_round_trip(address: str, count: int, cid: str = "connect-trip") -> d
             await call.read()  # opened
 
             async def echo_of(content: str) -> None:
-                while True:
-                    response = await call.read()
-                    for event in response.events.events:
-                        if (
-                            event.source == "agent"
-                            and event.name == "message"
-                            and (event.payload.fields["message"].string_value == content)
-                        ):
-                            return
+                while not any(_is_echo(e, content) for e in (await call.read()).events.events):
+                    pass
 
             latencies: list[float] = []
             for n in range(count + 20):

@@ -125,7 +125,12 @@ class ConvsvcApp:
         if self.settings.metrics_listen:
             host, port = self.settings.metrics_listen.rsplit(":", 1)
             self._metrics, _ = start_http_server(int(port), addr=host)
-            self._collector = metrics.register(self.engine, self.workers)
+            followers = self._followers
+            self._collector = metrics.register(
+                self.engine,
+                self.workers,
+                (lambda: followers.count) if followers is not None else None,
+            )
         address = self.server.address
         if self.settings.ready_file is not None:
             tmp = self.settings.ready_file.with_suffix(".tmp")

@@ -7,7 +7,7 @@ batches are observed by the store as they commit (``storage.group_commit``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY
@@ -19,9 +19,15 @@ from convsvc.workers import WorkerPool
 class NodeCollector:
     """The node's live state, collected at scrape time (a Prometheus custom collector)."""
 
-    def __init__(self, engine: ConversationEngine, workers: WorkerPool) -> None:
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        workers: WorkerPool,
+        followed: Callable[[], int] | None = None,
+    ) -> None:
         self._engine = engine
         self._workers = workers
+        self._followed = followed
 
     def collect(self) -> Iterator[Metric]:
         gauges = self._engine.gauges()
@@ -54,6 +60,22 @@ class NodeCollector:
             "Events the slowest live stream has waiting to be sent",
             value=gauges.stream_lag_events,
         )
+        yield GaugeMetricFamily(
+            "convsvc_watchers",
+            "WatchConversations streams reading this node's changes",
+            value=gauges.watchers,
+        )
+        yield GaugeMetricFamily(
+            "convsvc_queued_starts",
+            "Starts waiting for room under their user's limit (admission policy queue)",
+            value=gauges.queued_starts,
+        )
+        if self._followed is not None:
+            yield GaugeMetricFamily(
+                "convsvc_cluster_followed_conversations",
+                "Conversations run elsewhere whose events this node follows for its streams",
+                value=self._followed(),
+            )
         workers = list(self._workers.workers())
         yield GaugeMetricFamily(
             "convsvc_workers", "Agent workers attached to this node", value=len(workers)
@@ -72,9 +94,14 @@ class NodeCollector:
         yield capacity
 
 
-def register(engine: ConversationEngine, workers: WorkerPool) -> NodeCollector:
-    """Adds the node's collector to the default registry (the one /metrics serves)."""
-    collector = NodeCollector(engine, workers)
+def register(
+    engine: ConversationEngine,
+    workers: WorkerPool,
+    followed: Callable[[], int] | None = None,
+) -> NodeCollector:
+    """Adds the node's collector to the default registry (the one /metrics serves);
+    ``followed``: in a cluster, how many conversations the node follows."""
+    collector = NodeCollector(engine, workers, followed)
     REGISTRY.register(collector)
     return collector
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess
@@ -23,10 +27,30 @@ FAST_CLUSTER = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Node:
     process: ServerProcess
+    metrics_address: str = ""
     channel: grpc.aio.Channel | None = None
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples on this node (those with ``labels``)."""
+        url = f"http://{self.metrics_address}/metrics"
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+        )
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     @property
     def address(self) -> str:
@@ -57,7 +81,9 @@ class Cluster:
         env.update({"CONVSVC_DATABASE_URL": self.dsn, "CONVSVC_LOG_LEVEL": "INFO"})
         env.update(self.env)
         env.update(extra_env)
-        node = Node(ServerProcess(home / "data", env))
+        metrics = f"127.0.0.1:{free_port()}"
+        env["CONVSVC_METRICS_LISTEN"] = metrics
+        node = Node(ServerProcess(home / "data", env), metrics)
         node.process.start()
         self.nodes.append(node)
         return node

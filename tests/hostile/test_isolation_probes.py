@@ -98,7 +98,51 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
         ("beat an unknown instance", lambda s: s.Heartbeat(
             pb.HeartbeatRequest(client_instance_id="guessed")), {""}),
     ],
+    "WatchConversations": [
+        ("watch A's id", lambda s: first_response(s.WatchConversations(
+            pb.WatchConversationsRequest(user_id=B, conversation_ids=["a-conv"]))), {""}),
+    ],
+    "Connect": [
+        ("connect to A's id", lambda s: connect(s, pb.ConnectOpen(
+            conversation_id="a-conv", connection_id="b-conn", user_id=B)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("take A's connection id", lambda s: connect(s, pb.ConnectOpen(
+            conversation_id="b-conv", connection_id="a-conn", user_id=B)),
+         {"CONNECTION_ID_TAKEN"}),
+    ],
+    # Without a signing key (this server has no service token) no token is minted; scoped
+    # tokens' boundaries are probed in tests/service/test_tokens.py.
+    "MintToken": [
+        ("mint a token for A", lambda s: s.MintToken(
+            pb.MintTokenRequest(user_id=A, permissions=[pb.PERMISSION_READ])),
+         {"TOKENS_NOT_CONFIGURED"}),
+    ],
+    "RevokeToken": [
+        ("revoke a guessed token", lambda s: s.RevokeToken(
+            pb.RevokeTokenRequest(token_id="guessed")), {"TOKENS_NOT_CONFIGURED"}),
+    ],
+    "ListAuditEntries": [
+        ("B's entries about A's id", lambda s: s.ListAuditEntries(
+            pb.ListAuditEntriesRequest(user_id=B, conversation_id="a-conv")), {""}),
+    ],
 }  # fmt: skip
+
+
+async def first_response(call: Any) -> Any:
+    """The first answer of a stream (a watch's snapshot), then the stream is cancelled."""
+    try:
+        return await call.read()
+    finally:
+        call.cancel()
+
+
+async def connect(stub: pb_grpc.ConversationServiceStub, opening: pb.ConnectOpen) -> Any:
+    call = stub.Connect()
+    try:
+        await call.write(pb.ConnectRequest(open=opening))
+        return await call.read()
+    finally:
+        call.cancel()
 
 
 def test_every_rpc_has_a_probe() -> None:
@@ -144,6 +188,11 @@ async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
         assert response.conversation.conversation_id != "a-conv", what
     if isinstance(response, pb.DisconnectConnectionResponse):
         assert not response.removed, what
+    if isinstance(response, pb.WatchConversationsResponse):
+        assert response.snapshot_complete and not response.snapshot, what
+    if isinstance(response, pb.ListAuditEntriesResponse):
+        assert not response.entries, what
+    assert not isinstance(response, pb.ConnectResponse), what  # never opened
     # A's conversation and connection are as they were.
     after = await stub.GetConversation(pb.GetConversationRequest(conversation_id="a-conv"))
     assert after.conversation.status == before.conversation.status

@@ -130,6 +130,11 @@ async def test_prometheus_scrapes_conversations_streams_calls_and_commits(
             'convsvc_commit_batch_events_count{backend="sqlite"}', lambda v: v >= 1
         )
         await scraper.value_when("convsvc_workers", lambda v: v == 0)
+        watch = stub.WatchConversations(pb.WatchConversationsRequest())
+        await watch.read()  # the snapshot: the watch is live
+        await scraper.value_when("convsvc_watchers", lambda v: v == 1)
+        await scraper.value_when("convsvc_queued_starts", lambda v: v == 0)
+        watch.cancel()
         stream.cancel()
         await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="m1"))
         await scraper.value_when('convsvc_conversations{status="running"}', lambda v: v == 1)

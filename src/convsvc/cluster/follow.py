@@ -55,6 +55,11 @@ class Followers:
         self._router = router
         self._followers: dict[str, _Follower] = {}
 
+    @property
+    def count(self) -> int:
+        """Conversations followed from their owner now."""
+        return len(self._followers)
+
     @contextlib.asynccontextmanager
     async def following(self, conversation_id: str) -> AsyncIterator[None]:
         """Keeps a follower running for as long as the block runs (a stream's life)."""

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import structlog
+from prometheus_client import Counter
 
 from convsvc.config import ClusterConfig
 from convsvc.domain import Connection, ConversationRecord
@@ -24,6 +25,11 @@ from convsvc.storage.postgres import OwnedElsewhere, Owner, PostgresStore
 from convsvc.workers import WorkerPool
 
 log = structlog.get_logger(__name__)
+
+TAKEOVERS = Counter(
+    "convsvc_cluster_takeovers_total",
+    "Conversations this node took over (their owner died, or handed them over)",
+)
 
 SetServing = Callable[[bool], Awaitable[None]]
 EvictRemote = Callable[[str, Owner], Awaitable[None]]
@@ -267,6 +273,7 @@ class ClusterNode:
 
     async def _take_over(self, record: ConversationRecord) -> None:
         await self._engine.take_over(record)
+        TAKEOVERS.inc()
         # Connections made through the old owner live on: the client's next send by
         # connection id reaches this node.
         self._engine.adopt_connections(await self._store.connections_of(record.conversation_id))

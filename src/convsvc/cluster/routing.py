@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import structlog
+from prometheus_client import Counter
 
 from convsvc.cluster.node import ClusterNode, owner_moved
 from convsvc.cluster.watch import RESUME_ONLY
@@ -36,6 +37,12 @@ EVICT = "x-convsvc-evict"
 """On a forwarded CloseConversation: the close makes room under the per-user limit."""
 FOLLOW = "x-convsvc-follow"
 """On a StreamEvents between nodes: live events of a loop the callee runs, or OWNER_MOVED."""
+
+FORWARDS = Counter(
+    "convsvc_cluster_forwards_total",
+    "Calls this node forwarded to the node that runs their conversation",
+    ["method", "code"],
+)
 
 _BY_CONVERSATION = {
     "StartConversation",
@@ -173,8 +180,10 @@ class Router:
                 metadata=self.metadata(),
                 timeout=remaining if remaining is not None else 30.0,
             )
+            FORWARDS.labels(method, "OK").inc()
             return response
         except grpc.aio.AioRpcError as exc:
+            FORWARDS.labels(method, exc.code().name).inc()
             trailing = tuple(exc.trailing_metadata() or ())
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
                 key == "grpc-status-details-bin" for key, _ in trailing

@@ -107,6 +107,10 @@ class EngineGauges:
     stream_subscribers: int
     stream_lag_events: int
     """The most events any live subscriber has waiting (how far the slowest is behind)."""
+    watchers: int
+    """WatchConversations streams reading this node's changes."""
+    queued_starts: int
+    """Starts waiting in the admission queue."""
 
 
 class ConversationEngine:
@@ -1565,7 +1569,13 @@ class ConversationEngine:
             by_state[runtime.agent_state] += 1
         subscribers, lag = self._broadcaster.backlog()
         return EngineGauges(
-            dict(by_status), dict(by_state), self._connections.count(), subscribers, lag
+            dict(by_status),
+            dict(by_state),
+            self._connections.count(),
+            subscribers,
+            lag,
+            self._changes.watchers,
+            len(self._admission.all_queued()),
         )
 
 

@@ -73,6 +73,8 @@ class ChangeFeed:
         self._last_seq = 0
         self._wakeup = asyncio.Event()
         self._ended: ConvsvcError | None = None
+        self.watchers = 0
+        """Watches reading the feed now."""
 
     @property
     def last_seq(self) -> int:
@@ -120,6 +122,16 @@ class ChangeFeed:
         held to the lag until it has caught up once.)
         """
         caught_up = not resumed
+        self.watchers += 1
+        try:
+            async for update in self._follow(seq, matches, caught_up):
+                yield update
+        finally:
+            self.watchers -= 1
+
+    async def _follow(
+        self, seq: int, matches: Matches, caught_up: bool
+    ) -> AsyncIterator[WatchUpdate]:
         while True:
             if self._ended is not None:
                 raise self._ended
