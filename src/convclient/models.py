@@ -159,7 +159,7 @@ class AuditEntry(_Model):
     sequence: int
     time: datetime | None = None
     credential: str
-    """"service", "token" or "anonymous"."""
+    """"service", "token", "anonymous" or "unauthenticated" (credentials refused)."""
     subject: str = ""
     token_id: str = ""
     method: str

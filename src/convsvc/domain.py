@@ -132,7 +132,7 @@ class AuditEntry:
 
     time: datetime
     credential: str
-    """"service", "token" or "anonymous"."""
+    """"service", "token", "anonymous" or "unauthenticated"."""
     subject: str
     token_id: str
     method: str

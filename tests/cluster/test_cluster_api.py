@@ -163,6 +163,43 @@ async def test_nodes_forward_with_the_shared_service_token(
         "UNAUTHENTICATED",
     )
 
+    # A scoped token minted by one node works through the others, within its scope, and
+    # its revocation on one node reaches them all (it is stored in PostgreSQL).
+    minted = await b.stub.MintToken(
+        pb.MintTokenRequest(
+            user_id="alice", conversation_ids=["conv"], permissions=[pb.PERMISSION_WRITE]
+        ),
+        metadata=token,
+    )
+    scoped = (("authorization", f"Bearer {minted.token}"),)
+    sent = await b.stub.SendEvent(  # through b, to a's loop, as alice
+        pb.SendEventRequest(conversation_id="conv", event=message("scoped")), metadata=scoped
+    )
+    assert sent.conversation_id == "conv"
+    await expect_error(
+        b.stub.CloseConversation(
+            pb.CloseConversationRequest(conversation_id="conv"), metadata=scoped
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "TOKEN_SCOPE",
+    )
+    await a.stub.RevokeToken(pb.RevokeTokenRequest(token_id=minted.token_id), metadata=token)
+    for node in (a, b):
+        await expect_error(
+            node.stub.SendEvent(
+                pb.SendEventRequest(conversation_id="conv", event=message("late")),
+                metadata=scoped,
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    # The send is audited once, by the node it reached, with the token's subject.
+    audit = await b.stub.ListAuditEntries(
+        pb.ListAuditEntriesRequest(conversation_id="conv"), metadata=token
+    )
+    sends = [e for e in audit.entries if e.method == "SendEvent" and e.code == "OK"]
+    assert [(e.credential, e.subject) for e in sends] == [("service", ""), ("token", "alice")]
+
 
 async def test_joins_racing_on_one_id_through_every_node_get_one_conversation(
     cluster: Callable[..., Cluster],

@@ -296,6 +296,11 @@ async def test_the_audit_log_records_who_did_what_and_survives_a_restart(secured
         "TOKEN_SCOPE",
     )
     await service.RevokeToken(pb.RevokeTokenRequest(token_id=minted.token_id))
+    await expect_error(
+        browser.SendEvent(pb.SendEventRequest(conversation_id="c1", event=message("late"))),
+        UNAUTHENTICATED,
+        "TOKEN_REVOKED",
+    )
     await service.GetConversation(pb.GetConversationRequest(conversation_id="c1"))  # not audited
 
     async def entries(stub: As, **filters: Any) -> list[pb.AuditEntry]:
@@ -316,8 +321,10 @@ async def test_the_audit_log_records_who_did_what_and_survives_a_restart(secured
         ("SendEvent", "token", "OK"),
         ("CloseConversation", "token", "PERMISSION_DENIED"),
         ("RevokeToken", "service", "OK"),
+        ("SendEvent", "unauthenticated", "UNAUTHENTICATED"),
     ]
-    start, mint_entry, send, close, revoke = logged
+    start, mint_entry, send, close, revoke, refused = logged
+    assert refused.reason == "TOKEN_REVOKED"
     assert (start.user_id, start.conversation_id, start.request_id) == ("alice", "c1", "start-1")
     assert mint_entry.affected_token_id == minted.token_id == revoke.affected_token_id
     assert (send.subject, send.token_id, send.user_id) == ("alice", minted.token_id, "alice")
@@ -334,4 +341,4 @@ async def test_the_audit_log_records_who_did_what_and_survives_a_restart(secured
     async with running_app(app.settings.data_dir, auth_token=SERVICE_TOKEN) as again:
         assert again.server is not None
         async with grpc.aio.insecure_channel(again.server.address) as fresh:
-            assert len(await entries(As(fresh, SERVICE_TOKEN))) == 5
+            assert len(await entries(As(fresh, SERVICE_TOKEN))) == 6

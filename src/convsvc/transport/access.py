@@ -59,7 +59,7 @@ MUTATIONS = frozenset(
 @dataclass(frozen=True, slots=True)
 class Caller:
     credential: str
-    """"service", "token" or "anonymous"."""
+    """"service", "token", "anonymous" or "unauthenticated"."""
     scope: TokenScope | None = None
     """The token's scope; None for a trusted caller."""
 
@@ -68,6 +68,8 @@ FORWARDED = "x-convsvc-forwarded"
 """Set on a call one node makes to another: it is answered (and audited) where it lands."""
 
 ANONYMOUS = Caller("anonymous")
+UNIDENTIFIED = Caller("unauthenticated")
+"""A caller whose credentials were refused (what its call is audited as)."""
 SERVICE = Caller("service")
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
     "convsvc_caller", default=ANONYMOUS

@@ -29,6 +29,7 @@ from convsvc.storage import (
 from convsvc.transport.access import (
     ANONYMOUS,
     MUTATIONS,
+    UNIDENTIFIED,
     Access,
     Auditor,
     Caller,
@@ -236,7 +237,7 @@ def _guard_unary(
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         await guard.enter(method, context)
-        caller, request, response = ANONYMOUS, None, None
+        caller, request, response = UNIDENTIFIED, None, None
         error: ConvsvcError | RelayedStatus | None = None
         try:
             request = parse_request(request_type, data)
