@@ -46,6 +46,8 @@ def server_interceptor() -> Any:
 
 def current_trace_parent() -> str:
     """The ``traceparent`` of the span current here, or "" when there is none."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ""  # untraced (every event when tracing is off): nothing to format
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent", "")

@@ -534,14 +534,16 @@ class ConversationEngine:
         admission policy allows (raises TooManyConversations when it does not)."""
         if self._membership is not None:  # in a cluster, the claim kept the limit
             return []
-        mine = [
-            rt for cid in self._by_user.get(user, ()) if not (rt := self._runtimes[cid]).closing
-        ]
+        registered = self._by_user.get(user, ())
         others_reserved = self._admission.reserved(user) - (1 if reservation else 0)
+        limit = self._config.max_concurrent_conversations
+        if len(registered) + max(others_reserved, 0) < limit:
+            return []  # room even counting loops still closing: nothing to look at
+        mine = [rt for cid in registered if not (rt := self._runtimes[cid]).closing]
         chosen = set(
             victims_for(
                 policy,
-                self._config.max_concurrent_conversations,
+                limit,
                 [(rt.conversation_id, rt.last_active, rt.agent_state) for rt in mine],
                 max(others_reserved, 0),
             )
