@@ -272,8 +272,8 @@ class ClusterNode:
             await self._take_over(record)
 
     async def _take_over(self, record: ConversationRecord) -> None:
-        await self._engine.take_over(record)
-        TAKEOVERS.inc()
+        if await self._engine.take_over(record):
+            TAKEOVERS.inc()
         # Connections made through the old owner live on: the client's next send by
         # connection id reaches this node.
         self._engine.adopt_connections(await self._store.connections_of(record.conversation_id))

@@ -604,9 +604,10 @@ class ConversationEngine:
         await asyncio.shield(runtime.closed.wait())
         return True
 
-    async def take_over(self, record: ConversationRecord) -> None:
-        """Starts, from its log, a conversation whose owner is gone (or handed it over)."""
-        await self._start(
+    async def take_over(self, record: ConversationRecord) -> bool:
+        """Starts, from its log, a conversation whose owner is gone (or handed it over);
+        False when it was running here already (another call took it over first)."""
+        _, started = await self._start(
             record.conversation_id,
             record.user_id,
             record.agent,
@@ -615,6 +616,7 @@ class ConversationEngine:
             None,
             take_over=True,
         )
+        return started
 
     def adopt_connections(self, connections: Sequence[Connection]) -> None:
         """Registers connections made through a node that no longer runs their
