@@ -52,6 +52,12 @@ class ConversationMirror:
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="convclient-mirror")
 
+    async def following_ended(self) -> None:
+        """Waits until the mirror has stopped following (the service has no watch, or the
+        watch failed for good): from then on it is never live."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

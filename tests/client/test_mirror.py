@@ -68,7 +68,7 @@ async def test_a_service_without_the_watch_leaves_the_mirror_off() -> None:
     async with AsyncConvsvcClient(address=f"127.0.0.1:{port}", timeout_seconds=5) as client:
         mirror = ConversationMirror(client)
         mirror.start()
-        await asyncio.wait_for(mirror._task, 10)  # it gives up: UNIMPLEMENTED is final
+        await asyncio.wait_for(mirror.following_ended(), 10)  # UNIMPLEMENTED is final
         assert not mirror.live
         await mirror.settle(lambda m: False)  # and returns at once rather than waiting
     await server.stop(None)
