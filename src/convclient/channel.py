@@ -34,6 +34,9 @@ UNARY_METHODS = (
     "ListConnections",
     "SearchEvents",
     "Heartbeat",
+    "MintToken",
+    "RevokeToken",
+    "ListAuditEntries",
 )
 
 

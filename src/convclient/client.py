@@ -3,6 +3,7 @@ errors, plus event tails that survive a service restart."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -13,7 +14,7 @@ from convclient import channel as channels
 from convclient import convert, requests
 from convclient.config import ClientSettings
 from convclient.connect import AsyncConnectSession, open_request
-from convclient.errors import ConvsvcClientError, from_rpc_error
+from convclient.errors import ConvsvcClientError, ServiceUnavailableError, from_rpc_error
 from convclient.models import Connection, Conversation, Event, EventBatch, Page, WatchUpdate
 from convclient.reconnect import RESUMABLE, Reconnects
 from convclient.watch import WatchReader
@@ -81,6 +82,17 @@ class AsyncConvsvcClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Waits until the channel is connected (for example after the service restarted,
+        rather than spending calls' retries on a channel still backing off)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                f"convsvc at {self.settings.address} did not become reachable within {timeout:g} s",
+                code=grpc.StatusCode.UNAVAILABLE,
+            ) from None
 
     async def _invoke(self, prepared: requests.Prepared[R]) -> R:
         method = getattr(self._stub, prepared.method)

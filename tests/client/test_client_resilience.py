@@ -80,6 +80,7 @@ async def test_a_tail_resumes_across_a_restart_without_gap_or_duplicate(
 
             getattr(server, stop)()
             await asyncio.to_thread(server.start)
+            await client.wait_until_ready(30)  # the channel may still be backing off
             # Running loops come back stopped after a restart; starting it again keeps history.
             await client.start_conversation("c1")
             for n in range(3):
