@@ -4,7 +4,7 @@ WatchConversations, so that list-style questions are answered without a call.
 OpenHands asks its manager which loops run and which connections exist many times per page
 view; polling the service for each answer costs a round trip each time. The mirror answers
 from memory while its watch is live and says so (``live``); the owner falls back to calls
-when it is not (the watch is reconnecting, or the service does not offer it: a cluster).
+when it is not (the watch is reconnecting, or the service does not offer it).
 
 After a change this process made, ``settle`` waits (briefly) until the watch has reported it,
 so that the process reads its own writes.
