@@ -261,29 +261,50 @@ def _guard_unary(
     return handle
 
 
+async def _guarded_stream(
+    method: str,
+    guard: Guard,
+    context: grpc.aio.ServicerContext,
+    parse: Callable[[], Any],
+    respond: Callable[[Any], AsyncIterator[Any]],
+) -> AsyncIterator[Any]:
+    """What every streaming call goes through: the gate, the parsed request checked against
+    the caller (None: a stream whose requests are checked as they come), errors mapped."""
+    await guard.enter(method, context)
+    error: ConvsvcError | RelayedStatus | None = None
+    try:
+        request = parse()
+        guard.authorize(method, request, await guard.identify(context))
+        async for response in respond(request):
+            yield response
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        error = await _as_error(method, exc, guard.on_storage_failure)
+    finally:
+        guard.gate.leave()
+    if error is not None:
+        await _abort(method, context, error)
+    CALLS.labels(method, "OK").inc()
+
+
 def _guard_stream(
     method: str,
     request_type: Any,
     fn: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
     guard: Guard,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    # An async generator function itself: that is how grpc.aio tells a streaming handler.
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await guard.enter(method, context)
-        error: ConvsvcError | RelayedStatus | None = None
-        try:
-            request = parse_request(request_type, data)
-            guard.authorize(method, request, await guard.identify(context))
-            async for response in fn(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            error = await _as_error(method, exc, guard.on_storage_failure)
-        finally:
-            guard.gate.leave()
-        if error is not None:
-            await _abort(method, context, error)
-        CALLS.labels(method, "OK").inc()
+        responses = _guarded_stream(
+            method,
+            guard,
+            context,
+            lambda: parse_request(request_type, data),
+            lambda request: fn(request, context),
+        )
+        async for response in responses:
+            yield response
 
     return handle
 
@@ -297,27 +318,16 @@ def _guard_bidi(
     async def handle(
         request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        await guard.enter(method, context)
-
         async def parsed() -> AsyncIterator[Any]:
             async for data in request_iterator:
                 yield parse_request(request_type, data)
 
-        error: ConvsvcError | RelayedStatus | None = None
-        try:
-            # Each request is checked as it comes (Connect's open).
-            guard.authorize(method, None, await guard.identify(context))
-            async for response in fn(parsed(), context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            error = await _as_error(method, exc, guard.on_storage_failure)
-        finally:
-            guard.gate.leave()
-        if error is not None:
-            await _abort(method, context, error)
-        CALLS.labels(method, "OK").inc()
+        # Connect's open is checked as it comes (by the session).
+        responses = _guarded_stream(
+            method, guard, context, lambda: None, lambda _: fn(parsed(), context)
+        )
+        async for response in responses:
+            yield response
 
     return handle
 
