@@ -38,7 +38,7 @@ def in_process_engine(count: int) -> dict[str, float]:
             try:
                 cid = "adapter-baseline"
                 await engine.start_conversation(conversation_id=cid)
-                stream = engine.stream_events(conversation_id=cid).__aiter__()
+                stream = engine.history.stream_events(conversation_id=cid).__aiter__()
 
                 async def echo_of(content: str) -> float:
                     while True:

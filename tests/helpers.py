@@ -11,8 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from convclient.structs import struct_to_dict
 from convsvc.agents import AgentLoop, agent_state_changed
-from convsvc.codec import decode_event, struct_to_dict
+from convsvc.codec import decode_event
 from convsvc.domain import EventSource, JsonObject, StoredEvent
 from convsvc.engine import ConversationEngine
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -32,7 +33,7 @@ async def engine_events_until(
     payloads: list[JsonObject] = []
 
     async def collect() -> None:
-        async for batch in engine.stream_events(
+        async for batch in engine.history.stream_events(
             conversation_id=conversation_id, start_id=start_id, user_id=user_id
         ):
             for item in batch:

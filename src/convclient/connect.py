@@ -24,6 +24,7 @@ from convclient import convert
 from convclient.errors import ConvsvcClientError, error_for_code
 from convclient.models import Connection, Conversation, EventBatch, SendResult
 from convclient.requests import new_request_id
+from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 
 EVENT_BUFFER = 1000
@@ -48,7 +49,7 @@ def open_request(
         max_batch_size=max_batch_size,
     )
     if settings is not None:
-        opening.settings.CopyFrom(convert.to_struct(settings))
+        opening.settings.CopyFrom(dict_to_struct(settings))
     if start_id is not None:
         opening.start_id = start_id
     return pb.ConnectRequest(open=opening)
@@ -56,9 +57,7 @@ def open_request(
 
 def send_request(event: Mapping[str, Any], request_id: str | None) -> pb.ConnectRequest:
     return pb.ConnectRequest(
-        send=pb.ConnectSend(
-            event=convert.to_struct(event), request_id=request_id or new_request_id()
-        )
+        send=pb.ConnectSend(event=dict_to_struct(event), request_id=request_id or new_request_id())
     )
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from convclient.models import (
     AdmissionPolicy,
@@ -21,6 +20,7 @@ from convclient.models import (
     Permission,
     WatchedConversation,
 )
+from convclient.structs import struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
 
 _STATUS = {
@@ -49,33 +49,6 @@ ADMISSION_POLICY = {
     AdmissionPolicy.QUEUE: pb.ADMISSION_POLICY_QUEUE,
 }
 _KIND = {pb.EVENT_KIND_ACTION: "action", pb.EVENT_KIND_OBSERVATION: "observation"}
-
-
-def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
-    """A JSON object as a Struct (numbers become doubles: integers are exact up to 2^53)."""
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    return struct
-
-
-def _value(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return from_struct(value.struct_value)
-    if kind == "list_value":
-        return [_value(item) for item in value.list_value.values]
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() else number  # ids and counts were ints
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
-def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return {key: _value(value) for key, value in struct.fields.items()}
 
 
 def _time(message: Any, field: str) -> datetime | None:
@@ -117,7 +90,7 @@ def event(message: pb.Event) -> Event:
         source=message.source,
         kind=_KIND.get(message.kind, "observation"),
         name=message.name,
-        payload=from_struct(message.payload),
+        payload=struct_to_dict(message.payload),
         trace_parent=message.trace_parent,
     )
 
@@ -125,7 +98,7 @@ def event(message: pb.Event) -> Event:
 def event_batch(message: pb.StreamEventsResponse) -> EventBatch:
     return EventBatch(
         events=[event(item) for item in message.events],
-        status_update=from_struct(message.status_update)
+        status_update=struct_to_dict(message.status_update)
         if message.HasField("status_update")
         else None,
     )

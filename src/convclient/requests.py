@@ -22,6 +22,7 @@ from convclient.models import (
     ScopedToken,
     SendResult,
 )
+from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 
 R = TypeVar("R")
@@ -59,15 +60,15 @@ def start_conversation(
         conversation_id=conversation_id,
         user_id=user_id,
         agent=agent,
-        replay_events=[convert.to_struct(e) for e in replay_events],
+        replay_events=[dict_to_struct(e) for e in replay_events],
         request_id=request_id or new_request_id(),
     )
     if admission_policy is not None:
         request.admission_policy = convert.ADMISSION_POLICY[AdmissionPolicy(admission_policy)]
     if settings is not None:
-        request.settings.CopyFrom(convert.to_struct(settings))
+        request.settings.CopyFrom(dict_to_struct(settings))
     if initial_user_message is not None:
-        request.initial_user_message.CopyFrom(convert.to_struct(initial_user_message))
+        request.initial_user_message.CopyFrom(dict_to_struct(initial_user_message))
     return Prepared("StartConversation", request, lambda r: convert.conversation(r.conversation))
 
 
@@ -89,7 +90,7 @@ def join_conversation(
         request_id=request_id or new_request_id(),
     )
     if settings is not None:
-        request.settings.CopyFrom(convert.to_struct(settings))
+        request.settings.CopyFrom(dict_to_struct(settings))
     return Prepared(
         "JoinConversation",
         request,
@@ -110,7 +111,7 @@ def send_event(
         raise ValueError("send_event needs exactly one of connection_id and conversation_id")
     request = pb.SendEventRequest(
         user_id=user_id,
-        event=convert.to_struct(event),
+        event=dict_to_struct(event),
         request_id=request_id or new_request_id(),
     )
     if connection_id is not None:
@@ -253,10 +254,10 @@ def complete_with_agent_llm(
         conversation_id=conversation_id,
         user_id=user_id,
         service_id=service_id,
-        messages=[convert.to_struct(m) for m in messages],
+        messages=[dict_to_struct(m) for m in messages],
     )
     if llm_config is not None:
-        request.llm_config.CopyFrom(convert.to_struct(llm_config))
+        request.llm_config.CopyFrom(dict_to_struct(llm_config))
     return Prepared("CompleteWithAgentLlm", request, lambda r: str(r.content))
 
 

@@ -9,9 +9,8 @@ import uuid
 from typing import Any
 
 import structlog
-from prometheus_client import start_http_server
 
-from convsvc import metrics, tracing
+from convsvc import tracing
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
@@ -20,7 +19,9 @@ from convsvc.cluster.servicer import ClusteredServicer
 from convsvc.cluster.watch import ClusterWatch
 from convsvc.config import Settings
 from convsvc.engine import ConversationEngine
+from convsvc.metrics import Metrics
 from convsvc.storage.postgres import PostgresStore
+from convsvc.storage.postgres_directory import PostgresDirectory
 from convsvc.storage.sqlite import SqliteStore
 from convsvc.transport.access import Access, Auditor
 from convsvc.transport.server import GrpcServer
@@ -36,6 +37,7 @@ class ConvsvcApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         storage = settings.storage
         self.postgres: PostgresStore | None = None
         self.store: SqliteStore | PostgresStore
@@ -47,6 +49,7 @@ class ConvsvcApp:
                 lease_ttl_seconds=settings.cluster.lease_ttl_seconds,
                 pool_size=settings.cluster.pool_size,
                 group_commit=storage.group_commit,
+                metrics=self.metrics,
             )
             self.store = self.postgres
         else:
@@ -54,6 +57,7 @@ class ConvsvcApp:
                 storage.sqlite_path,
                 synchronous=storage.sqlite_synchronous,
                 group_commit=storage.group_commit,
+                metrics=self.metrics,
             )
         in_process = available_agents()
         self._in_process_agents = set(in_process)
@@ -67,8 +71,7 @@ class ConvsvcApp:
         self.cluster: ClusterNode | None = None
         self._router: Router | None = None
         self._followers: Followers | None = None
-        self._metrics: Any = None
-        self._collector: metrics.NodeCollector | None = None
+        self._metrics_server: Any = None
         self._tracer_provider: Any = None
 
     async def start(self) -> str:
@@ -80,26 +83,31 @@ class ConvsvcApp:
         self.workers.start()
         servicer: ConversationServicer | None = None
         if self.postgres is not None:
+            directory = PostgresDirectory(self.postgres)
             # The address is known once bound; the node registers right after.
             self.cluster = ClusterNode(
                 self.settings.cluster,
                 self.postgres,
+                directory,
                 self.engine,
                 self.settings.advertise_address or "",
                 limit=self.settings.engine.max_concurrent_conversations,
                 in_process_agents=self._in_process_agents,
                 workers=self.workers,
+                metrics=self.metrics,
             )
             self._router = Router(
                 self.cluster,
                 self.postgres,
+                directory,
                 self.engine,
                 auth_token=self.settings.resolved_auth_token(),
                 max_message_bytes=self.settings.max_message_bytes,
+                metrics=self.metrics,
             )
             self._followers = Followers(self.cluster, self.postgres, self.engine, self._router)
             watch = ClusterWatch(
-                self.postgres,
+                directory,
                 self.engine,
                 self._router.watch_peer,
                 self.settings.cluster.heartbeat_interval_seconds,
@@ -116,6 +124,7 @@ class ConvsvcApp:
             max_message_bytes=self.settings.max_message_bytes,
             servicer=servicer,
             tracing=self.settings.tracing,
+            metrics=self.metrics,
         )
         if self.cluster is not None and self._router is not None:
             self.cluster.address = self.cluster.address or self.server.address
@@ -123,12 +132,11 @@ class ConvsvcApp:
             self.cluster.start(self.server.set_serving, self._router.evict_remote)
         await self.server.start()
         if self.settings.metrics_listen:
-            host, port = self.settings.metrics_listen.rsplit(":", 1)
-            self._metrics, _ = start_http_server(int(port), addr=host)
             followers = self._followers
-            self._collector = metrics.register(
-                self.engine,
-                self.workers,
+            self._metrics_server = self.metrics.serve(
+                self.settings.metrics_listen,
+                self.engine.queries.gauges,
+                self.workers.gauges,
                 (lambda: followers.count) if followers is not None else None,
             )
         address = self.server.address
@@ -160,7 +168,7 @@ class ConvsvcApp:
         )
 
         def conversation_of_connection(connection_id: str) -> str | None:
-            connection = self.engine.local_connection(connection_id)
+            connection = self.engine.queries.local_connection(connection_id)
             return connection.conversation_id if connection is not None else None
 
         return Access(service_token, authority, self.store, conversation_of_connection)
@@ -191,11 +199,8 @@ class ConvsvcApp:
         if self._router is not None:
             await self._router.close()
         await self.store.close()
-        if self._metrics is not None:
-            self._metrics.shutdown()
-        if self._collector is not None:
-            metrics.unregister(self._collector)
-            self._collector = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self._tracer_provider is not None:
             # Exports the spans still batched (off the event loop: it blocks).
             await asyncio.to_thread(self._tracer_provider.shutdown)

@@ -8,11 +8,11 @@ a ``repeated Event`` field is the concatenation of its tagged, length-prefixed e
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
-from convsvc.domain import Event, EventKind, JsonObject
+from convclient.structs import struct_to_dict
+from convsvc.domain import Event, EventKind
 from convsvc.v1 import conversation_service_pb2 as pb
 
 _KIND_TO_PB = {
@@ -22,35 +22,6 @@ _KIND_TO_PB = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _REPEATED_EVENTS_TAG = b"\x0a"  # field 1 (events), wire type 2 (length-delimited)
-
-
-def dict_to_struct(data: JsonObject) -> struct_pb2.Struct:
-    """Converts a JSON object to a Struct; numbers become doubles (exact up to 2^53)."""
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    return struct
-
-
-def _value_to_python(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [_value_to_python(v) for v in value.list_value.values]
-    if kind == "number_value":
-        number = value.number_value
-        # JSON numbers travel as doubles; integral ones were ints (OpenHands ids, counts).
-        return int(number) if number.is_integer() else number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> JsonObject:
-    """Converts a Struct back to a JSON object, turning integral doubles back into ints."""
-    return {key: _value_to_python(value) for key, value in struct.fields.items()}
 
 
 def encode_event(event: Event) -> bytes:

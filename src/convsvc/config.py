@@ -1,6 +1,7 @@
 """Configuration, read once at start-up from ``CONVSVC_*`` environment variables and flags.
 
-Small typed objects per concern, passed down; nothing reads the environment elsewhere.
+Small typed objects per concern, passed down. The only other variables read are
+OpenTelemetry's own ``OTEL_*`` (see ``tracing``), which its exporter reads itself.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from convsvc.engine.secrets import redact
+from convsvc.redaction import redact
 
 
 def _mask_secrets(

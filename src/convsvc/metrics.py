@@ -1,19 +1,116 @@
-"""Prometheus metrics beyond the per-method RED counters of ``transport.service``.
+"""Prometheus metrics: one registry per server, made by the app and handed to what records.
 
-State (conversations, connections, subscribers, workers) is read from the engine and the
-worker pool when Prometheus scrapes, so nothing on the hot path updates a gauge; commit
-batches are observed by the store as they commit (``storage.group_commit``).
+Calls, commits, forwards and takeovers are counted as they happen; the node's state
+(conversations, connections, subscribers, workers) is read when Prometheus scrapes, so
+nothing on the hot path updates a gauge. Nothing here is global: a test gets a registry of
+its own with every server it starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import REGISTRY
 
-from convsvc.engine import ConversationEngine
-from convsvc.workers import WorkerPool
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """What the engine holds now."""
+
+    conversations_by_status: dict[str, int]
+    """By phase: starting, running, closing."""
+    conversations_by_agent_state: dict[str, int]
+    connections: int
+    stream_subscribers: int
+    stream_lag_events: int
+    """The most events any live subscriber has waiting (how far the slowest is behind)."""
+    watchers: int
+    """WatchConversations streams reading this node's changes."""
+    queued_starts: int
+    """Starts waiting in the admission queue."""
+
+
+@dataclass(frozen=True)
+class WorkerGauges:
+    """The agent workers attached now."""
+
+    workers: int
+    waiting_loops: int
+    """Loops waiting for a worker with room."""
+    slots: dict[str, tuple[int, int]]
+    """(capacity, free) by agent kind."""
+
+
+class Metrics:
+    """The server's registry and the instruments updated as things happen."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.rpc_calls = Counter(
+            "convsvc_rpc_calls_total", "RPCs handled", ["method", "code"], registry=registry
+        )
+        self.rpc_seconds = Histogram(
+            "convsvc_rpc_seconds",
+            "Time to answer unary RPCs",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=registry,
+        )
+        self.commit_events = Histogram(
+            "convsvc_commit_batch_events",
+            "Events committed together in one transaction (group commit)",
+            ["backend"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.commit_seconds = Histogram(
+            "convsvc_commit_seconds",
+            "Time to commit one batch, until durable",
+            ["backend"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
+            registry=registry,
+        )
+        self.cluster_takeovers = Counter(
+            "convsvc_cluster_takeovers_total",
+            "Conversations this node took over (their owner died, or handed them over)",
+            registry=registry,
+        )
+        self.cluster_forwards = Counter(
+            "convsvc_cluster_forwards_total",
+            "Calls this node forwarded to the node that runs their conversation",
+            ["method", "code"],
+            registry=registry,
+        )
+
+    def serve(
+        self,
+        listen: str,
+        engine: Callable[[], EngineGauges],
+        workers: Callable[[], WorkerGauges],
+        followed: Callable[[], int] | None = None,
+    ) -> Any:
+        """Serves /metrics on ``listen`` (host:port) with the process's own metrics and the
+        node's state read at scrape time; returns the HTTP server (``shutdown()`` stops it).
+        ``followed``: in a cluster, how many conversations the node follows."""
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(NodeCollector(engine, workers, followed))
+        host, port = listen.rsplit(":", 1)
+        server, _ = start_http_server(int(port), addr=host, registry=self.registry)
+        return server
 
 
 class NodeCollector:
@@ -21,16 +118,16 @@ class NodeCollector:
 
     def __init__(
         self,
-        engine: ConversationEngine,
-        workers: WorkerPool,
-        followed: Callable[[], int] | None = None,
+        engine: Callable[[], EngineGauges],
+        workers: Callable[[], WorkerGauges],
+        followed: Callable[[], int] | None,
     ) -> None:
         self._engine = engine
         self._workers = workers
         self._followed = followed
 
     def collect(self) -> Iterator[Metric]:
-        gauges = self._engine.gauges()
+        gauges = self._engine()
         by_status = GaugeMetricFamily(
             "convsvc_conversations",
             "Conversations whose loop runs on this node, by status",
@@ -76,35 +173,19 @@ class NodeCollector:
                 "Conversations run elsewhere whose events this node follows for its streams",
                 value=self._followed(),
             )
-        workers = list(self._workers.workers())
+        workers = self._workers()
         yield GaugeMetricFamily(
-            "convsvc_workers", "Agent workers attached to this node", value=len(workers)
+            "convsvc_workers", "Agent workers attached to this node", value=workers.workers
         )
         yield GaugeMetricFamily(
             "convsvc_worker_waiting_loops",
             "Loops waiting for a worker with room",
-            value=self._workers.waiting_count,
+            value=workers.waiting_loops,
         )
         capacity = GaugeMetricFamily(
             "convsvc_worker_slots", "Worker slots by agent kind", labels=["kind", "state"]
         )
-        for kind, (total, free) in sorted(self._workers.slots().items()):
+        for kind, (total, free) in sorted(workers.slots.items()):
             capacity.add_metric([kind, "free"], free)
             capacity.add_metric([kind, "busy"], total - free)
         yield capacity
-
-
-def register(
-    engine: ConversationEngine,
-    workers: WorkerPool,
-    followed: Callable[[], int] | None = None,
-) -> NodeCollector:
-    """Adds the node's collector to the default registry (the one /metrics serves);
-    ``followed``: in a cluster, how many conversations the node follows."""
-    collector = NodeCollector(engine, workers, followed)
-    REGISTRY.register(collector)
-    return collector
-
-
-def unregister(collector: NodeCollector) -> None:
-    REGISTRY.unregister(collector)

@@ -18,8 +18,6 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-_TRACER = trace.get_tracer("convsvc")
-
 
 def configure(default_service_name: str) -> Any:
     """Installs a tracer provider exporting over OTLP; returns it (shut it down to flush).
@@ -75,7 +73,9 @@ def continued(trace_parent: str, span_name: str, **attributes: Any) -> Iterator[
         return
     token = otel_context.attach(propagate.extract({"traceparent": trace_parent}))
     try:
-        with _TRACER.start_as_current_span(span_name, attributes=attributes):
+        # Asked of the provider each time: the one installed by ``configure`` (or none).
+        tracer = trace.get_tracer("convsvc")
+        with tracer.start_as_current_span(span_name, attributes=attributes):
             yield
     finally:
         otel_context.detach(token)

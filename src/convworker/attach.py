@@ -19,7 +19,7 @@ import grpc
 
 from convclient.channel import call_metadata, channel_options, credentials
 from convclient.config import ClientSettings
-from convsvc.codec import dict_to_struct, struct_to_dict
+from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import agent_worker_service_pb2_grpc as wpb_grpc
 from convworker.processes import ConversationProcess, ProcessLauncher
@@ -95,7 +95,7 @@ class Worker:
                         delay = self.settings.reconnect_max_seconds
                 finally:
                     self.attached.clear()
-                    self._abandon_all()
+                    await self._abandon_all()
                 await asyncio.sleep(delay * (0.5 + random.random()))  # jittered backoff
                 delay = min(delay * 2, self.settings.reconnect_max_seconds)
         except asyncio.CancelledError:
@@ -103,7 +103,7 @@ class Worker:
                 raise self._fatal from None
             raise
         finally:
-            self._abandon_all()
+            await self._abandon_all()
             await self._launcher.stop()
 
     async def _session(self) -> None:
@@ -152,6 +152,7 @@ class Worker:
             finally:
                 if pinger is not None:
                     pinger.cancel()
+                    await asyncio.gather(pinger, return_exceptions=True)
                 self._out.put_nowait(None)
                 call.cancel()
 
@@ -357,15 +358,17 @@ class Worker:
             )
         self._out.put_nowait(message)
 
-    def _abandon_all(self) -> None:
+    async def _abandon_all(self) -> None:
         """The session ended: convsvc reassigns everything, so nothing here may go on."""
         for loop in self._loops.values():
             loop.reported = True
             if loop.process is not None:
                 loop.process.kill()
         self._loops.clear()
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(settings: WorkerSettings, client: ClientSettings) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from convworker import wire
+from convworker.kinds import process_environment
 from convworker.zygote import READY_FD_VARIABLE
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ class ProcessLauncher:
                 *self._kinds,
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(write_end,),
-                env={**os.environ, READY_FD_VARIABLE: str(write_end)},
+                env={
+                    **process_environment(self._kinds, os.environ),
+                    READY_FD_VARIABLE: str(write_end),
+                },
             )
             os.close(write_end)
             # Wait until the agent code is imported (seconds for OpenHands).
@@ -114,6 +118,7 @@ class ProcessLauncher:
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         for process in list(self._processes):
             process.kill()
         if self._zygote is not None and self._zygote.stdin is not None:
@@ -151,6 +156,7 @@ class ProcessLauncher:
                     self._socket,
                     token,
                     start_new_session=True,
+                    env=process_environment(self._kinds, os.environ),
                 )
             await asyncio.wait_for(asyncio.shield(process.connected), _CONNECT_TIMEOUT_SECONDS)
         finally:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from convsvc.codec import dict_to_struct
+from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.cluster.conftest import Cluster
 from tests.helpers import echo_of, expect_error, grpc_events_until, ids

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.struct_pb2 import Struct
 
-from convsvc.codec import dict_to_struct
+from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.cluster.conftest import Cluster, Node
 from tests.cluster.traffic import RETRYABLE, Progress, Sender, user_messages, whole_log

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from convsvc.codec import dict_to_struct, struct_to_dict
+from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.domain import JsonObject
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.cluster.conftest import Node

@@ -18,7 +18,7 @@ BUSY = {"action": "message", "args": {"content": "work"}}
 
 
 async def running_ids(engine, user: str = "alice") -> set[str]:
-    return {v.conversation_id for v in engine.list_conversations(user_id=user)[0]}
+    return {v.conversation_id for v in engine.queries.list_conversations(user_id=user)[0]}
 
 
 async def make_busy(engine, cid: str, policy: AdmissionPolicy | None = None) -> None:
@@ -64,7 +64,7 @@ async def test_reject_stops_nothing_and_names_the_limit_and_the_running_ids(busy
     assert caught.value.metadata == {"limit": "2", "running_conversation_ids": "a,b"}
     assert await running_ids(engine) == {"a", "b"}
     with pytest.raises(NotFound):  # the refused start created nothing
-        await engine.get_conversation("c")
+        await engine.queries.get_conversation("c")
     # Another user has room of their own.
     await engine.start_conversation(
         conversation_id="d", user_id="bob", admission_policy=AdmissionPolicy.REJECT
@@ -80,7 +80,7 @@ async def test_evict_idle_only_stops_an_idle_loop_but_never_a_running_agent(busy
     # The idle loop is the one this policy may stop, though "working" is older.
     await make_busy(engine, "new", AdmissionPolicy.EVICT_IDLE_ONLY)
     assert await running_ids(engine) == {"working", "new"}
-    assert (await engine.get_conversation("idle")).status is ConversationStatus.STOPPED
+    assert (await engine.queries.get_conversation("idle")).status is ConversationStatus.STOPPED
 
     # Every slot's agent is running now: nothing may stop.
     with pytest.raises(ResourceExhausted) as caught:
@@ -118,7 +118,7 @@ async def test_queued_starts_wait_in_order_with_their_position_visible(make_engi
     harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
     engine = harness.engine
     await engine.start_conversation(conversation_id="a", user_id="alice")
-    watch = engine.watch_conversations(user_id="alice")
+    watch = engine.queries.watch_conversations(user_id="alice")
     assert [w.view.conversation_id for w in (await anext(watch)).snapshot] == ["a"]
 
     def queue(cid: str) -> asyncio.Task:
@@ -132,11 +132,11 @@ async def test_queued_starts_wait_in_order_with_their_position_visible(make_engi
     await until_queued(watch, "b", 1)
     c = queue("c")
     await until_queued(watch, "c", 2)
-    view = await engine.get_conversation("c", "alice")
+    view = await engine.queries.get_conversation("c", "alice")
     assert (view.status, view.queue_position) == (ConversationStatus.QUEUED, 2)
-    assert (await engine.get_conversation("b")).queue_position == 1
+    assert (await engine.queries.get_conversation("b")).queue_position == 1
     with pytest.raises(NotFound):  # a queued start is as private as a running one
-        await engine.get_conversation("b", "bob")
+        await engine.queries.get_conversation("b", "bob")
     assert await running_ids(engine) == {"a"}  # the list holds what runs, not what waits
 
     await engine.close_conversation(conversation_id="a")
@@ -144,7 +144,7 @@ async def test_queued_starts_wait_in_order_with_their_position_visible(make_engi
     started = await asyncio.wait_for(b, 10)
     assert started.status in (ConversationStatus.STARTING, ConversationStatus.RUNNING)
     assert not c.done()
-    view = await engine.get_conversation("c")
+    view = await engine.queries.get_conversation("c")
     assert (view.status, view.queue_position) == (ConversationStatus.QUEUED, 1)
     seen = []
     while not any(
@@ -174,7 +174,7 @@ async def test_a_queued_start_gives_up_at_the_queue_timeout(make_engine) -> None
 
     assert caught.value.reason == "ADMISSION_QUEUE_TIMEOUT"
     with pytest.raises(NotFound):  # it left the queue and never existed
-        await engine.get_conversation("b")
+        await engine.queries.get_conversation("b")
 
 
 async def test_a_cancelled_queued_start_leaves_the_queue_and_the_next_moves_up(
@@ -183,7 +183,7 @@ async def test_a_cancelled_queued_start_leaves_the_queue_and_the_next_moves_up(
     harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
     engine = harness.engine
     await engine.start_conversation(conversation_id="a", user_id="alice")
-    watch = engine.watch_conversations()
+    watch = engine.queries.watch_conversations()
     first = asyncio.create_task(
         engine.start_conversation(
             conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
@@ -200,7 +200,7 @@ async def test_a_cancelled_queued_start_leaves_the_queue_and_the_next_moves_up(
     with pytest.raises(asyncio.CancelledError):
         await first
 
-    assert (await engine.get_conversation("c")).queue_position == 1
+    assert (await engine.queries.get_conversation("c")).queue_position == 1
     await engine.close_conversation(conversation_id="a")
     await asyncio.wait_for(second, 10)
     assert await running_ids(engine) == {"c"}
@@ -213,7 +213,7 @@ async def test_a_queued_start_whose_room_another_policy_took_waits_again_first_i
     harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
     engine = harness.engine
     await engine.start_conversation(conversation_id="a", user_id="alice")
-    watch = engine.watch_conversations()
+    watch = engine.queries.watch_conversations()
     queued = asyncio.create_task(
         engine.start_conversation(
             conversation_id="q", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
@@ -231,7 +231,7 @@ async def test_a_queued_start_whose_room_another_policy_took_waits_again_first_i
     # Never two at once; "q" either runs or waits first in line.
     assert len(await running_ids(engine)) == 1
     if not queued.done():
-        assert (await engine.get_conversation("q")).queue_position == 1
+        assert (await engine.queries.get_conversation("q")).queue_position == 1
         await engine.close_conversation(conversation_id="late")
     await asyncio.wait_for(queued, 10)
     assert await running_ids(engine) == {"q"}

@@ -50,7 +50,9 @@ async def test_resume_from_any_id_gets_each_later_event_once_in_order(
     resumed: list[int] = []
 
     async def follow() -> None:
-        async for batch in engine.engine.stream_events(conversation_id="c1", start_id=start_id):
+        async for batch in engine.engine.history.stream_events(
+            conversation_id="c1", start_id=start_id
+        ):
             events = [decode_event(item.encoded) for item in batch if isinstance(item, StoredEvent)]
             resumed.extend(event.id for event in events)
             if any(e.source == "agent" and e.payload.get("message") == "two" for e in events):
@@ -70,7 +72,7 @@ async def test_slow_subscriber_is_dropped_with_a_resume_id_and_others_keep_up(
     await engine.start_conversation(conversation_id="c1")
     await engine_events_until(engine, "c1", lambda p: len(p) >= 2)
 
-    slow = engine.stream_events(conversation_id="c1", start_id=0)
+    slow = engine.history.stream_events(conversation_id="c1", start_id=0)
     first_batch = await slow.__anext__()  # caught up; then it stops reading
     received = [item.id for item in first_batch if isinstance(item, StoredEvent)]
 

@@ -66,7 +66,7 @@ async def test_start_without_id_retried_returns_the_same_conversation(
     first = await engine.engine.start_conversation(user_id="alice", request_id="start-1")
     again = await engine.engine.start_conversation(user_id="alice", request_id="start-1")
     assert again.conversation_id == first.conversation_id
-    assert len(engine.engine.list_conversations()[0]) == 1
+    assert len(engine.engine.queries.list_conversations()[0]) == 1
 
 
 async def test_request_ids_are_per_user(engine: EngineHarness) -> None:

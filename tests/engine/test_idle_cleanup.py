@@ -11,7 +11,7 @@ from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settle
 
 
 async def status(engine: EngineHarness, cid: str) -> ConversationStatus:
-    return (await engine.engine.get_conversation(cid)).status
+    return (await engine.engine.queries.get_conversation(cid)).status
 
 
 async def test_idle_loop_without_connections_is_closed_after_close_delay(
@@ -72,9 +72,9 @@ async def test_connections_of_a_silent_client_instance_expire(make_engine, clock
     await engine.join_conversation(conversation_id="c1", connection_id="c")  # no instance
 
     clock.advance(20)
-    assert engine.heartbeat("web2") == (1, 30)
+    assert engine.queries.heartbeat("web2") == (1, 30)
     clock.advance(20)  # web1 silent for 40 s, web2 for 20 s
     await engine.run_cleanup_once()
 
-    remaining = sorted(c.connection_id for c in engine.list_connections()[0])
+    remaining = sorted(c.connection_id for c in engine.queries.list_connections()[0])
     assert remaining == ["b", "c"]

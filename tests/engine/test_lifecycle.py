@@ -16,7 +16,7 @@ async def test_start_is_idempotent(engine: EngineHarness) -> None:
     first = await engine.engine.start_conversation(conversation_id="c1", user_id="alice")
     again = await engine.engine.start_conversation(conversation_id="c1", user_id="alice")
     assert first.conversation_id == again.conversation_id == "c1"
-    listed, _ = engine.engine.list_conversations(user_id="alice")
+    listed, _ = engine.engine.queries.list_conversations(user_id="alice")
     assert [v.conversation_id for v in listed] == ["c1"]
     payloads = await engine_events_until(
         engine.engine,
@@ -62,14 +62,14 @@ async def test_join_starts_a_stopped_loop_and_registers_the_connection(
 ) -> None:
     await engine.engine.start_conversation(conversation_id="c1", user_id="alice")
     await engine.engine.close_conversation(conversation_id="c1")
-    assert (await engine.engine.get_conversation("c1")).status is ConversationStatus.STOPPED
+    assert (await engine.engine.queries.get_conversation("c1")).status is ConversationStatus.STOPPED
 
     view, connection = await engine.engine.join_conversation(
         conversation_id="c1", connection_id="sock1", user_id="alice", client_instance_id="web1"
     )
     assert view.status is not ConversationStatus.STOPPED
     assert connection.conversation_id == "c1" and connection.client_instance_id == "web1"
-    connections, _ = engine.engine.list_connections(conversation_ids=["c1"])
+    connections, _ = engine.engine.queries.list_connections(conversation_ids=["c1"])
     assert [c.connection_id for c in connections] == ["sock1"]
 
 
@@ -115,7 +115,7 @@ async def test_disconnect_is_idempotent(engine: EngineHarness) -> None:
     await engine.engine.join_conversation(conversation_id="c1", connection_id="sock1")
     assert await engine.engine.disconnect(connection_id="sock1") is True
     assert await engine.engine.disconnect(connection_id="sock1") is False
-    assert engine.engine.list_connections()[0] == []
+    assert engine.engine.queries.list_connections()[0] == []
 
 
 async def test_close_is_idempotent_reports_stopped_and_drops_connections(
@@ -125,8 +125,8 @@ async def test_close_is_idempotent_reports_stopped_and_drops_connections(
     first = await engine.engine.close_conversation(conversation_id="c1")
     again = await engine.engine.close_conversation(conversation_id="c1")
     assert first.status is again.status is ConversationStatus.STOPPED
-    assert engine.engine.list_connections()[0] == []
-    assert engine.engine.list_conversations()[0] == []
+    assert engine.engine.queries.list_connections()[0] == []
+    assert engine.engine.queries.list_conversations()[0] == []
     payloads = await engine_events_until(
         engine.engine, "c1", lambda p: p[-1].get("extras", {}).get("agent_state") == "stopped"
     )
@@ -137,7 +137,7 @@ async def test_close_is_idempotent_reports_stopped_and_drops_connections(
 async def test_closed_conversation_restarts_with_its_history(engine: EngineHarness) -> None:
     await engine.engine.start_conversation(conversation_id="c1", initial_user_message=HI)
     await engine_events_until(engine.engine, "c1", echo_of("hi"))
-    before = (await engine.engine.get_conversation("c1")).latest_event_id
+    before = (await engine.engine.queries.get_conversation("c1")).latest_event_id
     await engine.engine.close_conversation(conversation_id="c1")
     await engine.engine.start_conversation(conversation_id="c1")
     await engine.engine.send_event(

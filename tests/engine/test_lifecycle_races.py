@@ -8,6 +8,7 @@ constraint and the whole store stopped taking writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from convsvc.codec import decode_event
@@ -45,7 +46,7 @@ async def test_concurrent_starts_of_few_ids_under_the_limit_keep_every_log_valid
         payloads = await whole_log(harness, cid)
         assert payloads, cid
         assert log_violations(payloads) == [], cid
-    running = [v for v in engine.list_conversations(user_id="u")[0]]
+    running = [v for v in engine.queries.list_conversations(user_id="u")[0]]
     assert len(running) <= 3
     await engine.stop()
     assert lifecycle_tasks() == []
@@ -57,25 +58,28 @@ async def test_each_evicted_loop_is_told_once_and_starts_answer_what_is_true(
     harness: EngineHarness = await make_engine(max_concurrent_conversations=3)
     engine = harness.engine
     ids = [f"new-{i}" for i in range(8)]
-    subscriptions = {cid: engine._broadcaster.subscribe(cid) for cid in ids}
-    views = await asyncio.gather(
-        *(engine.start_conversation(conversation_id=cid, user_id="u") for cid in ids)
-    )
+    with contextlib.ExitStack() as observing:
+        subscriptions = {cid: observing.enter_context(engine.history.live(cid)) for cid in ids}
+        views = await asyncio.gather(
+            *(engine.start_conversation(conversation_id=cid, user_id="u") for cid in ids)
+        )
+        told = {
+            cid: sum(
+                isinstance(item, dict) and item.get("id") == TOO_MANY_CONVERSATIONS
+                for item in subscription.drain()
+            )
+            for cid, subscription in subscriptions.items()
+        }
     assert not harness.store.failed
-    running = {v.conversation_id for v in engine.list_conversations(user_id="u")[0]}
+    running = {v.conversation_id for v in engine.queries.list_conversations(user_id="u")[0]}
     assert len(running) == 3
     for view in views:
-        now = await engine.get_conversation(view.conversation_id)
+        now = await engine.queries.get_conversation(view.conversation_id)
         # A start answers STARTING or RUNNING only for a loop that was not evicted since.
         if view.conversation_id not in running:
             assert now.status.value == "STOPPED"
     for cid in ids:
-        told = 0
-        subscription = subscriptions[cid]
-        while subscription._items:
-            item = subscription._items.popleft()
-            told += isinstance(item, dict) and item.get("id") == TOO_MANY_CONVERSATIONS
-        assert told == (0 if cid in running else 1), cid
+        assert told[cid] == (0 if cid in running else 1), cid
         assert log_violations(await whole_log(harness, cid)) == [], cid
 
 
@@ -123,8 +127,8 @@ async def test_starts_closes_joins_sends_and_cleanup_racing_leave_valid_logs(
         payloads = await whole_log(harness, cid)
         if payloads:
             assert log_violations(payloads) == [], cid
-    for connection in engine.list_connections()[0]:
-        runtime = engine._runtimes.get(connection.conversation_id)
-        assert runtime is not None and not runtime.closing  # no connection on a closed loop
+    for connection in engine.queries.list_connections()[0]:
+        # No connection on a closed loop.
+        assert engine.queries.runs_here(connection.conversation_id)
     await engine.stop()
     assert lifecycle_tasks() == []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
@@ -26,16 +25,9 @@ def message(text: str) -> dict[str, Any]:
 
 
 def record_commits(harness: EngineHarness) -> list[list[Event]]:
-    """Wraps the engine's commit listener; returns the committed batches as they come."""
+    """Listens to the store beside the engine; returns the committed batches as they come."""
     batches: list[list[Event]] = []
-    listener = harness.store._listener
-    assert listener is not None
-
-    def recording(events: Sequence[Event]) -> None:
-        batches.append(list(events))
-        listener(events)
-
-    harness.store.set_commit_listener(recording)
+    harness.store.add_commit_listener(lambda events: batches.append(list(events)))
     return batches
 
 
@@ -134,10 +126,8 @@ async def test_a_log_conflict_fails_the_send_stops_that_loop_and_spares_the_othe
     assert isinstance(StoreWatchingAgent.outcome[0], ConvsvcError)  # the loop learns it
     assert not harness.store.failed
     # The conflicting loop is stopped; the other conversation goes on untouched.
-    await asyncio.wait_for(
-        engine._runtimes["c1"].closed.wait(), 5
-    ) if "c1" in engine._runtimes else None
-    assert (await engine.get_conversation("c1")).status is ConversationStatus.STOPPED
+    await asyncio.wait_for(engine.queries.while_here("c1"), 5)
+    assert (await engine.queries.get_conversation("c1")).status is ConversationStatus.STOPPED
     await engine.send_event(conversation_id="c2", event=message("fine"))
     await engine_events_until(engine, "c2", echo_of("fine"))
     # Started again, c1 continues after what is stored, the other writer's event included.
@@ -170,7 +160,7 @@ async def test_live_subscribers_see_only_committed_events(engine: EngineHarness)
     streamed: list[int] = []
 
     async def follow() -> None:
-        async for batch in engine.engine.stream_events(conversation_id="c1", start_id=2):
+        async for batch in engine.engine.history.stream_events(conversation_id="c1", start_id=2):
             committed = {e.id for commit in commits for e in commit}
             for item in batch:
                 assert isinstance(item, StoredEvent)

@@ -29,10 +29,10 @@ async def test_new_start_closes_the_least_recently_active_after_a_status_event(
 
     await engine.start_conversation(conversation_id="new", user_id="alice")
 
-    running = {v.conversation_id for v in engine.list_conversations(user_id="alice")[0]}
+    running = {v.conversation_id for v in engine.queries.list_conversations(user_id="alice")[0]}
     assert running == {"old", "new"}
-    assert (await engine.get_conversation("mid")).status is ConversationStatus.STOPPED
-    assert {v.conversation_id for v in engine.list_conversations(user_id="bob")[0]} == {
+    assert (await engine.queries.get_conversation("mid")).status is ConversationStatus.STOPPED
+    assert {v.conversation_id for v in engine.queries.list_conversations(user_id="bob")[0]} == {
         "other-user"
     }
 
@@ -51,7 +51,7 @@ async def test_evicted_subscribers_get_the_status_event_before_the_stop(make_eng
         )
 
     async def watch() -> None:
-        async for batch in engine.stream_events(conversation_id="first"):
+        async for batch in engine.history.stream_events(conversation_id="first"):
             items.extend(batch)
             subscribed.set()
             if any(is_stop(i) for i in items):
@@ -75,4 +75,4 @@ async def test_starting_a_running_conversation_never_evicts(make_engine) -> None
     harness: EngineHarness = await make_engine(max_concurrent_conversations=1)
     await harness.engine.start_conversation(conversation_id="only", user_id="alice")
     await harness.engine.start_conversation(conversation_id="only", user_id="alice")
-    assert [v.conversation_id for v in harness.engine.list_conversations()[0]] == ["only"]
+    assert [v.conversation_id for v in harness.engine.queries.list_conversations()[0]] == ["only"]

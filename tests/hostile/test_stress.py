@@ -101,9 +101,8 @@ async def test_lifecycle_calls_racing_on_few_ids_keep_every_invariant(
             health = health_pb2_grpc.HealthStub(channel)
             answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
-            for connection in app.engine.list_connections()[0]:
-                runtime = app.engine._runtimes.get(connection.conversation_id)
-                assert runtime is not None and not runtime.closing
+            for connection in app.engine.queries.list_connections()[0]:
+                assert app.engine.queries.runs_here(connection.conversation_id)
             tally.checked("stress: no connection left on a closed loop")
         assert not app.store.failed
         for cid in IDS:

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from convsvc.codec import dict_to_struct
+from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from convsvc.codec import struct_to_dict
+from convclient.structs import struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.helpers import expect_error
 from tests.service.test_grpc_api import message

@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from convsvc.codec import struct_to_dict
+from convclient.structs import struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.helpers import echo_of, grpc_events_until, ids

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convsvc.codec import struct_to_dict
+from convclient.structs import struct_to_dict
 from convsvc.config import EngineConfig
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc

@@ -174,7 +174,7 @@ async def test_a_token_the_server_cannot_resume_from_gets_a_new_snapshot(tmp_pat
 async def test_a_watcher_that_falls_behind_is_dropped_and_resumes(make_engine) -> None:
     harness = await make_engine(watch_history=100, watch_max_lag=20)
     engine = harness.engine
-    watch = engine.watch_conversations()
+    watch = engine.queries.watch_conversations()
     first = await anext(watch)
     assert first.snapshot == []
 
@@ -188,7 +188,7 @@ async def test_a_watcher_that_falls_behind_is_dropped_and_resumes(make_engine) -
     token = caught.value.metadata["resume_token"]
     assert token == first.resume_token
 
-    resumed = engine.watch_conversations(resume_token=token)
+    resumed = engine.queries.watch_conversations(resume_token=token)
     update = await anext(resumed)
     assert update.snapshot is None  # resumed: the changes follow the token, none missed
     created = [c.watched.view.conversation_id for c in update.changes if c.kind == "created"]

@@ -12,6 +12,7 @@ from convsvc.codec import encode_event
 from convsvc.domain import ConversationRecord, Event, EventKind
 from convsvc.storage.group_commit import GroupCommitStore
 from convsvc.storage.postgres import PostgresStore
+from convsvc.storage.postgres_directory import PostgresDirectory
 from convsvc.storage.sqlite import SqliteStore
 
 
@@ -57,7 +58,7 @@ async def store_factory(backend: str, tmp_path: Path, dsn: str) -> AsyncIterator
             store = PostgresStore(dsn, node_id=uuid.uuid4().hex, **options)
         await store.open()
         if isinstance(store, PostgresStore):
-            await store.heartbeat_node("test")
+            await PostgresDirectory(store).heartbeat_node("test")
         opened.append(store)
         return store
 

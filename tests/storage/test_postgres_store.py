@@ -11,6 +11,7 @@ import pytest
 
 from convsvc.storage import LogInterrupted, OwnerMoved, StoreUnavailable
 from convsvc.storage.postgres import OwnedElsewhere, PostgresStore, migrate
+from convsvc.storage.postgres_directory import PostgresDirectory
 from tests.postgres import PostgresServer
 from tests.storage.backends import make_event, make_record
 
@@ -25,7 +26,7 @@ async def nodes(postgres_dsn: str) -> AsyncIterator[NodeFactory]:
     async def open_node(address: str) -> PostgresStore:
         store = PostgresStore(postgres_dsn, node_id=uuid.uuid4().hex, lease_ttl_seconds=2)
         await store.open()
-        await store.heartbeat_node(address)
+        await PostgresDirectory(store).heartbeat_node(address)
         opened.append(store)
         return store
 
@@ -44,7 +45,7 @@ async def test_a_claim_fences_off_the_previous_owner_in_the_same_statement(
     with pytest.raises(OwnedElsewhere) as caught:  # a's heartbeat is fresh
         await b.claim(record, address="b:1", limit=10)
     assert caught.value.owner.address == "a:1"
-    await a.leave_cluster()  # as if a's lease expired
+    await PostgresDirectory(a).leave_cluster()  # as if a's lease expired
     claim = await b.claim(record, address="b:1", limit=10)
     assert claim.epoch == 2 and claim.took_over
     with pytest.raises(OwnerMoved) as moved:
@@ -62,9 +63,9 @@ async def test_a_fenced_conversation_does_not_fail_the_others_in_its_batch(
     a, b = await nodes("a:1"), await nodes("b:1")
     for cid in ("c1", "c2"):
         await a.claim(make_record(cid), address="a:1", limit=10)
-    await a.leave_cluster()  # as if a paused past its lease: b takes c1 over
+    await PostgresDirectory(a).leave_cluster()  # as if a paused past its lease: b takes c1 over
     await b.claim(make_record("c1"), address="b:1", limit=10)
-    await a.heartbeat_node("a:1")  # a wakes up, still believing it runs both
+    await PostgresDirectory(a).heartbeat_node("a:1")  # a wakes up, still believing it runs both
     outcomes = await asyncio.gather(
         a.submit_events([make_event("c2", 0)]),
         a.submit_events([make_event("c1", 0)]),

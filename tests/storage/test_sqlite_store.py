@@ -19,7 +19,7 @@ from tests.storage.backends import make_event
 async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db.sqlite3", group_commit=False)
     batches: list[Sequence[Event]] = []
-    store.set_commit_listener(batches.append)
+    store.add_commit_listener(batches.append)
     await store.open()
     await asyncio.gather(*(store.append_events([make_event("c1", n)]) for n in range(20)))
     await store.close()

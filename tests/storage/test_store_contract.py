@@ -31,7 +31,7 @@ async def test_concurrent_appends_share_commits_and_are_reported_in_order(
     store = await stores()
     await own(store, "c1")
     batches: list[list[int]] = []
-    store.set_commit_listener(lambda events: batches.append([e.id for e in events]))
+    store.add_commit_listener(lambda events: batches.append([e.id for e in events]))
     await asyncio.gather(*(store.append_events([make_event("c1", n)]) for n in range(200)))
     assert [i for batch in batches for i in batch] == list(range(200))
     assert len(batches) < 200  # group commit: fewer transactions than writes
@@ -62,7 +62,7 @@ async def test_a_conflicting_write_fails_its_conversation_only(stores: StoreFact
     store = await stores()
     await own(store, "c1", "c2")
     committed: list[tuple[str, int]] = []
-    store.set_commit_listener(
+    store.add_commit_listener(
         lambda events: committed.extend((e.conversation_id, e.id) for e in events)
     )
     await store.append_events([make_event("c1", 0)])
@@ -107,7 +107,7 @@ async def test_submitted_writes_commit_in_order_and_an_empty_submission_waits_fo
     store = await stores()
     await own(store, "c1")
     committed: list[int] = []
-    store.set_commit_listener(lambda events: committed.extend(e.id for e in events))
+    store.add_commit_listener(lambda events: committed.extend(e.id for e in events))
     pending = [store.submit_events([make_event("c1", n)]) for n in range(50)]
     assert not any(future.done() for future in pending)  # queued, not yet durable
     await store.submit_events(())  # a barrier: durable once everything before it is

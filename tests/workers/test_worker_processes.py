@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
+from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.app import ConvsvcApp
-from convsvc.codec import dict_to_struct, struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.helpers import (
@@ -115,14 +115,16 @@ async def test_a_killed_conversation_process_is_started_again(
     assert worker_app.server is not None
     worker = await worker_running_c1(worker_app, stub, start_worker, "one")
     [pid] = worker.conversation_pids()
-    assignment = worker_app.workers._sessions["w1"].loops["c1"].assignment
+    held = worker_app.workers.assignment_of("c1")
+    assert held is not None
+    _, assignment = held
 
     os.kill(pid, signal.SIGKILL)
     await worker_app.workers.wait_until(
         lambda: (
-            (session := worker_app.workers._sessions.get("w1")) is not None
-            and "c1" in session.loops
-            and session.loops["c1"].assignment > assignment
+            (held := worker_app.workers.assignment_of("c1")) is not None
+            and held[0] == "w1"
+            and held[1] > assignment
         ),
         30,
     )

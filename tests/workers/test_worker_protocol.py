@@ -11,14 +11,15 @@ from typing import Any
 import grpc
 import pytest
 
+from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.app import ConvsvcApp
-from convsvc.codec import dict_to_struct, struct_to_dict
 from convsvc.config import WorkersConfig
 from convsvc.errors import ResourceExhausted
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
-from convsvc.workers.pool import StopMessage, WorkerPool
+from convsvc.workers.messages import StopMessage
+from convsvc.workers.pool import WorkerPool
 from tests.conftest import running_app
 from tests.helpers import agent_state_is, error_info, grpc_events_until, log_violations
 from tests.workers.conftest import ScriptedWorker, attached
@@ -414,7 +415,9 @@ async def test_a_worker_that_reads_nothing_is_detached_over_grpc(tmp_path: Path)
         assert app.server is not None
         async with grpc.aio.insecure_channel(app.server.address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
-            worker = ScriptedWorker(channel)
+            # No pings: a write racing the server's end of the stream fails on the client,
+            # which then reports its own INTERNAL instead of the status the server sent.
+            worker = ScriptedWorker(channel, pings=False)
             worker.hello("deaf")
             await worker.receive("welcome")
             await stub.StartConversation(

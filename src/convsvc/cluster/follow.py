@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from convclient.structs import struct_to_dict
 from convsvc.cluster.node import ClusterNode
 from convsvc.cluster.routing import FOLLOW, Router
-from convsvc.codec import struct_to_dict
 from convsvc.domain import StoredEvent
 from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
@@ -82,6 +82,9 @@ class Followers:
                 del self._followers[conversation_id]
                 assert follower.task is not None
                 follower.task.cancel()
+                # Awaited so that it has ended with its last subscriber (a new stream of the
+                # conversation starts a follower of its own).
+                await asyncio.gather(follower.task, return_exceptions=True)
 
     async def stop(self) -> None:
         tasks = [f.task for f in self._followers.values() if f.task is not None]
@@ -99,7 +102,7 @@ class Followers:
                 await asyncio.sleep(_RETRY_SECONDS)
         follower.started.set()
         while True:
-            latest_here = await self._engine.while_here(cid)
+            latest_here = await self._engine.queries.while_here(cid)
             if latest_here is not None:
                 # The loop ran here (its events reached subscribers directly) and has left.
                 follower.next_id = max(follower.next_id, latest_here + 1)
@@ -146,4 +149,4 @@ class Followers:
             if response.HasField("status_update"):
                 items.append(struct_to_dict(response.status_update))
             if items:
-                self._engine.publish_followed(cid, items)
+                self._engine.history.publish_followed(cid, items)

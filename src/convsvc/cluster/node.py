@@ -14,22 +14,18 @@ import contextlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import structlog
-from prometheus_client import Counter
 
 from convsvc.config import ClusterConfig
 from convsvc.domain import Connection, ConversationRecord
 from convsvc.engine import ConversationEngine
 from convsvc.errors import ConvsvcError, FailedPrecondition, ResourceExhausted, Unavailable
+from convsvc.metrics import Metrics
 from convsvc.storage import StorageError
 from convsvc.storage.postgres import OwnedElsewhere, Owner, PostgresStore
+from convsvc.storage.postgres_directory import PostgresDirectory
 from convsvc.workers import WorkerPool
 
 log = structlog.get_logger(__name__)
-
-TAKEOVERS = Counter(
-    "convsvc_cluster_takeovers_total",
-    "Conversations this node took over (their owner died, or handed them over)",
-)
 
 SetServing = Callable[[bool], Awaitable[None]]
 EvictRemote = Callable[[str, Owner], Awaitable[None]]
@@ -58,14 +54,18 @@ class ClusterNode:
         self,
         config: ClusterConfig,
         store: PostgresStore,
+        directory: PostgresDirectory,
         engine: ConversationEngine,
         address: str,
         *,
         limit: int,
         in_process_agents: Collection[str],
         workers: WorkerPool,
+        metrics: Metrics,
     ) -> None:
         self._config = config
+        self._directory = directory
+        self._takeovers = metrics.cluster_takeovers
         self._in_process_agents = frozenset(in_process_agents)
         self._workers = workers
         self._store = store
@@ -97,7 +97,7 @@ class ClusterNode:
 
     async def register(self) -> None:
         """The first heartbeat: the node is in the cluster once this returns."""
-        await self._store.heartbeat_node(self.address, sorted(self._worker_kinds()))
+        await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
         log.info("cluster.joined", node_id=self.node_id, address=self.address)
 
     async def stop(self) -> None:
@@ -111,7 +111,7 @@ class ClusterNode:
     async def leave(self) -> None:
         """Marks this node dead at once, so what it still owns is taken over now."""
         try:
-            await self._store.leave_cluster()
+            await self._directory.leave_cluster()
         except StorageError as exc:
             log.warning("cluster.leave_failed", error=str(exc))
 
@@ -177,13 +177,13 @@ class ClusterNode:
             self._readopt.add(conversation_id)
 
     async def connection_added(self, connection: Connection) -> None:
-        await self._store.put_connection(connection)
+        await self._directory.put_connection(connection)
 
     async def connections_removed(self, connection_ids: Sequence[str]) -> None:
-        await self._store.drop_connections(connection_ids)
+        await self._directory.drop_connections(connection_ids)
 
     async def instances_alive(self, instance_ids: Sequence[str], within: float) -> set[str]:
-        return await self._store.instances_seen_within(instance_ids, within)
+        return await self._directory.instances_seen_within(instance_ids, within)
 
     # -- background work -------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_seconds)
             try:
-                await self._store.heartbeat_node(self.address, sorted(self._worker_kinds()))
+                await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
             except StorageError as exc:
                 if self.database_reachable:
                     log.error("cluster.database_unreachable", error=str(exc))
@@ -225,7 +225,7 @@ class ClusterNode:
         for cid in list(self._readopt):
             # Tried once more: if another node owns it now, or it stopped, that is final.
             self._readopt.discard(cid)
-            if not self._engine.runs_here(cid):
+            if not self._engine.queries.runs_here(cid):
                 record = await self._store.get_conversation(cid)
                 if record is not None:
                     records.append(record)
@@ -258,7 +258,7 @@ class ClusterNode:
         room for it now and that node's workers do; None to run it here."""
         if agent in self._in_process_agents or agent in self._workers.kinds_with_room():
             return None
-        for node_id, address in await self._store.nodes_running(agent):
+        for node_id, address in await self._directory.nodes_running(agent):
             if node_id != self.node_id:
                 return Owner(node_id, address, True)
         return None  # nobody has room: it waits here for a worker, as on one node
@@ -273,7 +273,7 @@ class ClusterNode:
 
     async def _take_over(self, record: ConversationRecord) -> None:
         if await self._engine.take_over(record):
-            TAKEOVERS.inc()
+            self._takeovers.inc()
         # Connections made through the old owner live on: the client's next send by
         # connection id reaches this node.
-        self._engine.adopt_connections(await self._store.connections_of(record.conversation_id))
+        self._engine.adopt_connections(await self._directory.connections_of(record.conversation_id))

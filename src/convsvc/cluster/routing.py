@@ -17,15 +17,17 @@ from typing import Any
 
 import grpc
 import structlog
-from prometheus_client import Counter
 
+from convsvc import validation
 from convsvc.cluster.node import ClusterNode, owner_moved
 from convsvc.cluster.watch import RESUME_ONLY
 from convsvc.domain import ConversationStatus
-from convsvc.engine import ConversationEngine, validation
-from convsvc.engine.paging import decode_token, encode_token
+from convsvc.engine import ConversationEngine
 from convsvc.errors import ConvsvcError, Unavailable
+from convsvc.metrics import Metrics
+from convsvc.paging import decode_token, encode_token
 from convsvc.storage.postgres import Owner, PostgresStore
+from convsvc.storage.postgres_directory import PostgresDirectory
 from convsvc.transport.access import FORWARDED
 from convsvc.transport.convert import connection_to_pb, conversation_to_pb
 from convsvc.transport.status import RelayedStatus
@@ -37,12 +39,6 @@ EVICT = "x-convsvc-evict"
 """On a forwarded CloseConversation: the close makes room under the per-user limit."""
 FOLLOW = "x-convsvc-follow"
 """On a StreamEvents between nodes: live events of a loop the callee runs, or OWNER_MOVED."""
-
-FORWARDS = Counter(
-    "convsvc_cluster_forwards_total",
-    "Calls this node forwarded to the node that runs their conversation",
-    ["method", "code"],
-)
 
 _BY_CONVERSATION = {
     "StartConversation",
@@ -87,13 +83,17 @@ class Router:
         self,
         node: ClusterNode,
         store: PostgresStore,
+        directory: PostgresDirectory,
         engine: ConversationEngine,
         *,
         auth_token: str | None,
         max_message_bytes: int,
+        metrics: Metrics,
     ) -> None:
         self._node = node
         self._store = store
+        self._directory = directory
+        self._forwards = metrics.cluster_forwards
         self._engine = engine
         self._auth = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self._options = [
@@ -125,14 +125,14 @@ class Router:
     ) -> Owner | None:
         """The live node a call must go to, or None to answer it here."""
         cid = await self._conversation_of(method, request)
-        if cid and self._engine.runs_here(cid):
+        if cid and self._engine.queries.runs_here(cid):
             return None
         owner = await self._store.owner_of(cid) if cid else None
         if owner is None:
             if method in _STARTS and header(context, FORWARDED) is None:
                 # Not running: it starts here, unless its agent runs on workers that only
                 # another node has room for.
-                agent = getattr(request, "agent", "") or self._engine.default_agent
+                agent = getattr(request, "agent", "") or self._engine.queries.default_agent
                 return await self._node.placement(agent)
             return None
         if not owner.alive or owner.node_id in (None, self._node.node_id):
@@ -157,9 +157,9 @@ class Router:
         return ""
 
     async def _conversation_of_connection(self, connection_id: str) -> str:
-        if not connection_id or self._engine.local_connection(connection_id) is not None:
+        if not connection_id or self._engine.queries.local_connection(connection_id) is not None:
             return ""
-        connection = await self._store.find_connection(connection_id)
+        connection = await self._directory.find_connection(connection_id)
         return connection.conversation_id if connection is not None else ""
 
     async def forward(
@@ -180,10 +180,10 @@ class Router:
                 metadata=self.metadata(),
                 timeout=remaining if remaining is not None else 30.0,
             )
-            FORWARDS.labels(method, "OK").inc()
+            self._forwards.labels(method, "OK").inc()
             return response
         except grpc.aio.AioRpcError as exc:
-            FORWARDS.labels(method, exc.code().name).inc()
+            self._forwards.labels(method, exc.code().name).inc()
             trailing = tuple(exc.trailing_metadata() or ())
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
                 key == "grpc-status-details-bin" for key, _ in trailing
@@ -262,7 +262,9 @@ class Router:
         query = [kind, user, wanted]
         key = self._store.page_token_key
         after = decode_token(key, request.page_token, query, str) if request.page_token else ""
-        return _Cursor(user, wanted, self._engine.page_size(request.page_size), after, query, key)
+        return _Cursor(
+            user, wanted, self._engine.queries.page_size(request.page_size), after, query, key
+        )
 
     async def _views(
         self, page: Sequence[tuple[str, Owner]], user_id: str
@@ -277,7 +279,7 @@ class Router:
         found: dict[str, pb.Conversation] = {}
         for cid in here:
             try:
-                view = await self._engine.get_conversation(cid, user_id)
+                view = await self._engine.queries.get_conversation(cid, user_id)
             except ConvsvcError:
                 continue
             if view.status is ConversationStatus.STOPPED:
@@ -314,7 +316,7 @@ class Router:
     ) -> pb.ListConnectionsResponse:
         """Connections on every node, from the shared directory."""
         cursor = self._cursor("connections", request)
-        found = await self._store.list_connections(
+        found = await self._directory.list_connections(
             cursor.user, cursor.after, cursor.size + 1, cursor.wanted
         )
         page = found[: cursor.size]
@@ -327,6 +329,6 @@ class Router:
 
     async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         """Keeps an instance's connections alive on every node."""
-        _, ttl = self._engine.heartbeat(request.client_instance_id)
-        count = await self._store.touch_instance(request.client_instance_id)
+        _, ttl = self._engine.queries.heartbeat(request.client_instance_id)
+        count = await self._directory.touch_instance(request.client_instance_id)
         return pb.HeartbeatResponse(connection_count=count, ttl_seconds=ttl)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from convsvc import validation
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.routing import EVICT, FOLLOW, Router, header
 from convsvc.cluster.watch import RESUME_ONLY, ClusterWatch
-from convsvc.engine import ConversationEngine, validation
+from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import Unavailable
 from convsvc.transport.access import FORWARDED
@@ -73,7 +74,7 @@ class ClusteredServicer(ConversationServicer):
             await self._engine.evict(
                 validation.check_id("conversation_id", request.conversation_id)
             )
-            view = await self._engine.get_conversation(request.conversation_id)
+            view = await self._engine.queries.get_conversation(request.conversation_id)
             return pb.CloseConversationResponse(conversation=conversation_to_pb(view))
         return await self._routed("CloseConversation", request, context, super().CloseConversation)
 
@@ -100,7 +101,7 @@ class ClusteredServicer(ConversationServicer):
 
     async def stream_items(self, request: Any, context: Context) -> AsyncIterator[list[StreamItem]]:
         if header(context, FOLLOW) is not None:
-            stream = self._engine.stream_events(
+            stream = self._engine.history.stream_events(
                 conversation_id=request.conversation_id,
                 user_id=request.user_id,
                 start_id=request.start_id,

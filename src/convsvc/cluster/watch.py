@@ -25,9 +25,10 @@ from typing import Any
 
 import grpc
 
-from convsvc.engine import ConversationEngine, validation
+from convsvc import validation
+from convsvc.engine import ConversationEngine
 from convsvc.errors import ConvsvcError, FailedPrecondition, InvalidArgument, Unavailable
-from convsvc.storage.postgres import PostgresStore
+from convsvc.storage.postgres_directory import PostgresDirectory
 from convsvc.transport.convert import SNAPSHOT_PAGE, watch_update_to_pb
 from convsvc.v1 import conversation_service_pb2 as pb
 
@@ -76,12 +77,12 @@ NodeStream = Callable[
 class ClusterWatch:
     def __init__(
         self,
-        store: PostgresStore,
+        directory: PostgresDirectory,
         engine: ConversationEngine,
         peer_stream: NodeStream,
         recheck_seconds: float,
     ) -> None:
-        self._store = store
+        self._directory = directory
         self._engine = engine
         self._peer_stream = peer_stream
         self._recheck = recheck_seconds
@@ -92,7 +93,7 @@ class ClusterWatch:
         """This node's own watch (what a peer's cluster watch reads)."""
 
         async def responses() -> AsyncIterator[pb.WatchConversationsResponse]:
-            updates = self._engine.watch_conversations(
+            updates = self._engine.queries.watch_conversations(
                 user_id=request.user_id,
                 conversation_ids=list(request.conversation_ids),
                 resume_token=request.resume_token,
@@ -113,7 +114,7 @@ class ClusterWatch:
         for cid in request.conversation_ids:
             validation.check_id("conversation_ids", cid)
         while True:
-            nodes = await self._store.live_nodes()
+            nodes = await self._directory.live_nodes()
             resume = bool(tokens) and {node_id for node_id, _ in nodes} <= tokens.keys()
             try:
                 async for response in self._merged(request, nodes, tokens if resume else {}):
@@ -131,7 +132,7 @@ class ClusterWatch:
     ) -> AsyncIterator[pb.WatchConversationsResponse]:
         resume = bool(tokens)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(_QUEUE)
-        here = self._store.node_id
+        here = self._directory.node_id
 
         async def pump(node_id: str, address: str) -> None:
             node_request = pb.WatchConversationsRequest(
@@ -157,7 +158,7 @@ class ClusterWatch:
             expected = {node_id for node_id, _ in nodes}
             while True:
                 await asyncio.sleep(self._recheck)  # membership has no change feed to wait on
-                if {node_id for node_id, _ in await self._store.live_nodes()} != expected:
+                if {node_id for node_id, _ in await self._directory.live_nodes()} != expected:
                     await queue.put(
                         (
                             "",

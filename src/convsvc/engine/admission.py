@@ -1,5 +1,5 @@
-"""Admission under the per-user limit: which loops a start may stop, and the queue of starts
-that wait for room (policy ``queue``).
+"""Admission under the per-user limit: the policies, which loops a start may stop, and the
+queue of starts that wait for room (policy ``queue``).
 
 A start that leaves the queue holds a reservation until its loop is registered, so another
 queued start cannot take the room it waited for, and a start of another policy counts it
@@ -12,10 +12,20 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
-from convsvc.domain import AdmissionPolicy
-from convsvc.errors import DeadlineExceeded, ResourceExhausted
+import structlog
+
+from convsvc.config import EngineConfig
+from convsvc.domain import AdmissionPolicy, ConversationStatus, ConversationView
+from convsvc.engine.registry import RuntimeRegistry
+from convsvc.engine.runtime import ConversationRuntime
+from convsvc.engine.visibility import check_owner
+from convsvc.engine.watch import ChangeFeed, ChangeKind, WatchedConversation
+from convsvc.errors import DeadlineExceeded, ResourceExhausted, Unimplemented
+from convsvc.storage import ConversationStore
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(eq=False)
@@ -170,3 +180,132 @@ class AdmissionQueues:
         for behind, moved in enumerate(queue[index:], start=index + 1):
             self._on_moved(moved, behind)
         self.room_freed(entry.user_id)
+
+
+class Admission:
+    """The per-user limit on this node: which policy a start follows, what it must stop,
+    and the queue of starts waiting for room. (In a cluster the claim in the database keeps
+    the limit across nodes: see convsvc.cluster.node.)"""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        store: ConversationStore,
+        registry: RuntimeRegistry,
+        changes: ChangeFeed,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._registry = registry
+        self._changes = changes
+        self.queues = AdmissionQueues(self._room, self._queue_moved)
+        self.clustered = False
+
+    def policy(self, requested: AdmissionPolicy | None) -> AdmissionPolicy:
+        """The policy a start follows: the one it names, else the server's."""
+        policy = requested or self._config.admission_policy
+        if self.clustered and policy is not AdmissionPolicy.EVICT_OLDEST:
+            raise Unimplemented(
+                f"admission policy {policy.value} is not available in clustered mode "
+                "(only evict_oldest is)",
+                reason="ADMISSION_POLICY_NOT_SUPPORTED",
+                metadata={"field": "admission_policy"},
+            )
+        return policy
+
+    async def wait_for_room(
+        self, cid: str, user: str | None, agent: str, first_in_line: bool
+    ) -> Reservation | None:
+        """Queues a start when its user has no room (or others wait already), until it is
+        first and there is room; None when it need not wait."""
+        already = self.queues.queued(cid)
+        if already is not None:
+            # The same conversation waits already: this start goes in with it.
+            check_owner(cid, already.user_id, user)
+            await already.left.wait()
+            return None
+        stored = await self._store.get_conversation(cid)
+        if stored is not None:
+            check_owner(cid, stored.user_id, user)
+            user = stored.user_id
+        runs_here = self._registry.running(cid) is not None
+        if not (first_in_line or self.queues.must_wait(user)) or runs_here:
+            return None
+        if (already := self.queues.queued(cid)) is not None:  # queued while we read
+            await already.left.wait()
+            return None
+        entry = QueuedStart(
+            conversation_id=cid,
+            user_id=user,
+            agent=agent,
+            create_time=stored.create_time if stored is not None else datetime.now(UTC),
+            latest_event_id=await self._store.latest_event_id(cid) if stored else -1,
+            is_new=stored is None,
+        )
+        if self._registry.running(cid) is not None or self.queues.queued(cid) is not None:
+            return None  # started or queued by another call while the log end was read
+        self.queues.enqueue(entry, first=first_in_line)
+        self._publish_queued(
+            entry, ChangeKind.CREATED if entry.is_new else ChangeKind.STATUS_CHANGED
+        )
+        log.info("conversation.queued", conversation_id=cid, user_id=user)
+        admitted = False
+        try:
+            reservation = await self.queues.wait(entry, self._config.queue_timeout_seconds)
+            admitted = True
+            return reservation
+        finally:
+            if not admitted:
+                self._publish_queued(entry, ChangeKind.CLOSED)
+
+    def victims(
+        self, user: str | None, policy: AdmissionPolicy, reservation: Reservation | None
+    ) -> list[ConversationRuntime]:
+        """The user's loops a new one must stop to stay under the limit, as the policy
+        allows (raises TooManyConversations when it does not)."""
+        if self.clustered:  # the claim kept the limit
+            return []
+        registered = self._registry.ids_of_user(user)
+        others_reserved = max(self.queues.reserved(user) - (1 if reservation else 0), 0)
+        limit = self._config.max_concurrent_conversations
+        if len(registered) + others_reserved < limit:
+            return []  # room even counting loops still closing: nothing to look at
+        mine = self._registry.of_user(user)
+        chosen = set(
+            victims_for(
+                policy,
+                limit,
+                [(rt.conversation_id, rt.last_active, rt.agent_state) for rt in mine],
+                others_reserved,
+            )
+        )
+        return [rt for rt in mine if rt.conversation_id in chosen]
+
+    def queued_view(self, entry: QueuedStart, position: int | None = None) -> ConversationView:
+        """A queued start as callers see it (position 0: it left the queue)."""
+        return ConversationView(
+            conversation_id=entry.conversation_id,
+            user_id=entry.user_id,
+            agent=entry.agent,
+            status=ConversationStatus.QUEUED if position != 0 else ConversationStatus.STOPPED,
+            agent_state="",
+            latest_event_id=entry.latest_event_id,
+            create_time=entry.create_time,
+            last_active_time=entry.create_time,
+            connection_count=0,
+            queue_position=self.queues.position(entry) if position is None else position,
+        )
+
+    def _room(self, user: str | None) -> int:
+        """How many more loops the user may run now (closing ones still count)."""
+        return self._config.max_concurrent_conversations - len(self._registry.ids_of_user(user))
+
+    def _queue_moved(self, entry: QueuedStart, position: int) -> None:
+        self._publish_queued(entry, ChangeKind.QUEUE_POSITION_CHANGED, position)
+
+    def _publish_queued(
+        self, entry: QueuedStart, kind: ChangeKind, position: int | None = None
+    ) -> None:
+        if kind is ChangeKind.CLOSED:
+            position = 0
+        self._changes.publish(kind, WatchedConversation(self.queued_view(entry, position), ()))

@@ -10,14 +10,15 @@ the same id can hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from convsvc import validation
 from convsvc.domain import IdempotencyRecord, JsonObject
-from convsvc.engine import validation
 from convsvc.errors import AlreadyExists
 from convsvc.storage import ConversationStore
 
@@ -35,9 +36,24 @@ class RequestKey:
         return IdempotencyRecord(self.scope, self.request_id, self.method, self.fingerprint, result)
 
 
-Operation = Callable[[RequestKey | None], Awaitable[tuple[JsonObject, bool]]]
-"""Runs a call; returns its answer and whether it already stored ``key.record(answer)``
-atomically with its effect (otherwise it is stored afterwards)."""
+class LedgerCall:
+    """One call under a request id, as the ledger sees it."""
+
+    __slots__ = ("answer", "key", "recorded", "stored")
+
+    def __init__(self, key: RequestKey | None) -> None:
+        self.key = key
+        self.recorded: JsonObject | None = None
+        """The answer an earlier call with this request id recorded: answer with it, do
+        nothing else."""
+        self.answer: JsonObject | None = None
+        self.stored = False
+
+    def answered(self, result: JsonObject, *, stored: bool) -> None:
+        """The call's answer; ``stored``: its record was written atomically with its effect
+        (``key.record(result)``), else the ledger writes it once the call is done."""
+        self.answer = result
+        self.stored = stored
 
 
 class RequestLedger:
@@ -56,11 +72,15 @@ class RequestLedger:
         digest = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
         return RequestKey(user or "", request_id, method, digest.hexdigest()[:32])
 
-    async def run(self, key: RequestKey | None, operation: Operation) -> JsonObject:
-        """The recorded answer for ``key``, or the answer of running ``operation`` once."""
+    @contextlib.asynccontextmanager
+    async def call(self, key: RequestKey | None) -> AsyncIterator[LedgerCall]:
+        """The block makes the call once: it finds ``recorded`` set when an earlier call
+        answered, else it reports its answer with ``answered``. A block that raises records
+        nothing."""
+        call = LedgerCall(key)
         if key is None:
-            result, _ = await operation(None)
-            return result
+            yield call
+            return
         slot = (key.scope, key.request_id)
         while (running := self._running.get(slot)) is not None:
             await running.wait()  # its outcome is read from the store below, not shared
@@ -70,13 +90,12 @@ class RequestLedger:
             record = await self._store.get_idempotency(key.scope, key.request_id)
             if record is not None:
                 _check_same_request(key, record)
-                return record.result
-            result, stored = await operation(key)
-            if not stored:
+                call.recorded = record.result
+            yield call
+            if call.answer is not None and not call.stored:
                 # Shielded: once the effect has happened its answer must be recorded, even if
-                # the caller gives up meanwhile.
-                await asyncio.shield(self._store.save_idempotency(key.record(result)))
-            return result
+                # the caller gives up meanwhile (the store's writer owns the write).
+                await asyncio.shield(self._store.submit_idempotency(key.record(call.answer)))
         finally:
             del self._running[slot]
             finished.set()

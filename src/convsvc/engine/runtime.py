@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import contextvars
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -32,33 +32,29 @@ from convsvc.tracing import continued, current_trace_parent
 
 log = structlog.get_logger(__name__)
 
-Emit = Callable[["ConversationRuntime", JsonObject, EventSource], Awaitable[int]]
-Flush = Callable[["ConversationRuntime"], Awaitable[None]]
-AppendNumbered = Callable[
-    [
-        "ConversationRuntime",
-        int,
-        Sequence[tuple[JsonObject, EventSource]],
-        IdempotencyRecord | None,
-    ],
-    asyncio.Future[None],
-]
-ReadHistory = Callable[["ConversationRuntime", int], AsyncIterator[list[StoredEvent]]]
-PublishStatus = Callable[["ConversationRuntime", JsonObject], None]
-Running = Callable[["ConversationRuntime"], None]
 
+class RuntimeLog(Protocol):
+    """What a runtime may do to its conversation's log (``convsvc.engine.log`` provides it)."""
 
-@dataclass(frozen=True)
-class LogAccess:
-    """What a runtime may do to its conversation's log, provided by the engine."""
+    async def emit(
+        self, runtime: ConversationRuntime, payload: JsonObject, source: EventSource
+    ) -> int: ...
 
-    emit: Emit
-    flush: Flush
-    append_numbered: AppendNumbered
-    read_history: ReadHistory
-    publish_status: PublishStatus
-    running: Running
-    """Told once the loop has started and runs."""
+    async def flush_for(self, runtime: ConversationRuntime) -> None: ...
+
+    def append_numbered(
+        self,
+        runtime: ConversationRuntime,
+        first_id: int,
+        events: Sequence[tuple[JsonObject, EventSource]],
+        idempotency: IdempotencyRecord | None,
+    ) -> asyncio.Future[None]: ...
+
+    def read_history(
+        self, runtime: ConversationRuntime, end_id: int
+    ) -> AsyncIterator[list[StoredEvent]]: ...
+
+    def publish_status(self, runtime: ConversationRuntime, status: JsonObject) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -114,14 +110,16 @@ class ConversationRuntime:
         record: ConversationRecord,
         settings: Mapping[str, Any],
         agent_factory: Callable[[ConversationRuntime], AgentLoop],
-        log_access: LogAccess,
+        event_log: RuntimeLog,
+        on_running: Callable[[ConversationRuntime], None],
         next_event_id: int,
         now: float,
         start_request: StartRequest | None = None,
     ) -> None:
         self.record = record
         self._settings = dict(settings)
-        self._log = log_access
+        self._log = event_log
+        self._on_running = on_running
         self._start_request = start_request or StartRequest()
         self.phase = Phase.STARTING
         self.agent_state = "loading"
@@ -168,7 +166,7 @@ class ConversationRuntime:
         return await self._log.emit(self, payload, source)
 
     async def flush(self) -> None:
-        await self._log.flush(self)
+        await self._log.flush_for(self)
 
     @property
     def initial_user_message(self) -> JsonObject | None:
@@ -249,7 +247,7 @@ class ConversationRuntime:
                 await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
             if self.phase is Phase.STARTING:
                 self.phase = Phase.RUNNING
-                self._log.running(self)
+                self._on_running(self)
             while True:
                 event, trace_parent = await self._inbox.get()
                 try:
@@ -263,3 +261,7 @@ class ConversationRuntime:
                     await self.emit(agent_state_changed("error"), EventSource.ENVIRONMENT)
         except LoopClosed:
             return  # the conversation is closing; its close cancels nothing more
+
+
+AgentFactories = Mapping[str, Callable[[ConversationRuntime], AgentLoop]]
+"""The agents a conversation can run, by name (workers' kinds appear as they attach)."""

@@ -88,6 +88,13 @@ class Subscription:
             self._error = error
         self._wakeup.set()
 
+    def drain(self) -> list[StreamItem]:
+        """Takes every buffered item without waiting."""
+        taken = list(self._items)
+        self._items.clear()
+        self._bytes = 0
+        return taken
+
     async def next_items(self, max_events: int, max_bytes: int) -> list[StreamItem]:
         """Waits for and takes up to ``max_events`` buffered items that add up to at most
         ``max_bytes`` (at least one, which always fits in a message on its own)."""
@@ -115,8 +122,12 @@ class Broadcaster:
         self._buffer_limit = buffer_limit
         self._buffer_bytes = buffer_bytes
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._ended: ConvsvcError | None = None
 
     def subscribe(self, conversation_id: str, *, follower: bool = False) -> Subscription:
+        """A new subscription (raises the error ``fail_all`` ended every stream with)."""
+        if self._ended is not None:
+            raise self._ended
         subscription = Subscription(
             conversation_id, self._buffer_limit, self._buffer_bytes, follower=follower
         )
@@ -159,7 +170,8 @@ class Broadcaster:
                 self.unsubscribe(subscription)
 
     def fail_all(self, error: ConvsvcError) -> None:
-        """Ends every subscription, e.g. on shutdown."""
+        """Ends every subscription, and those asked for later, e.g. on shutdown."""
+        self._ended = error
         for subscribers in self._subscribers.values():
             for subscription in subscribers:
                 subscription.fail(error)

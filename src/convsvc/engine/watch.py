@@ -86,6 +86,11 @@ class ChangeFeed:
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
+    def check_open(self) -> None:
+        """Raises the error the feed ended with (no new watch starts after shutdown)."""
+        if self._ended is not None:
+            raise self._ended
+
     def end(self, error: ConvsvcError) -> None:
         """Ends every watch with ``error`` (the server is shutting down)."""
         self._ended = error

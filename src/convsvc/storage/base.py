@@ -112,8 +112,8 @@ class ConversationStore(Protocol):
     async def close(self) -> None:
         """Flushes pending writes and disconnects."""
 
-    def set_commit_listener(self, listener: CommitListener) -> None:
-        """Registers the callback told of every committed batch, in commit order."""
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Registers a callback told of every committed batch, in commit order."""
 
     async def save_conversation(
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
@@ -179,8 +179,12 @@ class ConversationStore(Protocol):
     async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
         """Returns the recorded answer of an earlier call with this request id."""
 
+    def submit_idempotency(self, record: IdempotencyRecord) -> asyncio.Future[None]:
+        """Queues the answer of a call that changed no event log (its future completes once
+        it is durable)."""
+
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        """Records the answer of a call that changed no event log."""
+        """``submit_idempotency`` and wait until durable."""
 
     def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
         """Queues an audit entry for the next commit."""

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from prometheus_client import Histogram
 
 from convsvc.domain import AuditEntry, ConversationRecord, Event, IdempotencyRecord
+from convsvc.metrics import Metrics
 from convsvc.storage.base import (
     CommitListener,
     ConversationLogError,
@@ -28,19 +28,6 @@ from convsvc.storage.base import (
 )
 
 log = structlog.get_logger(__name__)
-
-COMMIT_EVENTS = Histogram(
-    "convsvc_commit_batch_events",
-    "Events committed together in one transaction (group commit)",
-    ["backend"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-)
-COMMIT_SECONDS = Histogram(
-    "convsvc_commit_seconds",
-    "Time to commit one batch, until durable",
-    ["backend"],
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
-)
 
 
 @dataclass(slots=True)
@@ -87,11 +74,14 @@ class GroupCommitStore(ABC):
     name = "store"
     """How logs and errors name the backend."""
 
-    def __init__(self, *, max_batch: int) -> None:
+    def __init__(self, *, max_batch: int, metrics: Metrics | None) -> None:
         self._max_batch = max_batch
+        metrics = metrics or Metrics()
+        self._commit_seconds = metrics.commit_seconds.labels(self.name)
+        self._commit_events = metrics.commit_events.labels(self.name)
         self._queue: asyncio.Queue[PendingWrite | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
-        self._listener: CommitListener | None = None
+        self._listeners: list[CommitListener] = []
         self._failure: StorageError | None = None
         self._failed_logs: dict[str, ConversationLogError] = {}
 
@@ -112,8 +102,8 @@ class GroupCommitStore(ABC):
             await self._writer_task
             self._writer_task = None
 
-    def set_commit_listener(self, listener: CommitListener) -> None:
-        self._listener = listener
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
 
     async def save_conversation(
         self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
@@ -142,8 +132,11 @@ class GroupCommitStore(ABC):
     def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
         return self._submit(PendingWrite(audit=[entry]))
 
+    def submit_idempotency(self, record: IdempotencyRecord) -> asyncio.Future[None]:
+        return self._submit(PendingWrite(requests=[record]))
+
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        await self._submit(PendingWrite(requests=[record]))
+        await self.submit_idempotency(record)
 
     def _stamp(self, write: PendingWrite) -> None:
         """Adds what the backend needs to a write as it is submitted: a clustered backend
@@ -206,8 +199,8 @@ class GroupCommitStore(ABC):
             if any(not write.empty for write in ready):  # else only a flush barrier
                 began = time.perf_counter()
                 outcomes = await self._write(ready)
-                COMMIT_SECONDS.labels(self.name).observe(time.perf_counter() - began)
-                COMMIT_EVENTS.labels(self.name).observe(sum(len(w.events) for w in ready))
+                self._commit_seconds.observe(time.perf_counter() - began)
+                self._commit_events.observe(sum(len(w.events) for w in ready))
         except StoreUnavailable as exc:
             # Whether the batch committed is unknown: its logs take no more writes until the
             # engine has re-read where they end; the store itself goes on.
@@ -237,12 +230,13 @@ class GroupCommitStore(ABC):
             if not write.done.done():
                 write.done.set_result(None)
         events = [e for w in committed for e in w.events]
-        if events and self._listener is not None:
-            try:
-                self._listener(events)
-            except Exception:
-                # The events are durable; a listener bug must not stop the writer.
-                log.exception(f"{self.name}.listener_failed", batch=len(events))
+        if events:
+            for listener in self._listeners:
+                try:
+                    listener(events)
+                except Exception:
+                    # The events are durable; a listener bug must not stop the writer.
+                    log.exception(f"{self.name}.listener_failed", batch=len(events))
 
     def _fail_log(self, write: PendingWrite, cause: Exception) -> StorageError:
         cid = write.log

@@ -6,8 +6,9 @@ rows are inserted only while the conversation's ``lease_epoch`` is still the one
 claimed, read under a share lock so that a claim by another node waits for the append or
 fences it, never interleaves with it. Events are stored in the same encoding as SQLite's.
 
-Beside the store interface it keeps the cluster's shared state: leases, the node registry,
-the directory of connections and client-instance heartbeats (see ``convsvc.cluster``).
+Beside the store interface it keeps the leases: which node runs each conversation, under
+which epoch (see ``convsvc.cluster``). The rest of the cluster's shared state (nodes,
+connections, client instances) is ``postgres_directory``'s.
 """
 
 from __future__ import annotations
@@ -24,22 +25,16 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 
-from convsvc.domain import (
-    AuditEntry,
-    AuditQuery,
-    Connection,
-    ConversationRecord,
-    IdempotencyRecord,
-    StoredEvent,
-)
-from convsvc.storage.base import (
-    EventPage,
-    OwnerMoved,
-    StorageError,
-    StoreUnavailable,
-    plan_page,
-)
+from convsvc.domain import ConversationRecord
+from convsvc.metrics import Metrics
+from convsvc.storage.base import OwnerMoved, StorageError, StoreUnavailable
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
+from convsvc.storage.sql import (
+    CONVERSATION_COLUMNS,
+    SqlReads,
+    conversation_record,
+    page_filters,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -77,17 +72,13 @@ SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                      $12::text[])
 """
-_AUDIT_COLUMNS = (
-    "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
-    "connection_id, request_id, code, reason, affected_token_id"
-)
 _INSERT_REQUESTS = """
 INSERT INTO requests (scope, request_id, method, fingerprint, result)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
 ON CONFLICT DO NOTHING
 """
 # An owner is alive while its node's heartbeat is younger than the lease TTL (database clock).
-_OWNER_ALIVE = """
+OWNER_ALIVE = """
 EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node
         AND n.heartbeat_at > now() - make_interval(secs => $TTL))
 """
@@ -132,8 +123,8 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"the database is unreachable ({type(exc).__name__}: {exc})")
 
 
-class PostgresStore(GroupCommitStore):
-    """ConversationStore, leases and cluster state on PostgreSQL."""
+class PostgresStore(SqlReads, GroupCommitStore):
+    """ConversationStore and leases on PostgreSQL."""
 
     name = "postgres"
 
@@ -147,8 +138,9 @@ class PostgresStore(GroupCommitStore):
         pool_size: int = 8,
         max_batch: int = 1024,
         group_commit: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(max_batch=max_batch if group_commit else 1)
+        super().__init__(max_batch=max_batch if group_commit else 1, metrics=metrics)
         self._dsn = dsn
         self._password = password
         self.node_id = node_id
@@ -174,7 +166,7 @@ class PostgresStore(GroupCommitStore):
         except asyncpg.PostgresError as exc:  # e.g. a wrong password, a missing database
             raise StorageError(f"the database refused the connection: {exc}") from exc
         await migrate_pool(self._pool)
-        self.page_token_key = await self._run(self._load_page_token_key)
+        self.page_token_key = await self.run(self._load_page_token_key)
         self._start_writer()
 
     async def close(self) -> None:
@@ -190,7 +182,7 @@ class PostgresStore(GroupCommitStore):
         )
         return bytes(await conn.fetchval("SELECT value FROM meta WHERE key = 'page_token_key'"))
 
-    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Runs ``work`` on a pooled connection; an unreachable database is StoreUnavailable."""
         if self._pool is None:
             raise StorageError("the store is closed")
@@ -200,10 +192,15 @@ class PostgresStore(GroupCommitStore):
         except _UNREACHABLE as exc:
             raise _unavailable(exc) from exc
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._run(lambda conn: conn.fetch(self._sql(sql), *args))
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return await self.fetch(sql, *args)
 
-    def _sql(self, sql: str) -> str:
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Rows of a query (``$TTL`` stands for the lease TTL)."""
+        return await self.run(lambda conn: conn.fetch(self.sql(sql), *args))
+
+    def sql(self, sql: str) -> str:
+        """A query with ``$TTL`` replaced by the lease TTL in seconds."""
         return sql.replace("$TTL", f"{float(self._ttl)}::double precision")
 
     # -- writes ----------------------------------------------------------------------------
@@ -215,7 +212,7 @@ class PostgresStore(GroupCommitStore):
 
     async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
         try:
-            return await self._run(lambda conn: self._transaction(conn, writes))
+            return await self.run(lambda conn: self._transaction(conn, writes))
         except asyncpg.UniqueViolationError:
             # A log already holds one of these ids: each write alone, to find which.
             outcomes: list[WriteOutcome] = []
@@ -226,7 +223,7 @@ class PostgresStore(GroupCommitStore):
                     continue
                 try:
                     outcomes.extend(
-                        await self._run(functools.partial(self._transaction, writes=[write]))
+                        await self.run(functools.partial(self._transaction, writes=[write]))
                     )
                 except asyncpg.UniqueViolationError as exc:
                     outcomes.append(exc)
@@ -319,108 +316,17 @@ class PostgresStore(GroupCommitStore):
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
-        rows = await self._fetch(
-            "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
-            "FROM conversations WHERE conversation_id = $1",
-            conversation_id,
-        )
-        return _record(rows[0]) if rows else None
-
-    async def latest_event_id(self, conversation_id: str) -> int:
-        rows = await self._fetch(
-            "SELECT max(id) FROM events WHERE conversation_id = $1", conversation_id
-        )
-        latest = rows[0][0] if rows else None
-        return -1 if latest is None else int(latest)
-
-    async def read_events(
-        self,
-        conversation_id: str,
-        start_id: int,
-        end_id: int | None = None,
-        *,
-        reverse: bool = False,
-        limit: int = 100,
-    ) -> list[StoredEvent]:
-        order = "DESC" if reverse else "ASC"
-        rows = await self._fetch(
-            "SELECT id, encoded FROM events WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
-            f"ORDER BY id {order} LIMIT $4",
-            conversation_id,
-            start_id,
-            end_id if end_id is not None else 2**63 - 1,
-            limit,
-        )
-        return [StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows]
-
-    async def read_page(
-        self,
-        conversation_id: str,
-        start_id: int,
-        end_id: int | None = None,
-        *,
-        reverse: bool = False,
-        limit: int,
-        max_bytes: int,
-    ) -> EventPage:
-        order = "DESC" if reverse else "ASC"
-        high = end_id if end_id is not None else 2**63 - 1
-        # octet_length() reads no TOASTed value.
-        sizes = await self._fetch(
-            "SELECT id, octet_length(encoded) FROM events "
-            "WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
-            f"ORDER BY id {order} LIMIT $4",
-            conversation_id,
-            start_id,
-            high,
-            limit + 1,
-        )
-        span, next_id = plan_page([(row[0], row[1]) for row in sizes], limit, max_bytes, reverse)
-        if span is None:
-            return EventPage([], next_id)
-        rows = await self._fetch(
-            "SELECT id, encoded FROM events WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
-            f"ORDER BY id {order}",
-            conversation_id,
-            *span,
-        )
-        return EventPage([StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows], next_id)
-
-    async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
-        rows = await self._fetch(
-            "SELECT method, fingerprint, result FROM requests WHERE scope = $1 AND request_id = $2",
-            scope,
-            request_id,
-        )
-        if not rows:
-            return None
-        method, fingerprint, result = rows[0]
-        return IdempotencyRecord(scope, request_id, method, fingerprint, json.loads(result))
-
     async def prune_idempotency(self, older_than: datetime) -> int:
-        status = await self._run(
+        status = await self.run(
             lambda conn: conn.execute("DELETE FROM requests WHERE create_time < $1", older_than)
         )
-        await self._run(
+        await self.run(
             lambda conn: conn.execute("DELETE FROM revoked_tokens WHERE expire_time < now()")
         )
         return int(status.split()[-1])
 
-    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
-        rows = await self._fetch(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE sequence > $1 "
-            "AND ($2 = '' OR conversation_id = $2) AND ($3 = '' OR user_id = $3 OR subject = $3) "
-            "ORDER BY sequence LIMIT $4",
-            query.after,
-            query.conversation_id,
-            query.user_id,
-            query.limit,
-        )
-        return [AuditEntry(**dict(row)) for row in rows]
-
     async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
-        await self._run(
+        await self.run(
             lambda conn: conn.execute(
                 "INSERT INTO revoked_tokens (token_id, expire_time) VALUES ($1, $2) "
                 "ON CONFLICT DO NOTHING",
@@ -428,10 +334,6 @@ class PostgresStore(GroupCommitStore):
                 expire_time,
             )
         )
-
-    async def token_revoked(self, token_id: str) -> bool:
-        rows = await self._fetch("SELECT 1 FROM revoked_tokens WHERE token_id = $1", token_id)
-        return bool(rows)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -458,9 +360,9 @@ class PostgresStore(GroupCommitStore):
                     record.user_id or "",
                 )
                 row = await conn.fetchrow(
-                    self._sql(
+                    self.sql(
                         "SELECT c.running, c.owner_node, c.owner_address, c.lease_epoch, "
-                        f"{_OWNER_ALIVE} AS alive FROM conversations c "
+                        f"{OWNER_ALIVE} AS alive FROM conversations c "
                         "WHERE c.conversation_id = $1 FOR UPDATE"
                     ),
                     cid,
@@ -488,9 +390,9 @@ class PostgresStore(GroupCommitStore):
                     excess = int(count) - limit + 1
                     if excess > 0:
                         oldest = await conn.fetch(
-                            self._sql(
+                            self.sql(
                                 "SELECT c.conversation_id, c.owner_node, c.owner_address, "
-                                f"{_OWNER_ALIVE} AS alive FROM conversations c "
+                                f"{OWNER_ALIVE} AS alive FROM conversations c "
                                 f"WHERE c.running AND {same_user} "
                                 "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
                                 "c.conversation_id LIMIT $3"
@@ -521,7 +423,7 @@ class PostgresStore(GroupCommitStore):
             self._epochs[cid] = int(epoch)
             return Claim(int(epoch), [], took_over=running)
 
-        return await self._run(work)
+        return await self.run(work)
 
     async def release(self, conversation_id: str, *, keep_running: bool) -> bool:
         """Gives up this node's lease (a new epoch fences any write still in flight).
@@ -532,7 +434,7 @@ class PostgresStore(GroupCommitStore):
         epoch = self._epochs.get(conversation_id)
         if epoch is None:
             return False
-        status = await self._run(
+        status = await self.run(
             lambda conn: conn.execute(
                 "UPDATE conversations SET running = $3, owner_node = NULL, "
                 "owner_address = NULL, lease_epoch = lease_epoch + 1 "
@@ -548,13 +450,13 @@ class PostgresStore(GroupCommitStore):
 
     async def stop_orphan(self, conversation_id: str) -> None:
         """Stops a running conversation whose owner is gone (nobody can log ``stopped``)."""
-        await self._run(
+        await self.run(
             lambda conn: conn.execute(
-                self._sql(
+                self.sql(
                     "UPDATE conversations c SET running = false, owner_node = NULL, "
                     "owner_address = NULL, lease_epoch = c.lease_epoch + 1 "
                     "WHERE c.conversation_id = $1 AND c.running "
-                    f"AND (c.owner_node IS NULL OR NOT {_OWNER_ALIVE})"
+                    f"AND (c.owner_node IS NULL OR NOT {OWNER_ALIVE})"
                 ),
                 conversation_id,
             )
@@ -566,10 +468,10 @@ class PostgresStore(GroupCommitStore):
 
     async def owner_of(self, conversation_id: str) -> Owner | None:
         """The owner of a running conversation, or None when it is not running."""
-        rows = await self._run(
+        rows = await self.run(
             lambda conn: conn.fetch(
-                self._sql(
-                    f"SELECT c.owner_node, c.owner_address, {_OWNER_ALIVE} AS alive "
+                self.sql(
+                    f"SELECT c.owner_node, c.owner_address, {OWNER_ALIVE} AS alive "
                     "FROM conversations c WHERE c.conversation_id = $1 AND c.running"
                 ),
                 conversation_id,
@@ -581,16 +483,13 @@ class PostgresStore(GroupCommitStore):
 
     async def orphans(self, limit: int) -> list[ConversationRecord]:
         """Running conversations whose owner is gone (or that were handed off)."""
-        columns = (
-            "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
-            "FROM conversations WHERE running AND "
-        )
+        columns = f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE running AND "
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             dead = [
                 row[0]
                 for row in await conn.fetch(
-                    self._sql(
+                    self.sql(
                         "SELECT node_id FROM nodes WHERE node_id <> $1 "
                         "AND heartbeat_at <= now() - make_interval(secs => $TTL)"
                     ),
@@ -605,18 +504,18 @@ class PostgresStore(GroupCommitStore):
                 )
             return rows
 
-        return [_record(row) for row in await self._run(work)]
+        return [conversation_record(row) for row in await self.run(work)]
 
     async def running_for(
         self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()
     ) -> list[tuple[str, Owner]]:
         """Running conversations (of one user, or all with ``user_id`` None), by id."""
-        where, args = _page_filters("c.conversation_id", after, limit, user_id, wanted)
+        where, args = page_filters("c.conversation_id", after, limit, user_id, wanted)
         where.append("c.running")
-        rows = await self._run(
+        rows = await self.run(
             lambda conn: conn.fetch(
-                self._sql(
-                    f"SELECT c.conversation_id, c.owner_node, c.owner_address, {_OWNER_ALIVE} "
+                self.sql(
+                    f"SELECT c.conversation_id, c.owner_node, c.owner_address, {OWNER_ALIVE} "
                     f"FROM conversations c WHERE {' AND '.join(where)} "
                     "ORDER BY c.conversation_id LIMIT $2"
                 ),
@@ -624,164 +523,6 @@ class PostgresStore(GroupCommitStore):
             )
         )
         return [(row[0], Owner(row[1], row[2], bool(row[3]))) for row in rows]
-
-    # -- nodes ----------------------------------------------------------------------------
-
-    async def heartbeat_node(self, address: str, agent_kinds: Sequence[str] = ()) -> None:
-        """Registers this node or renews its heartbeat (and so all of its leases), with the
-        agent kinds its workers have room for."""
-        await self._run(
-            lambda conn: conn.execute(
-                "INSERT INTO nodes (node_id, address, heartbeat_at, agent_kinds) "
-                "VALUES ($1, $2, now(), $3) ON CONFLICT (node_id) DO UPDATE SET "
-                "heartbeat_at = now(), address = excluded.address, "
-                "agent_kinds = excluded.agent_kinds",
-                self.node_id,
-                address,
-                list(agent_kinds),
-            )
-        )
-
-    async def nodes_running(self, agent_kind: str) -> list[tuple[str, str]]:
-        """(node id, address) of live nodes whose workers have room for ``agent_kind``."""
-        rows = await self._fetch(
-            "SELECT node_id, address FROM nodes WHERE $1 = ANY(agent_kinds) "
-            "AND heartbeat_at > now() - make_interval(secs => $TTL) ORDER BY random()",
-            agent_kind,
-        )
-        return [(row[0], row[1]) for row in rows]
-
-    async def leave_cluster(self) -> None:
-        """Removes this node's row: what it still owns is taken over at once."""
-        await self._run(
-            lambda conn: conn.execute(
-                "UPDATE nodes SET heartbeat_at = '-infinity' WHERE node_id = $1", self.node_id
-            )
-        )
-
-    async def live_nodes(self) -> list[tuple[str, str]]:
-        """(node id, address) of every node whose heartbeat is fresh, this one included."""
-        rows = await self._run(
-            lambda conn: conn.fetch(
-                self._sql(
-                    "SELECT node_id, address FROM nodes "
-                    "WHERE heartbeat_at > now() - make_interval(secs => $TTL) ORDER BY node_id"
-                )
-            )
-        )
-        return [(row[0], row[1]) for row in rows]
-
-    # -- connections and client instances -------------------------------------------------
-
-    async def put_connection(self, connection: Connection) -> None:
-        await self._run(
-            lambda conn: conn.execute(
-                "INSERT INTO connections (connection_id, conversation_id, user_id, "
-                "client_instance_id) VALUES ($1, $2, $3, $4) ON CONFLICT (connection_id) DO "
-                "UPDATE SET conversation_id = excluded.conversation_id, "
-                "user_id = excluded.user_id, client_instance_id = excluded.client_instance_id",
-                connection.connection_id,
-                connection.conversation_id,
-                connection.user_id,
-                connection.client_instance_id,
-            )
-        )
-
-    async def drop_connections(self, connection_ids: Sequence[str]) -> None:
-        if connection_ids:
-            await self._run(
-                lambda conn: conn.execute(
-                    "DELETE FROM connections WHERE connection_id = ANY($1::text[])",
-                    list(connection_ids),
-                )
-            )
-
-    async def find_connection(self, connection_id: str) -> Connection | None:
-        rows = await self._fetch(
-            "SELECT connection_id, conversation_id, user_id, client_instance_id "
-            "FROM connections WHERE connection_id = $1",
-            connection_id,
-        )
-        return Connection(*rows[0]) if rows else None
-
-    async def connections_of(self, conversation_id: str) -> list[Connection]:
-        rows = await self._fetch(
-            "SELECT connection_id, conversation_id, user_id, client_instance_id "
-            "FROM connections WHERE conversation_id = $1",
-            conversation_id,
-        )
-        return [Connection(*row) for row in rows]
-
-    async def list_connections(
-        self, user_id: str | None, after: str, limit: int, wanted: Sequence[str] = ()
-    ) -> list[Connection]:
-        where, args = _page_filters("connection_id", after, limit, user_id, wanted)
-        rows = await self._fetch(
-            "SELECT connection_id, conversation_id, user_id, client_instance_id FROM connections "
-            f"WHERE {' AND '.join(where)} ORDER BY connection_id LIMIT $2",
-            *args,
-        )
-        return [Connection(*row) for row in rows]
-
-    async def touch_instance(self, client_instance_id: str) -> int:
-        """Records an instance's heartbeat; returns how many connections it holds."""
-
-        async def work(conn: asyncpg.Connection) -> int:
-            await conn.execute(
-                "INSERT INTO client_instances (client_instance_id, seen_at) VALUES ($1, now()) "
-                "ON CONFLICT (client_instance_id) DO UPDATE SET seen_at = now()",
-                client_instance_id,
-            )
-            return int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM connections WHERE client_instance_id = $1",
-                    client_instance_id,
-                )
-            )
-
-        return await self._run(work)
-
-    async def instances_seen_within(self, instance_ids: Sequence[str], seconds: float) -> set[str]:
-        """Which of these instances heartbeated some node in the last ``seconds``."""
-        if not instance_ids:
-            return set()
-        rows = await self._fetch(
-            "SELECT client_instance_id FROM client_instances "
-            "WHERE client_instance_id = ANY($1::text[]) "
-            "AND seen_at > now() - make_interval(secs => $2)",
-            list(instance_ids),
-            float(seconds),
-        )
-        return {row[0] for row in rows}
-
-
-def _page_filters(
-    key: str, after: str, limit: int, user_id: str | None, wanted: Sequence[str]
-) -> tuple[list[str], list[Any]]:
-    """WHERE clauses and arguments of a page ordered by ``key`` ($1: after, $2: limit),
-    of one user's rows and of the wanted conversations, when given."""
-    table = key.split(".", 1)[0] + "." if "." in key else ""
-    where = [f"{key} > $1"]
-    args: list[Any] = [after, limit]
-    if user_id is not None:
-        args.append(user_id)
-        where.append(f"{table}user_id = ${len(args)}")
-    if wanted:
-        args.append(list(wanted))
-        where.append(f"{table}conversation_id = ANY(${len(args)}::text[])")
-    return where, args
-
-
-def _record(row: asyncpg.Record) -> ConversationRecord:
-    cid, user_id, agent, settings, create_time, last_active_time = row
-    return ConversationRecord(
-        conversation_id=cid,
-        user_id=user_id,
-        agent=agent,
-        settings=json.loads(settings),
-        create_time=create_time,
-        last_active_time=last_active_time,
-    )
 
 
 def migrations() -> list[tuple[int, str, str]]:

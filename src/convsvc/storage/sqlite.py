@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,15 +25,10 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import structlog
 
-from convsvc.domain import (
-    AuditEntry,
-    AuditQuery,
-    ConversationRecord,
-    IdempotencyRecord,
-    StoredEvent,
-)
-from convsvc.storage.base import EventPage, StorageError, plan_page
+from convsvc.metrics import Metrics
+from convsvc.storage.base import StorageError
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
+from convsvc.storage.sql import SqlReads, question_marks
 
 log = structlog.get_logger(__name__)
 
@@ -100,10 +95,6 @@ INSERT INTO audit (time, credential, subject, token_id, method, user_id, convers
                    connection_id, request_id, code, reason, affected_token_id)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-_AUDIT_COLUMNS = (
-    "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
-    "connection_id, request_id, code, reason, affected_token_id"
-)
 _INSERT_REQUEST = """
 INSERT OR IGNORE INTO requests (scope, request_id, method, fingerprint, result, create_time)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -167,10 +158,11 @@ _Rows = tuple[
 ]
 
 
-class SqliteStore(GroupCommitStore):
+class SqliteStore(SqlReads, GroupCommitStore):
     """ConversationStore on one SQLite file."""
 
     name = "sqlite"
+    octet_length = "length"  # SQLite 3.43 adds octet_length; Python 3.11 ships 3.40
 
     def __init__(
         self,
@@ -179,8 +171,9 @@ class SqliteStore(GroupCommitStore):
         synchronous: Synchronous = "FULL",
         group_commit: bool = True,
         max_batch: int = 1024,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(max_batch=max_batch if group_commit else 1)
+        super().__init__(max_batch=max_batch if group_commit else 1, metrics=metrics)
         self._path = path
         self._synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
@@ -210,119 +203,6 @@ class SqliteStore(GroupCommitStore):
             self._writer_thread.stop()
             self._writer_thread = None
 
-    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
-        rows = await self._read(
-            "SELECT conversation_id, user_id, agent, settings, create_time, last_active_time "
-            "FROM conversations WHERE conversation_id = ?",
-            (conversation_id,),
-        )
-        if not rows:
-            return None
-        cid, user_id, agent, settings, create_time, last_active_time = rows[0]
-        return ConversationRecord(
-            conversation_id=cid,
-            user_id=user_id,
-            agent=agent,
-            settings=json.loads(settings),
-            create_time=datetime.fromisoformat(create_time),
-            last_active_time=datetime.fromisoformat(last_active_time),
-        )
-
-    async def latest_event_id(self, conversation_id: str) -> int:
-        rows = await self._read(
-            "SELECT MAX(id) FROM events WHERE conversation_id = ?", (conversation_id,)
-        )
-        latest = rows[0][0] if rows else None
-        return -1 if latest is None else int(latest)
-
-    async def read_events(
-        self,
-        conversation_id: str,
-        start_id: int,
-        end_id: int | None = None,
-        *,
-        reverse: bool = False,
-        limit: int = 100,
-    ) -> list[StoredEvent]:
-        order = "DESC" if reverse else "ASC"
-        rows = await self._read(
-            "SELECT id, encoded FROM events WHERE conversation_id = ? AND id >= ? AND id <= ? "
-            f"ORDER BY id {order} LIMIT ?",
-            (conversation_id, start_id, end_id if end_id is not None else 2**63 - 1, limit),
-        )
-        return [StoredEvent(id=row[0], encoded=row[1]) for row in rows]
-
-    async def read_page(
-        self,
-        conversation_id: str,
-        start_id: int,
-        end_id: int | None = None,
-        *,
-        reverse: bool = False,
-        limit: int,
-        max_bytes: int,
-    ) -> EventPage:
-        order = "DESC" if reverse else "ASC"
-        bounds = (conversation_id, start_id, end_id if end_id is not None else 2**63 - 1)
-        # length() of a blob reads its header only.
-        sizes = await self._read(
-            "SELECT id, length(encoded) FROM events "
-            "WHERE conversation_id = ? AND id >= ? AND id <= ? "
-            f"ORDER BY id {order} LIMIT ?",
-            (*bounds, limit + 1),
-        )
-        span, next_id = plan_page(sizes, limit, max_bytes, reverse)
-        if span is None:
-            return EventPage([], next_id)
-        rows = await self._read(
-            "SELECT id, encoded FROM events WHERE conversation_id = ? AND id >= ? AND id <= ? "
-            f"ORDER BY id {order}",
-            (conversation_id, *span),
-        )
-        return EventPage([StoredEvent(id=row[0], encoded=row[1]) for row in rows], next_id)
-
-    async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
-        rows = await self._read(
-            "SELECT method, fingerprint, result FROM requests WHERE scope = ? AND request_id = ?",
-            (scope, request_id),
-        )
-        if not rows:
-            return None
-        method, fingerprint, result = rows[0]
-        return IdempotencyRecord(scope, request_id, method, fingerprint, json.loads(result))
-
-    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
-        where, params = ["sequence > ?"], list[Any]([query.after])
-        if query.conversation_id:
-            where.append("conversation_id = ?")
-            params.append(query.conversation_id)
-        if query.user_id:
-            where.append("(user_id = ? OR subject = ?)")
-            params += [query.user_id, query.user_id]
-        rows = await self._read(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
-            "ORDER BY sequence LIMIT ?",
-            (*params, query.limit),
-        )
-        return [
-            AuditEntry(
-                sequence=row[0],
-                time=datetime.fromisoformat(row[1]),
-                credential=row[2],
-                subject=row[3],
-                token_id=row[4],
-                method=row[5],
-                user_id=row[6],
-                conversation_id=row[7],
-                connection_id=row[8],
-                request_id=row[9],
-                code=row[10],
-                reason=row[11],
-                affected_token_id=row[12],
-            )
-            for row in rows
-        ]
-
     async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
         writer = self._writer
         assert writer is not None
@@ -332,10 +212,6 @@ class SqliteStore(GroupCommitStore):
                 (token_id, expire_time.timestamp()),
             )
         )
-
-    async def token_revoked(self, token_id: str) -> bool:
-        rows = await self._read("SELECT 1 FROM revoked_tokens WHERE token_id = ?", (token_id,))
-        return bool(rows)
 
     async def prune_idempotency(self, older_than: datetime) -> int:
         writer = self._writer
@@ -371,6 +247,9 @@ class SqliteStore(GroupCommitStore):
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         assert self._writer_thread is not None
         return await self._writer_thread.run(work)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return await self._read(question_marks(sql), args)
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         if self._reader is None:

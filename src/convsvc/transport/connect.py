@@ -25,6 +25,7 @@ from convsvc.codec import encode_message_field
 from convsvc.domain import StoredEvent
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import ConvsvcError, InvalidArgument
+from convsvc.tasks import TaskOwner
 from convsvc.transport.access import Access, Auditor, current_caller, forwarded
 from convsvc.transport.convert import stream_items_to_bytes
 from convsvc.transport.status import RelayedStatus, failure_parts
@@ -46,6 +47,8 @@ class ConnectHost(Protocol):
 
     access: Access | None
     auditor: Auditor | None
+    tasks: TaskOwner
+    """Owns what must outlive a session's stream (its disconnect)."""
 
     async def JoinConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
 
@@ -238,10 +241,10 @@ class ConnectSession:
             connection_id=self._connection_id, user_id=self._user_id
         )
         # Shielded: the client going away cancels this stream, not its clean-up.
-        done = asyncio.ensure_future(
-            self._audited("DisconnectConnection", request, self._host.DisconnectConnection)
+        done = self._host.tasks.spawn(
+            self._audited("DisconnectConnection", request, self._host.DisconnectConnection),
+            f"connect-disconnect:{self._connection_id}",
         )
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.shield(done)
         except (ConvsvcError, RelayedStatus) as exc:

@@ -8,7 +8,8 @@ from typing import overload
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from convsvc.codec import dict_to_struct, encode_event_batch, struct_to_dict
+from convclient.structs import dict_to_struct, struct_to_dict
+from convsvc.codec import encode_event_batch
 from convsvc.domain import (
     AdmissionPolicy,
     AuditEntry,

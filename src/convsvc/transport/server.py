@@ -1,4 +1,5 @@
-"""The grpc.aio server: ConversationService, health, reflection, auth and TLS."""
+"""The grpc.aio server: ConversationService, AgentWorkerService (workers attach), health,
+reflection, authentication, TLS and tracing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from convsvc.config import TlsConfig
 from convsvc.engine import ConversationEngine
+from convsvc.metrics import Metrics
 from convsvc.tracing import server_interceptor
 from convsvc.transport.auth import BearerTokenInterceptor
 from convsvc.transport.reflection import enable_reflection
@@ -36,6 +38,7 @@ class GrpcServer:
         max_message_bytes: int = 4 * 1024 * 1024,
         servicer: ConversationServicer | None = None,
         tracing: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         # Tracing first: a call refused for its credentials is traced too.
         interceptors: list[Any] = [server_interceptor()] if tracing else []
@@ -51,10 +54,11 @@ class GrpcServer:
         )
         self._health = health.aio.HealthServicer()
         self._gate = CallGate()
+        self._servicer = servicer or ConversationServicer(engine)
         self._server.add_generic_rpc_handlers(
             (
                 conversation_service_handler(
-                    servicer or ConversationServicer(engine), self._gate, self._not_serving
+                    self._servicer, self._gate, metrics or Metrics(), self._not_serving
                 ),
             )
         )
@@ -111,6 +115,7 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Stops listening; calls still running after ``grace`` seconds are cancelled."""
         await self._server.stop(grace)
+        await self._servicer.close()
 
 
 def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -10,15 +10,17 @@ pre-encoded bytes (see ``codec``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
-from prometheus_client import Counter, Histogram
 
 from convsvc.errors import ConvsvcError, InvalidArgument, Unavailable
+from convsvc.metrics import Metrics
 from convsvc.storage import (
     ConversationLogError,
     LogInterrupted,
@@ -52,14 +54,6 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConversationService"].full_name
 _PRE_ENCODED = {"SearchEvents", "StreamEvents", "Connect"}
-
-CALLS = Counter("convsvc_rpc_calls_total", "RPCs handled", ["method", "code"])
-LATENCY = Histogram(
-    "convsvc_rpc_seconds",
-    "Time to answer unary RPCs",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
-)
 
 
 def _identity(data: bytes) -> bytes:
@@ -140,46 +134,9 @@ def parse_request(request_type: Any, data: bytes) -> Any:
         ) from None
 
 
-async def _as_error(
-    method: str, exc: Exception, on_storage_failure: OnStorageFailure | None
-) -> ConvsvcError | RelayedStatus:
-    """What a failed call answers (logging what the caller cannot act on)."""
-    if isinstance(exc, ConvsvcError | RelayedStatus):  # RelayedStatus: another node's answer
-        return exc
-    if isinstance(exc, OwnerMoved):
-        return owner_moved(exc)
-    if isinstance(exc, LogInterrupted | StoreUnavailable):
-        # The database is away: this node recovers by itself once it is back.
-        log.warning("rpc.database_unavailable", method=method, error=str(exc))
-        return database_unavailable()
-    if isinstance(exc, ConversationLogError):
-        # One conversation's log conflicted; the node and its other conversations are fine.
-        log.error("rpc.log_conflict", method=method, conversation_id=exc.conversation_id)
-        return log_conflict(exc)
-    if isinstance(exc, StorageError):
-        log.error("rpc.storage_failed", method=method, error=str(exc))
-        if on_storage_failure is not None:
-            await on_storage_failure()
-        return storage_failure(exc)
-    log.exception("rpc.internal_error", method=method)
-    return internal_error()
-
-
-async def _abort(
-    method: str, context: grpc.aio.ServicerContext, error: ConvsvcError | RelayedStatus
-) -> None:
-    if isinstance(error, RelayedStatus):
-        CALLS.labels(method, error.code.name).inc()
-        await context.abort(error.code, error.details, trailing_metadata=error.trailing_metadata)
-        return
-    status = to_grpc_status(error)
-    CALLS.labels(method, status.code.name).inc()
-    await context.abort_with_status(status)
-
-
 class Guard:
     """What every call goes through: the shutdown gate, request parsing, who calls and what
-    they may do, the audit log, and errors mapped to statuses."""
+    they may do, the audit log, metrics, and errors mapped to statuses."""
 
     def __init__(
         self,
@@ -187,17 +144,41 @@ class Guard:
         on_storage_failure: OnStorageFailure | None,
         access: Access | None,
         auditor: Auditor | None,
+        metrics: Metrics,
     ) -> None:
         self.gate = gate
         self.on_storage_failure = on_storage_failure
         self.access = access
         self.auditor = auditor
+        self._calls = metrics.rpc_calls
+        self._seconds = metrics.rpc_seconds
 
-    async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    @contextlib.asynccontextmanager
+    async def call(
+        self, method: str, context: grpc.aio.ServicerContext, *, unary: bool = False
+    ) -> AsyncIterator[GuardedCall]:
+        """The block handles one call: it fills in what it learns (request, caller,
+        response); an error it raises becomes the call's status. A ``unary`` call is timed
+        and recorded in the audit log here (streams record what they do themselves)."""
+        started = time.perf_counter()
+        await self._enter(method, context)
+        call = GuardedCall()
+        error: ConvsvcError | RelayedStatus | None = None
         try:
-            self.gate.enter()
-        except ConvsvcError as exc:
-            await _abort(method, context, exc)
+            yield call
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error = await self._as_error(method, exc)
+        finally:
+            self.gate.leave()
+        if unary and call.request is not None:
+            self._audit(method, context, call, error)
+        if error is not None:
+            await self._abort(method, context, error)
+        self._calls.labels(method, "OK").inc()
+        if unary:
+            self._seconds.labels(method).observe(time.perf_counter() - started)
 
     async def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.access is None:
@@ -211,18 +192,69 @@ class Guard:
         if self.access is not None:
             self.access.authorize(method, request, caller)
 
-    def audit(
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self.gate.enter()
+        except ConvsvcError as exc:
+            await self._abort(method, context, exc)
+
+    def _audit(
         self,
         method: str,
         context: grpc.aio.ServicerContext,
-        request: Any,
-        caller: Caller,
+        call: GuardedCall,
         error: ConvsvcError | RelayedStatus | None,
-        response: Any = None,
     ) -> None:
         # A call another node forwarded was audited where it arrived.
         if self.auditor is not None and method in MUTATIONS and not forwarded(context):
-            self.auditor.record(method, request, caller, error, response)
+            self.auditor.record(method, call.request, call.caller, error, call.response)
+
+    async def _as_error(self, method: str, exc: Exception) -> ConvsvcError | RelayedStatus:
+        """What a failed call answers (logging what the caller cannot act on)."""
+        if isinstance(exc, ConvsvcError | RelayedStatus):  # RelayedStatus: another node's
+            return exc
+        if isinstance(exc, OwnerMoved):
+            return owner_moved(exc)
+        if isinstance(exc, LogInterrupted | StoreUnavailable):
+            # The database is away: this node recovers by itself once it is back.
+            log.warning("rpc.database_unavailable", method=method, error=str(exc))
+            return database_unavailable()
+        if isinstance(exc, ConversationLogError):
+            # One conversation's log conflicted; the node and its other conversations are fine.
+            log.error("rpc.log_conflict", method=method, conversation_id=exc.conversation_id)
+            return log_conflict(exc)
+        if isinstance(exc, StorageError):
+            log.error("rpc.storage_failed", method=method, error=str(exc))
+            if self.on_storage_failure is not None:
+                await self.on_storage_failure()
+            return storage_failure(exc)
+        log.exception("rpc.internal_error", method=method)
+        return internal_error()
+
+    async def _abort(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        error: ConvsvcError | RelayedStatus,
+    ) -> None:
+        if isinstance(error, RelayedStatus):
+            self._calls.labels(method, error.code.name).inc()
+            await context.abort(
+                error.code, error.details, trailing_metadata=error.trailing_metadata
+            )
+            return
+        status = to_grpc_status(error)
+        self._calls.labels(method, status.code.name).inc()
+        await context.abort_with_status(status)
+
+
+@dataclass(slots=True)
+class GuardedCall:
+    """What a guarded call learned as it went (for the audit log)."""
+
+    request: Any = None
+    caller: Caller = UNIDENTIFIED
+    response: Any = None
 
 
 def _guard_unary(
@@ -231,61 +263,15 @@ def _guard_unary(
     fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     guard: Guard,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
-    latency = LATENCY.labels(method)
-    ok = CALLS.labels(method, "OK")
-
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        await guard.enter(method, context)
-        caller, request, response = UNIDENTIFIED, None, None
-        error: ConvsvcError | RelayedStatus | None = None
-        try:
-            request = parse_request(request_type, data)
-            caller = await guard.identify(context)
-            guard.authorize(method, request, caller)
-            response = await fn(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            error = await _as_error(method, exc, guard.on_storage_failure)
-        finally:
-            guard.gate.leave()
-        if request is not None:
-            guard.audit(method, context, request, caller, error, response)
-        if error is not None:
-            await _abort(method, context, error)
-        ok.inc()
-        latency.observe(time.perf_counter() - started)
-        return response
+        async with guard.call(method, context, unary=True) as call:
+            call.request = parse_request(request_type, data)
+            call.caller = await guard.identify(context)
+            guard.authorize(method, call.request, call.caller)
+            call.response = await fn(call.request, context)
+        return call.response
 
     return handle
-
-
-async def _guarded_stream(
-    method: str,
-    guard: Guard,
-    context: grpc.aio.ServicerContext,
-    parse: Callable[[], Any],
-    respond: Callable[[Any], AsyncIterator[Any]],
-) -> AsyncIterator[Any]:
-    """What every streaming call goes through: the gate, the parsed request checked against
-    the caller (None: a stream whose requests are checked as they come), errors mapped."""
-    await guard.enter(method, context)
-    error: ConvsvcError | RelayedStatus | None = None
-    try:
-        request = parse()
-        guard.authorize(method, request, await guard.identify(context))
-        async for response in respond(request):
-            yield response
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:
-        error = await _as_error(method, exc, guard.on_storage_failure)
-    finally:
-        guard.gate.leave()
-    if error is not None:
-        await _abort(method, context, error)
-    CALLS.labels(method, "OK").inc()
 
 
 def _guard_stream(
@@ -296,15 +282,11 @@ def _guard_stream(
 ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     # An async generator function itself: that is how grpc.aio tells a streaming handler.
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        responses = _guarded_stream(
-            method,
-            guard,
-            context,
-            lambda: parse_request(request_type, data),
-            lambda request: fn(request, context),
-        )
-        async for response in responses:
-            yield response
+        async with guard.call(method, context):
+            request = parse_request(request_type, data)
+            guard.authorize(method, request, await guard.identify(context))
+            async for response in fn(request, context):
+                yield response
 
     return handle
 
@@ -322,12 +304,11 @@ def _guard_bidi(
             async for data in request_iterator:
                 yield parse_request(request_type, data)
 
-        # Connect's open is checked as it comes (by the session).
-        responses = _guarded_stream(
-            method, guard, context, lambda: None, lambda _: fn(parsed(), context)
-        )
-        async for response in responses:
-            yield response
+        async with guard.call(method, context):
+            # The method's own permission; Connect's open is checked as it comes.
+            guard.authorize(method, None, await guard.identify(context))
+            async for response in fn(parsed(), context):
+                yield response
 
     return handle
 
@@ -335,15 +316,17 @@ def _guard_bidi(
 def conversation_service_handler(
     servicer: ConversationServicer,
     gate: CallGate,
+    metrics: Metrics,
     on_storage_failure: OnStorageFailure | None = None,
 ) -> grpc.GenericRpcHandler:
     """The generic handler serving every ConversationService method.
 
-    ``gate`` admits calls until shutdown; ``on_storage_failure`` runs when a call fails
-    because the store did (health reporting); the servicer's access and auditor (when
-    secured) decide who may call and record what they did.
+    ``gate`` admits calls until shutdown; ``metrics`` counts and times them;
+    ``on_storage_failure`` runs when a call fails because the store did (health reporting);
+    the servicer's access and auditor (when secured) decide who may call and record what
+    they did.
     """
-    guard = Guard(gate, on_storage_failure, servicer.access, servicer.auditor)
+    guard = Guard(gate, on_storage_failure, servicer.access, servicer.auditor, metrics)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     service = pb.DESCRIPTOR.services_by_name["ConversationService"]
     for method in service.methods:

@@ -7,9 +7,11 @@ from typing import TypeAlias
 
 import grpc
 
-from convsvc.engine import ConversationEngine, validation
+from convsvc import validation
+from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import FailedPrecondition, InvalidArgument
+from convsvc.tasks import TaskOwner
 from convsvc.transport.access import Access, Auditor
 from convsvc.transport.connect import ConnectSession
 from convsvc.transport.convert import (
@@ -37,6 +39,11 @@ class ConversationServicer:
         self._connect_holders: dict[str, object] = {}
         self.access: Access | None = None
         self.auditor: Auditor | None = None
+        self.tasks = TaskOwner()
+
+    async def close(self) -> None:
+        """Waits for the clean-up of streams that ended (their disconnects)."""
+        await self.tasks.wait_all()
 
     def secure(self, access: Access, auditor: Auditor) -> None:
         """Who may call (scoped tokens) and the audit log of what they did."""
@@ -109,13 +116,13 @@ class ConversationServicer:
     async def GetConversation(
         self, request: pb.GetConversationRequest, context: Context
     ) -> pb.GetConversationResponse:
-        view = await self._engine.get_conversation(request.conversation_id, request.user_id)
+        view = await self._engine.queries.get_conversation(request.conversation_id, request.user_id)
         return pb.GetConversationResponse(conversation=conversation_to_pb(view))
 
     async def ListConversations(
         self, request: pb.ListConversationsRequest, context: Context
     ) -> pb.ListConversationsResponse:
-        views, token = self._engine.list_conversations(
+        views, token = self._engine.queries.list_conversations(
             user_id=request.user_id,
             conversation_ids=list(request.conversation_ids),
             page_size=request.page_size,
@@ -128,7 +135,7 @@ class ConversationServicer:
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: Context
     ) -> pb.ListConnectionsResponse:
-        connections, token = self._engine.list_connections(
+        connections, token = self._engine.queries.list_connections(
             user_id=request.user_id,
             conversation_ids=list(request.conversation_ids),
             page_size=request.page_size,
@@ -139,7 +146,7 @@ class ConversationServicer:
         )
 
     async def SearchEvents(self, request: pb.SearchEventsRequest, context: Context) -> bytes:
-        rows, token = await self._engine.search_events(
+        rows, token = await self._engine.history.search_events(
             conversation_id=request.conversation_id,
             user_id=request.user_id,
             start_id=request.start_id,
@@ -162,7 +169,7 @@ class ConversationServicer:
         self, request: pb.StreamEventsRequest, context: Context
     ) -> AsyncIterator[list[StreamItem]]:
         """The events StreamEvents sends (Connect sends them too)."""
-        return self._engine.stream_events(
+        return self._engine.history.stream_events(
             conversation_id=request.conversation_id,
             user_id=request.user_id,
             start_id=request.start_id,
@@ -172,7 +179,7 @@ class ConversationServicer:
     async def WatchConversations(
         self, request: pb.WatchConversationsRequest, context: Context
     ) -> AsyncIterator[pb.WatchConversationsResponse]:
-        updates = self._engine.watch_conversations(
+        updates = self._engine.queries.watch_conversations(
             user_id=request.user_id,
             conversation_ids=list(request.conversation_ids),
             resume_token=request.resume_token,
@@ -245,7 +252,7 @@ class ConversationServicer:
     async def ListAuditEntries(
         self, request: pb.ListAuditEntriesRequest, context: Context
     ) -> pb.ListAuditEntriesResponse:
-        entries, token = await self._engine.list_audit(
+        entries, token = await self._engine.history.list_audit(
             conversation_id=request.conversation_id,
             user_id=request.user_id,
             page_size=request.page_size,
@@ -258,5 +265,5 @@ class ConversationServicer:
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
-        count, ttl = self._engine.heartbeat(request.client_instance_id)
+        count, ttl = self._engine.queries.heartbeat(request.client_instance_id)
         return pb.HeartbeatResponse(connection_count=count, ttl_seconds=ttl)

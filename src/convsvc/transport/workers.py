@@ -17,14 +17,14 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2
 
-from convsvc.codec import dict_to_struct, struct_to_dict
+from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.errors import ConvsvcError, DeadlineExceeded, InvalidArgument, Unavailable
 from convsvc.storage import StorageError
 from convsvc.transport.service import CallGate, parse_request
 from convsvc.transport.status import internal_error, to_grpc_status
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
-from convsvc.workers.pool import (
+from convsvc.workers.messages import (
     AssignMessage,
     CompletionMessage,
     DeliverMessage,
@@ -32,9 +32,8 @@ from convsvc.workers.pool import (
     IncomingEvent,
     Outgoing,
     StopMessage,
-    WorkerPool,
-    WorkerSession,
 )
+from convsvc.workers.pool import WorkerPool, WorkerSession
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,17 +30,17 @@ from convsvc.domain import EventSource, JsonObject
 from convsvc.engine.runtime import EventOutOfSequence, LoopClosed
 from convsvc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from convsvc.storage import StorageError
+from convsvc.tasks import TaskOwner
 from convsvc.tracing import current_trace_parent, within
-from convsvc.workers.pool import (
+from convsvc.workers.messages import (
     AssignMessage,
     CompletionMessage,
     DeliverMessage,
     HistoryMessage,
     IncomingEvent,
     StopMessage,
-    WorkerPool,
-    WorkerSession,
 )
+from convsvc.workers.pool import WorkerPool, WorkerSession
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +97,7 @@ class WorkerAgentLoop(AgentLoop):
         self._completions: dict[str, asyncio.Future[str]] = {}
         self._ready = asyncio.Event()
         """Set while a worker holds the loop and has its history."""
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner()
 
     @property
     def assignment(self) -> int:
@@ -239,16 +239,14 @@ class WorkerAgentLoop(AgentLoop):
                 LoopClosed(f"conversation {self.context.conversation_id} was closed"),
             )
         self._pending.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     # -- what the pool calls ---------------------------------------------------------------
 
     def assign(self, session: WorkerSession, number: int) -> None:
         current = _Assignment(session, number)
         self._current = current
-        current.handover = self._spawn(self._hand_over(current))
+        current.handover = self._tasks.spawn(self._hand_over(current))
 
     def worker_lost(self, session: WorkerSession) -> None:
         """The worker died, detached or failed this loop: wait for another one."""
@@ -407,7 +405,7 @@ class WorkerAgentLoop(AgentLoop):
                 "conversation_id": cid,
             }
         )
-        self._spawn(self._report_error())
+        self._tasks.spawn(self._report_error())
 
     async def _report_error(self) -> None:
         with contextlib.suppress(LoopClosed, StorageError):
@@ -425,12 +423,6 @@ class WorkerAgentLoop(AgentLoop):
                         metadata={"conversation_id": self.context.conversation_id},
                     ),
                 )
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
 
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:

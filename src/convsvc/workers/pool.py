@@ -16,15 +16,16 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import structlog
 
+from convsvc import validation
+from convsvc.agents import AgentContext
 from convsvc.config import WorkersConfig
 from convsvc.domain import JsonObject
-from convsvc.engine import validation
 from convsvc.errors import (
     AlreadyExists,
     ConvsvcError,
@@ -33,80 +34,42 @@ from convsvc.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-
-if TYPE_CHECKING:
-    from convsvc.agents.base import AgentLoop
-    from convsvc.engine.runtime import ConversationRuntime
-    from convsvc.workers.loop import WorkerAgentLoop
+from convsvc.metrics import WorkerGauges
+from convsvc.workers.messages import IncomingEvent, Outgoing
 
 log = structlog.get_logger(__name__)
 
 WAITING_STATUS = "STATUS$WAITING_FOR_AGENT_WORKER"
-_PACED_OUTBOX = 8
+PACED_OUTBOX = 8
+"""Messages a worker's outbox may hold before history pages wait for it to drain."""
 MAX_KINDS = 32
 """Agent kinds one worker may announce."""
-"""Messages a worker's outbox may hold before history pages wait for it to drain."""
 
 
-# -- messages to a worker (the transport turns them into AttachResponse) -------------------
+class AssignedLoop(Protocol):
+    """What the pool needs of a conversation that runs on a worker (see ``workers.loop``)."""
 
+    kind: str
+    context: AgentContext
 
-@dataclass(frozen=True, slots=True)
-class AssignMessage:
-    conversation_id: str
-    assignment: int
-    agent_kind: str
-    user_id: str
-    settings: Mapping[str, Any]
-    next_event_id: int
-    initial_user_message: JsonObject | None
-    replay_events: tuple[JsonObject, ...]
+    @property
+    def assignment(self) -> int:
+        """The number of its current assignment (0: none)."""
 
+    def assign(self, session: WorkerSession, number: int) -> None:
+        """It runs on ``session`` from now on, as assignment ``number``."""
 
-@dataclass(frozen=True, slots=True)
-class HistoryMessage:
-    conversation_id: str
-    assignment: int
-    events: list[bytes]
-    """Stored encodings (JSON objects with id, timestamp and source)."""
+    def worker_lost(self, session: WorkerSession) -> None:
+        """Its worker died, detached or failed it: it waits for another one."""
 
+    def released(self, session: WorkerSession) -> None:
+        """The worker confirmed it stopped the loop."""
 
-@dataclass(frozen=True, slots=True)
-class DeliverMessage:
-    conversation_id: str
-    assignment: int
-    delivery_id: str
-    payload: JsonObject
-    trace_parent: str = ""
+    def accept(self, events: list[IncomingEvent]) -> asyncio.Future[None] | None:
+        """Appends events the worker numbered; returns the last one's durability."""
 
-
-@dataclass(frozen=True, slots=True)
-class StopMessage:
-    conversation_id: str
-    assignment: int
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionMessage:
-    conversation_id: str
-    assignment: int
-    request_id: str
-    service_id: str
-    llm_config: JsonObject
-    messages: list[JsonObject]
-
-
-Outgoing = AssignMessage | HistoryMessage | DeliverMessage | StopMessage | CompletionMessage
-
-
-@dataclass(frozen=True, slots=True)
-class IncomingEvent:
-    """An event a worker numbered."""
-
-    id: int
-    source: str
-    payload: JsonObject
-    delivery_id: str
+    def completed(self, request_id: str, content: str, error: str) -> None:
+        """The worker answered a completion request."""
 
 
 @dataclass(eq=False)
@@ -117,7 +80,7 @@ class WorkerSession:
     kinds: frozenset[str]
     capacity: int
     last_heard: float
-    loops: dict[str, WorkerAgentLoop] = field(default_factory=dict)
+    loops: dict[str, AssignedLoop] = field(default_factory=dict)
     """Loops assigned here, by conversation id."""
     ended: set[tuple[str, int]] = field(default_factory=set)
     """Assignments convsvc took back from this worker: their late messages are dropped."""
@@ -143,7 +106,7 @@ class WorkerSession:
 
     async def send_paced(self, message: Outgoing) -> None:
         """Like ``send``, waiting first while the outbox is full (large histories)."""
-        while self.outbox.qsize() >= _PACED_OUTBOX and not self.detached:
+        while self.outbox.qsize() >= PACED_OUTBOX and not self.detached:
             self._taken.clear()
             await self._taken.wait()
         self.send(message)
@@ -170,7 +133,7 @@ class WorkerPool:
         self._reserved = frozenset(reserved_kinds)
         self._clock = clock
         self._sessions: dict[str, WorkerSession] = {}
-        self._waiting: dict[WorkerAgentLoop, None] = {}  # an ordered set: first come first
+        self._waiting: dict[AssignedLoop, None] = {}  # an ordered set: first come first
         self._assignments = itertools.count(1)
         self.known_kinds: set[str] = set(config.kinds)
         self._watchdog: asyncio.Task[None] | None = None
@@ -328,10 +291,20 @@ class WorkerPool:
 
     def holder(self, conversation_id: str) -> str | None:
         """The id of the worker running a conversation, if one is."""
+        held = self.assignment_of(conversation_id)
+        return held[0] if held is not None else None
+
+    def assignment_of(self, conversation_id: str) -> tuple[str, int] | None:
+        """(worker id, assignment number) of the worker running a conversation, if one is."""
         for session in self._sessions.values():
-            if conversation_id in session.loops:
-                return session.worker_id
+            loop = session.loops.get(conversation_id)
+            if loop is not None:
+                return session.worker_id, loop.assignment
         return None
+
+    def gauges(self) -> WorkerGauges:
+        """The attached workers and their slots now, for metrics."""
+        return WorkerGauges(len(self._sessions), len(self._waiting), self.slots())
 
     async def _watch_silence(self) -> None:
         """Detaches silent workers; reminds waiting conversations' streams why they wait."""
@@ -356,7 +329,7 @@ class WorkerPool:
 
     # -- loops -------------------------------------------------------------------------------
 
-    def request(self, loop: WorkerAgentLoop) -> None:
+    def request(self, loop: AssignedLoop) -> None:
         """Queues a loop for the next worker of its kind with room."""
         self._waiting[loop] = None
         self._schedule()
@@ -370,7 +343,7 @@ class WorkerPool:
             )
         self._announce_wait(loop)
 
-    def _announce_wait(self, loop: WorkerAgentLoop) -> None:
+    def _announce_wait(self, loop: AssignedLoop) -> None:
         """Tells the conversation's streams why nothing happens yet (repeated by the
         watchdog, so a browser that connects later learns it too)."""
         runs_kind = any(loop.kind in s.kinds for s in self._sessions.values())
@@ -387,10 +360,10 @@ class WorkerPool:
             }
         )
 
-    def withdraw(self, loop: WorkerAgentLoop) -> None:
+    def withdraw(self, loop: AssignedLoop) -> None:
         self._waiting.pop(loop, None)
 
-    def release(self, session: WorkerSession, loop: WorkerAgentLoop, assignment: int) -> None:
+    def release(self, session: WorkerSession, loop: AssignedLoop, assignment: int) -> None:
         """Ends an assignment convsvc took back (stop, loss): the slot is free again."""
         conversation_id = loop.context.conversation_id
         session.ended.add((conversation_id, assignment))
@@ -421,7 +394,7 @@ class WorkerPool:
 
     def _loop_for(
         self, session: WorkerSession, conversation_id: str, assignment: int
-    ) -> WorkerAgentLoop | None:
+    ) -> AssignedLoop | None:
         """The loop a message is about; None for an assignment convsvc already took back
         (late messages are normal after a stop); raises for one never given to this worker."""
         loop = session.loops.get(conversation_id)
@@ -491,32 +464,3 @@ class WorkerPool:
         loop = self._loop_for(session, conversation_id, assignment)
         if loop is not None:
             loop.released(session)
-
-
-class AgentCatalog(Mapping[str, "Callable[[ConversationRuntime], AgentLoop]"]):
-    """The engine's agents by name: built-in ones, then every kind workers run (configured,
-    or announced by a worker that attached)."""
-
-    def __init__(
-        self,
-        in_process: Mapping[str, Callable[[ConversationRuntime], AgentLoop]],
-        pool: WorkerPool,
-    ) -> None:
-        self._in_process = dict(in_process)
-        self._pool = pool
-
-    def __getitem__(self, name: str) -> Callable[[ConversationRuntime], AgentLoop]:
-        if name in self._in_process:
-            return self._in_process[name]
-        if name in self._pool.known_kinds:
-            from convsvc.workers.loop import WorkerAgentLoop
-
-            pool = self._pool
-            return lambda runtime: WorkerAgentLoop(runtime, pool, name)
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(set(self._in_process) | self._pool.known_kinds))
-
-    def __len__(self) -> int:
-        return len(set(self._in_process) | self._pool.known_kinds)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import logging
 from types import MappingProxyType
 from typing import Any
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price list download
 
 import openhands.agenthub  # noqa: F401 - registers the agents
 from openhands.core.config import load_openhands_config
@@ -39,9 +37,10 @@ from convworker.kinds import openhands_compat as compat
 from convworker.kinds.base import JsonObject, LoopRunner
 
 _CALLBACK_ID = "convworker-relay"
+log = logging.getLogger(__name__)
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Loads here, in the zygote, what an agent's first LLM call loads (the OpenAI SDK's
     resources, about 0.4 s, and litellm's tokenizer, 0.2 s), so forked conversations do not
     each pay for it. No thread is started."""
@@ -50,11 +49,10 @@ def _warm_up() -> None:
         import openai.resources  # noqa: F401 - litellm imports it lazily on the first call
 
         litellm.token_counter(model="gpt-4o", messages=[{"role": "user", "content": "warm"}])
-    except Exception:  # only an optimisation
-        pass
+    except Exception:  # only an optimisation: the first conversation pays instead
+        log.warning("openhands: warming up litellm failed", exc_info=True)
 
 
-_warm_up()
 _SECRET_FIELDS = ("git_provider_tokens", "custom_secrets")
 
 

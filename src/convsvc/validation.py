@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from convsvc.codec import dict_to_struct
+from convclient.structs import dict_to_struct
 from convsvc.errors import InvalidArgument
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

@@ -1,0 +1,52 @@
+"""What users send into a log: checked, limited, and stripped of what only the server sets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from convsvc import validation
+from convsvc.config import EngineConfig
+from convsvc.domain import JsonObject
+from convsvc.errors import InvalidArgument
+
+SERVER_SET_FIELDS = ("id", "timestamp", "source")
+
+
+def user_payload(event: JsonObject) -> JsonObject:
+    """A user event without the fields the log sets, shaped as OpenHands renders it."""
+    payload = {k: v for k, v in event.items() if k not in SERVER_SET_FIELDS}
+    args = payload.get("args")
+    if payload.get("action") == "message" and "message" not in payload and isinstance(args, dict):
+        # OpenHands' event_to_dict renders a MessageAction's content as "message" too.
+        payload["message"] = args.get("content", "")
+    return payload
+
+
+def checked_user_payload(field: str, event: JsonObject, config: EngineConfig) -> JsonObject:
+    """A user event's payload, refused when it is not an action or is too large."""
+    payload = user_payload(validation.check_user_event(event, field))
+    validation.check_event_size(field, payload, config.max_event_bytes)
+    return payload
+
+
+def first_events(
+    initial_user_message: JsonObject | None,
+    replay_events: Sequence[JsonObject],
+    config: EngineConfig,
+) -> list[JsonObject]:
+    """The user events a start appends after ``loading``, each checked like a send."""
+    limit = config.max_replay_events
+    if len(replay_events) > limit:
+        raise InvalidArgument(
+            f"replay_events holds {len(replay_events)} events; the limit is {limit}",
+            reason="TOO_MANY_REPLAY_EVENTS",
+            metadata={"field": "replay_events", "limit": str(limit)},
+        )
+    first: list[JsonObject] = []
+    if initial_user_message is not None:
+        first.append(checked_user_payload("initial_user_message", initial_user_message, config))
+    for replayed in replay_events:
+        # A trajectory replays only what its user did; the agent produces the rest anew.
+        if replayed.get("source") == "user" and isinstance(replayed.get("action"), str):
+            first.append(checked_user_payload("replay_events", replayed, config))
+    return first

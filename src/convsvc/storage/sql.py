@@ -1,0 +1,194 @@
+"""The reads both SQL backends share, written once.
+
+Queries use numbered parameters (``$1``, ``$2``...): PostgreSQL's own form, and SQLite's once
+each ``$`` becomes ``?``. Rows come back as the domain types whatever the backend returns
+(SQLite keeps times as ISO text, PostgreSQL as timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from convsvc.domain import (
+    AuditEntry,
+    AuditQuery,
+    ConversationRecord,
+    IdempotencyRecord,
+    StoredEvent,
+)
+from convsvc.storage.base import EventPage, plan_page
+
+MAX_EVENT_ID = 2**63 - 1
+"""The end of an open range of event ids."""
+
+CONVERSATION_COLUMNS = "conversation_id, user_id, agent, settings, create_time, last_active_time"
+AUDIT_COLUMNS = (
+    "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
+    "connection_id, request_id, code, reason, affected_token_id"
+)
+_NUMBERED = re.compile(r"\$(\d+)")
+
+
+def question_marks(sql: str) -> str:
+    """A query's numbered parameters as SQLite writes them (``$1`` -> ``?1``)."""
+    return _NUMBERED.sub(r"?\1", sql)
+
+
+def _time(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def conversation_record(row: Sequence[Any]) -> ConversationRecord:
+    """A conversation row (CONVERSATION_COLUMNS, in order) as a record."""
+    cid, user_id, agent, settings, create_time, last_active_time = row
+    return ConversationRecord(
+        conversation_id=cid,
+        user_id=user_id,
+        agent=agent,
+        settings=json.loads(settings),
+        create_time=_time(create_time),
+        last_active_time=_time(last_active_time),
+    )
+
+
+class SqlReads(ABC):
+    """Reads of conversations, events, request ids, the audit log and revocations."""
+
+    octet_length = "octet_length"
+    """The SQL function giving a blob's size without reading it."""
+
+    @abstractmethod
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        """Runs a query with numbered parameters and returns its rows."""
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        rows = await self._fetch(
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = $1",
+            conversation_id,
+        )
+        return conversation_record(rows[0]) if rows else None
+
+    async def latest_event_id(self, conversation_id: str) -> int:
+        rows = await self._fetch(
+            "SELECT max(id) FROM events WHERE conversation_id = $1", conversation_id
+        )
+        latest = rows[0][0] if rows else None
+        return -1 if latest is None else int(latest)
+
+    async def read_events(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        rows = await self._fetch(
+            "SELECT id, encoded FROM events WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
+            f"ORDER BY id {'DESC' if reverse else 'ASC'} LIMIT $4",
+            conversation_id,
+            start_id,
+            MAX_EVENT_ID if end_id is None else end_id,
+            limit,
+        )
+        return [StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows]
+
+    async def read_page(
+        self,
+        conversation_id: str,
+        start_id: int,
+        end_id: int | None = None,
+        *,
+        reverse: bool = False,
+        limit: int,
+        max_bytes: int,
+    ) -> EventPage:
+        order = "DESC" if reverse else "ASC"
+        # The sizes first (a blob's size is in its header): events left out of the page are
+        # never loaded.
+        sizes = await self._fetch(
+            f"SELECT id, {self.octet_length}(encoded) FROM events "
+            "WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
+            f"ORDER BY id {order} LIMIT $4",
+            conversation_id,
+            start_id,
+            MAX_EVENT_ID if end_id is None else end_id,
+            limit + 1,
+        )
+        span, next_id = plan_page([(row[0], row[1]) for row in sizes], limit, max_bytes, reverse)
+        if span is None:
+            return EventPage([], next_id)
+        rows = await self._fetch(
+            "SELECT id, encoded FROM events WHERE conversation_id = $1 AND id >= $2 AND id <= $3 "
+            f"ORDER BY id {order}",
+            conversation_id,
+            *span,
+        )
+        return EventPage([StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows], next_id)
+
+    async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
+        rows = await self._fetch(
+            "SELECT method, fingerprint, result FROM requests WHERE scope = $1 AND request_id = $2",
+            scope,
+            request_id,
+        )
+        if not rows:
+            return None
+        method, fingerprint, result = rows[0]
+        return IdempotencyRecord(scope, request_id, method, fingerprint, json.loads(result))
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        rows = await self._fetch(
+            f"SELECT {AUDIT_COLUMNS} FROM audit WHERE sequence > $1 "
+            "AND ($2 = '' OR conversation_id = $2) AND ($3 = '' OR user_id = $3 OR subject = $3) "
+            "ORDER BY sequence LIMIT $4",
+            query.after,
+            query.conversation_id,
+            query.user_id,
+            query.limit,
+        )
+        return [
+            AuditEntry(
+                sequence=row[0],
+                time=_time(row[1]),
+                credential=row[2],
+                subject=row[3],
+                token_id=row[4],
+                method=row[5],
+                user_id=row[6],
+                conversation_id=row[7],
+                connection_id=row[8],
+                request_id=row[9],
+                code=row[10],
+                reason=row[11],
+                affected_token_id=row[12],
+            )
+            for row in rows
+        ]
+
+    async def token_revoked(self, token_id: str) -> bool:
+        rows = await self._fetch("SELECT 1 FROM revoked_tokens WHERE token_id = $1", token_id)
+        return bool(rows)
+
+
+def page_filters(
+    key: str, after: str, limit: int, user_id: str | None, wanted: Sequence[str]
+) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and arguments of a page ordered by ``key`` ($1: after, $2: limit),
+    of one user's rows and of the wanted conversations, when given (PostgreSQL)."""
+    table = key.split(".", 1)[0] + "." if "." in key else ""
+    where = [f"{key} > $1"]
+    args: list[Any] = [after, limit]
+    if user_id is not None:
+        args.append(user_id)
+        where.append(f"{table}user_id = ${len(args)}")
+    if wanted:
+        args.append(list(wanted))
+        where.append(f"{table}conversation_id = ANY(${len(args)}::text[])")
+    return where, args
