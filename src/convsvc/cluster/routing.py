@@ -11,9 +11,9 @@ node reads the shared database. Lists cover the whole cluster.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -50,6 +50,7 @@ _BY_CONVERSATION = {
 
 
 _STARTS = {"StartConversation", "JoinConversation"}
+T = TypeVar("T")
 
 
 def _identity(data: bytes) -> bytes:
@@ -65,8 +66,11 @@ class _Cursor:
     query: list[Any]
     key: bytes
 
-    def next_token(self, last: str) -> str:
-        return encode_token(self.key, self.query, last)
+    def page(self, found: Sequence[T], key: Callable[[T], str]) -> tuple[list[T], str]:
+        """The page of ``found`` (asked for one more than a page) and the next page's token."""
+        page = list(found[: self.size])
+        more = len(found) > self.size
+        return page, encode_token(self.key, self.query, key(page[-1])) if more else ""
 
 
 def header(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -248,9 +252,8 @@ class Router:
         running = await self._store.running_for(
             cursor.user, cursor.after, cursor.size + 1, cursor.wanted
         )
-        page = running[: cursor.size]
+        page, token = cursor.page(running, lambda item: item[0])
         views = await self._views(page, request.user_id)
-        token = cursor.next_token(page[-1][0]) if len(running) > cursor.size else ""
         return pb.ListConversationsResponse(conversations=views, next_page_token=token)
 
     def _cursor(self, kind: str, request: Any) -> _Cursor:
@@ -319,8 +322,7 @@ class Router:
         found = await self._directory.list_connections(
             cursor.user, cursor.after, cursor.size + 1, cursor.wanted
         )
-        page = found[: cursor.size]
-        token = cursor.next_token(page[-1].connection_id) if len(found) > cursor.size else ""
+        page, token = cursor.page(found, lambda connection: connection.connection_id)
         connections = [connection_to_pb(c) for c in page]
         if request.user_id:
             for connection in connections:
