@@ -71,11 +71,3 @@ ensure_debian_packages() {
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$@" >&2
   fi
 }
-
-# prefixed NAME COMMAND...: runs COMMAND with every line of its output prefixed by [NAME], so
-# suites that run side by side stay readable; returns COMMAND's status.
-prefixed() {
-  local name=$1; shift
-  "$@" 2>&1 | sed -u "s/^/[$name] /"
-  return "${PIPESTATUS[0]}"
-}

@@ -229,6 +229,18 @@ def live_view_commands() -> tuple[list[str], list[str], bytes]:
     return watch, connect, stdin.encode()
 
 
+def json_messages(text: str) -> list[dict[str, Any]]:
+    """The JSON objects grpcurl printed, one after another."""
+    decoder = json.JSONDecoder()
+    found: list[dict[str, Any]] = []
+    text = text.lstrip()
+    while text:
+        message, end = decoder.raw_decode(text)
+        found.append(message)
+        text = text[end:].lstrip()
+    return found
+
+
 class MessageReader(StreamReader):
     """Keeps grpcurl's printed messages whole (not only their events)."""
 
@@ -278,10 +290,7 @@ async def test_readme_live_views_watch_and_connect(address: str) -> None:
         )
         output, _ = await asyncio.wait_for(connect.communicate(connect_stdin), COMMAND_TIMEOUT)
         assert connect.returncode == 0, output.decode()
-        messages = MessageReader(connect)
-        messages._buffer = output.decode()
-        messages._parse()
-        opened, *rest = messages.messages
+        opened, *rest = json_messages(output.decode())
         assert opened["opened"]["connection"]["connection_id"] == "browser-2"
         [result] = [m["send_result"] for m in rest if "send_result" in m]
         assert result["request_id"] == "hi-again-1" and "failure" not in result
