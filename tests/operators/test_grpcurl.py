@@ -128,6 +128,13 @@ async def test_readme_walkthrough(address: str) -> None:
         "convsvc.v1.AgentWorkerService",
     }
 
+    # Every service listed can be described (the real grpcurl asks reflection v1 first).
+    for listed in listing.split():
+        code, described = await grpcurl(
+            ["grpcurl", "-plaintext", "$ADDR", "describe", listed], address
+        )
+        assert code == 0 and f"{listed} is a service" in described, described
+
     health = await grpcurl_json(commands["grpc.health.v1.Health/Check"], address)
     assert health == {"status": "SERVING"}
 

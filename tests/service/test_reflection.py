@@ -26,7 +26,19 @@ async def test_reflection_lists_and_describes_the_services(app: ConvsvcApp, vers
             ),
         ]
         listed, described = [response async for response in call(iter(requests))]
-    names = {s.name for s in listed.list_services_response.service}
+        names = {s.name for s in listed.list_services_response.service}
+        # Every service listed can be described (clients explore a server so).
+        each = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=n) for n in names]
+        answers = [response async for response in call(iter(each))]
+    for name, answer in zip(names, answers, strict=True):
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", name
+        defined = {
+            f"{f.package}.{s.name}"
+            for raw in answer.file_descriptor_response.file_descriptor_proto
+            for f in [descriptor_pb2.FileDescriptorProto.FromString(raw)]
+            for s in f.service
+        }
+        assert name in defined
     assert {
         "convsvc.v1.ConversationService",
         "convsvc.v1.AgentWorkerService",

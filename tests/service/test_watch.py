@@ -164,7 +164,9 @@ async def test_a_token_the_server_cannot_resume_from_gets_a_new_snapshot(tmp_pat
         assert watch.token and watch.token != "0123456789abcdef.42"
         watch.call.cancel()
 
-        for bad in ("not a token", "x" * 100):
+        feed = watch.token.partition(".")[0]
+        # Digits that are not ASCII digits (str.isdigit takes them) are not a sequence number.
+        for bad in ("not a token", "x" * 100, f"{feed}.\u00b2", f"{feed}.\u0663"):
             call = stub.WatchConversations(pb.WatchConversationsRequest(resume_token=bad))
             await expect_error(
                 call.read(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN"

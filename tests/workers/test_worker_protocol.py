@@ -201,6 +201,39 @@ async def test_an_unknown_delivery_id_detaches_the_worker(
     assert error_info(error).reason == "WORKER_PROTOCOL_VIOLATION"
 
 
+async def test_a_delivery_logged_twice_in_one_batch_detaches_the_worker_and_appends_nothing(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    first = assign.next_event_id
+    sending = stub.SendEvent(
+        pb.SendEventRequest(
+            conversation_id="c1",
+            event=dict_to_struct({"action": "message", "args": {"content": "once"}}),
+        ),
+        timeout=10,
+    )
+    deliver = await worker.receive("deliver")
+    twice = [
+        wpb.WorkerEvent(
+            id=first + n, source="user", payload=deliver.payload, delivery_id=deliver.delivery_id
+        )
+        for n in range(2)
+    ]
+    worker.send(
+        wpb.AttachRequest(
+            events=wpb.LoopEvents(conversation_id="c1", assignment=assign.assignment, events=twice)
+        )
+    )
+    error = await worker.ended_with()
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "WORKER_PROTOCOL_VIOLATION"
+    assert [e["id"] for e in await stored(stub, "c1")] == list(range(first))  # neither event
+    sending.cancel()
+
+
 async def test_a_silent_worker_is_detached_and_its_conversation_reassigned(
     worker_app: ConvsvcApp,
     stub: pb_grpc.ConversationServiceStub,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,6 +24,7 @@ from convsvc.domain import ConversationView
 from convsvc.errors import ConvsvcError, InvalidArgument, ResourceExhausted
 
 MAX_CHANGES_PER_BATCH = 500
+_SEQUENCE = re.compile(r"[0-9]{1,19}")  # ASCII digits only (str.isdigit takes '²')
 
 
 class ChangeKind(enum.StrEnum):
@@ -103,7 +105,7 @@ class ChangeFeed:
         """The sequence number a token resumes after, or None when this feed cannot resume
         from it (another server process's token, or older than the history)."""
         feed_id, _, seq_text = token.partition(".")
-        if not seq_text.isdigit() or len(token) > 64:
+        if len(token) > 64 or not _SEQUENCE.fullmatch(seq_text):
             raise InvalidArgument(
                 "resume_token is not a token this service handed out",
                 reason="INVALID_RESUME_TOKEN",

@@ -279,16 +279,20 @@ class WorkerAgentLoop(AgentLoop):
             return None
         expected = self.context.next_event_id
         payloads: list[tuple[IncomingEvent, JsonObject, EventSource]] = []
+        logged: set[str] = set()
         for offset, event in enumerate(events):
             if event.id != expected + offset:
                 raise EventOutOfSequence(self.context.conversation_id, expected + offset, event.id)
             payloads.append((event, _checked_payload(event), _checked_source(event)))
-            if event.delivery_id and event.delivery_id not in self._pending:
+            if event.delivery_id and (
+                event.delivery_id not in self._pending or event.delivery_id in logged
+            ):
                 raise InvalidArgument(
                     f"event {event.id} names delivery {event.delivery_id[:40]!r}, which is "
                     "unknown or already logged",
                     reason="WORKER_PROTOCOL_VIOLATION",
                 )
+            logged.add(event.delivery_id)
         # Runs of events without a delivery go in one append (one encode loop, one commit
         # slot); an event that logs a delivery goes alone, with its send's idempotency record.
         durable: asyncio.Future[None] | None = None
