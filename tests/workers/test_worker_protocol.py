@@ -21,7 +21,13 @@ from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from convsvc.workers.messages import StopMessage
 from convsvc.workers.pool import WorkerPool
 from tests.conftest import running_app
-from tests.helpers import agent_state_is, error_info, grpc_events_until, log_violations
+from tests.helpers import (
+    agent_state_is,
+    error_info,
+    expect_error,
+    grpc_events_until,
+    log_violations,
+)
 from tests.workers.conftest import ScriptedWorker, attached
 
 STATE = {"observation": "agent_state_changed", "content": "", "extras": {"agent_state": "x"}}
@@ -544,3 +550,54 @@ async def test_an_event_beyond_the_size_limit_detaches_the_worker_and_stays_out(
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(error).reason == "PAYLOAD_TOO_LARGE"
     assert await stored(stub, "c1") == before
+
+
+async def test_kinds_leave_with_their_last_worker_and_unknown_agents_get_a_bounded_answer(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    many = tuple(f"kind-{n:02}" for n in range(32))
+    for cycle in range(3):  # kinds announced and gone, again and again
+        worker = scripted()
+        worker.hello(f"passing-{cycle}", tuple(f"{kind}-{cycle}" for kind in many))
+        await worker.receive("welcome")
+        worker.close()
+        await worker_app.workers.wait_until(lambda: not list(worker_app.workers.workers()), 10)
+    details = await expect_error(
+        stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="c1", agent="kind-00-0")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_AGENT",
+    )
+    assert "kind-01-2" not in details  # forgotten
+    assert "worker-echo" in details  # configured kinds stay
+
+    worker = scripted()
+    worker.hello("wide", many)
+    await worker.receive("welcome")
+    details = await expect_error(
+        stub.StartConversation(pb.StartConversationRequest(conversation_id="c1", agent="x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_AGENT",
+    )
+    assert len(details) < 1000 and "more" in details  # named in part, not all of them
+    await stub.StartConversation(pb.StartConversationRequest(conversation_id="c2", agent="kind-31"))
+    worker.close()
+
+
+async def test_a_stopped_conversation_joined_again_runs_its_own_agent(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
+    await worker.receive("stop")
+    joined = await stub.JoinConversation(
+        pb.JoinConversationRequest(conversation_id="c1", connection_id="tab")
+    )
+    assert joined.conversation.agent == "worker-echo"  # not the server's default agent
+    again = await worker.receive("assign")
+    assert again.conversation_id == "c1" and again.agent_kind == "worker-echo"

@@ -214,7 +214,7 @@ class Admission:
         return policy
 
     async def wait_for_room(
-        self, cid: str, user: str | None, agent: str, first_in_line: bool
+        self, cid: str, user: str | None, agent: str | None, first_in_line: bool
     ) -> Reservation | None:
         """Queues a start when its user has no room (or others wait already), until it is
         first and there is room; None when it need not wait."""
@@ -237,7 +237,7 @@ class Admission:
         entry = QueuedStart(
             conversation_id=cid,
             user_id=user,
-            agent=agent,
+            agent=agent or (stored.agent if stored else self._config.default_agent),
             create_time=stored.create_time if stored is not None else datetime.now(UTC),
             latest_event_id=await self._store.latest_event_id(cid) if stored else -1,
             is_new=stored is None,

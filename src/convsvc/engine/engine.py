@@ -46,6 +46,9 @@ from convsvc.storage import ConversationStore
 
 log = structlog.get_logger(__name__)
 
+_AGENTS_LISTED = 20
+"""Agents an UNKNOWN_AGENT message names (workers may announce many kinds)."""
+
 
 class ConversationEngine:
     """Starts, joins, feeds and closes conversations; ``queries`` and ``history`` read."""
@@ -177,13 +180,17 @@ class ConversationEngine:
                 cid = runtime.conversation_id
         return await self.queries.get_conversation(cid, user_id)
 
-    def _check_agent(self, agent: str) -> str:
+    def _check_agent(self, agent: str) -> str | None:
+        """The agent a start names (None: the conversation's own, or the default)."""
         if not agent:
-            return self._config.default_agent
+            return None
         if agent not in self._agents:
+            available = sorted(self._agents)
+            shown = ", ".join(available[:_AGENTS_LISTED])
+            if len(available) > _AGENTS_LISTED:
+                shown += f" and {len(available) - _AGENTS_LISTED} more"
             raise InvalidArgument(
-                f"agent {validation.shown(agent)!r} is not installed; "
-                f"available: {', '.join(sorted(self._agents))}",
+                f"agent {validation.shown(agent)!r} is not installed; available: {shown}",
                 reason="UNKNOWN_AGENT",
                 metadata={"field": "agent"},
             )
@@ -213,7 +220,7 @@ class ConversationEngine:
         async with self._ledger.call(key) as call:
             if call.recorded is None:
                 runtime, _ = await self._lifecycle.start(
-                    cid, user, self._config.default_agent, settings, [], None, None, policy
+                    cid, user, None, settings, [], None, None, policy
                 )
                 await self._connect(runtime, Connection(conn_id, cid, user, instance))
                 call.answered({"conversation_id": cid, "connection_id": conn_id}, stored=False)

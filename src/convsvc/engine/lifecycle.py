@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import structlog
 
 from convsvc.agents import agent_state_changed
+from convsvc import validation
 from convsvc.config import EngineConfig
 from convsvc.domain import AdmissionPolicy, ConversationRecord, EventSource, JsonObject
 from convsvc.engine.admission import Admission, Reservation, TooManyConversations
@@ -31,7 +32,7 @@ from convsvc.engine.runtime import AgentFactories, ConversationRuntime, StartReq
 from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.visibility import check_owner
 from convsvc.engine.watch import ChangeFeed, ChangeKind
-from convsvc.errors import Unavailable
+from convsvc.errors import FailedPrecondition, Unavailable
 from convsvc.redaction import storable_settings
 from convsvc.storage import (
     ConversationLogError,
@@ -83,7 +84,7 @@ class Lifecycle:
         self,
         cid: str,
         user: str | None,
-        agent_name: str,
+        agent_name: str | None,
         settings: JsonObject,
         first: list[JsonObject],
         key: RequestKey | None,
@@ -144,7 +145,7 @@ class Lifecycle:
         self,
         cid: str,
         user: str | None,
-        agent_name: str,
+        agent_name: str | None,
         settings: JsonObject,
         first: list[JsonObject],
         key: RequestKey | None,
@@ -155,7 +156,8 @@ class Lifecycle:
         reservation: Reservation | None = None,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid`` (started if needed) and whether the request id's
-        answer was stored with the start."""
+        answer was stored with the start. ``agent_name`` None: the conversation's own (the
+        default for a new one)."""
         async with self._start_guard(cid):
             while (runtime := self._registry.get(cid)) is not None:
                 check_owner(cid, runtime.record.user_id, user)
@@ -166,11 +168,20 @@ class Lifecycle:
             stored = await self._store.get_conversation(cid)
             if stored is not None:
                 check_owner(cid, stored.user_id, user)
+            agent = agent_name or (stored.agent if stored else self._config.default_agent)
+            agent_factory = self._agents.get(agent)
+            if agent_factory is None:
+                raise FailedPrecondition(
+                    f"conversation {cid} runs agent {validation.shown(agent)!r}, which this "
+                    "node cannot run now (no worker runs it)",
+                    reason="UNKNOWN_AGENT",
+                    metadata={"conversation_id": cid},
+                )
             now_wall = datetime.now(UTC)
             record = ConversationRecord(
                 conversation_id=cid,
                 user_id=stored.user_id if stored is not None else user,
-                agent=agent_name,
+                agent=agent,
                 settings=storable_settings(settings),
                 create_time=stored.create_time if stored is not None else now_wall,
                 last_active_time=now_wall,
@@ -196,7 +207,7 @@ class Lifecycle:
             runtime = ConversationRuntime(
                 record,
                 settings,
-                self._agents[agent_name],
+                agent_factory,
                 self.log,
                 self._now_running,
                 next_event_id=latest + 1,

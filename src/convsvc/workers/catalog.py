@@ -12,7 +12,7 @@ from convsvc.workers.pool import WorkerPool
 
 class AgentCatalog(Mapping[str, Callable[[ConversationRuntime], AgentLoop]]):
     """The engine's agents by name: built-in ones, then every kind workers run (configured,
-    or announced by a worker that attached)."""
+    announced by an attached worker, or still used by a conversation waiting for one)."""
 
     def __init__(
         self,
@@ -25,13 +25,13 @@ class AgentCatalog(Mapping[str, Callable[[ConversationRuntime], AgentLoop]]):
     def __getitem__(self, name: str) -> Callable[[ConversationRuntime], AgentLoop]:
         if name in self._in_process:
             return self._in_process[name]
-        if name in self._pool.known_kinds:
+        if self._pool.runs_kind(name):
             pool = self._pool
             return lambda runtime: WorkerAgentLoop(runtime, pool, name)
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(set(self._in_process) | self._pool.known_kinds))
+        return iter(sorted(set(self._in_process) | self._pool.kinds()))
 
     def __len__(self) -> int:
-        return len(set(self._in_process) | self._pool.known_kinds)
+        return len(set(self._in_process) | self._pool.kinds())

@@ -135,7 +135,7 @@ class WorkerPool:
         self._sessions: dict[str, WorkerSession] = {}
         self._waiting: dict[AssignedLoop, None] = {}  # an ordered set: first come first
         self._assignments = itertools.count(1)
-        self.known_kinds: set[str] = set(config.kinds)
+        self._configured_kinds = frozenset(config.kinds)
         self._watchdog: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -202,7 +202,6 @@ class WorkerPool:
             on_overflow=self._overflowed,
         )
         self._sessions[wid] = session
-        self.known_kinds |= announced
         log.info("worker.attached", worker_id=wid, kinds=sorted(announced), capacity=capacity)
         self._schedule()
         self._notify()
@@ -270,6 +269,24 @@ class WorkerPool:
             for kind in session.kinds:
                 capacity, free = found.get(kind, (0, 0))
                 found[kind] = (capacity + session.capacity, free + max(session.free, 0))
+        return found
+
+    def runs_kind(self, kind: str) -> bool:
+        """Whether conversations of ``kind`` can start here: it is configured, an attached
+        worker announced it, or a conversation of it waits or runs (a kind is forgotten
+        with the last of these)."""
+        return (
+            kind in self._configured_kinds
+            or any(kind in session.kinds for session in self._sessions.values())
+            or any(loop.kind == kind for loop in self._waiting)
+        )
+
+    def kinds(self) -> set[str]:
+        """Every kind ``runs_kind`` accepts."""
+        found = set(self._configured_kinds)
+        for session in self._sessions.values():
+            found |= session.kinds
+        found |= {loop.kind for loop in self._waiting}
         return found
 
     @property
