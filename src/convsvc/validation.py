@@ -67,26 +67,30 @@ def encoded_size(payload: dict[str, Any]) -> int:
     return int(dict_to_struct(payload).ByteSize())
 
 
-def check_event_size(field: str, payload: dict[str, Any], max_bytes: int) -> None:
-    """Rejects an event payload whose encoding is larger than ``max_bytes``."""
+def check_event_size(field: str, payload: dict[str, Any], max_bytes: int) -> int:
+    """Rejects an event payload whose encoding is larger than ``max_bytes``; returns its
+    size."""
     size = encoded_size(payload)
     if size > max_bytes:
-        raise InvalidArgument(
-            f"{field} is {size} bytes once encoded; the limit is {max_bytes}",
-            reason="PAYLOAD_TOO_LARGE",
-            metadata={"field": field, "limit_bytes": str(max_bytes)},
-        )
+        raise too_large(field, f"{size} bytes once encoded", max_bytes)
+    return size
 
 
-def check_size(field: str, value: Any, max_bytes: int) -> None:
-    """Rejects a JSON value whose encoding is larger than ``max_bytes``."""
+def too_large(field: str, size: str, max_bytes: int) -> InvalidArgument:
+    """PAYLOAD_TOO_LARGE for ``field``, which is ``size`` (e.g. "5 bytes as JSON")."""
+    return InvalidArgument(
+        f"{field} is {size}; the limit is {max_bytes}",
+        reason="PAYLOAD_TOO_LARGE",
+        metadata={"field": field, "limit_bytes": str(max_bytes)},
+    )
+
+
+def check_size(field: str, value: Any, max_bytes: int) -> int:
+    """Rejects a JSON value whose encoding is larger than ``max_bytes``; returns its size."""
     size = len(json.dumps(value, separators=(",", ":"), default=str))
     if size > max_bytes:
-        raise InvalidArgument(
-            f"{field} is {size} bytes as JSON; the limit is {max_bytes}",
-            reason="PAYLOAD_TOO_LARGE",
-            metadata={"field": field, "limit_bytes": str(max_bytes)},
-        )
+        raise too_large(field, f"{size} bytes as JSON", max_bytes)
+    return size
 
 
 def check_page_size(page_size: int, default: int, maximum: int) -> int:

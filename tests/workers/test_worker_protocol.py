@@ -601,3 +601,63 @@ async def test_a_stopped_conversation_joined_again_runs_its_own_agent(
     assert joined.conversation.agent == "worker-echo"  # not the server's default agent
     again = await worker.receive("assign")
     assert again.conversation_id == "c1" and again.agent_kind == "worker-echo"
+
+
+@pytest.mark.parametrize("megabytes", [0.7, 1.6, 3.2])
+async def test_a_send_too_large_for_the_log_is_refused_where_it_enters_a_worker_conversation(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+    megabytes: float,
+) -> None:
+    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    text = "x" * int(megabytes * 1024 * 1024)  # stored twice: as message and as content
+    await expect_error(
+        stub.SendEvent(
+            pb.SendEventRequest(
+                conversation_id="c1",
+                event=dict_to_struct({"action": "message", "args": {"content": text}}),
+            ),
+            timeout=10,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAYLOAD_TOO_LARGE",
+    )
+    # Nothing of it reached the worker, which stays attached: the next delivery is this one.
+    sending = stub.SendEvent(
+        pb.SendEventRequest(
+            conversation_id="c1",
+            event=dict_to_struct({"action": "message", "args": {"content": "small"}}),
+        ),
+        timeout=10,
+    )
+    deliver = await worker.receive("deliver")
+    assert struct_to_dict(deliver.payload)["args"]["content"] == "small"
+    worker.send(
+        logged("c1", assign.assignment, assign.next_event_id, deliver.payload, deliver.delivery_id)
+    )
+    await sending
+    assert [w.worker_id for w in worker_app.workers.workers()] == ["bad"]
+
+
+async def test_a_start_whose_first_events_do_not_fit_in_one_message_is_refused(
+    stub: pb_grpc.ConversationServiceStub,
+) -> None:
+    replay = [
+        dict_to_struct({"source": "user", "action": "message", "args": {"content": "y" * 300_000}})
+        for _ in range(8)
+    ]  # each alone is within limits; together they are too much for one message
+    await expect_error(
+        stub.StartConversation(
+            pb.StartConversationRequest(
+                conversation_id="c1", agent="worker-echo", replay_events=replay
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAYLOAD_TOO_LARGE",
+    )
+    await expect_error(
+        stub.GetConversation(pb.GetConversationRequest(conversation_id="c1")),
+        grpc.StatusCode.NOT_FOUND,
+        "CONVERSATION_NOT_FOUND",
+    )

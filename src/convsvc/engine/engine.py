@@ -149,8 +149,8 @@ class ConversationEngine:
         cid = validation.check_optional_id("conversation_id", conversation_id)
         agent_name = self._check_agent(agent)
         settings = settings or {}
-        validation.check_size("settings", settings, self._config.max_event_bytes)
-        first = first_events(initial_user_message, replay_events, self._config)
+        settings_bytes = validation.check_size("settings", settings, self._config.max_event_bytes)
+        first = first_events(initial_user_message, replay_events, settings_bytes, self._config)
         start_request = StartRequest(
             first[0] if initial_user_message is not None else None, tuple(replay_events)
         )
@@ -293,6 +293,8 @@ class ConversationEngine:
         """Logs a user event (its idempotency record in the same commit) once durable."""
         runtime = await running_for(self._registry, self._store, cid, user)
         if runtime.agent.numbers_own_events:
+            # Checked here, where it enters: the loop logs it later (and elsewhere).
+            validation.check_event_size("event", payload, self._config.max_event_bytes)
             event_id = await runtime.agent.submit_user_event(
                 payload,
                 lambda event_id: (
@@ -339,9 +341,12 @@ class ConversationEngine:
                 reason="INVALID_ARGUMENT",
                 metadata={"field": "messages"},
             )
-        validation.check_size("llm_config", llm_config or {}, self._config.max_event_bytes)
+        config_bytes = validation.check_size(
+            "llm_config", llm_config or {}, self._config.max_event_bytes
+        )
+        # With the config they must fit in one message (the worker receives them together).
         validation.check_size(
-            "messages", {"messages": list(messages)}, self._config.max_batch_bytes
+            "messages", {"messages": list(messages)}, self._config.max_batch_bytes - config_bytes
         )
         runtime = await running_for(self._registry, self._store, cid, user)
         return await runtime.agent.complete(service_id, llm_config or {}, list(messages))

@@ -22,19 +22,23 @@ def user_payload(event: JsonObject) -> JsonObject:
     return payload
 
 
-def checked_user_payload(field: str, event: JsonObject, config: EngineConfig) -> JsonObject:
-    """A user event's payload, refused when it is not an action or is too large."""
+def checked_user_payload(
+    field: str, event: JsonObject, config: EngineConfig
+) -> tuple[JsonObject, int]:
+    """A user event's payload and its encoded size, refused when it is not an action or is
+    larger than a user event may be."""
     payload = user_payload(validation.check_user_event(event, field))
-    validation.check_event_size(field, payload, config.max_event_bytes)
-    return payload
+    return payload, validation.check_event_size(field, payload, config.max_event_bytes)
 
 
 def first_events(
     initial_user_message: JsonObject | None,
     replay_events: Sequence[JsonObject],
+    settings_bytes: int,
     config: EngineConfig,
 ) -> list[JsonObject]:
-    """The user events a start appends after ``loading``, each checked like a send."""
+    """The user events a start appends after ``loading``, each checked like a send. With the
+    settings they must fit in one message (a worker receives them together)."""
     limit = config.max_replay_events
     if len(replay_events) > limit:
         raise InvalidArgument(
@@ -43,10 +47,21 @@ def first_events(
             metadata={"field": "replay_events", "limit": str(limit)},
         )
     first: list[JsonObject] = []
+    total = settings_bytes
     if initial_user_message is not None:
-        first.append(checked_user_payload("initial_user_message", initial_user_message, config))
+        payload, size = checked_user_payload("initial_user_message", initial_user_message, config)
+        first.append(payload)
+        total += size
     for replayed in replay_events:
         # A trajectory replays only what its user did; the agent produces the rest anew.
         if replayed.get("source") == "user" and isinstance(replayed.get("action"), str):
-            first.append(checked_user_payload("replay_events", replayed, config))
+            payload, size = checked_user_payload("replay_events", replayed, config)
+            first.append(payload)
+            total += size
+            if total > config.max_batch_bytes:
+                raise validation.too_large(
+                    "replay_events",
+                    f"more than {total} bytes with the settings and the first message",
+                    config.max_batch_bytes,
+                )
     return first
