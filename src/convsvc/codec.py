@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
-from convclient.structs import struct_to_dict
-from convsvc.domain import Event, EventKind
+from convclient.structs import dict_to_struct, struct_to_dict
+from convsvc.domain import Event, EventKind, JsonObject, StatusUpdate
 from convsvc.v1 import conversation_service_pb2 as pb
 
 _KIND_TO_PB = {
@@ -91,3 +91,9 @@ def encode_event_batch(encoded_events: list[bytes]) -> bytes:
         parts.append(_varint(len(encoded)))
         parts.append(encoded)
     return b"".join(parts)
+
+
+def status_update(payload: JsonObject) -> StatusUpdate:
+    """A status update and its encoding as a ``StreamEventsResponse`` of its own."""
+    encoded = pb.StreamEventsResponse(status_update=dict_to_struct(payload)).SerializeToString()
+    return StatusUpdate(payload, encoded)

@@ -84,6 +84,9 @@ class WorkersConfig(BaseModel):
     """How long a close waits for a worker to release the conversation's loop."""
     max_unread_messages: int = Field(10_000, ge=16)
     """Messages a worker may leave unread before it is detached (WORKER_TOO_SLOW)."""
+    max_unread_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of messages a worker may leave unread before it is detached (WORKER_TOO_SLOW);
+    at least one message of any size is always queued."""
     max_restarts: int = Field(3, ge=0)
     """Assignments in a row that may fail before any event is logged; then the loop reports
     an error and waits for the user's next message to try again."""

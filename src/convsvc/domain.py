@@ -116,6 +116,15 @@ class StoredEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class StatusUpdate:
+    """A transient status update for a conversation's live streams (never logged), with its
+    wire encoding, made once however many streams send it (see ``codec.status_update``)."""
+
+    payload: JsonObject
+    encoded: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class IdempotencyRecord:
     """The first answer to a mutating call made with a request id (AIP-155)."""
 

@@ -12,6 +12,7 @@ import contextlib
 import random
 
 from convsvc.codec import decode_event
+from convsvc.domain import StatusUpdate
 from convsvc.engine.engine import TOO_MANY_CONVERSATIONS
 from convsvc.errors import ConvsvcError
 from tests.conftest import EngineHarness
@@ -65,7 +66,7 @@ async def test_each_evicted_loop_is_told_once_and_starts_answer_what_is_true(
         )
         told = {
             cid: sum(
-                isinstance(item, dict) and item.get("id") == TOO_MANY_CONVERSATIONS
+                isinstance(item, StatusUpdate) and item.payload.get("id") == TOO_MANY_CONVERSATIONS
                 for item in subscription.drain()
             )
             for cid, subscription in subscriptions.items()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from convsvc.codec import decode_event
-from convsvc.domain import ConversationStatus
+from convsvc.domain import ConversationStatus, StatusUpdate, StoredEvent
 from convsvc.engine import TOO_MANY_CONVERSATIONS
 from tests.conftest import EngineHarness
 from tests.helpers import settled
@@ -46,7 +46,7 @@ async def test_evicted_subscribers_get_the_status_event_before_the_stop(make_eng
 
     def is_stop(item) -> bool:
         return (
-            not isinstance(item, dict)
+            isinstance(item, StoredEvent)
             and decode_event(item.encoded).payload.get("extras", {}).get("agent_state") == "stopped"
         )
 
@@ -62,10 +62,10 @@ async def test_evicted_subscribers_get_the_status_event_before_the_stop(make_eng
     await engine.start_conversation(conversation_id="second", user_id="alice")
     await asyncio.wait_for(watcher, 10)
 
-    status_index = next(i for i, item in enumerate(items) if isinstance(item, dict))
+    status_index = next(i for i, item in enumerate(items) if isinstance(item, StatusUpdate))
     stop_index = next(i for i, item in enumerate(items) if is_stop(item))
     assert status_index < stop_index
-    status = items[status_index]
+    status = items[status_index].payload
     assert status["status_update"] is True and status["type"] == "error"
     assert status["id"] == TOO_MANY_CONVERSATIONS
     assert "limit is 1" in status["message"]

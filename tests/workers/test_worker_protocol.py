@@ -13,12 +13,12 @@ import pytest
 
 from convclient.structs import dict_to_struct, struct_to_dict
 from convsvc.app import ConvsvcApp
-from convsvc.config import WorkersConfig
+from convsvc.config import EngineConfig, WorkersConfig
 from convsvc.errors import ResourceExhausted
 from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
-from convsvc.workers.messages import StopMessage
+from convsvc.workers.messages import DeliverMessage, StopMessage
 from convsvc.workers.pool import WorkerPool
 from tests.conftest import running_app
 from tests.helpers import (
@@ -28,7 +28,7 @@ from tests.helpers import (
     grpc_events_until,
     log_violations,
 )
-from tests.workers.conftest import ScriptedWorker, attached
+from tests.workers.conftest import FAST_LIVENESS, ScriptedWorker, attached
 
 STATE = {"observation": "agent_state_changed", "content": "", "extras": {"agent_state": "x"}}
 
@@ -448,6 +448,80 @@ async def test_a_worker_that_reads_nothing_is_detached_once_its_backlog_is_full(
     assert list(pool.workers()) == []
 
 
+async def test_a_worker_s_backlog_is_bounded_in_bytes_too() -> None:
+    pool = WorkerPool(
+        WorkersConfig(kinds=("worker-echo",), max_unread_bytes=1024 * 1024),
+        (),
+        max_event_bytes=1024,
+    )
+    session = pool.attach("deaf", ["worker-echo"], 1)
+    big = DeliverMessage("c1", 1, "d", {"action": "message"}, payload_bytes=300_000)
+    for _ in range(3):
+        session.send(big)
+    assert not session.detached
+    session.send(big)  # a fourth would pass the budget: few messages, many bytes
+    assert session.detached
+    queued = [session.outbox.get_nowait() for _ in range(session.outbox.qsize())]
+    assert isinstance(queued[-1], ResourceExhausted)
+    assert queued[-1].reason == "WORKER_TOO_SLOW"
+
+
+async def test_status_updates_count_at_their_real_size_against_a_stream_s_buffer(
+    tmp_path: Path,
+) -> None:
+    engine = EngineConfig(subscriber_buffer_bytes=4 * 1024 * 1024)
+    async with running_app(tmp_path / "data", workers=FAST_LIVENESS, engine=engine) as app:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            worker = ScriptedWorker(channel)
+            worker.hello("w")
+            await worker.receive("welcome")
+            await stub.StartConversation(
+                pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+            )
+            assign = await worker.receive("assign")
+            stream = stub.StreamEvents(pb.StreamEventsRequest(conversation_id="c1"))
+            await stream.read()  # subscribed; from here it reads nothing
+            reader = stub.StreamEvents(pb.StreamEventsRequest(conversation_id="c1"))
+            await reader.read()  # this one reads everything, as it comes
+            big = dict_to_struct({"status_update": True, "type": "info", "message": "x" * 900_000})
+            for _ in range(40):  # 36 MB of statuses towards a stream allowed 4 MiB
+                worker.send(
+                    wpb.AttachRequest(
+                        status=wpb.LoopStatus(
+                            conversation_id="c1", assignment=assign.assignment, status=big
+                        )
+                    )
+                )
+            async with asyncio.timeout(30):
+                for _ in range(40):
+                    while not (await reader.read()).HasField("status_update"):
+                        pass
+            # Every status has been published: the stream that did not read was dropped.
+            await expect_error(
+                _read_to_the_end(stream), grpc.StatusCode.RESOURCE_EXHAUSTED, "SUBSCRIBER_TOO_SLOW"
+            )
+            # A status larger than an event may be is the worker's protocol error.
+            huge = dict_to_struct({"status_update": True, "message": "x" * 1_100_000})
+            worker.send(
+                wpb.AttachRequest(
+                    status=wpb.LoopStatus(
+                        conversation_id="c1", assignment=assign.assignment, status=huge
+                    )
+                )
+            )
+            error = await worker.ended_with()
+            assert error_info(error).reason == "PAYLOAD_TOO_LARGE"
+            worker.close()
+
+
+async def _read_to_the_end(stream: Any) -> None:
+    async with asyncio.timeout(30):
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+
+
 async def test_a_worker_that_reads_nothing_is_detached_over_grpc(tmp_path: Path) -> None:
     config = WorkersConfig(kinds=("worker-echo",), max_unread_messages=16)
     async with running_app(tmp_path / "data", workers=config) as app:
@@ -592,7 +666,7 @@ async def test_a_stopped_conversation_joined_again_runs_its_own_agent(
     stub: pb_grpc.ConversationServiceStub,
     scripted: Callable[..., ScriptedWorker],
 ) -> None:
-    worker, assign = await assigned_worker(worker_app, stub, scripted)
+    worker, _ = await assigned_worker(worker_app, stub, scripted)
     await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
     await worker.receive("stop")
     joined = await stub.JoinConversation(

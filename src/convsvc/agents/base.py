@@ -116,10 +116,13 @@ class AgentLoop(ABC):
         payload: JsonObject,
         idempotency: IdempotencyFor,
         request: tuple[str, str] | None = None,
+        *,
+        payload_bytes: int = 0,
     ) -> int:
         """For loops that number their own events: has the user event logged by the loop and
         returns its id once it is durable. ``request`` (user, request id) lets a retry join
-        a delivery its first attempt left on the way."""
+        a delivery its first attempt left on the way; ``payload_bytes`` is the payload's
+        encoded size."""
         raise NotImplementedError(f"{self.name} does not number its own events")
 
     async def complete(

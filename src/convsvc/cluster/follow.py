@@ -22,6 +22,7 @@ import structlog
 from convclient.structs import struct_to_dict
 from convsvc.cluster.node import ClusterNode
 from convsvc.cluster.routing import FOLLOW, Router
+from convsvc.codec import status_update
 from convsvc.domain import StoredEvent
 from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
@@ -147,6 +148,6 @@ class Followers:
                     items.append(StoredEvent(event.id, event.SerializeToString()))
                     follower.next_id = event.id + 1
             if response.HasField("status_update"):
-                items.append(struct_to_dict(response.status_update))
+                items.append(status_update(struct_to_dict(response.status_update)))
             if items:
                 self._engine.history.publish_followed(cid, items)

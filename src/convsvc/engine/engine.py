@@ -294,13 +294,14 @@ class ConversationEngine:
         runtime = await running_for(self._registry, self._store, cid, user)
         if runtime.agent.numbers_own_events:
             # Checked here, where it enters: the loop logs it later (and elsewhere).
-            validation.check_event_size("event", payload, self._config.max_event_bytes)
+            size = validation.check_event_size("event", payload, self._config.max_event_bytes)
             event_id = await runtime.agent.submit_user_event(
                 payload,
                 lambda event_id: (
                     key.record({"conversation_id": cid, "event_id": event_id}) if key else None
                 ),
                 (key.scope, key.request_id) if key else None,
+                payload_bytes=size,
             )
             return {"conversation_id": cid, "event_id": event_id}
         # No await between finding the runtime running and queueing the event.

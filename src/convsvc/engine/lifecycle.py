@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 
 import structlog
 
-from convsvc.agents import agent_state_changed
 from convsvc import validation
+from convsvc.agents import agent_state_changed
+from convsvc.codec import status_update
 from convsvc.config import EngineConfig
 from convsvc.domain import AdmissionPolicy, ConversationRecord, EventSource, JsonObject
 from convsvc.engine.admission import Admission, Reservation, TooManyConversations
@@ -388,16 +389,18 @@ class Lifecycle:
         self._broadcaster.publish(
             victim.conversation_id,
             [
-                {
-                    "status_update": True,
-                    "type": "error",
-                    "id": TOO_MANY_CONVERSATIONS,
-                    "message": (
-                        f"Too many conversations are running (the limit is {limit}); "
-                        "this one was stopped to make room for a new one."
-                    ),
-                    "conversation_id": victim.conversation_id,
-                }
+                status_update(
+                    {
+                        "status_update": True,
+                        "type": "error",
+                        "id": TOO_MANY_CONVERSATIONS,
+                        "message": (
+                            f"Too many conversations are running (the limit is {limit}); "
+                            "this one was stopped to make room for a new one."
+                        ),
+                        "conversation_id": victim.conversation_id,
+                    }
+                )
             ],
         )
         return self.begin_close(victim)

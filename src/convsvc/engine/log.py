@@ -14,7 +14,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 
-from convsvc.codec import encode_event
+from convsvc import validation
+from convsvc.codec import encode_event, status_update
 from convsvc.config import EngineConfig
 from convsvc.domain import (
     Event,
@@ -161,9 +162,15 @@ class EventLog:
         return self.append(runtime, events, idempotency, max_bytes=self._config.max_batch_bytes)
 
     def publish_status(self, runtime: ConversationRuntime, status: JsonObject) -> None:
-        """A transient status update to the conversation's live streams (not logged)."""
+        """A transient status update to the conversation's live streams (not logged); it may
+        be as large as a user event."""
+        update = status_update(status)
+        if len(update.encoded) > self._config.max_event_bytes:
+            raise validation.too_large(
+                "status", f"{len(update.encoded)} bytes once encoded", self._config.max_event_bytes
+            )
         if not runtime.closing:
-            self._broadcaster.publish(runtime.conversation_id, [status])
+            self._broadcaster.publish(runtime.conversation_id, [update])
 
     async def read_history(
         self, runtime: ConversationRuntime, end_id: int

@@ -11,18 +11,16 @@ import asyncio
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 
-from convsvc.domain import JsonObject, StoredEvent
+from convsvc.domain import StatusUpdate, StoredEvent
 from convsvc.errors import ConvsvcError
 
-StreamItem = StoredEvent | JsonObject
-"""A committed event, or a transient status update (a JSON object)."""
-
-_STATUS_UPDATE_BYTES = 512
-"""What a status update is counted as (they are small, fixed messages)."""
+StreamItem = StoredEvent | StatusUpdate
+"""A committed event, or a transient status update."""
 
 
 def item_size(item: StreamItem) -> int:
-    return len(item.encoded) if isinstance(item, StoredEvent) else _STATUS_UPDATE_BYTES
+    """What an item costs a subscriber's buffer: its real encoded size."""
+    return len(item.encoded)
 
 
 class SubscriberTooSlow(ConvsvcError):

@@ -13,6 +13,7 @@ A client that does not read its events is dropped like a slow StreamEvents subsc
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,8 +34,9 @@ from convsvc.v1 import conversation_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
-OUTBOX_MESSAGES = 64
-"""Responses waiting to be written before the pumps wait (and so stop reading)."""
+OUTBOX_BYTES = 4 * 1024 * 1024
+"""Bytes of responses waiting to be written before the pumps wait (and so stop reading):
+with the subscription's own bounded buffer, what a client that does not read can cost."""
 DRAIN_SECONDS = 10.0
 """After the client's last send: how long the stream waits for the events its sends
 appended to go out before it ends anyway."""
@@ -71,6 +73,35 @@ def _as(message_type: Any, answer: Any) -> Any:
 _END = object()
 
 
+class _Outbox:
+    """A FIFO bounded in bytes: a put waits while what is queued and the new item would
+    exceed the budget (an item alone may exceed it: it then waits for an empty queue)."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._items: collections.deque[tuple[Any, int]] = collections.deque()
+        self._bytes = 0
+        self._changed = asyncio.Event()
+
+    async def put(self, item: Any) -> None:
+        size = len(item) if isinstance(item, bytes) else 0
+        while self._items and self._bytes + size > self._budget:
+            self._changed.clear()
+            await self._changed.wait()
+        self._items.append((item, size))
+        self._bytes += size
+        self._changed.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+        item, size = self._items.popleft()
+        self._bytes -= size
+        self._changed.set()
+        return item
+
+
 class ConnectSession:
     def __init__(
         self,
@@ -83,7 +114,7 @@ class ConnectSession:
         self._host = host
         self._context = context
         self._holders = holders
-        self._outbox: asyncio.Queue[Any] = asyncio.Queue(OUTBOX_MESSAGES)
+        self._outbox = _Outbox(OUTBOX_BYTES)
         self._delivered = -1
         self._progress = asyncio.Event()
         self._connection_id = ""

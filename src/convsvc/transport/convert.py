@@ -8,7 +8,7 @@ from typing import overload
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from convclient.structs import dict_to_struct, struct_to_dict
+from convclient.structs import struct_to_dict
 from convsvc.codec import encode_event_batch
 from convsvc.domain import (
     AdmissionPolicy,
@@ -17,6 +17,7 @@ from convsvc.domain import (
     ConversationStatus,
     ConversationView,
     JsonObject,
+    StatusUpdate,
 )
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchUpdate
@@ -156,16 +157,15 @@ def connection_to_pb(connection: Connection) -> pb.Connection:
 
 def stream_items_to_bytes(items: list[StreamItem]) -> list[bytes]:
     """Serialized StreamEventsResponse messages: consecutive events share one message;
-    a status update gets one of its own."""
+    a status update is one of its own (already encoded)."""
     out: list[bytes] = []
     run: list[bytes] = []
     for item in items:
-        if isinstance(item, dict):
+        if isinstance(item, StatusUpdate):
             if run:
                 out.append(encode_event_batch(run))
                 run = []
-            update = pb.StreamEventsResponse(status_update=dict_to_struct(item))
-            out.append(update.SerializeToString())
+            out.append(item.encoded)
         else:
             run.append(item.encoded)
     if run:

@@ -59,6 +59,7 @@ class _Delivery:
     """The trace of the call that sent it (see convsvc.tracing)."""
     sent_to: int = 0
     """The assignment it was delivered to (0: not delivered yet)."""
+    payload_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -116,6 +117,8 @@ class WorkerAgentLoop(AgentLoop):
         payload: JsonObject,
         idempotency: IdempotencyFor,
         request: tuple[str, str] | None = None,
+        *,
+        payload_bytes: int = 0,
     ) -> int:
         if self._gave_up:  # a new message is worth another try
             self._gave_up = False
@@ -129,6 +132,7 @@ class WorkerAgentLoop(AgentLoop):
                 idempotency,
                 asyncio.get_running_loop().create_future(),
                 trace_parent=current_trace_parent(),
+                payload_bytes=payload_bytes,
             )
             self._pending[delivery.delivery_id] = delivery
             if request is not None:
@@ -378,6 +382,7 @@ class WorkerAgentLoop(AgentLoop):
                 delivery.delivery_id,
                 delivery.payload,
                 delivery.trace_parent,
+                delivery.payload_bytes,
             )
         )
 

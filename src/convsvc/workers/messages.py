@@ -4,6 +4,7 @@ worker sends back."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ class DeliverMessage:
     delivery_id: str
     payload: JsonObject
     trace_parent: str = ""
+    payload_bytes: int = 0
+    """The payload's encoded size (measured where the send entered)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +70,26 @@ class IncomingEvent:
     source: str
     payload: JsonObject
     delivery_id: str
+
+
+_SMALL = 256
+"""What a message without payloads is counted as."""
+
+
+def message_size(message: Outgoing) -> int:
+    """About how many bytes a message takes on its way to the worker (what its outbox is
+    bounded by)."""
+    if isinstance(message, HistoryMessage):
+        return _SMALL + sum(len(encoded) for encoded in message.events)
+    if isinstance(message, DeliverMessage):
+        return _SMALL + message.payload_bytes
+    if isinstance(message, AssignMessage):
+        first = [message.initial_user_message, *message.replay_events]
+        return _SMALL + _json_size(dict(message.settings)) + sum(_json_size(e) for e in first)
+    if isinstance(message, CompletionMessage):
+        return _SMALL + _json_size(message.llm_config) + _json_size({"m": message.messages})
+    return _SMALL
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str))

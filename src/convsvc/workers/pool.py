@@ -35,7 +35,7 @@ from convsvc.errors import (
     ResourceExhausted,
 )
 from convsvc.metrics import WorkerGauges
-from convsvc.workers.messages import IncomingEvent, Outgoing
+from convsvc.workers.messages import IncomingEvent, Outgoing, message_size
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +88,11 @@ class WorkerSession:
     """Messages for the worker; an error or None ends its stream (detached)."""
     detached: bool = False
     max_unread: int = 10_000
+    max_unread_bytes: int = 64 * 1024 * 1024
     on_overflow: Callable[[WorkerSession], None] | None = None
-    """Called when the worker leaves ``max_unread`` messages unread (the pool detaches it)."""
+    """Called when the worker leaves ``max_unread`` messages or ``max_unread_bytes`` bytes
+    unread (the pool detaches it)."""
+    unread_bytes: int = 0
     _taken: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -99,9 +102,14 @@ class WorkerSession:
     def send(self, message: Outgoing) -> None:
         if self.detached:
             return
-        if self.outbox.qsize() >= self.max_unread and self.on_overflow is not None:
+        size = message_size(message)
+        over = self.outbox.qsize() >= self.max_unread or (
+            self.unread_bytes and self.unread_bytes + size > self.max_unread_bytes
+        )
+        if over and self.on_overflow is not None:
             self.on_overflow(self)
             return
+        self.unread_bytes += size
         self.outbox.put_nowait(message)
 
     async def send_paced(self, message: Outgoing) -> None:
@@ -113,6 +121,8 @@ class WorkerSession:
 
     async def next_outgoing(self) -> Outgoing | ConvsvcError | None:
         item = await self.outbox.get()
+        if item is not None and not isinstance(item, ConvsvcError):
+            self.unread_bytes -= message_size(item)
         self._taken.set()
         return item
 
@@ -199,6 +209,7 @@ class WorkerPool:
             capacity,
             self._clock(),
             max_unread=self.config.max_unread_messages,
+            max_unread_bytes=self.config.max_unread_bytes,
             on_overflow=self._overflowed,
         )
         self._sessions[wid] = session
@@ -249,8 +260,8 @@ class WorkerPool:
         self.detach(
             session,
             ResourceExhausted(
-                f"worker {session.worker_id} left {session.max_unread} messages unread; its "
-                "conversations go to other workers",
+                f"worker {session.worker_id} left {session.outbox.qsize()} messages "
+                f"({session.unread_bytes} bytes) unread; its conversations go to other workers",
                 reason="WORKER_TOO_SLOW",
                 metadata={"worker_id": session.worker_id},
             ),
