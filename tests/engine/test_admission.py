@@ -235,3 +235,72 @@ async def test_a_queued_start_whose_room_another_policy_took_waits_again_first_i
         await engine.close_conversation(conversation_id="late")
     await asyncio.wait_for(queued, 10)
     assert await running_ids(engine) == {"q"}
+
+
+async def test_a_second_start_of_a_queued_conversation_waits_on_when_the_first_gives_up(
+    busy_engine,
+) -> None:
+    engine = busy_engine
+    for cid in ("a", "b"):
+        await engine.start_conversation(conversation_id=cid, user_id="alice")
+    watch = engine.queries.watch_conversations(user_id="alice")
+    await anext(watch)  # the snapshot
+
+    def queued_start() -> asyncio.Task:
+        return asyncio.create_task(
+            engine.start_conversation(
+                conversation_id="x", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+            )
+        )
+
+    impatient = queued_start()
+    await until_queued(watch, "x", 1)
+    patient = queued_start()
+    await asyncio.sleep(0)  # lets the second start find the first in the queue
+    impatient.cancel()  # its caller's deadline
+    await asyncio.gather(impatient, return_exceptions=True)
+    await until_queued(watch, "x", 1)  # the patient one took its own place
+    assert not patient.done()
+    await engine.close_conversation(conversation_id="a", user_id="alice")
+    view = await asyncio.wait_for(patient, 10)
+    assert view.conversation_id == "x" and view.status is not ConversationStatus.STOPPED
+    await watch.aclose()
+
+
+async def test_one_user_s_queue_moving_costs_other_watchers_nothing(make_engine) -> None:
+    harness: EngineHarness = await make_engine(
+        max_concurrent_conversations=1, watch_history=1000, watch_max_lag=20
+    )
+    engine = harness.engine
+    await engine.start_conversation(conversation_id="running", user_id="alice")
+    bobs = engine.queries.watch_conversations(user_id="bob")
+    await anext(bobs)
+    last = engine.queries.watch_conversations(user_id="alice", conversation_ids=["q59"])
+    await anext(last)
+    starts = [
+        asyncio.create_task(
+            engine.start_conversation(
+                conversation_id=f"q{n}", user_id="alice", admission_policy=AdmissionPolicy.QUEUE
+            )
+        )
+        for n in range(60)
+    ]
+    await until_queued(last, "q59", 60)
+    # Ten leave the head at once (their callers gave up): the rest move up ten places,
+    # and each is told its new place once.
+    for start in starts[:10]:
+        start.cancel()
+    await asyncio.gather(*starts[:10], return_exceptions=True)
+    update = await asyncio.wait_for(anext(last), 10)
+    assert [(c.kind.value, c.watched.view.queue_position) for c in update.changes] == [
+        ("queue_position_changed", 50)
+    ]
+    # Bob's watch saw none of the 70 changes of Alice's queue, and is not dropped for them.
+    await engine.start_conversation(conversation_id="bobs", user_id="bob")
+    update = await asyncio.wait_for(anext(bobs), 10)
+    assert {c.watched.view.conversation_id for c in update.changes} == {"bobs"}
+    for start in starts[10:]:
+        start.cancel()
+    await asyncio.gather(*starts[10:], return_exceptions=True)
+    await bobs.aclose()
+    await last.aclose()

@@ -42,6 +42,10 @@ class QueuedStart:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when it leaves the queue (admitted or given up)."""
+    admitted: bool = False
+    """It left the queue with room to start (not because its caller gave up)."""
+    published_position: int = 0
+    """The position watchers were last told."""
 
 
 @dataclass(eq=False)
@@ -100,9 +104,11 @@ class AdmissionQueues:
         on_moved: Callable[[QueuedStart, int], None],
     ) -> None:
         """``room(user)``: how many more loops the user may run now (reservations aside);
-        ``on_moved(entry, position)``: a waiting entry moved up."""
+        ``on_moved(entry, position)``: a waiting entry moved (told once per turn of the
+        event loop, however many moves it made in it)."""
         self._room = room
         self._on_moved = on_moved
+        self._moved_users: set[str | None] = set()
         self._queues: defaultdict[str | None, list[QueuedStart]] = defaultdict(list)
         self._by_conversation: dict[str, QueuedStart] = {}
         self._reserved: defaultdict[str | None, int] = defaultdict(int)
@@ -123,8 +129,12 @@ class AdmissionQueues:
         return bool(self._queues.get(user_id)) or self._free(user_id) <= 0
 
     def enqueue(self, entry: QueuedStart, *, first: bool = False) -> None:
-        self._queues[entry.user_id].insert(0 if first else len(self._queues[entry.user_id]), entry)
+        queue = self._queues[entry.user_id]
+        queue.insert(0 if first else len(queue), entry)
         self._by_conversation[entry.conversation_id] = entry
+        entry.published_position = 1 if first else len(queue)
+        if first and len(queue) > 1:
+            self._moved(entry.user_id)
 
     async def wait(self, entry: QueuedStart, timeout: float) -> Reservation:
         """Waits until ``entry`` is first and its user has room; then it leaves the queue
@@ -147,6 +157,7 @@ class AdmissionQueues:
             self._leave(entry)
         if self._free(entry.user_id) > 0:
             self._reserved[entry.user_id] += 1
+            entry.admitted = True
             return Reservation(entry.user_id)
         raise AssertionError("unreachable: room was checked without an await")
 
@@ -177,9 +188,25 @@ class AdmissionQueues:
         if not queue:
             del self._queues[entry.user_id]
         entry.left.set()
-        for behind, moved in enumerate(queue[index:], start=index + 1):
-            self._on_moved(moved, behind)
+        if index < len(queue):
+            self._moved(entry.user_id)
         self.room_freed(entry.user_id)
+
+    def _moved(self, user_id: str | None) -> None:
+        """Tells of the user's new positions once this turn of the event loop ends: when
+        many starts leave at once (deadlines, a burst of cancels), each entry that moved is
+        told once, not once per start ahead of it that left."""
+        if not self._moved_users:
+            asyncio.get_running_loop().call_soon(self._tell_positions)
+        self._moved_users.add(user_id)
+
+    def _tell_positions(self) -> None:
+        users, self._moved_users = self._moved_users, set()
+        for user in users:
+            for position, entry in enumerate(self._queues.get(user, ()), start=1):
+                if entry.published_position != position:
+                    entry.published_position = position
+                    self._on_moved(entry, position)
 
 
 class Admission:
@@ -217,45 +244,53 @@ class Admission:
         self, cid: str, user: str | None, agent: str | None, first_in_line: bool
     ) -> Reservation | None:
         """Queues a start when its user has no room (or others wait already), until it is
-        first and there is room; None when it need not wait."""
-        already = self.queues.queued(cid)
-        if already is not None:
-            # The same conversation waits already: this start goes in with it.
-            check_owner(cid, already.user_id, user)
-            await already.left.wait()
-            return None
-        stored = await self._store.get_conversation(cid)
-        if stored is not None:
-            check_owner(cid, stored.user_id, user)
-            user = stored.user_id
-        runs_here = self._registry.running(cid) is not None
-        if not (first_in_line or self.queues.must_wait(user)) or runs_here:
-            return None
-        if (already := self.queues.queued(cid)) is not None:  # queued while we read
-            await already.left.wait()
-            return None
-        entry = QueuedStart(
-            conversation_id=cid,
-            user_id=user,
-            agent=agent or (stored.agent if stored else self._config.default_agent),
-            create_time=stored.create_time if stored is not None else datetime.now(UTC),
-            latest_event_id=await self._store.latest_event_id(cid) if stored else -1,
-            is_new=stored is None,
-        )
-        if self._registry.running(cid) is not None or self.queues.queued(cid) is not None:
-            return None  # started or queued by another call while the log end was read
+        first and there is room; None when it need not wait.
+
+        A start of a conversation that already waits goes in with it; if that one gives up,
+        this one takes a place of its own in the queue (it has a deadline of its own)."""
+        while True:
+            already = self.queues.queued(cid)
+            if already is not None:
+                check_owner(cid, already.user_id, user)
+                await already.left.wait()
+                if already.admitted:
+                    return None  # that start runs it (or fails): this one finds out in _start
+                continue
+            stored = await self._store.get_conversation(cid)
+            if stored is not None:
+                check_owner(cid, stored.user_id, user)
+                user = stored.user_id
+            if self._registry.running(cid) is not None:
+                return None
+            if not (first_in_line or self.queues.must_wait(user)):
+                return None
+            latest = await self._store.latest_event_id(cid) if stored else -1
+            if self._registry.running(cid) is not None:
+                return None  # started by another call while the store was read
+            if self.queues.queued(cid) is not None:
+                continue  # queued by another call while the store was read
+            entry = QueuedStart(
+                conversation_id=cid,
+                user_id=user,
+                agent=agent or (stored.agent if stored else self._config.default_agent),
+                create_time=stored.create_time if stored is not None else datetime.now(UTC),
+                latest_event_id=latest,
+                is_new=stored is None,
+            )
+            return await self._wait_in_queue(entry, first_in_line)
+
+    async def _wait_in_queue(self, entry: QueuedStart, first_in_line: bool) -> Reservation:
         self.queues.enqueue(entry, first=first_in_line)
         self._publish_queued(
             entry, ChangeKind.CREATED if entry.is_new else ChangeKind.STATUS_CHANGED
         )
-        log.info("conversation.queued", conversation_id=cid, user_id=user)
-        admitted = False
+        log.info(
+            "conversation.queued", conversation_id=entry.conversation_id, user_id=entry.user_id
+        )
         try:
-            reservation = await self.queues.wait(entry, self._config.queue_timeout_seconds)
-            admitted = True
-            return reservation
+            return await self.queues.wait(entry, self._config.queue_timeout_seconds)
         finally:
-            if not admitted:
+            if not entry.admitted:
                 self._publish_queued(entry, ChangeKind.CLOSED)
 
     def victims(

@@ -205,7 +205,8 @@ class ConversationQueries:
             ]
             snapshot.sort(key=lambda w: w.view.conversation_id)
             yield WatchUpdate(snapshot, (), self._changes.token(seq))
-        async for update in self._changes.changes_after(seq, matches, resumed=resumed):
+        updates = self._changes.changes_after(seq, matches, resumed=resumed, user=user)
+        async for update in updates:
             yield update
 
     def heartbeat(self, client_instance_id: str) -> tuple[int, float]:

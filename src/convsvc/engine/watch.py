@@ -17,7 +17,7 @@ import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from convsvc.domain import ConversationView
@@ -42,12 +42,15 @@ class WatchedConversation:
     connection_ids: tuple[str, ...]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Change:
     seq: int
     kind: ChangeKind
     watched: WatchedConversation
     time: datetime
+    wire: bytes | None = field(default=None, compare=False)
+    """Its encoding for watchers: made by the first watch stream that sends it and shared by
+    every other (see transport.convert), so a change costs one encoding, not one a watcher."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,6 +77,10 @@ class ChangeFeed:
         self._max_lag = max_lag
         self._last_seq = 0
         self._wakeup = asyncio.Event()
+        """Wakes watchers of every user (trusted ones, or by conversation id)."""
+        self._user_wakeups: dict[str | None, asyncio.Event] = {}
+        """Wakes watchers of one user, only when that user's conversations change: a change
+        costs the watchers who can see it, not every watcher."""
         self._ended: ConvsvcError | None = None
         self.watchers = 0
         """Watches reading the feed now."""
@@ -87,6 +94,9 @@ class ChangeFeed:
         self._history.append(Change(self._last_seq, kind, watched, datetime.now(UTC)))
         self._wakeup.set()
         self._wakeup = asyncio.Event()
+        users = self._user_wakeups.pop(watched.view.user_id, None)
+        if users is not None:
+            users.set()
 
     def check_open(self) -> None:
         """Raises the error the feed ended with (no new watch starts after shutdown)."""
@@ -97,6 +107,8 @@ class ChangeFeed:
         """Ends every watch with ``error`` (the server is shutting down)."""
         self._ended = error
         self._wakeup.set()
+        for wakeup in self._user_wakeups.values():
+            wakeup.set()
 
     def token(self, seq: int) -> str:
         return f"{self._id}.{seq}"
@@ -120,31 +132,32 @@ class ChangeFeed:
         return self._history[0].seq if self._history else self._last_seq + 1
 
     async def changes_after(
-        self, seq: int, matches: Matches, *, resumed: bool
+        self, seq: int, matches: Matches, *, resumed: bool, user: str | None = None
     ) -> AsyncIterator[WatchUpdate]:
         """Every matching change after ``seq``, in batches, forever (or until ``end``).
+        ``user``: the watcher sees only this user's conversations (it is woken for theirs).
 
-        A watcher that comes back for more while further behind than the lag allows is
-        dropped: what it missed may be about to leave the history. (One that resumed is not
-        held to the lag until it has caught up once.)
+        A watcher that comes back for more while more matching changes than the lag allows
+        wait for it is dropped: what it missed may be about to leave the history. (One that
+        resumed is not held to the lag until it has caught up once.) Changes it cannot see
+        do not count: another user's burst costs it nothing.
         """
         caught_up = not resumed
         self.watchers += 1
         try:
-            async for update in self._follow(seq, matches, caught_up):
+            async for update in self._follow(seq, matches, caught_up, user):
                 yield update
         finally:
             self.watchers -= 1
 
     async def _follow(
-        self, seq: int, matches: Matches, caught_up: bool
+        self, seq: int, matches: Matches, caught_up: bool, user: str | None
     ) -> AsyncIterator[WatchUpdate]:
         while True:
             if self._ended is not None:
                 raise self._ended
-            behind = self._last_seq - seq
             # A watcher catching up after a resume is bound by the history alone.
-            if (caught_up and behind > self._max_lag) or seq < self._oldest_seq() - 1:
+            if seq < self._oldest_seq() - 1 or (caught_up and self._lags(seq, matches)):
                 raise WatcherTooSlow(
                     f"the watch fell more than {self._max_lag} changes behind and was dropped; "
                     "resume with the resume_token in this error's metadata",
@@ -152,7 +165,7 @@ class ChangeFeed:
                 )
             if seq == self._last_seq:
                 caught_up = True
-                await self._wakeup.wait()
+                await self._wakeup_for(user).wait()
                 continue
             start = seq - self._oldest_seq() + 1
             batch: list[Change] = []
@@ -164,3 +177,21 @@ class ChangeFeed:
                         break
             if batch:
                 yield WatchUpdate(None, batch, self.token(seq))
+
+    def _wakeup_for(self, user: str | None) -> asyncio.Event:
+        if user is None:
+            return self._wakeup
+        return self._user_wakeups.setdefault(user, asyncio.Event())
+
+    def _lags(self, seq: int, matches: Matches) -> bool:
+        """Whether more matching changes than the lag allows wait after ``seq`` (counted
+        only when that many changes of any kind do)."""
+        if self._last_seq - seq <= self._max_lag:
+            return False
+        start = seq - self._oldest_seq() + 1
+        waiting = 0
+        for change in itertools.islice(self._history, start, None):
+            waiting += matches(change.watched)
+            if waiting > self._max_lag:
+                return True
+        return False

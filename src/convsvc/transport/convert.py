@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from convclient.structs import struct_to_dict
-from convsvc.codec import encode_event_batch
+from convsvc.codec import encode_event_batch, encode_message_field
 from convsvc.domain import (
     AdmissionPolicy,
     AuditEntry,
@@ -191,6 +191,25 @@ def change_to_pb(change: Change) -> pb.ConversationChange:
     )
     message.change_time.FromDatetime(change.time)
     return message
+
+
+_CHANGES_FIELD = pb.WatchConversationsResponse.CHANGES_FIELD_NUMBER
+
+
+def watch_update_to_bytes(update: WatchUpdate) -> list[bytes]:
+    """Like ``watch_update_to_pb``, serialized; a response of changes is assembled from the
+    changes' shared encodings (many watchers send the same change)."""
+    if update.snapshot is not None:
+        return [response.SerializeToString() for response in watch_update_to_pb(update)]
+    parts: list[bytes] = []
+    for change in update.changes:
+        if change.wire is None:
+            change.wire = encode_message_field(
+                _CHANGES_FIELD, change_to_pb(change).SerializeToString()
+            )
+        parts.append(change.wire)
+    tail = pb.WatchConversationsResponse(resume_token=update.resume_token).SerializeToString()
+    return [b"".join(parts) + tail]
 
 
 def watch_update_to_pb(update: WatchUpdate) -> list[pb.WatchConversationsResponse]:

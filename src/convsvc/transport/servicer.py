@@ -24,7 +24,7 @@ from convsvc.transport.convert import (
     permission,
     search_page_to_bytes,
     stream_items_to_bytes,
-    watch_update_to_pb,
+    watch_update_to_bytes,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
 
@@ -178,14 +178,14 @@ class ConversationServicer:
 
     async def WatchConversations(
         self, request: pb.WatchConversationsRequest, context: Context
-    ) -> AsyncIterator[pb.WatchConversationsResponse]:
+    ) -> AsyncIterator[bytes]:
         updates = self._engine.queries.watch_conversations(
             user_id=request.user_id,
             conversation_ids=list(request.conversation_ids),
             resume_token=request.resume_token,
         )
         async for update in updates:
-            for response in watch_update_to_pb(update):
+            for response in watch_update_to_bytes(update):
                 yield response
 
     async def Connect(
