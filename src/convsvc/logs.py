@@ -20,6 +20,24 @@ def _mask_secrets(
     return masked
 
 
+class ClientGone(logging.Filter):
+    """grpc logs a client that went away while its stream was being written (a deadline, a
+    cancel, a closed connection) as an error with a traceback: routine for long-lived
+    streams, so it becomes one info record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core by servicer method"):
+            method = message.partition("[")[2].rstrip("]")
+            record.msg, record.args = "stream.client_gone method=%s", (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+GRPC_LOGGER = "grpc._cython.cygrpc"
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Sends structured logs to stderr; call once at start-up.
 
@@ -46,6 +64,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         )
     )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    grpc_logger = logging.getLogger(GRPC_LOGGER)
+    if not any(isinstance(f, ClientGone) for f in grpc_logger.filters):
+        grpc_logger.addFilter(ClientGone())
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

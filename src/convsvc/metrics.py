@@ -8,9 +8,11 @@ its own with every server it starts.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,14 +105,47 @@ class Metrics:
     ) -> Any:
         """Serves /metrics on ``listen`` (host:port) with the process's own metrics and the
         node's state read at scrape time; returns the HTTP server (``shutdown()`` stops it).
-        ``followed``: in a cluster, how many conversations the node follows."""
+        ``followed``: in a cluster, how many conversations the node follows.
+
+        Called on the event loop, whose state the readers read: the HTTP server scrapes on a
+        thread of its own, so each read is run on the loop (never beside its changes)."""
+        loop = asyncio.get_running_loop()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.registry.register(NodeCollector(engine, workers, followed))
+        self.registry.register(
+            NodeCollector(
+                on_loop(loop, engine),
+                on_loop(loop, workers),
+                on_loop(loop, followed) if followed is not None else None,
+            )
+        )
         host, port = listen.rsplit(":", 1)
         server, _ = start_http_server(int(port), addr=host, registry=self.registry)
         return server
+
+
+T = TypeVar("T")
+SCRAPE_TIMEOUT_SECONDS = 5.0
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, read: Callable[[], T]) -> Callable[[], T]:
+    """``read``, callable from another thread: it runs on ``loop`` and its answer (or
+    error) is handed back, within SCRAPE_TIMEOUT_SECONDS."""
+
+    def call() -> T:
+        answer: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                answer.set_result(read())
+            except BaseException as exc:  # handed to the scraping thread, which reports it
+                answer.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return answer.result(SCRAPE_TIMEOUT_SECONDS)
+
+    return call
 
 
 class NodeCollector:
