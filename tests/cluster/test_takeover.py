@@ -123,7 +123,9 @@ async def test_a_paused_owner_is_fenced_off_when_it_wakes(
     assert owner.process.process is not None
     os.kill(owner.process.process.pid, signal.SIGSTOP)
     try:
-        # Calls that reach the paused owner wait in its socket until it wakes.
+        # Calls that reach the paused owner wait in its socket until it wakes; with request
+        # ids (as retrying clients send them), each first reads the ledger, and the loop
+        # may be gone when it looks.
         stuck = [
             asyncio.ensure_future(
                 owner.stub.SendEvent(
@@ -131,11 +133,12 @@ async def test_a_paused_owner_is_fenced_off_when_it_wakes(
                         conversation_id="conv",
                         user_id="alice",
                         event=struct_for(f"stuck-{n}"),
+                        request_id=f"stuck-{n}" if n % 2 else "",
                     ),
                     timeout=30,
                 )
             )
-            for n in range(3)
+            for n in range(6)
         ]
         await wait_running_elsewhere(other, "conv", 15.0)
         await sender.send("after-takeover")

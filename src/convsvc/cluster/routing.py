@@ -149,6 +149,22 @@ class Router:
             raise owner_moved(cid, owner)  # the caller's idea of the owner was stale
         return owner
 
+    async def moved_to(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> Owner | None:
+        """After a local call found its conversation gone from this node: the live node
+        that runs it now, if another does (a forwarded call raises OWNER_MOVED with its
+        address instead: it is not forwarded twice)."""
+        cid = await self._conversation_of(method, request)
+        if not cid or self._engine.queries.runs_here(cid):
+            return None
+        owner = await self._store.owner_of(cid)
+        if owner is None or not owner.alive or owner.node_id in (None, self._node.node_id):
+            return None
+        if header(context, FORWARDED) is not None:
+            raise owner_moved(cid, owner)
+        return owner
+
     async def _conversation_of(self, method: str, request: Any) -> str:
         if method in _BY_CONVERSATION:
             return str(request.conversation_id)

@@ -17,13 +17,15 @@ from convsvc.cluster.routing import EVICT, FOLLOW, Router, header
 from convsvc.cluster.watch import RESUME_ONLY, ClusterWatch
 from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
-from convsvc.errors import Unavailable
+from convsvc.errors import FailedPrecondition, Unavailable
 from convsvc.transport.access import FORWARDED
 from convsvc.transport.convert import conversation_to_pb
 from convsvc.transport.servicer import Context, ConversationServicer
 from convsvc.v1 import conversation_service_pb2 as pb
 
 Local = Callable[[Any, Context], Awaitable[Any]]
+_MOVED = frozenset({"OWNER_MOVED", "CONVERSATION_NOT_RUNNING"})
+"""What a local call answers when its conversation left this node while it waited."""
 
 
 class ClusteredServicer(ConversationServicer):
@@ -44,12 +46,14 @@ class ClusteredServicer(ConversationServicer):
         if owner is None:
             try:
                 return await local(request, context)
-            except Unavailable as exc:
-                # Another node claimed it between the lookup and this node's claim (two
-                # joins racing through two nodes): the caller gets that node's answer.
-                if exc.reason != "OWNER_MOVED" or header(context, FORWARDED) is not None:
+            except (Unavailable, FailedPrecondition) as exc:
+                # The conversation moved while the call waited here: another node claimed
+                # it first (two joins racing through two nodes), or this node was fenced
+                # off and dropped its loop (a send queued behind the fenced append). Nothing
+                # was done here: the caller gets the new owner's answer.
+                if exc.reason not in _MOVED:
                     raise
-                owner = await self._router.destination(method, request, context)
+                owner = await self._router.moved_to(method, request, context)
                 if owner is None:
                     raise
         return await self._router.forward(method, request, context, owner)
