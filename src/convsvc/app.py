@@ -14,6 +14,7 @@ from convsvc import tracing
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
+from convsvc.cluster.revocations import RevocationListener
 from convsvc.cluster.routing import Router
 from convsvc.cluster.servicer import ClusteredServicer
 from convsvc.cluster.watch import ClusterWatch
@@ -72,6 +73,7 @@ class ConvsvcApp:
         self._router: Router | None = None
         self._followers: Followers | None = None
         self._metrics_server: Any = None
+        self._revocations: RevocationListener | None = None
         self._tracer_provider: Any = None
 
     async def start(self) -> str:
@@ -114,7 +116,11 @@ class ConvsvcApp:
             )
             servicer = ClusteredServicer(self.engine, self._router, self._followers, watch)
         servicer = servicer or ConversationServicer(self.engine)
-        servicer.secure(self._access(), Auditor(self.store))
+        access = self._access()
+        servicer.secure(access, Auditor(self.store))
+        if self.postgres is not None:
+            self._revocations = RevocationListener(self.postgres, access.streams)
+            self._revocations.start()
         self.server = GrpcServer(
             self.engine,
             self.settings.listen,
@@ -196,6 +202,8 @@ class ConvsvcApp:
             await self.cluster.stop()
         if self._followers is not None:
             await self._followers.stop()
+        if self._revocations is not None:
+            await self._revocations.stop()
         if self._router is not None:
             await self._router.close()
         await self.store.close()

@@ -30,6 +30,9 @@ class EngineConfig(BaseModel):
     policy (by default, OpenHands': the least recently active loops stop)."""
     admission_policy: AdmissionPolicy = AdmissionPolicy.EVICT_OLDEST
     """The policy of starts (and joins) that do not name one."""
+    allow_admission_policy_override: bool = False
+    """Whether a start may name a policy that stops more than the server's (evict_oldest on
+    a server that rejects or queues); a gentler one is always allowed."""
     queue_timeout_seconds: float = Field(300.0, gt=0)
     """The longest a start waits in the admission queue (a shorter call deadline wins)."""
     watch_history: int = Field(10_000, ge=16)

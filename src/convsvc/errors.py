@@ -86,6 +86,12 @@ class PermissionDenied(ConvsvcError):
     reason = "PERMISSION_DENIED"
 
 
+class Cancelled(ConvsvcError):
+    """The caller went away (cancelled, or its connection closed) before the answer."""
+
+    reason = "CANCELLED"
+
+
 class Unimplemented(ConvsvcError):
     """The server does not offer this (in this mode)."""
 

@@ -9,7 +9,7 @@ import pytest
 
 from convsvc.agents import EchoAgent
 from convsvc.domain import AdmissionPolicy, ConversationStatus
-from convsvc.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from convsvc.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
 from tests.conftest import EngineHarness
 from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settled
 
@@ -107,11 +107,24 @@ async def test_the_server_policy_applies_to_starts_and_joins_that_name_none(make
     await engine.start_conversation(conversation_id="a", user_id="alice")
     with pytest.raises(ResourceExhausted):
         await engine.join_conversation(conversation_id="b", connection_id="s", user_id="alice")
-    # A start may still ask for OpenHands' behaviour.
-    await engine.start_conversation(
+    # A start may not ask for a policy that stops more than the server's...
+    with pytest.raises(FailedPrecondition) as caught:
+        await engine.start_conversation(
+            conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.EVICT_OLDEST
+        )
+    assert caught.value.reason == "ADMISSION_POLICY_OVERRIDE_NOT_ALLOWED"
+    assert await running_ids(engine) == {"a"}
+    # ...unless the operator allows it.
+    allowing: EngineHarness = await make_engine(
+        max_concurrent_conversations=1,
+        admission_policy="reject",
+        allow_admission_policy_override=True,
+    )
+    await allowing.engine.start_conversation(conversation_id="a", user_id="alice")
+    await allowing.engine.start_conversation(
         conversation_id="b", user_id="alice", admission_policy=AdmissionPolicy.EVICT_OLDEST
     )
-    assert await running_ids(engine) == {"b"}
+    assert await running_ids(allowing.engine) == {"b"}
 
 
 async def test_queued_starts_wait_in_order_with_their_position_visible(make_engine) -> None:

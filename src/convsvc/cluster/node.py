@@ -18,6 +18,7 @@ import structlog
 from convsvc.config import ClusterConfig
 from convsvc.domain import Connection, ConversationRecord
 from convsvc.engine import ConversationEngine
+from convsvc.engine.visibility import out_of_scope
 from convsvc.errors import ConvsvcError, FailedPrecondition, ResourceExhausted, Unavailable
 from convsvc.metrics import Metrics
 from convsvc.storage import StorageError
@@ -117,7 +118,9 @@ class ClusterNode:
 
     # -- Membership ----------------------------------------------------------------------
 
-    async def claim(self, record: ConversationRecord, *, take_over: bool) -> None:
+    async def claim(
+        self, record: ConversationRecord, *, take_over: bool, may_stop: frozenset[str] | None
+    ) -> None:
         cid = record.conversation_id
         for attempt in range(_CLAIM_ATTEMPTS):
             try:
@@ -139,7 +142,10 @@ class ClusterNode:
                 )
             if attempt == _CLAIM_ATTEMPTS - 1:
                 break  # evicting now would stop a conversation for a start that gives up
-            # The user is at the limit: the oldest running conversations stop first.
+            # The user is at the limit: the oldest running conversations stop first, if the
+            # caller may stop them.
+            for victim, _ in claim.victims:
+                out_of_scope(may_stop, victim, f"starting {cid} would stop")
             await asyncio.gather(*(self._evict(victim, owner) for victim, owner in claim.victims))
         raise ResourceExhausted(
             "other starts keep taking the room freed under the per-user limit; retry",
@@ -175,6 +181,9 @@ class ClusterNode:
         self._store.forget_lease(conversation_id)
         if readopt:
             self._readopt.add(conversation_id)
+
+    async def find_connection(self, connection_id: str) -> Connection | None:
+        return await self._directory.find_connection(connection_id)
 
     async def connection_added(self, connection: Connection) -> None:
         await self._directory.put_connection(connection)

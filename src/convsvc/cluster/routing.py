@@ -115,7 +115,18 @@ class Router:
         return channel
 
     def metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        """What this node's own calls to a peer carry: the service token."""
         return (*self._auth, (FORWARDED, self._node.node_id), *extra)
+
+    def caller_metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+        """What a forwarded call carries: its caller's own credentials, so the owner checks
+        them again (a scoped token's scope, its revocation) as if it had been called."""
+        presented = [
+            (str(item.key), str(item.value))
+            for item in context.invocation_metadata() or ()
+            if item.key == "authorization"
+        ]
+        return (*presented, (FORWARDED, self._node.node_id)) if presented else self.metadata()
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -197,7 +208,7 @@ class Router:
         try:
             response: bytes = await call(
                 request.SerializeToString(),
-                metadata=self.metadata(),
+                metadata=self.caller_metadata(context),
                 timeout=remaining if remaining is not None else 30.0,
             )
             self._forwards.labels(method, "OK").inc()

@@ -22,7 +22,12 @@ from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.runtime import ConversationRuntime
 from convsvc.engine.visibility import check_owner
 from convsvc.engine.watch import ChangeFeed, ChangeKind, WatchedConversation
-from convsvc.errors import DeadlineExceeded, ResourceExhausted, Unimplemented
+from convsvc.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unimplemented,
+)
 from convsvc.storage import ConversationStore
 
 log = structlog.get_logger(__name__)
@@ -209,6 +214,15 @@ class AdmissionQueues:
                     self._on_moved(entry, position)
 
 
+_STOPS = {
+    AdmissionPolicy.REJECT: 0,
+    AdmissionPolicy.QUEUE: 0,
+    AdmissionPolicy.EVICT_IDLE_ONLY: 1,
+    AdmissionPolicy.EVICT_OLDEST: 2,
+}
+"""How much of a user's work a policy may stop to make room."""
+
+
 class Admission:
     """The per-user limit on this node: which policy a start follows, what it must stop,
     and the queue of starts waiting for room. (In a cluster the claim in the database keeps
@@ -229,8 +243,18 @@ class Admission:
         self.clustered = False
 
     def policy(self, requested: AdmissionPolicy | None) -> AdmissionPolicy:
-        """The policy a start follows: the one it names, else the server's."""
-        policy = requested or self._config.admission_policy
+        """The policy a start follows: the one it names, else the server's. A start may not
+        stop more than the server's policy would, unless the operator allows it."""
+        server = self._config.admission_policy
+        policy = requested or server
+        if _STOPS[policy] > _STOPS[server] and not self._config.allow_admission_policy_override:
+            raise FailedPrecondition(
+                f"this server's admission policy is {server.value}: a start may not ask for "
+                f"{policy.value}, which stops more (the operator may allow it with "
+                "CONVSVC_ENGINE__ALLOW_ADMISSION_POLICY_OVERRIDE)",
+                reason="ADMISSION_POLICY_OVERRIDE_NOT_ALLOWED",
+                metadata={"field": "admission_policy", "server_policy": server.value},
+            )
         if self.clustered and policy is not AdmissionPolicy.EVICT_OLDEST:
             raise Unimplemented(
                 f"admission policy {policy.value} is not available in clustered mode "

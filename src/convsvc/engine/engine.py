@@ -39,7 +39,13 @@ from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.runtime import AgentFactories, ConversationRuntime, StartRequest
 from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.user_events import first_events, user_payload
-from convsvc.engine.visibility import check_owner, check_visible, running_for
+from convsvc.engine.visibility import (
+    Scope,
+    check_owner,
+    check_visible,
+    out_of_scope,
+    running_for,
+)
 from convsvc.engine.watch import ChangeFeed, ChangeKind
 from convsvc.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from convsvc.storage import ConversationStore
@@ -142,8 +148,10 @@ class ConversationEngine:
         replay_events: Sequence[JsonObject] = (),
         request_id: str = "",
         admission_policy: AdmissionPolicy | None = None,
+        scope: Scope = None,
     ) -> ConversationView:
-        """Starts a loop, or returns the running one (idempotent)."""
+        """Starts a loop, or returns the running one (idempotent). ``scope``: what the
+        caller may affect (a scoped token's conversations), evictions included."""
         user = validation.check_user_id(user_id)
         policy = self._admission.policy(admission_policy)
         cid = validation.check_optional_id("conversation_id", conversation_id)
@@ -173,6 +181,7 @@ class ConversationEngine:
                     call.key,
                     start_request,
                     policy,
+                    scope,
                 )
                 call.answered({"conversation_id": runtime.conversation_id}, stored=stored)
                 if not runtime.closing:
@@ -205,8 +214,11 @@ class ConversationEngine:
         settings: JsonObject | None = None,
         client_instance_id: str = "",
         request_id: str = "",
+        scope: Scope = None,
     ) -> tuple[ConversationView, Connection]:
-        """Registers a connection, starting the loop when it is not running."""
+        """Registers a connection, starting the loop when it is not running. ``scope``: what
+        the caller may affect (evictions, and the conversation a reused connection id
+        watched until now)."""
         cid = validation.check_id("conversation_id", conversation_id)
         conn_id = validation.check_id("connection_id", connection_id)
         instance = validation.check_optional_id("client_instance_id", client_instance_id)
@@ -219,15 +231,31 @@ class ConversationEngine:
         policy = self._admission.policy(None)
         async with self._ledger.call(key) as call:
             if call.recorded is None:
+                await self._check_move(conn_id, cid, user, scope)
                 runtime, _ = await self._lifecycle.start(
-                    cid, user, None, settings, [], None, None, policy
+                    cid, user, None, settings, [], None, None, policy, scope
                 )
-                await self._connect(runtime, Connection(conn_id, cid, user, instance))
+                await self._connect(runtime, Connection(conn_id, cid, user, instance), scope)
                 call.answered({"conversation_id": cid, "connection_id": conn_id}, stored=False)
         view = await self.queries.get_conversation(cid, user_id)
         return view, self._connections.get(conn_id) or Connection(conn_id, cid, user, instance)
 
-    async def _connect(self, runtime: ConversationRuntime, connection: Connection) -> None:
+    async def _check_move(self, conn_id: str, cid: str, user: str | None, scope: Scope) -> None:
+        """A connection id of the user's that watches another conversation moves to
+        ``cid``: only if the caller may affect that conversation too (held on any node of a
+        cluster). Another user's connection id is refused later (CONNECTION_ID_TAKEN)."""
+        if scope is None:
+            return
+        held = self._connections.get(conn_id)
+        membership = self._lifecycle.membership
+        if held is None and membership is not None:
+            held = await membership.find_connection(conn_id)
+        if held is not None and held.user_id == user and held.conversation_id != cid:
+            out_of_scope(scope, held.conversation_id, f"connection {conn_id} watches")
+
+    async def _connect(
+        self, runtime: ConversationRuntime, connection: Connection, scope: Scope
+    ) -> None:
         # No await until the connection is registered: a close marks the runtime closing and
         # drops its connections in one step, so a connection is never left on a closed loop.
         cid, conn_id = connection.conversation_id, connection.connection_id
@@ -247,6 +275,8 @@ class ConversationEngine:
                 reason="CONNECTION_ID_TAKEN",
                 metadata={"connection_id": conn_id},
             )
+        if held is not None and held.conversation_id != cid:  # it watches another one
+            out_of_scope(scope, held.conversation_id, f"connection {conn_id} watches")
         self._connections.add(connection, self._clock())
         self._lifecycle.touch(runtime)
         if held is not None and held.conversation_id != cid:

@@ -31,7 +31,7 @@ from convsvc.engine.membership import Membership
 from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.runtime import AgentFactories, ConversationRuntime, StartRequest
 from convsvc.engine.subscriptions import Broadcaster
-from convsvc.engine.visibility import check_owner
+from convsvc.engine.visibility import Scope, check_owner, out_of_scope
 from convsvc.engine.watch import ChangeFeed, ChangeKind
 from convsvc.errors import FailedPrecondition, Unavailable
 from convsvc.redaction import storable_settings
@@ -91,6 +91,7 @@ class Lifecycle:
         key: RequestKey | None,
         start_request: StartRequest | None,
         policy: AdmissionPolicy,
+        scope: Scope = None,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid``, started if needed under an admission policy (a
         ``queue`` start first waits for room), and whether the request id's answer was
@@ -118,6 +119,7 @@ class Lifecycle:
                     start_request,
                     policy=policy,
                     reservation=reservation,
+                    scope=scope,
                 )
             except TooManyConversations:
                 if reservation is None:
@@ -155,10 +157,12 @@ class Lifecycle:
         take_over: bool = False,
         policy: AdmissionPolicy | None = None,
         reservation: Reservation | None = None,
+        scope: Scope = None,
     ) -> tuple[ConversationRuntime, bool]:
         """The running runtime of ``cid`` (started if needed) and whether the request id's
         answer was stored with the start. ``agent_name`` None: the conversation's own (the
-        default for a new one)."""
+        default for a new one). ``scope``: the conversations the start may stop to make room
+        under the user's limit (a scoped token's); it is refused rather than stop others."""
         async with self._start_guard(cid):
             while (runtime := self._registry.get(cid)) is not None:
                 check_owner(cid, runtime.record.user_id, user)
@@ -190,7 +194,7 @@ class Lifecycle:
             if self.membership is not None:
                 # The lease first: from here no other node can append to this log, so the
                 # end read next is the end.
-                await self.membership.claim(record, take_over=take_over)
+                await self.membership.claim(record, take_over=take_over, may_stop=scope)
             try:
                 # A record is always written before its conversation's first event.
                 latest = await self._store.latest_event_id(cid) if stored is not None else -1
@@ -204,6 +208,8 @@ class Lifecycle:
             victims = self._admission.victims(
                 record.user_id, policy or self._config.admission_policy, reservation
             )
+            for victim in victims:
+                out_of_scope(scope, victim.conversation_id, f"starting {cid} would stop")
             self._store.clear_log_failure(cid)  # the end of the log was just read again
             runtime = ConversationRuntime(
                 record,

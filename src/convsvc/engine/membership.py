@@ -14,11 +14,14 @@ from convsvc.domain import Connection, ConversationRecord
 
 
 class Membership(Protocol):
-    async def claim(self, record: ConversationRecord, *, take_over: bool) -> None:
+    async def claim(
+        self, record: ConversationRecord, *, take_over: bool, may_stop: frozenset[str] | None
+    ) -> None:
         """Makes this node the conversation's owner before its loop starts here.
 
         Stops the user's oldest running conversations first when the user is at the limit,
-        wherever they run. Raises Unavailable (OWNER_MOVED) when a live node owns it.
+        wherever they run, if ``may_stop`` (None: any) covers them (else PERMISSION_DENIED).
+        Raises Unavailable (OWNER_MOVED) when a live node owns it.
         """
 
     async def release(self, conversation_id: str, *, keep_running: bool) -> None:
@@ -27,6 +30,9 @@ class Membership(Protocol):
     def lost(self, conversation_id: str, *, readopt: bool) -> None:
         """This node's loop was dropped without a release (fenced off, or its log became
         uncertain; ``readopt``: claim it again once the database answers)."""
+
+    async def find_connection(self, connection_id: str) -> Connection | None:
+        """A connection held on any node."""
 
     async def connection_added(self, connection: Connection) -> None:
         """Publishes a connection so any node can find its conversation."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.runtime import ConversationRuntime
-from convsvc.errors import FailedPrecondition, NotFound
+from convsvc.errors import FailedPrecondition, NotFound, PermissionDenied
 from convsvc.storage import ConversationStore
 
 
@@ -52,3 +52,18 @@ async def running_for(
         )
     check_owner(conversation_id, runtime.record.user_id, user)
     return runtime
+
+
+Scope = frozenset[str] | None
+"""The conversations a call may affect (a scoped token's); None: any of its user's."""
+
+
+def out_of_scope(scope: Scope, conversation_id: str, why: str) -> None:
+    """Raises PERMISSION_DENIED (TOKEN_SCOPE) when ``conversation_id``, which the call would
+    affect (``why``), lies outside ``scope``."""
+    if scope is not None and conversation_id not in scope:
+        raise PermissionDenied(
+            f"{why}: conversation {conversation_id}, which the token does not cover",
+            reason="TOKEN_SCOPE",
+            metadata={"conversation_id": conversation_id},
+        )

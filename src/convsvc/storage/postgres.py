@@ -40,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+REVOCATIONS_CHANNEL = "convsvc_revocations"
+"""Where a revocation is announced to every node (PostgreSQL LISTEN/NOTIFY)."""
 _MIGRATIONS_LOCK = 0x636F6E76  # any constant: one migrator at a time across the cluster
 
 # The fenced append: rows go in only for conversations whose epoch is still the writer's.
@@ -326,14 +328,40 @@ class PostgresStore(SqlReads, GroupCommitStore):
         return int(status.split()[-1])
 
     async def revoke_token(self, token_id: str, expire_time: datetime) -> None:
-        await self.run(
-            lambda conn: conn.execute(
-                "INSERT INTO revoked_tokens (token_id, expire_time) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING",
-                token_id,
-                expire_time,
-            )
+        """Records the revocation and tells every node listening (``listen``) in the same
+        transaction."""
+
+        async def work(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO revoked_tokens (token_id, expire_time) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING",
+                    token_id,
+                    expire_time,
+                )
+                await conn.execute("SELECT pg_notify($1, $2)", REVOCATIONS_CHANNEL, token_id)
+
+        await self.run(work)
+
+    async def revoked_among(self, token_ids: Sequence[str]) -> set[str]:
+        """Which of these tokens are revoked."""
+        if not token_ids:
+            return set()
+        rows = await self.fetch(
+            "SELECT token_id FROM revoked_tokens WHERE token_id = ANY($1::text[])",
+            list(token_ids),
         )
+        return {row[0] for row in rows}
+
+    async def listen(self, channel: str, told: Callable[[str], None]) -> asyncpg.Connection:
+        """A connection of its own (not the pool's) that calls ``told(payload)`` for every
+        notification on ``channel``; close it to stop."""
+        try:
+            conn = await asyncpg.connect(self._dsn, password=self._password)
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+        await conn.add_listener(channel, lambda _conn, _pid, _channel, payload: told(payload))
+        return conn
 
     # -- leases ------------------------------------------------------------------------------
 

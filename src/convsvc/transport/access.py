@@ -22,6 +22,7 @@ import structlog
 from convsvc.domain import AuditEntry
 from convsvc.errors import ConvsvcError, PermissionDenied, Unauthenticated
 from convsvc.storage import ConversationStore, StorageError
+from convsvc.transport.credentials import StreamCredentials
 from convsvc.transport.status import RelayedStatus, failure_parts
 from convsvc.transport.tokens import Permission, TokenAuthority, TokenScope
 
@@ -77,6 +78,13 @@ current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
 """The caller of the call being handled (set by the handler table for its task)."""
 
 
+def caller_scope() -> frozenset[str] | None:
+    """The conversations the current call may affect: a scoped token's, or None for a
+    trusted caller or a token that covers all of its user's conversations."""
+    scope = current_caller.get().scope
+    return scope.conversation_ids if scope is not None and scope.conversation_ids else None
+
+
 def forwarded(context: grpc.aio.ServicerContext) -> bool:
     return any(key == FORWARDED for key, _ in context.invocation_metadata() or ())
 
@@ -110,11 +118,15 @@ class Access:
         self.authority = authority
         self._store = store
         self._conversation_of_connection = conversation_of_connection
+        self.streams = StreamCredentials()
+        """The scoped tokens open streams hold: revocation and expiry end them."""
 
     async def revoke(self, token_id: str) -> None:
-        """Revokes a token (its record outlives any token this server could have minted)."""
+        """Revokes a token (its record outlives any token this server could have minted)
+        and ends the streams it opened here (the cluster tells the other nodes)."""
         max_ttl = self.authority.max_ttl_seconds if self.authority is not None else 0
         await self._store.revoke_token(token_id, datetime.now(UTC) + timedelta(seconds=max_ttl))
+        self.streams.revoked(token_id)
 
     async def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         presented = bearer_token(context)

@@ -25,7 +25,7 @@ import structlog
 from convsvc.codec import encode_message_field
 from convsvc.domain import StoredEvent
 from convsvc.engine.subscriptions import StreamItem
-from convsvc.errors import ConvsvcError, InvalidArgument
+from convsvc.errors import Cancelled, ConvsvcError, InvalidArgument
 from convsvc.tasks import TaskOwner
 from convsvc.transport.access import Access, Auditor, current_caller, forwarded
 from convsvc.transport.convert import stream_items_to_bytes
@@ -124,23 +124,23 @@ class ConnectSession:
     async def run(self, requests: AsyncIterator[pb.ConnectRequest]) -> AsyncIterator[bytes]:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("request") != "open":
-            raise InvalidArgument(
+            error = InvalidArgument(
                 "the first request of a Connect stream must be `open`",
                 reason="CONNECT_OPEN_FIRST",
                 metadata={"field": "open"},
             )
+            self._record("Connect", None, error)
+            raise error
         opening = first.open
-        if self._host.access is not None:  # binds a scoped caller's user, checks its scope
-            self._host.access.authorize("Connect", opening, self._caller)
         self._connection_id = opening.connection_id or f"connect-{uuid.uuid4().hex}"
+        if self._host.access is not None:  # binds a scoped caller's user, checks its scope
+            try:
+                self._host.access.authorize("Connect", opening, self._caller)
+            except ConvsvcError as refused:
+                self._record("JoinConversation", self._join_request(opening), refused)
+                raise
         self._user_id = opening.user_id
-        join = pb.JoinConversationRequest(
-            conversation_id=opening.conversation_id,
-            connection_id=self._connection_id,
-            user_id=opening.user_id,
-        )
-        if opening.HasField("settings"):
-            join.settings.CopyFrom(opening.settings)
+        join = self._join_request(opening)
         joined = _as(
             pb.JoinConversationResponse,
             await self._audited("JoinConversation", join, self._host.JoinConversation),
@@ -178,6 +178,16 @@ class ConnectSession:
                 await asyncio.gather(*pumps, return_exceptions=True)
         finally:
             await self._disconnect()
+
+    def _join_request(self, opening: pb.ConnectOpen) -> pb.JoinConversationRequest:
+        join = pb.JoinConversationRequest(
+            conversation_id=opening.conversation_id,
+            connection_id=self._connection_id,
+            user_id=opening.user_id,
+        )
+        if opening.HasField("settings"):
+            join.settings.CopyFrom(opening.settings)
+        return join
 
     async def _pump(self, work: Awaitable[None]) -> None:
         try:
@@ -242,16 +252,29 @@ class ConnectSession:
         call: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     ) -> Any:
         """Makes one of the session's calls, recorded in the audit log as that call."""
-        auditor = self._host.auditor
-        if auditor is None or forwarded(self._context):
-            return await call(request, self._context)
         try:
             response = await call(request, self._context)
         except (ConvsvcError, RelayedStatus) as exc:
-            auditor.record(method, request, self._caller, exc)
+            self._record(method, request, exc)
             raise
-        auditor.record(method, request, self._caller, None, response)
+        except asyncio.CancelledError:
+            # The stream ended (the client left, or its token ended) while the call ran.
+            self._record(method, request, Cancelled("the stream ended before the answer"))
+            raise
+        self._record(method, request, None, response)
         return response
+
+    def _record(
+        self,
+        method: str,
+        request: Any,
+        error: ConvsvcError | RelayedStatus | None,
+        response: Any = None,
+    ) -> None:
+        """One entry of the audit log (a forwarded session was audited where it arrived)."""
+        auditor = self._host.auditor
+        if auditor is not None and not forwarded(self._context):
+            auditor.record(method, request, self._caller, error, response)
 
     @staticmethod
     def _failed(request_id: str, error: ConvsvcError | RelayedStatus) -> pb.ConnectSendResult:

@@ -19,7 +19,13 @@ from typing import Any
 import grpc
 import structlog
 
-from convsvc.errors import ConvsvcError, InvalidArgument, Unavailable
+from convsvc.errors import (
+    Cancelled,
+    ConvsvcError,
+    DeadlineExceeded,
+    InvalidArgument,
+    Unavailable,
+)
 from convsvc.metrics import Metrics
 from convsvc.storage import (
     ConversationLogError,
@@ -38,6 +44,7 @@ from convsvc.transport.access import (
     current_caller,
     forwarded,
 )
+from convsvc.transport.credentials import HeldToken, until_ended
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.status import (
     RelayedStatus,
@@ -168,6 +175,13 @@ class Guard:
             yield call
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            # The caller went away (a cancel, its deadline): what it asked for is audited
+            # with that outcome (the effect may still happen, e.g. a send a worker logs).
+            if unary and call.request is not None:
+                self._audit(method, context, call, _gone(context))
+            self._calls.labels(method, "CANCELLED").inc()
+            raise
         except Exception as exc:
             error = await self._as_error(method, exc)
         finally:
@@ -191,6 +205,19 @@ class Guard:
         """Checks (and binds) the request to what the caller may do."""
         if self.access is not None:
             self.access.authorize(method, request, caller)
+
+    def holding(self, caller: Caller) -> contextlib.AbstractContextManager[HeldToken | None]:
+        """A stream's hold on its caller's scoped token (see transport.credentials)."""
+        if self.access is None:
+            return contextlib.nullcontext()
+        return self.access.streams.hold(caller.scope)
+
+    def audit_refused(
+        self, method: str, context: grpc.aio.ServicerContext, error: ConvsvcError
+    ) -> None:
+        """A stream refused before it did anything (its credentials), as a mutation."""
+        if self.auditor is not None and not forwarded(context):
+            self.auditor.record(method, None, UNIDENTIFIED, error)
 
     async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -248,6 +275,16 @@ class Guard:
         await context.abort_with_status(status)
 
 
+def _gone(context: grpc.aio.ServicerContext) -> ConvsvcError:
+    """Why a call ended without an answer: its deadline passed, or its caller left."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        return DeadlineExceeded(
+            "the call's deadline passed before it was answered", reason="DEADLINE_EXCEEDED"
+        )
+    return Cancelled("the caller went away before the answer", reason="CANCELLED")
+
+
 @dataclass(slots=True)
 class GuardedCall:
     """What a guarded call learned as it went (for the audit log)."""
@@ -284,9 +321,11 @@ def _guard_stream(
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with guard.call(method, context):
             request = parse_request(request_type, data)
-            guard.authorize(method, request, await guard.identify(context))
-            async for response in fn(request, context):
-                yield response
+            caller = await guard.identify(context)
+            guard.authorize(method, request, caller)
+            with guard.holding(caller) as held:
+                async for response in until_ended(held, fn(request, context)):
+                    yield response
 
     return handle
 
@@ -305,10 +344,15 @@ def _guard_bidi(
                 yield parse_request(request_type, data)
 
         async with guard.call(method, context):
-            # The method's own permission; Connect's open is checked as it comes.
-            guard.authorize(method, None, await guard.identify(context))
-            async for response in fn(parsed(), context):
-                yield response
+            try:
+                caller = await guard.identify(context)
+            except ConvsvcError as refused:
+                guard.audit_refused(method, context, refused)
+                raise
+            # What the caller may do is checked (and audited) by the stream as it opens.
+            with guard.holding(caller) as held:
+                async for response in until_ended(held, fn(parsed(), context)):
+                    yield response
 
     return handle
 

@@ -12,7 +12,7 @@ from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import FailedPrecondition, InvalidArgument
 from convsvc.tasks import TaskOwner
-from convsvc.transport.access import Access, Auditor
+from convsvc.transport.access import Access, Auditor, caller_scope
 from convsvc.transport.connect import ConnectSession
 from convsvc.transport.convert import (
     StructList,
@@ -62,6 +62,7 @@ class ConversationServicer:
             replay_events=StructList(request.replay_events),
             request_id=request.request_id,
             admission_policy=admission_policy(request.admission_policy),
+            scope=caller_scope(),
         )
         return pb.StartConversationResponse(conversation=conversation_to_pb(view))
 
@@ -75,6 +76,7 @@ class ConversationServicer:
             settings=optional_struct(request, "settings"),
             client_instance_id=request.client_instance_id,
             request_id=request.request_id,
+            scope=caller_scope(),
         )
         return pb.JoinConversationResponse(
             conversation=conversation_to_pb(view), connection=connection_to_pb(connection)

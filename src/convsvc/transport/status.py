@@ -26,6 +26,7 @@ _CODES: list[tuple[type[errors.ConvsvcError], int]] = [
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.Cancelled, code_pb2.CANCELLED),
 ]
 
 
