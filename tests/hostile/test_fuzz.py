@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor, struct_pb2
+from google.protobuf import descriptor, message_factory, struct_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -77,8 +77,8 @@ def struct_of(data: dict[str, Any]) -> struct_pb2.Struct:
 
 @st.composite
 def message_of(draw: st.DrawFn, message: descriptor.Descriptor) -> Message:
-    """A request message with each field set or left out at random."""
-    cls = getattr(pb, message.name)
+    """A message with each field set or left out at random."""
+    cls = message_factory.GetMessageClass(message)
     fields: dict[str, Any] = {}
     for field in message.fields:
         if not draw(st.booleans()):
