@@ -251,3 +251,36 @@ async def ended_with_ok(call: Any) -> None:
     async with asyncio.timeout(15):
         while await call.read() is not grpc.aio.EOF:
             pass
+
+
+async def test_a_call_may_not_ask_for_more_evictions_than_the_server_allows(
+    tmp_path: Path, tally
+) -> None:
+    async with running_app(
+        tmp_path / "data", auth_token=SERVICE_TOKEN, engine={"admission_policy": "reject"}
+    ) as app:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            service = As(channel, SERVICE_TOKEN)
+            for cid in sorted(RUNNING):
+                await service.StartConversation(
+                    pb.StartConversationRequest(conversation_id=cid, user_id="alice")
+                )
+            everything = await mint(service, "alice", [], READ, WRITE, ADMIN)
+            for caller in (As(channel, everything), service):
+                await expect_error(
+                    caller.StartConversation(
+                        pb.StartConversationRequest(
+                            conversation_id="X",
+                            user_id="" if caller is not service else "alice",
+                            admission_policy=pb.ADMISSION_POLICY_EVICT_OLDEST,
+                        )
+                    ),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "ADMISSION_POLICY_OVERRIDE_NOT_ALLOWED",
+                )
+                listed = await service.ListConversations(
+                    pb.ListConversationsRequest(user_id="alice")
+                )
+                assert {c.conversation_id for c in listed.conversations} == RUNNING
+                tally.checked("scope matrix: a call affects nothing outside its token's scope")
