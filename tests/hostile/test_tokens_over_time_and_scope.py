@@ -17,7 +17,7 @@ import pytest
 
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.conftest import running_app
-from tests.helpers import error_info
+from tests.helpers import error_info, expect_error
 from tests.service.test_grpc_api import message
 from tests.service.test_tokens import SERVICE_TOKEN, As, mint
 
