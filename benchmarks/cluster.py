@@ -25,7 +25,7 @@ import grpc
 from benchmarks import load
 from benchmarks.processes import Server, convsvc_server, floor_server, in_process, in_processes
 from benchmarks.stats import percentile
-from convsvc.storage.postgres import migrate
+from convsvc.storage.postgres_schema import migrate
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.postgres import PostgresServer, postgres_server

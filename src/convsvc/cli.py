@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from convsvc.app import run
         from convsvc.healthcheck import check_health, local_address
         from convsvc.logs import configure_logging
-        from convsvc.storage.postgres import migrate
+        from convsvc.storage.postgres_schema import migrate
     except ModuleNotFoundError as exc:
         print(f"convsvc: {exc.name} is not installed: {SERVER_EXTRA}", file=sys.stderr)
         return 2

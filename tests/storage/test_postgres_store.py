@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from convsvc.storage import LogInterrupted, OwnerMoved, StoreUnavailable
-from convsvc.storage.postgres import OwnedElsewhere, PostgresStore, migrate
+from convsvc.storage.postgres import OwnedElsewhere, PostgresStore
 from convsvc.storage.postgres_directory import PostgresDirectory
+from convsvc.storage.postgres_schema import migrate
 from tests.postgres import PostgresServer
 from tests.storage.backends import make_event, make_record
 

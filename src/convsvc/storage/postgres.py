@@ -19,7 +19,6 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from typing import Any, TypeVar
 
 import asyncpg
@@ -29,6 +28,7 @@ from convsvc.domain import ConversationRecord
 from convsvc.metrics import Metrics
 from convsvc.storage.base import OwnerMoved, StorageError, StoreUnavailable
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
+from convsvc.storage.postgres_schema import UNREACHABLE, migrate_pool, unavailable
 from convsvc.storage.sql import (
     CONVERSATION_COLUMNS,
     SqlReads,
@@ -42,7 +42,6 @@ T = TypeVar("T")
 
 REVOCATIONS_CHANNEL = "convsvc_revocations"
 """Where a revocation is announced to every node (PostgreSQL LISTEN/NOTIFY)."""
-_MIGRATIONS_LOCK = 0x636F6E76  # any constant: one migrator at a time across the cluster
 
 # The fenced append: rows go in only for conversations whose epoch is still the writer's.
 _FENCED_INSERT = """
@@ -84,14 +83,6 @@ OWNER_ALIVE = """
 EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node
         AND n.heartbeat_at > now() - make_interval(secs => $TTL))
 """
-_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,10 +110,6 @@ class OwnedElsewhere(Exception):
     def __init__(self, owner: Owner) -> None:
         super().__init__(f"owned by {owner.address}")
         self.owner = owner
-
-
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"the database is unreachable ({type(exc).__name__}: {exc})")
 
 
 class PostgresStore(SqlReads, GroupCommitStore):
@@ -163,8 +150,8 @@ class PostgresStore(SqlReads, GroupCommitStore):
                 max_size=self._pool_size,
                 command_timeout=30,
             )
-        except _UNREACHABLE as exc:
-            raise _unavailable(exc) from exc
+        except UNREACHABLE as exc:
+            raise unavailable(exc) from exc
         except asyncpg.PostgresError as exc:  # e.g. a wrong password, a missing database
             raise StorageError(f"the database refused the connection: {exc}") from exc
         await migrate_pool(self._pool)
@@ -191,8 +178,8 @@ class PostgresStore(SqlReads, GroupCommitStore):
         try:
             async with self._pool.acquire() as conn:
                 return await work(conn)
-        except _UNREACHABLE as exc:
-            raise _unavailable(exc) from exc
+        except UNREACHABLE as exc:
+            raise unavailable(exc) from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         return await self.fetch(sql, *args)
@@ -358,8 +345,8 @@ class PostgresStore(SqlReads, GroupCommitStore):
         notification on ``channel``; close it to stop."""
         try:
             conn = await asyncpg.connect(self._dsn, password=self._password)
-        except _UNREACHABLE as exc:
-            raise _unavailable(exc) from exc
+        except UNREACHABLE as exc:
+            raise unavailable(exc) from exc
         await conn.add_listener(channel, lambda _conn, _pid, _channel, payload: told(payload))
         return conn
 
@@ -551,53 +538,3 @@ class PostgresStore(SqlReads, GroupCommitStore):
             )
         )
         return [(row[0], Owner(row[1], row[2], bool(row[3]))) for row in rows]
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, SQL) of every migration shipped, in order."""
-    found = []
-    for entry in resources.files("convsvc.storage.migrations").iterdir():
-        if entry.name.endswith(".sql"):
-            version = int(entry.name.split("_", 1)[0])
-            found.append((version, entry.name, entry.read_text()))
-    return sorted(found)
-
-
-async def migrate_pool(pool: asyncpg.Pool) -> list[str]:
-    """Applies the migrations this database lacks, one migrator at a time; returns their
-    names."""
-    applied: list[str] = []
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATIONS_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, name, sql in migrations():
-                if version in done:
-                    continue
-                await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-                )
-                applied.append(name)
-                log.info("postgres.migrated", migration=name)
-    except _UNREACHABLE as exc:
-        raise _unavailable(exc) from exc
-    return applied
-
-
-async def migrate(dsn: str, password: str | None = None) -> list[str]:
-    """``convsvc migrate``: brings a database's schema up to date."""
-    try:
-        pool = await asyncpg.create_pool(dsn, password=password, min_size=1, max_size=1)
-    except _UNREACHABLE as exc:
-        raise _unavailable(exc) from exc
-    except asyncpg.PostgresError as exc:
-        raise StorageError(f"the database refused the connection: {exc}") from exc
-    try:
-        return await migrate_pool(pool)
-    finally:
-        await pool.close()
