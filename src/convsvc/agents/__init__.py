@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from convsvc.agents.base import AgentContext, AgentLoop, agent_state_changed
+from convsvc.agents.base import AgentContext, AgentFactory, AgentLoop, agent_state_changed
 from convsvc.agents.echo import EchoAgent
 
 BUILTIN_AGENTS: dict[str, type[AgentLoop]] = {EchoAgent.name: EchoAgent}
@@ -19,4 +19,11 @@ def available_agents() -> dict[str, type[AgentLoop]]:
     return agents
 
 
-__all__ = ["AgentContext", "AgentLoop", "EchoAgent", "agent_state_changed", "available_agents"]
+__all__ = [
+    "AgentContext",
+    "AgentFactory",
+    "AgentLoop",
+    "EchoAgent",
+    "agent_state_changed",
+    "available_agents",
+]

@@ -139,6 +139,16 @@ class AgentLoop(ABC):
         """Releases what the loop holds; the engine then reports the state ``stopped``."""
 
 
+class AgentFactory(Protocol):
+    """Makes a conversation's loop: an AgentLoop class, or a factory of loops of one kind
+    (agent workers); either says whether its loops number their own events."""
+
+    @property
+    def numbers_own_events(self) -> bool: ...
+
+    def __call__(self, context: Any) -> AgentLoop: ...
+
+
 def agent_state_changed(state: str) -> JsonObject:
     """An OpenHands AgentStateChangedObservation for ``state``."""
     return {

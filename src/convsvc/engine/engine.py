@@ -158,9 +158,11 @@ class ConversationEngine:
         agent_name = self._check_agent(agent)
         settings = settings or {}
         settings_bytes = validation.check_size("settings", settings, self._config.max_event_bytes)
-        first = first_events(initial_user_message, replay_events, settings_bytes, self._config)
+        first, first_bytes = first_events(initial_user_message, replay_events, self._config)
         start_request = StartRequest(
-            first[0] if initial_user_message is not None else None, tuple(replay_events)
+            first[0] if initial_user_message is not None else None,
+            tuple(replay_events),
+            settings_bytes + first_bytes,
         )
         key = self._ledger.key(
             user,

@@ -175,6 +175,18 @@ class Lifecycle:
                 check_owner(cid, stored.user_id, user)
             agent = agent_name or (stored.agent if stored else self._config.default_agent)
             agent_factory = self._agents.get(agent)
+            if (
+                agent_factory is not None
+                and agent_factory.numbers_own_events
+                and start_request is not None
+                and start_request.encoded_bytes > self._config.max_batch_bytes
+            ):
+                # Its loop gets the settings and the first events in one message.
+                raise validation.too_large(
+                    "replay_events",
+                    f"{start_request.encoded_bytes} bytes with the settings and the first message",
+                    self._config.max_batch_bytes,
+                )
             if agent_factory is None:
                 raise FailedPrecondition(
                     f"conversation {cid} runs agent {validation.shown(agent)!r}, which this "

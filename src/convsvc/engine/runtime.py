@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from convsvc.agents import AgentLoop, agent_state_changed
+from convsvc.agents import AgentFactory, agent_state_changed
 from convsvc.domain import (
     ConversationRecord,
     ConversationStatus,
@@ -63,6 +63,9 @@ class StartRequest:
 
     initial_user_message: JsonObject | None = None
     replay_events: Sequence[JsonObject] = field(default_factory=tuple)
+    encoded_bytes: int = 0
+    """The settings' and the first user events' encoded size: a worker gets them in one
+    message, so a start of a worker conversation must fit in one."""
 
 
 class Phase(enum.Enum):
@@ -109,7 +112,7 @@ class ConversationRuntime:
         self,
         record: ConversationRecord,
         settings: Mapping[str, Any],
-        agent_factory: Callable[[ConversationRuntime], AgentLoop],
+        agent_factory: AgentFactory,
         event_log: RuntimeLog,
         on_running: Callable[[ConversationRuntime], None],
         next_event_id: int,
@@ -263,5 +266,5 @@ class ConversationRuntime:
             return  # the conversation is closing; its close cancels nothing more
 
 
-AgentFactories = Mapping[str, Callable[[ConversationRuntime], AgentLoop]]
+AgentFactories = Mapping[str, AgentFactory]
 """The agents a conversation can run, by name (workers' kinds appear as they attach)."""

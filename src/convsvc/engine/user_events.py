@@ -34,11 +34,10 @@ def checked_user_payload(
 def first_events(
     initial_user_message: JsonObject | None,
     replay_events: Sequence[JsonObject],
-    settings_bytes: int,
     config: EngineConfig,
-) -> list[JsonObject]:
-    """The user events a start appends after ``loading``, each checked like a send. With the
-    settings they must fit in one message (a worker receives them together)."""
+) -> tuple[list[JsonObject], int]:
+    """The user events a start appends after ``loading``, each checked like a send, and
+    their encoded size together."""
     limit = config.max_replay_events
     if len(replay_events) > limit:
         raise InvalidArgument(
@@ -47,7 +46,7 @@ def first_events(
             metadata={"field": "replay_events", "limit": str(limit)},
         )
     first: list[JsonObject] = []
-    total = settings_bytes
+    total = 0
     if initial_user_message is not None:
         payload, size = checked_user_payload("initial_user_message", initial_user_message, config)
         first.append(payload)
@@ -58,10 +57,4 @@ def first_events(
             payload, size = checked_user_payload("replay_events", replayed, config)
             first.append(payload)
             total += size
-            if total > config.max_batch_bytes:
-                raise validation.too_large(
-                    "replay_events",
-                    f"more than {total} bytes with the settings and the first message",
-                    config.max_batch_bytes,
-                )
-    return first
+    return first, total

@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
-from convsvc.agents import AgentLoop
-from convsvc.engine.runtime import ConversationRuntime
+from convsvc.agents import AgentFactory, AgentLoop
 from convsvc.workers.loop import WorkerAgentLoop
 from convsvc.workers.pool import WorkerPool
 
 
-class AgentCatalog(Mapping[str, Callable[[ConversationRuntime], AgentLoop]]):
+class WorkerLoops:
+    """Makes the loops of one kind that runs on workers."""
+
+    numbers_own_events: ClassVar[bool] = WorkerAgentLoop.numbers_own_events
+
+    def __init__(self, pool: WorkerPool, kind: str) -> None:
+        self._pool = pool
+        self._kind = kind
+
+    def __call__(self, context: Any) -> AgentLoop:
+        return WorkerAgentLoop(context, self._pool, self._kind)
+
+
+class AgentCatalog(Mapping[str, AgentFactory]):
     """The engine's agents by name: built-in ones, then every kind workers run (configured,
     announced by an attached worker, or still used by a conversation waiting for one)."""
 
     def __init__(
         self,
-        in_process: Mapping[str, Callable[[ConversationRuntime], AgentLoop]],
+        in_process: Mapping[str, AgentFactory],
         pool: WorkerPool,
     ) -> None:
         self._in_process = dict(in_process)
         self._pool = pool
 
-    def __getitem__(self, name: str) -> Callable[[ConversationRuntime], AgentLoop]:
+    def __getitem__(self, name: str) -> AgentFactory:
         if name in self._in_process:
             return self._in_process[name]
         if self._pool.runs_kind(name):
-            pool = self._pool
-            return lambda runtime: WorkerAgentLoop(runtime, pool, name)
+            return WorkerLoops(self._pool, name)
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
