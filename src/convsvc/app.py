@@ -117,7 +117,7 @@ class ConvsvcApp:
             servicer = ClusteredServicer(self.engine, self._router, self._followers, watch)
         servicer = servicer or ConversationServicer(self.engine)
         access = self._access()
-        servicer.secure(access, Auditor(self.store))
+        servicer.secure(access, Auditor(self.store, log_records=self.settings.audit_log))
         if self.postgres is not None:
             self._revocations = RevocationListener(self.postgres, access.streams)
             self._revocations.start()

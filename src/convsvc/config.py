@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     """host:port for a Prometheus /metrics endpoint; off when unset."""
     tracing: bool = False
     """OpenTelemetry spans exported over OTLP (configured by the OTEL_* variables)."""
+    audit_log: bool = False
+    """Every audit entry also as an ``audit`` record in the structured log (one per mutating
+    call, sends included); the store keeps them either way (ListAuditEntries)."""
     database_url: SecretStr | None = None
     """postgresql://user@host:port/db: clustered mode on PostgreSQL (else embedded SQLite)."""
     database_password_file: Path | None = None

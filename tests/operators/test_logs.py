@@ -7,6 +7,15 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+import structlog
+
+from convsvc.domain import AuditQuery
+from convsvc.storage.sqlite import SqliteStore
+from convsvc.transport.access import SERVICE, Auditor
+from convsvc.v1 import conversation_service_pb2 as pb
 
 
 def log_lines_of(code: str) -> list[dict[str, object]]:
@@ -54,3 +63,34 @@ def test_other_grpc_errors_stay_errors() -> None:
         """
     )
     assert record["level"] == "error"
+
+
+@pytest.mark.parametrize("asked", [False, True])
+async def test_audit_entries_reach_the_log_only_when_asked(tmp_path: Path, asked: bool) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        auditor = Auditor(store, log_records=asked)
+        request = pb.SendEventRequest(conversation_id="c1", user_id="alice")
+        with structlog.testing.capture_logs() as records:
+            auditor.record("SendEvent", request, SERVICE, None)
+        await store.submit_events(())  # a barrier: what was audited before it is stored
+        [entry] = await store.list_audit(AuditQuery())  # stored either way
+        assert (entry.method, entry.conversation_id, entry.user_id) == ("SendEvent", "c1", "alice")
+        audit_records = [r for r in records if r["event"] == "audit"]
+        if asked:
+            assert audit_records == [
+                {
+                    "event": "audit",
+                    "log_level": "info",
+                    "method": "SendEvent",
+                    "code": "OK",
+                    "credential": "service",
+                    "user_id": "alice",
+                    "conversation_id": "c1",
+                }
+            ]
+        else:
+            assert audit_records == []
+    finally:
+        await store.close()

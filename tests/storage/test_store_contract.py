@@ -152,13 +152,12 @@ async def test_audit_entries_commit_in_order_filter_page_and_survive_reopening(
 ) -> None:
     store = await stores()
     await own(store, "c1")
-    written = [
-        store.submit_audit(audit_entry("StartConversation", "c1")),
-        store.submit_events([make_event("c1", 0)]),
-        store.submit_audit(audit_entry("SendEvent", "c1")),
-        store.submit_audit(audit_entry("CloseConversation", "c2", user_id="bob")),
-    ]
-    await asyncio.gather(*written)
+    store.record_audit(audit_entry("StartConversation", "c1"))
+    appended = store.submit_events([make_event("c1", 0)])
+    store.record_audit(audit_entry("SendEvent", "c1"))
+    store.record_audit(audit_entry("CloseConversation", "c2", user_id="bob"))
+    await appended
+    await store.submit_events(())  # a barrier: entries recorded before it are durable
     store = await stores()  # reopened
     everything = await store.list_audit(AuditQuery())
     assert [e.method for e in everything] == ["StartConversation", "SendEvent", "CloseConversation"]
@@ -171,6 +170,25 @@ async def test_audit_entries_commit_in_order_filter_page_and_survive_reopening(
     assert [e.method for e in bobs] == ["CloseConversation"]
     after_first = await store.list_audit(AuditQuery(after=everything[0].sequence, limit=1))
     assert [e.method for e in after_first] == ["SendEvent"]
+
+
+async def test_audit_entries_commit_without_a_write_to_ride_and_at_close(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    store.record_audit(audit_entry("MintToken", ""))
+    # An idle store commits them by itself (within AUDIT_LINGER_SECONDS); nothing announces
+    # a commit without events, so the test reads the store until a deadline.
+    async with asyncio.timeout(5):
+        while not await store.list_audit(AuditQuery()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    store.record_audit(audit_entry("RevokeToken", ""))
+    await store.close()  # the last ones ride the final commit
+    reopened = await stores()
+    assert [e.method for e in await reopened.list_audit(AuditQuery())] == [
+        "MintToken",
+        "RevokeToken",
+    ]
 
 
 async def test_revoked_tokens_are_kept_until_they_expire(stores: StoreFactory) -> None:

@@ -10,10 +10,8 @@ the same id can hang.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,23 +35,35 @@ class RequestKey:
 
 
 class LedgerCall:
-    """One call under a request id, as the ledger sees it."""
+    """One call under a request id, as the ledger sees it (an async context manager: see
+    ``RequestLedger.call``; without a request id it does nothing)."""
 
-    __slots__ = ("answer", "key", "recorded", "stored")
+    __slots__ = ("_ledger", "answer", "finished", "key", "recorded", "stored")
 
-    def __init__(self, key: RequestKey | None) -> None:
+    def __init__(self, key: RequestKey | None, ledger: RequestLedger) -> None:
         self.key = key
+        self._ledger = ledger
         self.recorded: JsonObject | None = None
         """The answer an earlier call with this request id recorded: answer with it, do
         nothing else."""
         self.answer: JsonObject | None = None
         self.stored = False
+        self.finished: asyncio.Event | None = None
 
     def answered(self, result: JsonObject, *, stored: bool) -> None:
         """The call's answer; ``stored``: its record was written atomically with its effect
         (``key.record(result)``), else the ledger writes it once the call is done."""
         self.answer = result
         self.stored = stored
+
+    async def __aenter__(self) -> LedgerCall:
+        if self.key is not None:
+            await self._ledger._enter(self)
+        return self
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.key is not None:
+            await self._ledger._exit(self, failed=exc is not None)
 
 
 class RequestLedger:
@@ -72,15 +82,15 @@ class RequestLedger:
         digest = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode())
         return RequestKey(user or "", request_id, method, digest.hexdigest()[:32])
 
-    @contextlib.asynccontextmanager
-    async def call(self, key: RequestKey | None) -> AsyncIterator[LedgerCall]:
-        """The block makes the call once: it finds ``recorded`` set when an earlier call
-        answered, else it reports its answer with ``answered``. A block that raises records
-        nothing."""
-        call = LedgerCall(key)
-        if key is None:
-            yield call
-            return
+    def call(self, key: RequestKey | None) -> LedgerCall:
+        """``async with ledger.call(key) as call``: the block makes the call once. It finds
+        ``recorded`` set when an earlier call answered, else it reports its answer with
+        ``answered``. A block that raises records nothing."""
+        return LedgerCall(key, self)
+
+    async def _enter(self, call: LedgerCall) -> None:
+        key = call.key
+        assert key is not None
         slot = (key.scope, key.request_id)
         while (running := self._running.get(slot)) is not None:
             await running.wait()  # its outcome is read from the store below, not shared
@@ -88,17 +98,32 @@ class RequestLedger:
         self._running[slot] = finished
         try:
             record = await self._store.get_idempotency(key.scope, key.request_id)
-            if record is not None:
+        except BaseException:
+            self._release(slot, finished)
+            raise
+        call.finished = finished
+        if record is not None:
+            try:
                 _check_same_request(key, record)
-                call.recorded = record.result
-            yield call
-            if call.answer is not None and not call.stored:
+            except BaseException:
+                self._release(slot, finished)
+                raise
+            call.recorded = record.result
+
+    async def _exit(self, call: LedgerCall, failed: bool) -> None:
+        key, finished = call.key, call.finished
+        assert key is not None and finished is not None
+        try:
+            if not failed and call.answer is not None and not call.stored:
                 # Shielded: once the effect has happened its answer must be recorded, even if
                 # the caller gives up meanwhile (the store's writer owns the write).
                 await asyncio.shield(self._store.submit_idempotency(key.record(call.answer)))
         finally:
-            del self._running[slot]
-            finished.set()
+            self._release((key.scope, key.request_id), finished)
+
+    def _release(self, slot: tuple[str, str], finished: asyncio.Event) -> None:
+        del self._running[slot]
+        finished.set()
 
 
 def _check_same_request(key: RequestKey, record: IdempotencyRecord) -> None:

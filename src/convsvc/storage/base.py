@@ -186,8 +186,9 @@ class ConversationStore(Protocol):
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
         """``submit_idempotency`` and wait until durable."""
 
-    def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
-        """Queues an audit entry for the next commit."""
+    def record_audit(self, entry: AuditEntry) -> None:
+        """Adds an audit entry to the next commit (a barrier submitted after it, e.g.
+        ``submit_events(())``, completes once it is durable)."""
         ...
 
     async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:

@@ -30,6 +30,10 @@ from convsvc.storage.base import (
 log = structlog.get_logger(__name__)
 
 
+AUDIT_LINGER_SECONDS = 0.05
+"""How long audit entries wait for a commit to ride before they get one of their own."""
+
+
 @dataclass(slots=True)
 class PendingWrite:
     """What one submission asked to commit atomically."""
@@ -84,6 +88,9 @@ class GroupCommitStore(ABC):
         self._listeners: list[CommitListener] = []
         self._failure: StorageError | None = None
         self._failed_logs: dict[str, ConversationLogError] = {}
+        self._audit: list[AuditEntry] = []
+        """Audit entries waiting for the next commit (no future of their own)."""
+        self._audit_timer: asyncio.TimerHandle | None = None
 
     @abstractmethod
     async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
@@ -129,8 +136,20 @@ class GroupCommitStore(ABC):
     ) -> None:
         await self.submit_events(events, idempotency)
 
-    def submit_audit(self, entry: AuditEntry) -> asyncio.Future[None]:
-        return self._submit(PendingWrite(audit=[entry]))
+    def record_audit(self, entry: AuditEntry) -> None:
+        """Adds an audit entry to the next commit, whatever else it holds: entries ride
+        with the events of the calls around them, and cost no write of their own."""
+        if self._failure is not None:
+            raise self._failure
+        if self._writer_task is None:
+            raise StorageError("the store is closed")
+        self._audit.append(entry)
+        if self._audit_timer is None:
+            # A busy writer takes them with its next batch (no commit, no fsync of their
+            # own); an idle one commits them after a moment.
+            self._audit_timer = asyncio.get_running_loop().call_later(
+                AUDIT_LINGER_SECONDS, self._queue.put_nowait, PendingWrite()
+            )
 
     def submit_idempotency(self, record: IdempotencyRecord) -> asyncio.Future[None]:
         return self._submit(PendingWrite(requests=[record]))
@@ -181,7 +200,21 @@ class GroupCommitStore(ABC):
                     stopping = True
                     break
                 batch.append(nxt)
+            self._take_audit(batch)
             await self._commit(batch)
+        # What was audited last rides a final commit.
+        final: list[PendingWrite] = []
+        self._take_audit(final)
+        if final:
+            await self._commit(final)
+
+    def _take_audit(self, batch: list[PendingWrite]) -> None:
+        if self._audit_timer is not None:
+            self._audit_timer.cancel()
+            self._audit_timer = None
+        if self._audit:
+            batch.append(PendingWrite(audit=self._audit))
+            self._audit = []
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
         # Writes queued behind one that broke their conversation's log cannot commit: they
@@ -226,8 +259,7 @@ class GroupCommitStore(ABC):
         # the live state): the unary answers leave first, and a client that awaits its answer
         # and then its stream reads the stream while the answer is being processed.
         for write in committed:
-            assert write.done is not None
-            if not write.done.done():
+            if write.done is not None and not write.done.done():
                 write.done.set_result(None)
         events = [e for w in committed for e in w.events]
         if events:
@@ -258,6 +290,9 @@ class GroupCommitStore(ABC):
 
 
 def _fail(write: PendingWrite, error: StorageError) -> None:
-    assert write.done is not None
+    if write.done is None:  # audit entries riding the commit: nobody waits for them
+        if write.audit:
+            log.error("audit.not_stored", entries=len(write.audit), error=str(error))
+        return
     if not write.done.done():
         write.done.set_exception(error)

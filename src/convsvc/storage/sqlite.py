@@ -271,15 +271,16 @@ class SqliteStore(SqlReads, GroupCommitStore):
         def transaction(parts: list[_Rows]) -> None:  # runs on the writer thread
             writer.execute("BEGIN IMMEDIATE")
             try:
-                for conversation_rows, event_rows, request_rows, audit_rows in parts:
-                    if conversation_rows:
-                        writer.executemany(_UPSERT_CONVERSATION, conversation_rows)
-                    if event_rows:
-                        writer.executemany(_INSERT_EVENT, event_rows)
-                    if request_rows:
-                        writer.executemany(_INSERT_REQUEST, request_rows)
-                    if audit_rows:
-                        writer.executemany(_INSERT_AUDIT, audit_rows)
+                # One statement per table for the whole batch (the rows of all its writes).
+                for statement, table in (
+                    (_UPSERT_CONVERSATION, 0),
+                    (_INSERT_EVENT, 1),
+                    (_INSERT_REQUEST, 2),
+                    (_INSERT_AUDIT, 3),
+                ):
+                    table_rows = [row for part in parts for row in part[table]]
+                    if table_rows:
+                        writer.executemany(statement, table_rows)
                 writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):

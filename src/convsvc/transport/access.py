@@ -199,10 +199,12 @@ class Access:
 
 
 class Auditor:
-    """Records every mutation in the store (it survives restarts) and in the log."""
+    """Records every mutation in the store (it survives restarts) and, when asked, as a log
+    record too (one per call, sends included: off by default)."""
 
-    def __init__(self, store: ConversationStore) -> None:
+    def __init__(self, store: ConversationStore, *, log_records: bool = False) -> None:
         self._store = store
+        self._log_records = log_records
 
     def record(
         self,
@@ -228,13 +230,12 @@ class Auditor:
             reason=reason,
             affected_token_id=_field(request, "token_id") or _field(response, "token_id"),
         )
-        log.info("audit", **{k: v for k, v in _fields(entry).items() if v})
+        if self._log_records:
+            log.info("audit", **{k: v for k, v in _fields(entry).items() if v})
         try:
-            written = self._store.submit_audit(entry)
+            self._store.record_audit(entry)
         except StorageError as exc:
             log.error("audit.not_stored", method=method, error=str(exc))
-            return
-        written.add_done_callback(_report_unstored)
 
 
 def _fields(entry: AuditEntry) -> dict[str, Any]:
@@ -271,8 +272,3 @@ def _answered_conversation(response: Any) -> str:
     if "conversation" in fields:
         return str(response.conversation.conversation_id)
     return ""
-
-
-def _report_unstored(written: Any) -> None:
-    if not written.cancelled() and written.exception() is not None:
-        log.error("audit.not_stored", error=str(written.exception()))

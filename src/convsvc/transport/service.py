@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -159,40 +158,29 @@ class Guard:
         self.auditor = auditor
         self._calls = metrics.rpc_calls
         self._seconds = metrics.rpc_seconds
+        self._ok_counters: dict[str, Any] = {}
+        self._timers: dict[str, Any] = {}
 
-    @contextlib.asynccontextmanager
-    async def call(
+    def call(
         self, method: str, context: grpc.aio.ServicerContext, *, unary: bool = False
-    ) -> AsyncIterator[GuardedCall]:
-        """The block handles one call: it fills in what it learns (request, caller,
-        response); an error it raises becomes the call's status. A ``unary`` call is timed
-        and recorded in the audit log here (streams record what they do themselves)."""
-        started = time.perf_counter()
-        await self._enter(method, context)
-        call = GuardedCall()
-        error: ConvsvcError | RelayedStatus | None = None
-        try:
-            yield call
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            # The caller went away (a cancel, its deadline): what it asked for is audited
-            # with that outcome (the effect may still happen, e.g. a send a worker logs).
-            if unary and call.request is not None:
-                self._audit(method, context, call, _gone(context))
-            self._calls.labels(method, "CANCELLED").inc()
-            raise
-        except Exception as exc:
-            error = await self._as_error(method, exc)
-        finally:
-            self.gate.leave()
-        if unary and call.request is not None:
-            self._audit(method, context, call, error)
-        if error is not None:
-            await self._abort(method, context, error)
-        self._calls.labels(method, "OK").inc()
-        if unary:
-            self._seconds.labels(method).observe(time.perf_counter() - started)
+    ) -> GuardedCall:
+        """``async with guard.call(...) as call``: the block handles one call and fills in
+        what it learns (request, caller, response); an error it raises becomes the call's
+        status. A ``unary`` call is timed and recorded in the audit log here (streams record
+        what they do themselves)."""
+        return GuardedCall(self, method, context, unary)
+
+    def _ok(self, method: str) -> Any:
+        counter = self._ok_counters.get(method)
+        if counter is None:  # labels() takes a lock: looked up once per method
+            counter = self._ok_counters[method] = self._calls.labels(method, "OK")
+        return counter
+
+    def _timer(self, method: str) -> Any:
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = self._seconds.labels(method)
+        return timer
 
     async def identify(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.access is None:
@@ -285,13 +273,59 @@ def _gone(context: grpc.aio.ServicerContext) -> ConvsvcError:
     return Cancelled("the caller went away before the answer", reason="CANCELLED")
 
 
-@dataclass(slots=True)
 class GuardedCall:
-    """What a guarded call learned as it went (for the audit log)."""
+    """One call in its guard (see ``Guard.call``), and what it learned as it went."""
 
-    request: Any = None
-    caller: Caller = UNIDENTIFIED
-    response: Any = None
+    __slots__ = (
+        "_context",
+        "_guard",
+        "_method",
+        "_started",
+        "_unary",
+        "caller",
+        "request",
+        "response",
+    )
+
+    def __init__(
+        self, guard: Guard, method: str, context: grpc.aio.ServicerContext, unary: bool
+    ) -> None:
+        self._guard = guard
+        self._method = method
+        self._context = context
+        self._unary = unary
+        self._started = 0.0
+        self.request: Any = None
+        self.caller: Caller = UNIDENTIFIED
+        self.response: Any = None
+
+    async def __aenter__(self) -> GuardedCall:
+        self._started = time.perf_counter()
+        await self._guard._enter(self._method, self._context)
+        return self
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        guard, method, context = self._guard, self._method, self._context
+        guard.gate.leave()
+        if isinstance(exc, grpc.aio.AbortError):
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            # The caller went away (a cancel, its deadline): what it asked for is audited
+            # with that outcome (the effect may still happen, e.g. a send a worker logs).
+            if self._unary and self.request is not None:
+                guard._audit(method, context, self, _gone(context))
+            guard._calls.labels(method, "CANCELLED").inc()
+            return
+        if exc is not None and not isinstance(exc, Exception):
+            return  # KeyboardInterrupt and the like
+        error = await guard._as_error(method, exc) if exc is not None else None
+        if self._unary and self.request is not None:
+            guard._audit(method, context, self, error)
+        if error is not None:
+            await guard._abort(method, context, error)  # raises the call's status
+        guard._ok(method).inc()
+        if self._unary:
+            guard._timer(method).observe(time.perf_counter() - self._started)
 
 
 def _guard_unary(
