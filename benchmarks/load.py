@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
 from benchmarks import floor
 from benchmarks.processes import run_async
@@ -26,6 +26,26 @@ CHANNEL_OPTIONS = [
 ]
 # A user action the echo agent ignores: a send then costs one event, not a whole reply.
 NOTE = {"action": "bench_note", "args": {"n": 0}}
+
+
+def _event_frames_type() -> Any:
+    """A message declaring only ``repeated bytes events = 1``: a StreamEventsResponse read as
+    it reads holds each event's bytes undecoded (the floor's client decodes nothing either)."""
+    file = descriptor_pb2.FileDescriptorProto(name="bench_frames.proto", package="bench")
+    frames = file.message_type.add(name="EventFrames")
+    frames.field.add(
+        name="events",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.EventFrames"))
+
+
+EventFrames = _event_frames_type()
+STREAM_EVENTS = "/convsvc.v1.ConversationService/StreamEvents"
 
 
 def struct(data: dict[str, Any]) -> struct_pb2.Struct:
@@ -224,13 +244,12 @@ def fsync_latency(directory: Path, count: int) -> dict[str, float]:
     return latency_summary(latencies[20:])
 
 
-def catch_up(address: str, total: int, max_batch_size: int) -> dict[str, float]:
-    """A conversation of ``total`` events is written, then tailed from id 0 to its end."""
+def write_log(address: str, cid: str, total: int) -> dict[str, float]:
+    """Starts conversation ``cid`` with a log of ``total`` events (one start's replay)."""
 
     async def run() -> dict[str, float]:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
-            cid = f"catch-up-{total}"
             notes = [
                 struct({"source": "user", "action": "bench_note", "args": {"n": n}})
                 for n in range(total - 2)
@@ -239,22 +258,32 @@ def catch_up(address: str, total: int, max_batch_size: int) -> dict[str, float]:
             await stub.StartConversation(
                 pb.StartConversationRequest(conversation_id=cid, replay_events=notes), timeout=600
             )
-            write_elapsed = time.perf_counter() - began
+            elapsed = time.perf_counter() - began
+        return {"write_events_per_s": (total - 2) / elapsed}
+
+    return run_async(run())
+
+
+def catch_up(address: str, cid: str, total: int) -> dict[str, float]:
+    """The log written by ``write_log`` tailed from id 0 to its end."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             latest = total - 1  # loading, the notes, then the agent's first state
             received = 0
+            # Each batch's events stay undecoded but the last, which says where the tail is.
+            tail = channel.unary_stream(
+                STREAM_EVENTS,
+                request_serializer=pb.StreamEventsRequest.SerializeToString,
+                response_deserializer=EventFrames.FromString,
+            )
             began = time.perf_counter()
-            async for response in stub.StreamEvents(
-                pb.StreamEventsRequest(conversation_id=cid, max_batch_size=max_batch_size)
-            ):
+            async for response in tail(pb.StreamEventsRequest(conversation_id=cid)):
                 received += len(response.events)
-                if response.events and response.events[-1].id >= latest:
+                if response.events and pb.Event.FromString(response.events[-1]).id >= latest:
                     break
             elapsed = time.perf_counter() - began
-        return {
-            "events": received,
-            "events_per_s": received / elapsed,
-            "write_events_per_s": (total - 2) / write_elapsed,
-        }
+        return {"events": received, "events_per_s": received / elapsed}
 
     return run_async(run())
 

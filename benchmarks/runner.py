@@ -54,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     interleaved = scenarios.calls(sizes, progress)
-    results["floor"] = interleaved["floor"] | scenarios.floor_streams(sizes, progress)
+    streams = scenarios.streams(sizes, progress)
+    results["floor"] = interleaved["floor"] | streams["floor"]
     results["send"] = interleaved["send"]
-    results["rounds"] = interleaved["rounds"]
+    results["catch_up"] = streams["catch_up"]
+    results["rounds"] = {"calls": interleaved["rounds"], "streams": streams["rounds"]}
     results["disk_sync"] = scenarios.disk_sync(sizes, progress)
-    results["catch_up"] = scenarios.catch_up(sizes, progress)
     results["fan_out"] = scenarios.fan_out(sizes, progress)
     results["scale"] = scenarios.scale(sizes, progress)
     results["durability"] = scenarios.durability(sizes, progress)

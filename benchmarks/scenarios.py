@@ -94,13 +94,33 @@ def _unary_turns(
     }
 
 
-def floor_streams(sizes: Sizes, progress: Progress) -> dict[str, Any]:
-    with floor_server() as server:
-        progress("floor: server stream, one item per message")
-        unbatched = in_process(load.floor_stream, server.address, sizes.stream_items, 1)
-        progress("floor: server stream, 100 items per message")
-        batched = in_process(load.floor_stream, server.address, sizes.stream_items, 100)
-    return {"stream_unbatched": unbatched, "stream_batched": batched}
+def streams(sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    """Server streams: the floor's, one item per message and batched, and convsvc's catch-up
+    (a tail from id 0 of a stored log), taking turns in rounds like ``calls``."""
+    rounds: list[dict[str, dict[str, float]]] = []
+    count, total, cid = sizes.rounds, sizes.catch_up_events, "catch-up"
+    with floor_server() as floor, convsvc_server() as server:
+        progress(f"catch-up: a log of {total:,} events written by one start's replay")
+        written = in_process(load.write_log, server.address, cid, total)
+        for n in range(count):
+            progress(f"floor streams and catch-up, round {n + 1} of {count}")
+            rounds.append(
+                {
+                    "stream_unbatched": in_process(
+                        load.floor_stream, floor.address, sizes.stream_items, 1
+                    ),
+                    "stream_batched": in_process(
+                        load.floor_stream, floor.address, sizes.stream_items, 100
+                    ),
+                    "catch_up": in_process(load.catch_up, server.address, cid, total),
+                }
+            )
+    merged = {name: median_figures([r[name] for r in rounds]) for name in rounds[0]}
+    return {
+        "floor": {k: v for k, v in merged.items() if k.startswith("stream")},
+        "catch_up": merged["catch_up"] | written,
+        "rounds": rounds,
+    }
 
 
 def disk_sync(sizes: Sizes, progress: Progress) -> dict[str, Any]:
@@ -120,12 +140,6 @@ def disk_sync(sizes: Sizes, progress: Progress) -> dict[str, Any]:
         "normal_send_16": sixteen,
         "normal_round_trip": trip,
     }
-
-
-def catch_up(sizes: Sizes, progress: Progress) -> dict[str, Any]:
-    with convsvc_server() as server:
-        progress(f"catch-up: tail from id 0 of {sizes.catch_up_events:,} events")
-        return in_process(load.catch_up, server.address, sizes.catch_up_events, 0)
 
 
 def _wait_for_event(stub: pb_grpc.ConversationServiceStub, cid: str, event_id: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 JsonObject = dict[str, Any]
 
@@ -107,9 +107,12 @@ class Event:
     """The W3C traceparent of the call (or user event) that caused it; "" untraced."""
 
 
-@dataclass(slots=True, frozen=True)
-class StoredEvent:
-    """An event as the store returns it: its id and its encoding, ready to stream."""
+class StoredEvent(NamedTuple):
+    """An event as the store returns it: its id and its encoding, ready to stream.
+
+    A named tuple: a catch-up makes one per event it reads, and ``StoredEvent._make`` turns a
+    database row into one three times faster than a frozen dataclass is built.
+    """
 
     id: int
     encoded: bytes

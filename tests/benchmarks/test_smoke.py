@@ -65,7 +65,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         for key in path:
             value = value[key]
         assert isinstance(value, float | int) and math.isfinite(value) and value > 0, path
-    assert len(results["rounds"]) == 1  # quick: one round of floor and send taking turns
+    # Quick: one round of the floors and convsvc taking turns, for calls and for streams.
+    assert [len(results["rounds"][part]) for part in ("calls", "streams")] == [1, 1]
     assert results["catch_up"]["events"] >= 2_000  # the tail read the whole log
     assert results["agents"]["status"].startswith("not measured")  # no OpenHands venv here
     assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event

@@ -79,7 +79,7 @@ class EventPage:
 
 
 def plan_page(
-    sizes: Sequence[tuple[int, int]], limit: int, max_bytes: int, reverse: bool
+    sizes: Sequence[Sequence[int]], limit: int, max_bytes: int, reverse: bool
 ) -> tuple[tuple[int, int] | None, int | None]:
     """Which events a page takes, from (id, encoded size) of up to ``limit + 1`` events in
     page order: the id range to load (None: none) and where the range continues.

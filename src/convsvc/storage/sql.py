@@ -97,7 +97,7 @@ class SqlReads(ABC):
             MAX_EVENT_ID if end_id is None else end_id,
             limit,
         )
-        return [StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows]
+        return list(map(StoredEvent._make, rows))
 
     async def read_page(
         self,
@@ -121,7 +121,7 @@ class SqlReads(ABC):
             MAX_EVENT_ID if end_id is None else end_id,
             limit + 1,
         )
-        span, next_id = plan_page([(row[0], row[1]) for row in sizes], limit, max_bytes, reverse)
+        span, next_id = plan_page(sizes, limit, max_bytes, reverse)
         if span is None:
             return EventPage([], next_id)
         rows = await self._fetch(
@@ -130,7 +130,7 @@ class SqlReads(ABC):
             conversation_id,
             *span,
         )
-        return EventPage([StoredEvent(id=row[0], encoded=bytes(row[1])) for row in rows], next_id)
+        return EventPage(list(map(StoredEvent._make, rows)), next_id)
 
     async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
         rows = await self._fetch(
