@@ -53,16 +53,21 @@ def service_config() -> str:
     )
 
 
-def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
+def channel_options(settings: ClientSettings, *, retries: bool = True) -> list[tuple[str, Any]]:
+    """``retries``: gRPC retries unary calls that fail UNAVAILABLE. A channel to one node of
+    a cluster has none: a call that fails there goes through the configured address at once
+    (see ``routing``)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config()),
         # Notice a dead peer on a quiet stream within a minute rather than hours.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
+    if retries:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config())]
+    else:
+        options.append(("grpc.enable_retries", 0))
     if settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
     return options
@@ -102,3 +107,26 @@ def traced(channel: grpc.Channel, settings: ClientSettings) -> grpc.Channel:
     from opentelemetry.instrumentation.grpc import client_interceptor
 
     return grpc.intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]
+
+
+def aio_channel(
+    settings: ClientSettings, address: str, *, retries: bool = True
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``address`` with the settings' credentials and options."""
+    options = channel_options(settings, retries=retries)
+    interceptors = aio_interceptors(settings)
+    credentials_ = credentials(settings)
+    if credentials_ is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials_, options, interceptors=interceptors)
+
+
+def blocking_channel(
+    settings: ClientSettings, address: str, *, retries: bool = True
+) -> grpc.Channel:
+    """A blocking channel to ``address`` with the settings' credentials and options."""
+    options = channel_options(settings, retries=retries)
+    credentials_ = credentials(settings)
+    if credentials_ is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials_, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -17,6 +18,7 @@ from convclient.connect import AsyncConnectSession, open_request
 from convclient.errors import ConvsvcClientError, ServiceUnavailableError, from_rpc_error
 from convclient.models import Connection, Conversation, Event, EventBatch, Page, WatchUpdate
 from convclient.reconnect import RESUMABLE, Reconnects
+from convclient.routing import Node, Owners
 from convclient.watch import WatchReader
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
@@ -61,18 +63,11 @@ class AsyncConvsvcClient:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self._metadata = channels.call_metadata(settings)
-        credentials = channels.credentials(settings)
-        options = channels.channel_options(settings)
-        interceptors = channels.aio_interceptors(settings)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(
-                settings.address, options=options, interceptors=interceptors
-            )
-        else:
-            self._channel = grpc.aio.secure_channel(
-                settings.address, credentials, options, interceptors=interceptors
-            )
+        self._channel = channels.aio_channel(settings, settings.address)
         self._stub = pb_grpc.ConversationServiceStub(self._channel)
+        self._owners = Owners() if settings.route_to_owner else None
+        self._nodes: dict[str, Node[pb_grpc.ConversationServiceStub]] = {}
+        """A channel per node of a cluster that owns conversations this client calls."""
 
     async def __aenter__(self) -> AsyncConvsvcClient:
         return self
@@ -81,7 +76,29 @@ class AsyncConvsvcClient:
         await self.close()
 
     async def close(self) -> None:
+        nodes, self._nodes = self._nodes, {}
+        for node in nodes.values():
+            await node.channel.close()
         await self._channel.close()
+
+    def _node_for(self, conversation_id: str) -> Node[pb_grpc.ConversationServiceStub] | None:
+        """The node that runs the conversation, when known and not the configured address
+        (None: call the configured address)."""
+        if self._owners is None:
+            return None
+        address = self._owners.owner(conversation_id)
+        if not address or address == self.settings.address:
+            return None
+        node = self._nodes.get(address)
+        if node is None:
+            channel = channels.aio_channel(self.settings, address, retries=False)
+            stub = pb_grpc.ConversationServiceStub(channel)
+            node = self._nodes[address] = Node(address, channel, stub)
+        return node
+
+    def _stub_for(self, conversation_id: str) -> pb_grpc.ConversationServiceStub | None:
+        node = self._node_for(conversation_id)
+        return node.stub if node is not None else None
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         """Waits until the channel is connected (for example after the service restarted,
@@ -95,18 +112,39 @@ class AsyncConvsvcClient:
             ) from None
 
     async def _invoke(self, prepared: requests.Prepared[R]) -> R:
-        method = getattr(self._stub, prepared.method)
-        try:
-            response = await method(
-                prepared.request, timeout=self.settings.timeout_seconds, metadata=self._metadata
+        owners, name, request = self._owners, prepared.method, prepared.request
+        cid = owners.conversation_of(name, request) if owners is not None else ""
+        deadline = time.monotonic() + self.settings.timeout_seconds
+        node = self._node_for(cid)
+        if owners is not None and node is not None:
+            call = getattr(node.stub, name)(
+                request, timeout=self.settings.timeout_seconds, metadata=self._metadata
             )
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                if not owners.failed_at_owner(name, cid, exc):
+                    raise self._error(exc, node.address) from None
+            else:
+                # A node that lost the conversation forwards the call and names the new owner.
+                owners.learn_header(cid, await call.initial_metadata())
+                owners.learn(name, request, response)
+                return prepared.read(response)
+        call = getattr(self._stub, name)(
+            request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
+        )
+        try:
+            response = await call
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+        if owners is not None:
+            owners.learn_header(cid, await call.initial_metadata())
+            owners.learn(name, request, response)
         return prepared.read(response)
 
-    def _error(self, exc: grpc.RpcError) -> ConvsvcClientError:
+    def _error(self, exc: grpc.RpcError, address: str = "") -> ConvsvcClientError:
         return from_rpc_error(
-            exc, address=self.settings.address, timeout=self.settings.timeout_seconds
+            exc, address=address or self.settings.address, timeout=self.settings.timeout_seconds
         )
 
     start_conversation = _unary(requests.start_conversation)
@@ -203,7 +241,9 @@ class AsyncConvsvcClient:
             self.settings.stream_reconnect_seconds,
         )
         while True:
-            call = self._stub.StreamEvents(
+            # Live events start at the node that runs the loop: tail them there.
+            node = self._stub_for(conversation_id)
+            call = (node or self._stub).StreamEvents(
                 requests.stream_events(
                     conversation_id,
                     user_id=user_id,
@@ -226,6 +266,9 @@ class AsyncConvsvcClient:
                 if exc.code() not in RESUMABLE:
                     raise self._error(exc) from None
                 failure = exc
+                gone = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if node is not None and gone and self._owners is not None:
+                    self._owners.forget(conversation_id)  # resume through the configured address
             finally:
                 call.cancel()
             await reconnects.wait(failure)
@@ -296,5 +339,7 @@ class AsyncConvsvcClient:
             max_batch_size=max_batch_size,
         )
         return AsyncConnectSession(
-            self._stub.Connect(metadata=self._metadata), opening, self._error
+            (self._stub_for(conversation_id) or self._stub).Connect(metadata=self._metadata),
+            opening,
+            self._error,
         )

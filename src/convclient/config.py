@@ -40,6 +40,10 @@ class ClientSettings(BaseSettings):
     """Spans for every call, continuing the caller's trace (CONVSVC_TRACING; needs the
     ``tracing`` extra: opentelemetry-instrumentation-grpc)."""
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    route_to_owner: bool = True
+    """In a cluster, send each conversation's calls to the node that runs it, as the
+    service reports it (CONVSVC_ROUTE_TO_OWNER). Turn off when this client cannot reach the
+    nodes' advertised addresses: every call then goes to ``address``, which forwards it."""
 
     @model_validator(mode="after")
     def _check(self) -> ClientSettings:

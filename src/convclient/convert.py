@@ -70,6 +70,7 @@ def conversation(message: pb.Conversation) -> Conversation:
         last_active_time=_time(message, "last_active_time"),
         connection_count=message.connection_count,
         queue_position=message.queue_position,
+        owner_address=message.owner_address,
     )
 
 

@@ -52,6 +52,8 @@ class Conversation(_Model):
     connection_count: int = 0
     queue_position: int = 0
     """For a QUEUED start: 1 for the next to run; otherwise 0."""
+    owner_address: str = ""
+    """In a cluster, the node that runs it (the client sends its calls there); else empty."""
 
 
 class Connection(_Model):

@@ -3,6 +3,8 @@ synchronously). Same calls, deadlines, retries and errors as the async client.""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -15,6 +17,7 @@ from convclient.connect import ConnectSession, open_request
 from convclient.errors import ConvsvcClientError, from_rpc_error
 from convclient.models import Event, WatchUpdate
 from convclient.reconnect import RESUMABLE, Reconnects
+from convclient.routing import Node, Owners
 from convclient.watch import WatchReader
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
@@ -43,13 +46,12 @@ class ConvsvcClient:
             settings = settings.model_copy(update=overrides)
         self.settings = settings
         self._metadata = channels.call_metadata(settings)
-        credentials = channels.credentials(settings)
-        options = channels.channel_options(settings)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(settings.address, options=options)
-        else:
-            self._channel = grpc.secure_channel(settings.address, credentials, options)
+        self._channel = channels.blocking_channel(settings, settings.address)
         self._stub = pb_grpc.ConversationServiceStub(channels.traced(self._channel, settings))
+        self._owners = Owners() if settings.route_to_owner else None
+        self._nodes: dict[str, Node[pb_grpc.ConversationServiceStub]] = {}
+        """A channel per node of a cluster that owns conversations this client calls."""
+        self._nodes_lock = threading.Lock()
 
     def __enter__(self) -> ConvsvcClient:
         return self
@@ -58,16 +60,58 @@ class ConvsvcClient:
         self.close()
 
     def close(self) -> None:
+        with self._nodes_lock:
+            nodes, self._nodes = self._nodes, {}
+        for node in nodes.values():
+            node.channel.close()
         self._channel.close()
 
+    def _node_for(self, conversation_id: str) -> Node[pb_grpc.ConversationServiceStub] | None:
+        """As AsyncConvsvcClient._node_for."""
+        if self._owners is None:
+            return None
+        address = self._owners.owner(conversation_id)
+        if not address or address == self.settings.address:
+            return None
+        with self._nodes_lock:
+            node = self._nodes.get(address)
+            if node is None:
+                channel = channels.blocking_channel(self.settings, address, retries=False)
+                stub = pb_grpc.ConversationServiceStub(channels.traced(channel, self.settings))
+                node = self._nodes[address] = Node(address, channel, stub)
+        return node
+
+    def _stub_for(self, conversation_id: str) -> pb_grpc.ConversationServiceStub | None:
+        node = self._node_for(conversation_id)
+        return node.stub if node is not None else None
+
     def _invoke(self, prepared: requests.Prepared[R]) -> R:
-        method = getattr(self._stub, prepared.method)
+        """As AsyncConvsvcClient._invoke: at the conversation's node when known."""
+        owners, name, request = self._owners, prepared.method, prepared.request
+        cid = owners.conversation_of(name, request) if owners is not None else ""
+        deadline = time.monotonic() + self.settings.timeout_seconds
+        node = self._node_for(cid)
+        if owners is not None and node is not None:
+            try:
+                response, call = getattr(node.stub, name).with_call(
+                    request, timeout=self.settings.timeout_seconds, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                if not owners.failed_at_owner(name, cid, exc):
+                    raise self._error(exc, node.address) from None
+            else:
+                owners.learn_header(cid, call.initial_metadata())
+                owners.learn(name, request, response)
+                return prepared.read(response)
         try:
-            response = method(
-                prepared.request, timeout=self.settings.timeout_seconds, metadata=self._metadata
+            response, call = getattr(self._stub, name).with_call(
+                request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        if owners is not None:
+            owners.learn_header(cid, call.initial_metadata())
+            owners.learn(name, request, response)
         return prepared.read(response)
 
     start_conversation = _unary(requests.start_conversation)
@@ -141,15 +185,16 @@ class ConvsvcClient:
             start_id=start_id,
             max_batch_size=max_batch_size,
         )
+        stub = self._stub_for(conversation_id) or self._stub
         return ConnectSession(
-            lambda requests: self._stub.Connect(requests, metadata=self._metadata),
+            lambda requests: stub.Connect(requests, metadata=self._metadata),
             opening,
             self._error,
         )
 
-    def _error(self, exc: grpc.RpcError) -> ConvsvcClientError:
+    def _error(self, exc: grpc.RpcError, address: str = "") -> ConvsvcClientError:
         return from_rpc_error(
-            exc, address=self.settings.address, timeout=self.settings.timeout_seconds
+            exc, address=address or self.settings.address, timeout=self.settings.timeout_seconds
         )
 
     def iter_events(

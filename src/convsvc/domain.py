@@ -75,6 +75,8 @@ class ConversationView:
     connection_count: int
     queue_position: int = 0
     """For a QUEUED start: 1 for the next to run; otherwise 0."""
+    owner_address: str = ""
+    """In a cluster, the address of the node that runs or queued it (clients may call it)."""
 
 
 @dataclass(slots=True, frozen=True)

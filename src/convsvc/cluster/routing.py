@@ -39,6 +39,9 @@ EVICT = "x-convsvc-evict"
 """On a forwarded CloseConversation: the close makes room under the per-user limit."""
 FOLLOW = "x-convsvc-follow"
 """On a StreamEvents between nodes: live events of a loop the callee runs, or OWNER_MOVED."""
+OWNER = "x-convsvc-owner"
+"""In the header of an answer this node forwarded: the owner's address, where a client that
+routes (convclient does) sends the conversation's next calls itself."""
 
 _BY_CONVERSATION = {
     "StartConversation",

@@ -13,7 +13,7 @@ from typing import Any
 
 from convsvc import validation
 from convsvc.cluster.follow import Followers
-from convsvc.cluster.routing import EVICT, FOLLOW, Router, header
+from convsvc.cluster.routing import EVICT, FOLLOW, OWNER, Router, header
 from convsvc.cluster.watch import RESUME_ONLY, ClusterWatch
 from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
@@ -56,7 +56,10 @@ class ClusteredServicer(ConversationServicer):
                 owner = await self._router.moved_to(method, request, context)
                 if owner is None:
                     raise
-        return await self._router.forward(method, request, context, owner)
+        answer = await self._router.forward(method, request, context, owner)
+        if owner.address:
+            await context.send_initial_metadata(((OWNER, owner.address),))
+        return answer
 
     async def StartConversation(self, request: Any, context: Context) -> Any:
         return await self._routed("StartConversation", request, context, super().StartConversation)

@@ -353,6 +353,7 @@ class Admission:
             last_active_time=entry.create_time,
             connection_count=0,
             queue_position=self.queues.position(entry) if position is None else position,
+            owner_address=self._registry.address if position != 0 else "",
         )
 
     def _room(self, user: str | None) -> int:

@@ -109,6 +109,7 @@ class ConversationEngine:
         """From now on leases decide which conversations run here (see convsvc.cluster)."""
         self._lifecycle.membership = membership
         self._admission.clustered = True
+        self._registry.address = membership.address
 
     async def start(self) -> None:
         """Starts the periodic cleanup (idle loops, silent client instances)."""

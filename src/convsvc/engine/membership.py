@@ -14,6 +14,9 @@ from convsvc.domain import Connection, ConversationRecord
 
 
 class Membership(Protocol):
+    address: str
+    """host:port where other nodes and clients reach this node."""
+
     async def claim(
         self, record: ConversationRecord, *, take_over: bool, may_stop: frozenset[str] | None
     ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection
 
-from convsvc.domain import ConversationView
+from convsvc.domain import ConversationStatus, ConversationView
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.runtime import ConversationRuntime
 from convsvc.engine.watch import WatchedConversation
@@ -23,6 +23,8 @@ class RuntimeRegistry:
         self._runtimes: dict[str, ConversationRuntime] = {}
         self._by_user: defaultdict[str | None, set[str]] = defaultdict(set)
         """Ids by user: a user's list does not grow with others' conversations."""
+        self.address = ""
+        """In a cluster, this node's address: where callers reach what runs here."""
 
     def get(self, conversation_id: str) -> ConversationRuntime | None:
         """The conversation's runtime, closing ones included."""
@@ -75,6 +77,7 @@ class RuntimeRegistry:
             create_time=record.create_time,
             last_active_time=runtime.last_active_time,
             connection_count=self._connections.count_for_conversation(record.conversation_id),
+            owner_address=self.address if runtime.status is not ConversationStatus.STOPPED else "",
         )
 
     def watched(self, runtime: ConversationRuntime) -> WatchedConversation:

@@ -140,6 +140,7 @@ def conversation_to_pb(view: ConversationView) -> pb.Conversation:
         latest_event_id=view.latest_event_id,
         connection_count=view.connection_count,
         queue_position=view.queue_position,
+        owner_address=view.owner_address,
     )
     message.create_time.FromDatetime(view.create_time)
     message.last_active_time.FromDatetime(view.last_active_time)

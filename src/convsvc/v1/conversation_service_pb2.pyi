@@ -72,7 +72,7 @@ PERMISSION_WRITE: Permission
 PERMISSION_ADMIN: Permission
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position")
+    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position", "owner_address")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Conversation(_message.Message):
     LAST_ACTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     status: ConversationStatus
@@ -93,7 +94,8 @@ class Conversation(_message.Message):
     last_active_time: _timestamp_pb2.Timestamp
     connection_count: int
     queue_position: int
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    owner_address: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner_address: _Optional[str] = ...) -> None: ...
 
 class Connection(_message.Message):
     __slots__ = ("connection_id", "conversation_id", "user_id", "client_instance_id")
