@@ -193,7 +193,8 @@ class Settings(BaseSettings):
     database_password_file: Path | None = None
     """The database password, read from this file (kept out of the URL and the logs)."""
     advertise_address: str | None = None
-    """host:port other nodes use to reach this one (default: the bound address)."""
+    """host:port other nodes and routing clients use to reach this one (default: the bound
+    address)."""
     engine: EngineConfig = EngineConfig()
     workers: WorkersConfig = WorkersConfig()
     cluster: ClusterConfig = ClusterConfig()
