@@ -138,7 +138,11 @@ async def test_an_unreachable_database_fails_writes_it_may_have_lost_then_recove
 
 async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> None:
     dsn = postgres.create_database()
-    assert await migrate(dsn) == ["0001_cluster.sql", "0002_audit.sql"]
+    assert await migrate(dsn) == [
+        "0001_cluster.sql",
+        "0002_audit.sql",
+        "0003_plans_for_stale_statistics.sql",
+    ]
     assert await migrate(dsn) == []
 
 

@@ -85,6 +85,42 @@ EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node
 """
 
 
+def same_user(user_id: str | None) -> str:
+    """The condition on ``c.user_id = $1``: "=" (or IS NULL), not IS NOT DISTINCT FROM,
+    which no index serves."""
+    return "c.user_id = $1" if user_id is not None else "$1::text IS NULL AND c.user_id IS NULL"
+
+
+# Queries whose plan must not depend on fresh statistics (see migration 0003; a test checks
+# their plans while the statistics say nothing runs).
+OWNER_OF = f"""
+SELECT c.running, c.owner_node, c.owner_address, {OWNER_ALIVE} AS alive
+FROM conversations c WHERE c.conversation_id = $1
+"""
+"""By primary key alone, whatever the statistics say about running conversations."""
+RUNNING_OF_USER = """
+SELECT count(*) FROM conversations c
+WHERE c.running AND {same_user} AND c.conversation_id <> $2
+"""
+OLDEST_OF_USER = f"""
+SELECT c.conversation_id, c.owner_node, c.owner_address, {OWNER_ALIVE} AS alive
+FROM conversations c WHERE c.running AND {{same_user}} AND c.conversation_id <> $2
+ORDER BY c.last_active_time, c.conversation_id LIMIT $3
+"""
+STOP_ORPHAN = f"""
+UPDATE conversations c SET running = false, owner_node = NULL, owner_address = NULL,
+    lease_epoch = c.lease_epoch + 1
+WHERE c.conversation_id = $1 AND c.running AND (c.owner_node IS NULL OR NOT {OWNER_ALIVE})
+"""
+WITHOUT_OWNER = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE running AND owner_node IS NULL LIMIT $1
+"""
+OWNED_BY = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversations
+WHERE running AND owner_node = ANY($1::text[]) LIMIT $2
+"""
+
+
 @dataclass(slots=True, frozen=True)
 class Owner:
     """Who holds a running conversation's lease (``node_id`` None: nobody yet)."""
@@ -390,28 +426,14 @@ class PostgresStore(SqlReads, GroupCommitStore):
                 if take_over and not running:
                     return Claim(None, [])
                 if not running:
-                    # "= $1" (or IS NULL), not IS NOT DISTINCT FROM: only these use the index.
-                    same_user = (
-                        "c.user_id = $1"
-                        if record.user_id is not None
-                        else "$1::text IS NULL AND c.user_id IS NULL"
-                    )
+                    user = same_user(record.user_id)
                     count = await conn.fetchval(
-                        f"SELECT count(*) FROM conversations c WHERE c.running AND {same_user} "
-                        "AND c.conversation_id <> $2",
-                        record.user_id,
-                        cid,
+                        RUNNING_OF_USER.format(same_user=user), record.user_id, cid
                     )
                     excess = int(count) - limit + 1
                     if excess > 0:
                         oldest = await conn.fetch(
-                            self.sql(
-                                "SELECT c.conversation_id, c.owner_node, c.owner_address, "
-                                f"{OWNER_ALIVE} AS alive FROM conversations c "
-                                f"WHERE c.running AND {same_user} "
-                                "AND c.conversation_id <> $2 ORDER BY c.last_active_time, "
-                                "c.conversation_id LIMIT $3"
-                            ),
+                            self.sql(OLDEST_OF_USER.format(same_user=user)),
                             record.user_id,
                             cid,
                             excess,
@@ -467,12 +489,7 @@ class PostgresStore(SqlReads, GroupCommitStore):
         """Stops a running conversation whose owner is gone (nobody can log ``stopped``)."""
         await self.run(
             lambda conn: conn.execute(
-                self.sql(
-                    "UPDATE conversations c SET running = false, owner_node = NULL, "
-                    "owner_address = NULL, lease_epoch = c.lease_epoch + 1 "
-                    "WHERE c.conversation_id = $1 AND c.running "
-                    f"AND (c.owner_node IS NULL OR NOT {OWNER_ALIVE})"
-                ),
+                self.sql(STOP_ORPHAN),
                 conversation_id,
             )
         )
@@ -483,22 +500,13 @@ class PostgresStore(SqlReads, GroupCommitStore):
 
     async def owner_of(self, conversation_id: str) -> Owner | None:
         """The owner of a running conversation, or None when it is not running."""
-        rows = await self.run(
-            lambda conn: conn.fetch(
-                self.sql(
-                    f"SELECT c.owner_node, c.owner_address, {OWNER_ALIVE} AS alive "
-                    "FROM conversations c WHERE c.conversation_id = $1 AND c.running"
-                ),
-                conversation_id,
-            )
-        )
-        if not rows:
+        rows = await self.run(lambda conn: conn.fetch(self.sql(OWNER_OF), conversation_id))
+        if not rows or not rows[0][0]:
             return None
-        return Owner(rows[0][0], rows[0][1], bool(rows[0][2]))
+        return Owner(rows[0][1], rows[0][2], bool(rows[0][3]))
 
     async def orphans(self, limit: int) -> list[ConversationRecord]:
         """Running conversations whose owner is gone (or that were handed off)."""
-        columns = f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE running AND "
 
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             dead = [
@@ -511,12 +519,10 @@ class PostgresStore(SqlReads, GroupCommitStore):
                     self.node_id,
                 )
             ]
-            # Two lookups of the partial index on owner_node (an OR of them would scan).
-            rows = list(await conn.fetch(columns + "owner_node IS NULL LIMIT $1", limit))
+            # Two lookups, each on its own partial index (an OR of them would scan).
+            rows = list(await conn.fetch(WITHOUT_OWNER, limit))
             if dead and len(rows) < limit:
-                rows += await conn.fetch(
-                    columns + "owner_node = ANY($1::text[]) LIMIT $2", dead, limit - len(rows)
-                )
+                rows += await conn.fetch(OWNED_BY, dead, limit - len(rows))
             return rows
 
         return [conversation_record(row) for row in await self.run(work)]
