@@ -25,7 +25,15 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert "| goal | measured | target | met |" in finished.stdout
-    steps = ("floor and send", "round trip", "floor:", "disk:", "catch-up:", "fan-out:", "scale:")
+    steps = (
+        "floor and send",
+        "round trip",
+        "floor streams",
+        "disk:",
+        "catch-up:",
+        "fan-out:",
+        "scale:",
+    )
     for step in (*steps, "Connect stream", "durability:", "worker relay:", "cluster: takeover"):
         assert step in finished.stderr  # progress is shown while it runs
 

@@ -18,7 +18,7 @@ from convsvc.v1 import agent_worker_service_pb2 as wpb
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.conftest import running_app
-from tests.helpers import error_info, expect_error
+from tests.helpers import agent_state_is, error_info, expect_error, grpc_events_until
 from tests.workers.conftest import FAST_LIVENESS, ScriptedWorker
 
 LIMIT = 1024 * 1024
@@ -56,6 +56,10 @@ async def test_no_path_logs_an_event_over_the_limit(tmp_path: Path, agent: str, 
             await stub.StartConversation(
                 pb.StartConversationRequest(conversation_id="c", agent=agent)
             )
+            if agent == "echo":
+                # The echo agent's own start events land after Start answers: wait for them,
+                # so that "nothing logged" compares against a settled log.
+                await grpc_events_until(stub, "c", agent_state_is("awaiting_user_input"))
             before = await stored(stub, "c")
             paths: dict[str, Callable[[], Awaitable[Any]]] = {
                 "SendEvent": lambda: stub.SendEvent(
