@@ -77,13 +77,17 @@ def remote_manager(openhands_python: Path, address: str, count: int) -> dict[str
     return _in_openhands(openhands_python, "benchmarks.adapter_remote", address, count)
 
 
-def openhands_agents(openhands_python: Path, address: str, count: int) -> dict[str, Any]:
-    return _in_openhands(openhands_python, "benchmarks.agents_remote", address, count)
+def openhands_agents(
+    openhands_python: Path, address: str, convsvc_pid: int, rounds: int
+) -> dict[str, Any]:
+    """OpenHands' web server with its own manager against RemoteConversationManager, in the
+    OpenHands release of that venv."""
+    return _in_openhands(openhands_python, "benchmarks.agents_web", address, convsvc_pid, rounds)
 
 
-def _in_openhands(openhands_python: Path, module: str, address: str, count: int) -> dict[str, Any]:
+def _in_openhands(openhands_python: Path, module: str, *arguments: object) -> dict[str, Any]:
     finished = subprocess.run(
-        [str(openhands_python), "-m", module, address, str(count)],
+        [str(openhands_python), "-m", module, *map(str, arguments)],
         cwd=ROOT,
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
@@ -91,7 +95,7 @@ def _in_openhands(openhands_python: Path, module: str, address: str, count: int)
         },
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         check=False,
     )
     if finished.returncode != 0:

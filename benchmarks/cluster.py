@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,14 +43,15 @@ class ClusterSizes:
     running: int
     floor_appends: int
     lease_ttl_seconds: float
+    rounds: int
 
     @classmethod
     def full(cls) -> ClusterSizes:
-        return cls(6_000, 300, 10, 1_000_000, 100_000, 20_000, 10.0)
+        return cls(6_000, 300, 10, 1_000_000, 100_000, 20_000, 10.0, 3)
 
     @classmethod
     def quick(cls) -> ClusterSizes:
-        return cls(200, 20, 1, 2_000, 200, 500, 3.0)
+        return cls(200, 20, 1, 2_000, 200, 500, 3.0, 1)
 
 
 @contextmanager
@@ -172,6 +174,22 @@ def calls(postgres: PostgresServer, sizes: ClusterSizes, progress: Progress) -> 
                 f"fwd{concurrency}",
                 other.address,
             )
+        routed: dict[str, list[float]] = {"owner": [], "routing": []}
+        for n in range(sizes.rounds):
+            progress(
+                f"cluster: convclient sending to the owner, then through another node "
+                f"(routing), round {n + 1} of {sizes.rounds}"
+            )
+            for path, address in (("owner", owner.address), ("routing", other.address)):
+                routed[path].append(
+                    in_process(
+                        load.client_sends, owner.address, address, 16, sizes.sends, f"{path}{n}"
+                    )["calls_per_s"]
+                )
+        figures["client_send_16"] = {
+            path: {"calls_per_s": statistics.median(rates), "rounds": rates}
+            for path, rates in routed.items()
+        }
         progress("cluster: round trip through the owner, then through another node")
         figures["round_trip_owner"] = in_process(
             load.round_trip, owner.address, sizes.round_trips, "rt-owner"
@@ -187,6 +205,14 @@ def calls(postgres: PostgresServer, sizes: ClusterSizes, progress: Progress) -> 
     } | {
         "round_trip_owner_p50": figures["round_trip_owner"]["p50_ms"] / floor1["p50_ms"],
         "round_trip_forwarded_p50": figures["round_trip_forwarded"]["p50_ms"] / floor1["p50_ms"],
+        "routing_client_16": statistics.median(
+            routing / owner
+            for routing, owner in zip(
+                figures["client_send_16"]["routing"]["rounds"],
+                figures["client_send_16"]["owner"]["rounds"],
+                strict=True,
+            )
+        ),
     }
     return figures
 
@@ -379,6 +405,11 @@ def _scale_one(
         "stored_seconds": stored_s,
         "running": per_node * len(group),
         "starts_per_s": sum(r["starts_per_s"] for r in started),
+        # The nodes start theirs side by side: a tenth of the cluster's starts is a tenth of
+        # each node's.
+        "starts_per_s_by_tenth": [
+            sum(rates) for rates in zip(*(r["tenths_per_s"] for r in started), strict=True)
+        ],
         "kib_per_loop": (rss_after - rss_before) / (per_node * len(group)),
         "user_list_p50_ms_small": before_list["p50_ms"],
         "user_list_p50_ms_at_scale": after_list["p50_ms"],

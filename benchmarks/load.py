@@ -17,6 +17,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from benchmarks import floor
 from benchmarks.processes import run_async
 from benchmarks.stats import latency_summary
+from convclient import AsyncConvsvcClient
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 
@@ -58,8 +59,11 @@ def message(content: str) -> struct_pb2.Struct:
     return struct({"action": "message", "args": {"content": content}})
 
 
-async def _workers(concurrency: int, count: int, call: Any) -> tuple[float, list[float]]:
-    """Runs ``count`` calls, ``concurrency`` at a time; returns (elapsed, latencies)."""
+async def _workers(
+    concurrency: int, count: int, call: Any, finished: list[float] | None = None
+) -> tuple[float, list[float]]:
+    """Runs ``count`` calls, ``concurrency`` at a time; returns (elapsed, latencies), and
+    appends each call's end (perf_counter) to ``finished`` when given."""
     latencies: list[float] = []
     per_worker = [
         count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)
@@ -69,11 +73,28 @@ async def _workers(concurrency: int, count: int, call: Any) -> tuple[float, list
         for n in range(calls):
             began = time.perf_counter()
             await call(index, n)
-            latencies.append(time.perf_counter() - began)
+            ended = time.perf_counter()
+            latencies.append(ended - began)
+            if finished is not None:
+                finished.append(ended)
 
     began = time.perf_counter()
     await asyncio.gather(*(worker(i, calls) for i, calls in enumerate(per_worker)))
     return time.perf_counter() - began, latencies
+
+
+def _tenths(began: float, finished: list[float]) -> list[float]:
+    """Calls per second in each tenth of the calls, in the order they finished."""
+    ends = sorted(finished)
+    size = len(ends) // 10
+    if not size:
+        return []
+    rates, start = [], began
+    for tenth in range(10):
+        end = ends[(tenth + 1) * size - 1]
+        rates.append(size / max(end - start, 1e-9))
+        start = end
+    return rates
 
 
 def _rate(count: int, elapsed: float, latencies: list[float]) -> dict[str, float]:
@@ -146,6 +167,32 @@ def send_events(
 
             def call(index: int, n: int) -> Any:
                 return send(requests[index])
+
+            elapsed, latencies = await _workers(concurrency, count, call)
+        return _rate(count, elapsed, latencies)
+
+    return run_async(run())
+
+
+def client_sends(
+    owner: str, address: str, concurrency: int, count: int, tag: str
+) -> dict[str, float]:
+    """Sends through convclient's AsyncConvsvcClient configured with ``address``, each worker
+    to its own conversation started on ``owner``: given another node, a routing client learns
+    the owner from the first answer and calls it directly from then on."""
+
+    async def run() -> dict[str, float]:
+        async with grpc.aio.insecure_channel(owner) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            ids = [f"{tag}-{i}" for i in range(concurrency)]
+            for cid in ids:
+                await stub.StartConversation(pb.StartConversationRequest(conversation_id=cid))
+        async with AsyncConvsvcClient(address=address) as client:
+            for cid in ids:  # warm-up (and, through another node, where the owner is)
+                await client.send_event(NOTE, conversation_id=cid)
+
+            def call(index: int, n: int) -> Any:
+                return client.send_event(NOTE, conversation_id=ids[index])
 
             elapsed, latencies = await _workers(concurrency, count, call)
         return _rate(count, elapsed, latencies)
@@ -337,10 +384,11 @@ def subscribers(
 
 def start_many(
     address: str, prefix: str, count: int, concurrency: int, users: int = 0
-) -> dict[str, float]:
-    """Starts ``count`` echo conversations (spread over ``users`` users when given)."""
+) -> dict[str, Any]:
+    """Starts ``count`` echo conversations (spread over ``users`` users when given); with
+    the start rate in each tenth of them, to show whether it falls as the node fills."""
 
-    async def run() -> dict[str, float]:
+    async def run() -> dict[str, Any]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
 
@@ -351,8 +399,14 @@ def start_many(
                     pb.StartConversationRequest(conversation_id=cid, user_id=user)
                 )
 
-            elapsed, latencies = await _workers(concurrency, count, call)
-        return {"starts_per_s": count / elapsed, **latency_summary(latencies)}
+            finished: list[float] = []
+            began = time.perf_counter()
+            elapsed, latencies = await _workers(concurrency, count, call, finished)
+        return {
+            "starts_per_s": count / elapsed,
+            "tenths_per_s": _tenths(began, finished),
+            **latency_summary(latencies),
+        }
 
     return run_async(run())
 

@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         help="python of a venv with openhands-ai and convclient, for the adapter row",
     )
     parser.add_argument(
+        "--agents",
+        action="append",
+        metavar="VERSION=PYTHON",
+        default=os.environ.get("CONVSVC_BENCH_AGENTS", "").split(),
+        help="an OpenHands release and the python of a venv with it, for the agents rows",
+    )
+    parser.add_argument(
         "--no-cluster", action="store_true", help="skip the clustered mode (PostgreSQL) section"
     )
     args = parser.parse_args(argv)
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     results["durability"] = scenarios.durability(sizes, progress)
     results["adapter"] = scenarios.adapter(sizes, progress, args.openhands_python)
     results["worker_relay"] = scenarios.worker_relay(sizes, progress)
-    results["agents"] = scenarios.agents(sizes, progress, args.openhands_python)
+    releases = dict(entry.split("=", 1) for entry in args.agents)
+    results["agents"] = scenarios.agents(sizes, progress, {v: Path(p) for v, p in releases.items()})
     if not args.no_cluster:
         results["cluster"] = cluster.run(args.quick, progress)
     checked = report.goals(results)

@@ -37,14 +37,15 @@ class Sizes:
     conversations: int
     durable_appends: int
     rounds: int
+    agent_rounds: int
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(20_000, 200_000, 10_000, 600, 100_000, 1_000, 25, 10_000, 5_000, 3)
+        return cls(20_000, 200_000, 10_000, 600, 100_000, 1_000, 25, 10_000, 5_000, 3, 7)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(300, 2_000, 200, 20, 2_000, 20, 3, 200, 200, 1)
+        return cls(300, 2_000, 200, 20, 2_000, 20, 3, 200, 200, 1, 1)
 
 
 def calls(sizes: Sizes, progress: Progress) -> dict[str, Any]:
@@ -244,15 +245,19 @@ def worker_relay(sizes: Sizes, progress: Progress) -> dict[str, Any]:
         return in_process(load.worker_relay, server.address, sizes.catch_up_events, 100)
 
 
-def agents(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:
-    """Real OpenHands agents on workers against OpenHands' standalone manager (0.62)."""
-    if openhands_python is None:
-        return {"status": "not measured: no OpenHands venv given (--openhands-python)"}
-    with convsvc_server(engine__default_agent="openhands") as server:
-        progress("agents: OpenHands on workers (warm, cold) and OpenHands' standalone manager")
-        return adapter_paths.openhands_agents(
-            openhands_python, server.address, max(sizes.round_trips // 60, 3)
-        )
+def agents(sizes: Sizes, progress: Progress, releases: dict[str, Path]) -> dict[str, Any]:
+    """Real OpenHands agents: OpenHands' web server with its own manager against the same
+    server with RemoteConversationManager and a convsvc worker, per OpenHands release."""
+    if not releases:
+        return {"status": "not measured: no OpenHands venv given (--agents VERSION=PYTHON)"}
+    measured = {}
+    for version, python in releases.items():
+        with convsvc_server(engine__default_agent="openhands") as server:
+            progress(f"agents: OpenHands {version}'s web server, its own manager and convsvc's")
+            measured[version] = adapter_paths.openhands_agents(
+                python, server.address, server.process.pid, sizes.agent_rounds
+            )
+    return measured
 
 
 def adapter(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:

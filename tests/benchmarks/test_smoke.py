@@ -24,7 +24,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         check=False,
     )
     assert finished.returncode == 0, finished.stderr
-    assert "| goal | measured | target | met |" in finished.stdout
+    assert "| goal | measured | target | against (same run) | met |" in finished.stdout
     steps = (
         "floor and send",
         "round trip",
@@ -67,6 +67,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("cluster", "takeover", "max_s"),
         ("cluster", "scale", "sqlite", "starts_per_s"),
         ("cluster", "scale", "cluster", "user_list_p50_ms_at_scale"),
+        ("cluster", "client_send_16", "routing", "calls_per_s"),
+        ("cluster", "ratios", "routing_client_16"),
     }
     for path in figures:
         value = results
@@ -78,7 +80,15 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert results["catch_up"]["events"] >= 2_000  # the tail read the whole log
     assert results["agents"]["status"].startswith("not measured")  # no OpenHands venv here
     assert results["fan_out"]["deliveries"] == 20 * 4 * 3  # every subscriber got every event
-    assert {goal["name"] for goal in results["goals"]} >= {"catch-up", "fan-out"}
+    names = {goal["name"] for goal in results["goals"]}
+    assert {"catch-up / batched stream floor", "fan-out"} <= names
+    assert "cluster: routing client's send / to the owner, 16 in flight" in names
+    # Every goal names what it was measured against, except the absolute ones.
+    absolute = {"fan-out", "memory per running echo conversation", "takeover after kill -9 (max)"}
+    for goal in results["goals"]:
+        assert goal["against"] or goal["name"] in absolute or "list page" in goal["name"], goal
+    tenths = results["cluster"]["scale"]["cluster"]["starts_per_s_by_tenth"]
+    assert len(tenths) == 10 and all(rate > 0 for rate in tenths)
     takeover = results["cluster"]["takeover"]
     assert takeover["acknowledged"] == 40 and takeover["lost"] == 0  # through a kill -9
     assert results["cluster"]["scale"]["cluster"]["stored"] == 2_000
