@@ -73,7 +73,7 @@ def event_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-class TimedBrowser(Browser):
+class TimedBrowser(Browser):  # type: ignore[misc]
     """The test suite's socket.io browser, noting when each event arrived."""
 
     def __init__(self, server: OpenHandsServer) -> None:
@@ -83,7 +83,7 @@ class TimedBrowser(Browser):
     def _client(self) -> socketio.AsyncClient:
         sio = socketio.AsyncClient(reconnection=False)
 
-        @sio.on("oh_event")
+        @sio.on("oh_event")  # type: ignore[untyped-decorator]
         async def on_event(data: dict[str, Any]) -> None:
             self.arrived.append(time.time())
             self.events.append(data)

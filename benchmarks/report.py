@@ -34,7 +34,12 @@ class Goal:
 
 def _median_ratio(rounds: list[dict[str, Any]], ours: str, base: str, figure: str) -> float:
     """The median over the interleaved rounds of each round's ratio."""
-    return statistics.median(r[ours][figure] / r[base][figure] for r in rounds)
+    return float(statistics.median(r[ours][figure] / r[base][figure] for r in rounds))
+
+
+def _rate_of(tenths: list[float]) -> float:
+    """The rate over consecutive tenths (each the same number of calls)."""
+    return len(tenths) / sum(1 / rate for rate in tenths)
 
 
 def goals(results: dict[str, Any]) -> list[Goal]:
@@ -94,12 +99,12 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             ),
             Goal(
                 f"cluster: starts 0 -> {cluster['scale']['cluster']['running']:,} running, "
-                "slowest tenth / fastest",
-                min(tenths) / max(tenths),
-                0.8,
+                "second half's rate / first half's",
+                _rate_of(tenths[5:]) / _rate_of(tenths[:5]),
+                0.9,
                 True,
                 "x",
-                f"fastest tenth {max(tenths):,.0f} starts/s",
+                f"first half {_rate_of(tenths[:5]):,.0f} starts/s",
             ),
             Goal("takeover after kill -9 (max)", cluster["takeover"]["max_s"], 15.0, False, "s"),
             Goal(
