@@ -157,9 +157,15 @@ class Side:
         """Stops the conversation (0.62's /stop; 0.41 has only DELETE, whose 0.62 version
         also asks a sandbox service that needs Docker)."""
         path = f"/api/conversations/{conversation_id}"
-        response = await self.rest.post(f"{path}/stop")
-        if response.status_code in (404, 405):
-            response = await self.rest.delete(path)
+        for _ in range(20):
+            response = await self.rest.post(f"{path}/stop")
+            if response.status_code in (404, 405):
+                response = await self.rest.delete(path)
+            # OpenHands writes its metadata files in place: a call that reads one mid-write
+            # answers 500 and is made again.
+            if response.status_code != 500:
+                break
+            await asyncio.sleep(0.1)  # another process's file: nothing to wait on
         if response.status_code != 200:
             raise RuntimeError(
                 f"{self.name}: stopping answered {response.status_code}:\n"
