@@ -139,21 +139,29 @@ async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
 def log_violations(payloads: list[JsonObject]) -> list[str]:
     """What is wrong with a conversation's whole log: ids must run 0, 1, 2... and agent states
     must form runs that each begin with ``loading``, with nothing but a new run after
-    ``stopped`` (a crashed run may end without ``stopped``)."""
+    ``stopped`` (a crashed run may end without ``stopped``). A ``stopped`` that answers the
+    user's interrupt (``change_agent_state`` to stopped) does not end the run."""
     problems: list[str] = []
     event_ids = [p.get("id") for p in payloads]
     if event_ids != list(range(len(payloads))):
         problems.append(f"ids are not 0..{len(payloads) - 1} in order: {event_ids}")
-    states = [
-        p.get("extras", {}).get("agent_state")
-        for p in payloads
-        if p.get("observation") == "agent_state_changed"
-    ]
+    states: list[str] = []
     previous = "stopped"
-    for position, state in enumerate(states):
+    interrupts = 0
+    for payload in payloads:
+        if payload.get("action") == "change_agent_state":
+            interrupts += payload.get("args", {}).get("agent_state") == "stopped"
+            continue
+        if payload.get("observation") != "agent_state_changed":
+            continue
+        state = payload.get("extras", {}).get("agent_state")
+        states.append(state)
         if previous == "stopped" and state != "loading":
-            problems.append(f"state {state!r} at {position} follows {previous!r}: {states}")
+            problems.append(f"state {state!r} at {len(states) - 1} follows 'stopped': {states}")
         previous = state
+        if state == "stopped" and interrupts:
+            interrupts -= 1
+            previous = "interrupted"
     return problems
 
 

@@ -17,9 +17,12 @@ from convclient.errors import (
 )
 from convclient.models import (
     AdmissionPolicy,
+    AgentControl,
     AuditEntry,
+    BusyPolicy,
     ChangeKind,
     Connection,
+    ControlResult,
     Conversation,
     ConversationChange,
     ConversationStatus,
@@ -37,14 +40,17 @@ from convclient.sync_client import ConvsvcClient
 
 __all__ = [
     "AdmissionPolicy",
+    "AgentControl",
     "AlreadyExistsError",
     "AsyncConnectSession",
     "AsyncConvsvcClient",
     "AuditEntry",
+    "BusyPolicy",
     "ChangeKind",
     "ClientSettings",
     "ConnectSession",
     "Connection",
+    "ControlResult",
     "Conversation",
     "ConversationChange",
     "ConversationStatus",

@@ -27,6 +27,7 @@ UNARY_METHODS = (
     "StartConversation",
     "JoinConversation",
     "SendEvent",
+    "ControlAgent",
     "DisconnectConnection",
     "CloseConversation",
     "GetConversation",

@@ -9,7 +9,9 @@ from google.protobuf import timestamp_pb2
 
 from convclient.models import (
     AdmissionPolicy,
+    AgentControl,
     AuditEntry,
+    BusyPolicy,
     ChangeKind,
     Connection,
     Conversation,
@@ -28,6 +30,16 @@ _STATUS = {
     pb.CONVERSATION_STATUS_RUNNING: ConversationStatus.RUNNING,
     pb.CONVERSATION_STATUS_STOPPED: ConversationStatus.STOPPED,
     pb.CONVERSATION_STATUS_QUEUED: ConversationStatus.QUEUED,
+}
+BUSY_POLICY = {
+    BusyPolicy.ENQUEUE: pb.BUSY_POLICY_ENQUEUE,
+    BusyPolicy.REJECT: pb.BUSY_POLICY_REJECT,
+    BusyPolicy.INTERRUPT: pb.BUSY_POLICY_INTERRUPT,
+}
+AGENT_CONTROL = {
+    AgentControl.PAUSE: pb.AGENT_CONTROL_PAUSE,
+    AgentControl.RESUME: pb.AGENT_CONTROL_RESUME,
+    AgentControl.INTERRUPT: pb.AGENT_CONTROL_INTERRUPT,
 }
 _CHANGE_KIND = {
     pb.CONVERSATION_CHANGE_KIND_CREATED: ChangeKind.CREATED,

@@ -100,6 +100,32 @@ class SendResult(_Model):
     event_id: int
 
 
+class BusyPolicy(StrEnum):
+    """What a message sent while the agent is busy (running) does."""
+
+    ENQUEUE = "enqueue"
+    """It is logged and waits for the agent (OpenHands' behaviour)."""
+    REJECT = "reject"
+    """FailedPreconditionError, reason CONVERSATION_BUSY (metadata: agent_state)."""
+    INTERRUPT = "interrupt"
+    """The agent is interrupted first, then the message is logged."""
+
+
+class AgentControl(StrEnum):
+    """What control_agent asks of a conversation's agent."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    INTERRUPT = "interrupt"
+
+
+class ControlResult(_Model):
+    conversation_id: str
+    event_id: int | None
+    """The change_agent_state event written; None when the control had nothing to do."""
+    agent_state: str
+
+
 class HeartbeatResult(_Model):
     connection_count: int
     ttl_seconds: float

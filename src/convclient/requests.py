@@ -12,8 +12,11 @@ from typing import Any, Generic, TypeVar
 from convclient import convert
 from convclient.models import (
     AdmissionPolicy,
+    AgentControl,
     AuditEntry,
+    BusyPolicy,
     Connection,
+    ControlResult,
     Conversation,
     Event,
     HeartbeatResult,
@@ -105,8 +108,11 @@ def send_event(
     conversation_id: str | None = None,
     user_id: str = "",
     request_id: str | None = None,
+    busy_policy: BusyPolicy | str | None = None,
 ) -> Prepared[SendResult]:
-    """Appends a user event (sent by connection or by conversation); answers once durable."""
+    """Appends a user event (sent by connection or by conversation); answers once durable.
+    ``busy_policy`` says what a message does while the agent is busy (the server's default
+    when None)."""
     if (connection_id is None) == (conversation_id is None):
         raise ValueError("send_event needs exactly one of connection_id and conversation_id")
     request = pb.SendEventRequest(
@@ -118,10 +124,65 @@ def send_event(
         request.connection_id = connection_id
     elif conversation_id is not None:
         request.conversation_id = conversation_id
+    if busy_policy is not None:
+        request.busy_policy = convert.BUSY_POLICY[BusyPolicy(busy_policy)]
     return Prepared(
         "SendEvent",
         request,
         lambda r: SendResult(conversation_id=r.conversation_id, event_id=r.event_id),
+    )
+
+
+def control_agent(
+    conversation_id: str,
+    control: AgentControl | str,
+    *,
+    user_id: str = "",
+    request_id: str | None = None,
+) -> Prepared[ControlResult]:
+    """Pauses, resumes or interrupts the conversation's agent; answers once the agent reports
+    the state asked for (a control its state makes pointless writes nothing)."""
+    request = pb.ControlAgentRequest(
+        conversation_id=conversation_id,
+        control=convert.AGENT_CONTROL[AgentControl(control)],
+        user_id=user_id,
+        request_id=request_id or new_request_id(),
+    )
+    return Prepared(
+        "ControlAgent",
+        request,
+        lambda r: ControlResult(
+            conversation_id=r.conversation_id,
+            event_id=r.event_id if r.HasField("event_id") else None,
+            agent_state=r.agent_state,
+        ),
+    )
+
+
+def pause_agent(
+    conversation_id: str, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[ControlResult]:
+    """The agent stops stepping and waits (state "paused") until resumed."""
+    return control_agent(
+        conversation_id, AgentControl.PAUSE, user_id=user_id, request_id=request_id
+    )
+
+
+def resume_agent(
+    conversation_id: str, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[ControlResult]:
+    """A paused agent goes on."""
+    return control_agent(
+        conversation_id, AgentControl.RESUME, user_id=user_id, request_id=request_id
+    )
+
+
+def interrupt_agent(
+    conversation_id: str, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[ControlResult]:
+    """The agent's current step stops and it waits for the user (state "stopped")."""
+    return control_agent(
+        conversation_id, AgentControl.INTERRUPT, user_id=user_id, request_id=request_id
     )
 
 

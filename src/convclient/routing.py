@@ -34,6 +34,7 @@ ROUTED = frozenset(
         "CloseConversation",
         "GetConversation",
         "CompleteWithAgentLlm",
+        "ControlAgent",
     }
 )
 """Calls about one conversation, answered by the node that runs it."""

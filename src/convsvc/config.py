@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convsvc.domain import AdmissionPolicy
+from convsvc.domain import AdmissionPolicy, BusyPolicy
 
 MIN_SIGNING_KEY_BYTES = 32
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -33,6 +33,11 @@ class EngineConfig(BaseModel):
     allow_admission_policy_override: bool = False
     """Whether a start may name a policy that stops more than the server's (evict_oldest on
     a server that rejects or queues); a gentler one is always allowed."""
+    busy_policy: BusyPolicy = BusyPolicy.ENQUEUE
+    """What a message sent while the agent is busy does, unless the send names a policy."""
+    control_timeout_seconds: float = Field(30.0, gt=0)
+    """How long ControlAgent (and a send that interrupts) waits for the agent to report the
+    state it asked for before the agent is reported unresponsive."""
     queue_timeout_seconds: float = Field(300.0, gt=0)
     """The longest a start waits in the admission queue (a shorter call deadline wins)."""
     watch_history: int = Field(10_000, ge=16)

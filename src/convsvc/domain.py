@@ -33,6 +33,25 @@ class AdmissionPolicy(enum.StrEnum):
     """The start waits for one of the user's loops to stop."""
 
 
+class BusyPolicy(enum.StrEnum):
+    """What a message sent while the agent is busy does (see ``engine.run_control``)."""
+
+    ENQUEUE = "enqueue"
+    """OpenHands' behaviour: the message is logged and waits for the agent."""
+    REJECT = "reject"
+    """The send is refused with CONVERSATION_BUSY."""
+    INTERRUPT = "interrupt"
+    """The agent is interrupted, then the message is logged."""
+
+
+class AgentControl(enum.StrEnum):
+    """What ControlAgent asks of a conversation's agent."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    INTERRUPT = "interrupt"
+
+
 class EventKind(enum.StrEnum):
     """OpenHands splits events into actions and observations."""
 

@@ -11,7 +11,7 @@ import grpc
 from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
 from tests.cluster.conftest import Cluster
-from tests.helpers import echo_of, expect_error, grpc_events_until, ids
+from tests.helpers import agent_state_is, echo_of, expect_error, grpc_events_until, ids
 from tests.service.test_watch import KIND, Watch
 
 
@@ -264,3 +264,48 @@ async def test_a_watch_through_one_node_sees_the_whole_cluster_and_resumes_throu
     assert await Watch(b.stub, user_id="bob").snapshot() == {}
     bad = b.stub.WatchConversations(pb.WatchConversationsRequest(resume_token="abc.1"))
     await expect_error(bad.read(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN")
+
+
+async def test_run_control_through_another_node_reaches_the_owner_s_agent(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b = cluster(2).nodes
+    thinking = dict_to_struct({"echo_reply_delay_seconds": 600})
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="ctl", user_id="alice", settings=thinking)
+    )
+    await b.stub.SendEvent(
+        pb.SendEventRequest(conversation_id="ctl", user_id="alice", event=message("think"))
+    )
+    await grpc_events_until(b.stub, "ctl", agent_state_is("running"), user_id="alice")
+    # A busy agent refuses a message sent through another node, as through its owner.
+    await expect_error(
+        b.stub.SendEvent(
+            pb.SendEventRequest(
+                conversation_id="ctl",
+                user_id="alice",
+                event=message("refused"),
+                busy_policy=pb.BUSY_POLICY_REJECT,
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CONVERSATION_BUSY",
+    )
+    request = pb.ControlAgentRequest(
+        conversation_id="ctl", user_id="alice", control=pb.AGENT_CONTROL_PAUSE, request_id="p1"
+    )
+    paused = await b.stub.ControlAgent(request)
+    assert paused.agent_state == "paused" and paused.HasField("event_id")
+    # The retry through the owner answers the same, once.
+    assert await a.stub.ControlAgent(request) == paused
+    stopped = await b.stub.ControlAgent(
+        pb.ControlAgentRequest(
+            conversation_id="ctl", user_id="alice", control=pb.AGENT_CONTROL_INTERRUPT
+        )
+    )
+    assert stopped.agent_state == "stopped"
+    seen = await grpc_events_until(a.stub, "ctl", agent_state_is("stopped"), user_id="alice")
+    assert [p["args"]["agent_state"] for p in seen if p.get("action") == "change_agent_state"] == [
+        "paused",
+        "stopped",
+    ]

@@ -47,6 +47,15 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
             conversation_id="b-conv", connection_id="a-conn", user_id=B)),
          {"CONNECTION_ID_TAKEN"}),
     ],
+    "ControlAgent": [
+        ("interrupt A's agent", lambda s: s.ControlAgent(pb.ControlAgentRequest(
+            conversation_id="a-conv", user_id=B, control=pb.AGENT_CONTROL_INTERRUPT)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("pause A's agent with A's request id", lambda s: s.ControlAgent(
+            pb.ControlAgentRequest(conversation_id="a-conv", user_id=B,
+                                   control=pb.AGENT_CONTROL_PAUSE, request_id="a-req")),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
     "SendEvent": [
         ("send to A's id", lambda s: s.SendEvent(
             pb.SendEventRequest(conversation_id="a-conv", user_id=B, event=HI)),

@@ -14,7 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
+from tests.helpers import agent_state_is, grpc_events_until
 
 README = Path(__file__).parents[2] / "README.md"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -404,3 +408,25 @@ async def test_readme_scoped_token_walkthrough(server_process: Callable[..., Any
     assert [(e["method"], e["credential"]) for e in entries] == [
         ("StartConversation", "service")
     ]  # GetConversation reads are not mutations; the mint names no conversation
+
+
+async def test_readme_run_control_example(address: str) -> None:
+    """The README's ControlAgent command pauses a thinking echo agent, and a second run of it
+    writes nothing (the agent is paused already)."""
+    [block] = [b for b in section_blocks("Run control") if "ControlAgent" in b]
+    pause = shlex.split(block.split("```", 1)[0].strip())
+    service = "convsvc.v1.ConversationService"
+    start = {"conversation_id": "demo-1", "settings": {"echo_reply_delay_seconds": 600}}
+    send = {"conversation_id": "demo-1", "event": {"action": "message", "args": {"content": "hi"}}}
+    for method, body in (("StartConversation", start), ("SendEvent", send)):
+        await grpcurl_json(
+            ["grpcurl", "-plaintext", "-d", json.dumps(body), "$ADDR", f"{service}/{method}"],
+            address,
+        )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        await grpc_events_until(stub, "demo-1", agent_state_is("running"))
+    paused = await grpcurl_json(pause, address)
+    assert paused["agent_state"] == "paused" and "event_id" in paused, paused
+    again = await grpcurl_json(pause, address)
+    assert again == {"conversation_id": "demo-1", "agent_state": "paused"}

@@ -49,6 +49,7 @@ _BY_CONVERSATION = {
     "CloseConversation",
     "GetConversation",
     "CompleteWithAgentLlm",
+    "ControlAgent",
 }
 
 

@@ -70,6 +70,9 @@ class ClusteredServicer(ConversationServicer):
     async def SendEvent(self, request: Any, context: Context) -> Any:
         return await self._routed("SendEvent", request, context, super().SendEvent)
 
+    async def ControlAgent(self, request: Any, context: Context) -> Any:
+        return await self._routed("ControlAgent", request, context, super().ControlAgent)
+
     async def DisconnectConnection(self, request: Any, context: Context) -> Any:
         return await self._routed(
             "DisconnectConnection", request, context, super().DisconnectConnection

@@ -22,6 +22,8 @@ from convsvc import validation
 from convsvc.config import EngineConfig
 from convsvc.domain import (
     AdmissionPolicy,
+    AgentControl,
+    BusyPolicy,
     Connection,
     ConversationRecord,
     ConversationView,
@@ -36,6 +38,12 @@ from convsvc.engine.lifecycle import TOO_MANY_CONVERSATIONS, Lifecycle
 from convsvc.engine.membership import Membership
 from convsvc.engine.queries import ConversationQueries
 from convsvc.engine.registry import RuntimeRegistry
+from convsvc.engine.run_control import (
+    BUSY_STATES,
+    answered_by,
+    change_agent_state,
+    has_effect,
+)
 from convsvc.engine.runtime import AgentFactories, ConversationRuntime, StartRequest
 from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.user_events import first_events, user_payload
@@ -47,7 +55,14 @@ from convsvc.engine.visibility import (
     running_for,
 )
 from convsvc.engine.watch import ChangeFeed, ChangeKind
-from convsvc.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from convsvc.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from convsvc.storage import ConversationStore
 
 log = structlog.get_logger(__name__)
@@ -296,8 +311,11 @@ class ConversationEngine:
         conversation_id: str = "",
         user_id: str = "",
         request_id: str = "",
+        busy_policy: BusyPolicy | None = None,
     ) -> tuple[str, int]:
-        """Appends a user event and hands it to the loop; returns (conversation id, event id)."""
+        """Appends a user event and hands it to the loop; returns (conversation id, event id).
+        A message for a busy agent waits, is refused or interrupts it (``busy_policy``, else
+        the server's)."""
         user = validation.check_user_id(user_id)
         if bool(connection_id) == bool(conversation_id):
             raise InvalidArgument(
@@ -316,9 +334,101 @@ class ConversationEngine:
                 result = call.recorded
             else:
                 cid = target.get("c") or self._connected_conversation(target["n"], user)
+                if payload.get("action") == "message":
+                    await self._mind_busy_agent(cid, user, busy_policy or self._config.busy_policy)
                 result = await self._append_user_event(cid, user, payload, call.key)
                 call.answered(result, stored=True)
         return str(result["conversation_id"]), int(result["event_id"])
+
+    async def _mind_busy_agent(self, cid: str, user: str | None, policy: BusyPolicy) -> None:
+        """Applies the busy policy before a message is logged."""
+        runtime = await running_for(self._registry, self._store, cid, user)
+        state = runtime.agent_state
+        if state not in BUSY_STATES or policy is BusyPolicy.ENQUEUE:
+            return
+        if policy is BusyPolicy.REJECT:
+            raise FailedPrecondition(
+                f"the agent of conversation {cid} is busy ({state}); send again once it "
+                "waits for the user, or send with busy_policy INTERRUPT",
+                reason="CONVERSATION_BUSY",
+                metadata={"conversation_id": cid, "agent_state": state},
+            )
+        await self._controlled(runtime, cid, user, AgentControl.INTERRUPT, None)
+
+    async def control_agent(
+        self,
+        *,
+        conversation_id: str,
+        control: AgentControl,
+        user_id: str = "",
+        request_id: str = "",
+    ) -> tuple[int | None, str]:
+        """Pauses, resumes or interrupts the agent (see ``run_control``); returns the id of
+        the event written (None when the agent's state made the control pointless) and the
+        state the agent reported."""
+        cid = validation.check_id("conversation_id", conversation_id)
+        user = validation.check_user_id(user_id)
+        key = self._ledger.key(user, request_id, "ControlAgent", {"c": cid, "k": control.value})
+        runtime = await running_for(self._registry, self._store, cid, user)
+        return await self._controlled(runtime, cid, user, control, key)
+
+    async def _controlled(
+        self,
+        runtime: ConversationRuntime,
+        cid: str,
+        user: str | None,
+        control: AgentControl,
+        key: RequestKey | None,
+    ) -> tuple[int | None, str]:
+        """Writes a control's event (once per request id) and waits for the agent's answer,
+        at most the control timeout."""
+        answers = answered_by(control)
+        reported = runtime.agent_state_reported(answers)  # before the write: none is missed
+        try:
+            async with asyncio.timeout(self._config.control_timeout_seconds):
+                async with self._ledger.call(key) as call:
+                    if call.recorded is not None:
+                        event_id = call.recorded["event_id"]
+                    elif not has_effect(control, runtime.agent_state):
+                        call.answered({"conversation_id": cid, "event_id": None}, stored=False)
+                        return None, runtime.agent_state
+                    else:
+                        result = await self._append_user_event(
+                            cid, user, change_agent_state(control), call.key
+                        )
+                        call.answered(result, stored=True)
+                        event_id = result["event_id"]
+                if event_id is None or answers(runtime.agent_state):
+                    return event_id, runtime.agent_state
+                return event_id, await reported
+        except TimeoutError:
+            self._report_unresponsive(runtime, control)
+            raise DeadlineExceeded(
+                f"the agent of conversation {cid} did not answer {control.value} within "
+                f"{self._config.control_timeout_seconds:g} s",
+                reason="AGENT_UNRESPONSIVE",
+                metadata={"conversation_id": cid, "agent_state": runtime.agent_state},
+            ) from None
+        finally:
+            reported.cancel()
+
+    @staticmethod
+    def _report_unresponsive(runtime: ConversationRuntime, control: AgentControl) -> None:
+        """Tells the conversation's clients and the operator, instead of hanging."""
+        log.warning(
+            "agent.unresponsive",
+            conversation_id=runtime.conversation_id,
+            control=control.value,
+            agent_state=runtime.agent_state,
+        )
+        runtime.publish_status(
+            {
+                "status_update": True,
+                "type": "error",
+                "id": "AGENT_ERROR$AGENT_UNRESPONSIVE",
+                "message": f"The agent did not answer {control.value}.",
+            }
+        )
 
     async def _append_user_event(
         self, cid: str, user: str | None, payload: JsonObject, key: RequestKey | None

@@ -135,6 +135,7 @@ class ConversationRuntime:
         self.start_task: asyncio.Task[None] | None = None
         self.close_task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[tuple[JsonObject, str]] = asyncio.Queue()
+        self._state_waiters: list[tuple[Callable[[str], bool], asyncio.Future[str]]] = []
         self._start_trace = current_trace_parent()  # the call that started it
         self._task: asyncio.Task[None] | None = None
         self.agent = agent_factory(self)
@@ -199,11 +200,35 @@ class ConversationRuntime:
         with the trace context of the call that sent it."""
         self._inbox.put_nowait((event, trace_parent))
 
+    def report_agent_state(self, state: str) -> None:
+        """The agent reported ``state`` (committed): answers who waits for it."""
+        self.agent_state = state
+        for answers, waiter in list(self._state_waiters):
+            if not waiter.done() and answers(state):
+                waiter.set_result(state)
+
+    def agent_state_reported(self, answers: Callable[[str], bool]) -> asyncio.Future[str]:
+        """The first state the agent reports from now on that ``answers`` accepts."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        entry = (answers, waiter)
+        self._state_waiters.append(entry)
+        waiter.add_done_callback(lambda _: self._state_waiters.remove(entry))
+        return waiter
+
     def begin_close(self) -> bool:
         """Moves to CLOSING; False when it already was closing or closed."""
         if self.closing:
             return False
         self.phase = Phase.CLOSING
+        for _, waiter in list(self._state_waiters):
+            if not waiter.done():
+                waiter.set_exception(
+                    FailedPrecondition(
+                        f"conversation {self.conversation_id} stopped before its agent answered",
+                        reason="CONVERSATION_NOT_RUNNING",
+                        metadata={"conversation_id": self.conversation_id},
+                    )
+                )
         return True
 
     def launch(self) -> bool:

@@ -234,6 +234,7 @@ class ConnectSession:
             connection_id=self._connection_id,
             user_id=self._user_id,
             request_id=send.request_id,
+            busy_policy=send.busy_policy,
         )
         if send.HasField("event"):
             event.event.CopyFrom(send.event)

@@ -12,7 +12,9 @@ from convclient.structs import struct_to_dict
 from convsvc.codec import encode_event_batch, encode_message_field
 from convsvc.domain import (
     AdmissionPolicy,
+    AgentControl,
     AuditEntry,
+    BusyPolicy,
     Connection,
     ConversationStatus,
     ConversationView,
@@ -97,6 +99,44 @@ def admission_policy(value: int) -> AdmissionPolicy | None:
             f"admission_policy {value} is not a known AdmissionPolicy",
             reason="INVALID_ARGUMENT",
             metadata={"field": "admission_policy"},
+        ) from None
+
+
+_BUSY: dict[int, BusyPolicy] = {
+    pb.BUSY_POLICY_ENQUEUE: BusyPolicy.ENQUEUE,
+    pb.BUSY_POLICY_REJECT: BusyPolicy.REJECT,
+    pb.BUSY_POLICY_INTERRUPT: BusyPolicy.INTERRUPT,
+}
+_CONTROL: dict[int, AgentControl] = {
+    pb.AGENT_CONTROL_PAUSE: AgentControl.PAUSE,
+    pb.AGENT_CONTROL_RESUME: AgentControl.RESUME,
+    pb.AGENT_CONTROL_INTERRUPT: AgentControl.INTERRUPT,
+}
+
+
+def busy_policy(value: int) -> BusyPolicy | None:
+    """The busy policy a send names; None for the server's."""
+    if value == pb.BUSY_POLICY_UNSPECIFIED:
+        return None
+    try:
+        return _BUSY[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"busy_policy {value} is not a known BusyPolicy",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": "busy_policy"},
+        ) from None
+
+
+def agent_control(value: int) -> AgentControl:
+    try:
+        return _CONTROL[value]
+    except KeyError:
+        raise InvalidArgument(
+            "control must be AGENT_CONTROL_PAUSE, AGENT_CONTROL_RESUME or "
+            f"AGENT_CONTROL_INTERRUPT (got {value})",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": "control"},
         ) from None
 
 

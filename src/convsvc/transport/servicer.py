@@ -17,7 +17,9 @@ from convsvc.transport.connect import ConnectSession
 from convsvc.transport.convert import (
     StructList,
     admission_policy,
+    agent_control,
     audit_entry_to_pb,
+    busy_policy,
     connection_to_pb,
     conversation_to_pb,
     optional_struct,
@@ -92,8 +94,25 @@ class ConversationServicer:
             conversation_id=request.conversation_id,
             user_id=request.user_id,
             request_id=request.request_id,
+            busy_policy=busy_policy(request.busy_policy),
         )
         return pb.SendEventResponse(conversation_id=conversation_id, event_id=event_id)
+
+    async def ControlAgent(
+        self, request: pb.ControlAgentRequest, context: Context
+    ) -> pb.ControlAgentResponse:
+        event_id, state = await self._engine.control_agent(
+            conversation_id=request.conversation_id,
+            control=agent_control(request.control),
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+        response = pb.ControlAgentResponse(
+            conversation_id=request.conversation_id, agent_state=state
+        )
+        if event_id is not None:
+            response.event_id = event_id
+        return response
 
     async def DisconnectConnection(
         self, request: pb.DisconnectConnectionRequest, context: Context

@@ -30,6 +30,20 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_ACTION: _ClassVar[EventKind]
     EVENT_KIND_OBSERVATION: _ClassVar[EventKind]
 
+class BusyPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUSY_POLICY_UNSPECIFIED: _ClassVar[BusyPolicy]
+    BUSY_POLICY_ENQUEUE: _ClassVar[BusyPolicy]
+    BUSY_POLICY_REJECT: _ClassVar[BusyPolicy]
+    BUSY_POLICY_INTERRUPT: _ClassVar[BusyPolicy]
+
+class AgentControl(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_CONTROL_UNSPECIFIED: _ClassVar[AgentControl]
+    AGENT_CONTROL_PAUSE: _ClassVar[AgentControl]
+    AGENT_CONTROL_RESUME: _ClassVar[AgentControl]
+    AGENT_CONTROL_INTERRUPT: _ClassVar[AgentControl]
+
 class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONVERSATION_CHANGE_KIND_UNSPECIFIED: _ClassVar[ConversationChangeKind]
@@ -59,6 +73,14 @@ ADMISSION_POLICY_QUEUE: AdmissionPolicy
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_ACTION: EventKind
 EVENT_KIND_OBSERVATION: EventKind
+BUSY_POLICY_UNSPECIFIED: BusyPolicy
+BUSY_POLICY_ENQUEUE: BusyPolicy
+BUSY_POLICY_REJECT: BusyPolicy
+BUSY_POLICY_INTERRUPT: BusyPolicy
+AGENT_CONTROL_UNSPECIFIED: AgentControl
+AGENT_CONTROL_PAUSE: AgentControl
+AGENT_CONTROL_RESUME: AgentControl
+AGENT_CONTROL_INTERRUPT: AgentControl
 CONVERSATION_CHANGE_KIND_UNSPECIFIED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CREATED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_STATUS_CHANGED: ConversationChangeKind
@@ -180,18 +202,42 @@ class JoinConversationResponse(_message.Message):
     def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ...) -> None: ...
 
 class SendEventRequest(_message.Message):
-    __slots__ = ("connection_id", "conversation_id", "user_id", "event", "request_id")
+    __slots__ = ("connection_id", "conversation_id", "user_id", "event", "request_id", "busy_policy")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BUSY_POLICY_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     conversation_id: str
     user_id: str
     event: _struct_pb2.Struct
     request_id: str
-    def __init__(self, connection_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    busy_policy: BusyPolicy
+    def __init__(self, connection_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., busy_policy: _Optional[_Union[BusyPolicy, str]] = ...) -> None: ...
+
+class ControlAgentRequest(_message.Message):
+    __slots__ = ("conversation_id", "control", "user_id", "request_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    control: AgentControl
+    user_id: str
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., control: _Optional[_Union[AgentControl, str]] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ControlAgentResponse(_message.Message):
+    __slots__ = ("conversation_id", "event_id", "agent_state")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    event_id: int
+    agent_state: str
+    def __init__(self, conversation_id: _Optional[str] = ..., event_id: _Optional[int] = ..., agent_state: _Optional[str] = ...) -> None: ...
 
 class SendEventResponse(_message.Message):
     __slots__ = ("conversation_id", "event_id")
@@ -432,12 +478,14 @@ class ConnectOpen(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., user_id: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., start_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class ConnectSend(_message.Message):
-    __slots__ = ("event", "request_id")
+    __slots__ = ("event", "request_id", "busy_policy")
     EVENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BUSY_POLICY_FIELD_NUMBER: _ClassVar[int]
     event: _struct_pb2.Struct
     request_id: str
-    def __init__(self, event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    busy_policy: BusyPolicy
+    def __init__(self, event: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., busy_policy: _Optional[_Union[BusyPolicy, str]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("opened", "events", "send_result")

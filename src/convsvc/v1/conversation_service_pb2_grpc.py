@@ -40,6 +40,11 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.SendEventRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.SendEventResponse.FromString,
                 )
+        self.ControlAgent = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ControlAgent',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.FromString,
+                )
         self.DisconnectConnection = channel.unary_unary(
                 '/convsvc.v1.ConversationService/DisconnectConnection',
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.DisconnectConnectionRequest.SerializeToString,
@@ -146,6 +151,18 @@ class ConversationServiceServicer(object):
     def SendEvent(self, request, context):
         """Appends a user event to a conversation, addressed by connection or by conversation,
         and dispatches it to the agent loop. Acknowledged once the event is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlAgent(self, request, context):
+        """Pauses, resumes or interrupts a conversation's agent. Writes the user event OpenHands'
+        browser sends for it ({"action": "change_agent_state", ...}) and answers once the agent
+        reports the state it asked for, or with DEADLINE_EXCEEDED / AGENT_UNRESPONSIVE when it
+        does not within the server's control timeout. A control the agent's state makes
+        pointless (pausing a paused agent, resuming one that is not paused, interrupting one that
+        waits for the user) writes nothing and answers the state. Idempotent by request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -293,6 +310,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.SendEventRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.SendEventResponse.SerializeToString,
             ),
+            'ControlAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlAgent,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.SerializeToString,
+            ),
             'DisconnectConnection': grpc.unary_unary_rpc_method_handler(
                     servicer.DisconnectConnection,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.DisconnectConnectionRequest.FromString,
@@ -432,6 +454,23 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/SendEvent',
             convsvc_dot_v1_dot_conversation__service__pb2.SendEventRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.SendEventResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ControlAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ControlAgent',
+            convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -1,9 +1,18 @@
 """``worker-echo``: convsvc's echo agent, run on a worker (tests and benchmarks of the worker
-path without an LLM). It answers each user message with the same text."""
+path without an LLM). It answers each user message with the same text, after
+``echo_reply_delay_seconds`` of "thinking" when its settings ask for it, and obeys run
+control as OpenHands' controller does: ``change_agent_state`` paused holds its answers until
+resumed (running); stopped drops what it was answering and waits for the user."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
+
 from convworker.kinds.base import JsonObject, LoopRunner
+
+REPLY_DELAY_SETTING = "echo_reply_delay_seconds"
 
 
 def _state(state: str) -> JsonObject:
@@ -16,21 +25,91 @@ def _state(state: str) -> JsonObject:
 
 
 class EchoRunner(LoopRunner):
-    """Numbers its events from the assignment's next id."""
+    """Numbers its events from the assignment's next id; answers in a step of its own, so
+    that a control reaches it while it thinks."""
 
     async def start(self) -> None:
         self._next_id = self.assignment.next_event_id
+        self._waiting: deque[str] = deque()
+        self._halt = asyncio.Event()
+        self._step: asyncio.Task[None] | None = None
+        self._paused = False
+        self._delay = float(self.assignment.settings.get(REPLY_DELAY_SETTING) or 0)
         self._emit("environment", _state("awaiting_user_input"))
         if self.assignment.initial_user_message is not None:
             await self.deliver("", self.assignment.initial_user_message)
 
     async def deliver(self, delivery_id: str, payload: JsonObject) -> None:
         self._emit("user", payload, delivery_id)
-        if payload.get("action") != "message":
-            return
         args = payload.get("args")
-        content = str(args.get("content", "")) if isinstance(args, dict) else ""
-        self._emit("environment", _state("running"))
+        args = args if isinstance(args, dict) else {}
+        if payload.get("action") == "message":
+            self._waiting.append(str(args.get("content", "")))
+            if self._paused or self._step is not None:
+                return
+            if self._delay > 0:
+                self._step = asyncio.create_task(self._answer())
+            else:  # answered at once, in the order messages arrive
+                self._answer_waiting()
+        elif payload.get("action") == "change_agent_state":
+            await self._change_state(str(args.get("agent_state", "")))
+
+    async def complete(
+        self, service_id: str, llm_config: JsonObject, messages: list[JsonObject]
+    ) -> str:
+        """Echoes the last message's content, as the agent echoes messages."""
+        return str(messages[-1].get("content", "")) if messages else ""
+
+    async def stop(self) -> None:
+        if self._step is not None:
+            self._step.cancel()
+            await asyncio.gather(self._step, return_exceptions=True)
+
+    async def _change_state(self, asked: str) -> None:
+        if asked == "paused" and not self._paused:
+            await self._halt_step()
+            self._paused = True
+            self._emit("environment", _state("paused"))
+        elif asked == "running" and self._paused:
+            self._paused = False
+            if self._waiting and self._delay > 0:
+                self._step = asyncio.create_task(self._answer())
+            elif self._waiting:
+                self._answer_waiting()
+            else:
+                self._emit("environment", _state("running"))
+                self._emit("environment", _state("awaiting_user_input"))
+        elif asked == "stopped":
+            await self._halt_step()
+            self._paused = False
+            self._waiting.clear()
+            self._emit("environment", _state("stopped"))
+
+    async def _halt_step(self) -> None:
+        if self._step is not None:
+            self._halt.set()
+            await asyncio.gather(self._step, return_exceptions=True)
+            self._halt.clear()
+
+    async def _answer(self) -> None:
+        try:
+            while self._waiting:
+                self._emit("environment", _state("running"))
+                if self._delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._halt.wait(), self._delay)
+                if self._halt.is_set():
+                    return
+                self._reply(self._waiting.popleft())
+        finally:
+            self._step = None
+
+    def _answer_waiting(self) -> None:
+        while self._waiting:
+            self._emit("environment", _state("running"))
+            self._reply(self._waiting.popleft())
+
+    def _reply(self, content: str) -> None:
         self._emit(
             "agent",
             {
@@ -40,15 +119,6 @@ class EchoRunner(LoopRunner):
             },
         )
         self._emit("environment", _state("awaiting_user_input"))
-
-    async def complete(
-        self, service_id: str, llm_config: JsonObject, messages: list[JsonObject]
-    ) -> str:
-        """Echoes the last message's content, as the agent echoes messages."""
-        return str(messages[-1].get("content", "")) if messages else ""
-
-    async def stop(self) -> None:
-        """Nothing to release."""
 
     def _emit(self, source: str, payload: JsonObject, delivery_id: str = "") -> None:
         self.outbox.event(self._next_id, source, payload, delivery_id)
