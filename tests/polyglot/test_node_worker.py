@@ -108,3 +108,50 @@ async def test_a_traced_send_reaches_the_worker_and_its_answer_keeps_the_trace(
     finally:
         worker.kill()
         await worker.wait()
+
+
+async def test_run_control_reaches_a_node_worker_s_agent(
+    node_client: Path, server_process: Callable[..., Any]
+) -> None:
+    address = server_process().start()
+    worker = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_client.parent / "echo_worker.mjs"),
+        address,
+        str(PROTOS),
+        "node-2",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert (await read_line(worker))["step"] == "attached"
+        async with AsyncConvsvcClient(address=address) as client:
+            await client.start_conversation(
+                "thinking",
+                agent="node-echo",
+                settings={"echo_reply_delay_seconds": 600},
+                initial_user_message={"action": "message", "args": {"content": "first"}},
+            )
+            states: list[str] = []
+            async with asyncio.timeout(30):
+                async for batch in client.tail_events("thinking"):
+                    states += [
+                        e.payload["extras"]["agent_state"]
+                        for e in batch.events
+                        if e.payload.get("observation") == "agent_state_changed"
+                    ]
+                    if "running" in states:
+                        break
+            assert (await client.pause_agent("thinking")).agent_state == "paused"
+            assert (await client.resume_agent("thinking")).agent_state == "running"
+            assert (await client.interrupt_agent("thinking")).agent_state == "stopped"
+            page = await client.search_events("thinking")
+            assert not [e for e in page.items if e.source == "agent"]  # interrupted: no answer
+            asked = [
+                e.payload["args"]["agent_state"]
+                for e in page.items
+                if e.payload.get("action") == "change_agent_state"
+            ]
+            assert asked == ["paused", "running", "stopped"]
+    finally:
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 10)

@@ -1,6 +1,8 @@
 // An agent worker in Node.js, built from protos/ alone: it attaches to convsvc over the worker
 // protocol (convsvc.v1.AgentWorkerService) and runs the echo behaviour as the agent kind
-// "node-echo", numbering its events from each assignment's next_event_id.
+// "node-echo", numbering its events from each assignment's next_event_id. With the setting
+// echo_reply_delay_seconds it "thinks" before each answer, and it obeys run control
+// (change_agent_state): paused holds its answers until running; stopped drops them.
 // Usage: node echo_worker.mjs HOST:PORT PROTOS_DIR WORKER_ID
 // Prints {"step": "attached"} once convsvc welcomed it, and one JSON line per assignment end.
 import path from "node:path";
@@ -44,17 +46,60 @@ function emit(loop, cid, source, payload, deliveryId = "") {
   loop.nextId += 1;
 }
 
-function deliver(loop, cid, deliveryId, payload) {
-  emit(loop, cid, "user", payload, deliveryId);
-  if (payload.action !== "message") return;
-  const content = String(payload.args?.content ?? "");
-  emit(loop, cid, "environment", state("running"));
+function answer(loop, cid) {
+  while (loop.waiting.length && !loop.paused && !loop.timer) {
+    emit(loop, cid, "environment", state("running"));
+    if (loop.delayMs > 0) {
+      loop.timer = setTimeout(() => {
+        loop.timer = null;
+        reply(loop, cid, loop.waiting.shift());
+        answer(loop, cid);
+      }, loop.delayMs);
+      return;
+    }
+    reply(loop, cid, loop.waiting.shift());
+  }
+}
+
+function reply(loop, cid, content) {
   emit(loop, cid, "agent", {
     action: "message",
     message: content,
     args: { content, image_urls: null, wait_for_response: true },
   });
   emit(loop, cid, "environment", state("awaiting_user_input"));
+}
+
+function halt(loop) {
+  if (loop.timer) clearTimeout(loop.timer);
+  loop.timer = null;
+}
+
+function deliver(loop, cid, deliveryId, payload) {
+  emit(loop, cid, "user", payload, deliveryId);
+  if (payload.action === "message") {
+    loop.waiting.push(String(payload.args?.content ?? ""));
+    answer(loop, cid);
+  } else if (payload.action === "change_agent_state") {
+    const asked = String(payload.args?.agent_state ?? "");
+    if (asked === "paused" && !loop.paused) {
+      halt(loop);
+      loop.paused = true;
+      emit(loop, cid, "environment", state("paused"));
+    } else if (asked === "running" && loop.paused) {
+      loop.paused = false;
+      if (loop.waiting.length) answer(loop, cid);
+      else {
+        emit(loop, cid, "environment", state("running"));
+        emit(loop, cid, "environment", state("awaiting_user_input"));
+      }
+    } else if (asked === "stopped") {
+      halt(loop);
+      loop.paused = false;
+      loop.waiting = [];
+      emit(loop, cid, "environment", state("stopped"));
+    }
+  }
 }
 
 function startWhenComplete(loop, cid) {
@@ -81,6 +126,10 @@ stream.on("data", (message) => {
         history: 0,
         started: false,
         initial: a.initial_user_message ? fromStruct(a.initial_user_message) : null,
+        delayMs: Number(fromStruct(a.settings ?? { fields: {} }).echo_reply_delay_seconds ?? 0) * 1000,
+        waiting: [],
+        paused: false,
+        timer: null,
       };
       loops.set(a.conversation_id, loop);
       startWhenComplete(loop, a.conversation_id);
@@ -101,6 +150,8 @@ stream.on("data", (message) => {
     }
     case "stop": {
       const s = message.stop;
+      const stopping = loops.get(s.conversation_id);
+      if (stopping) halt(stopping);
       loops.delete(s.conversation_id);
       stream.write({ released: { conversation_id: s.conversation_id, assignment: s.assignment } });
       say({ step: "released", conversation_id: s.conversation_id });
