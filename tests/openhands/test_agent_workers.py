@@ -19,7 +19,12 @@ from openhands.server.monitoring import MonitoringListener
 from openhands.storage.memory import InMemoryFileStore
 from pydantic import SecretStr
 
-from convclient import AsyncConvsvcClient, ClientSettings
+from convclient import (
+    AsyncConvsvcClient,
+    BusyPolicy,
+    ClientSettings,
+    FailedPreconditionError,
+)
 from convclient.openhands import RemoteConversationManager
 from convclient.openhands.compat import openhands_version
 from tests.openhands.browser import EVENT_TIMEOUT, Browser
@@ -314,3 +319,80 @@ async def test_llm_completions_are_answered_by_the_conversation_s_worker(
     async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
         logged = [e.payload async for e in client.iter_events("completions")]
     assert not [e for e in logged if "remembered" in json.dumps(e)]
+
+
+async def test_a_busy_openhands_agent_is_paused_resumed_and_interrupted(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    """OpenHands' own controller handles the change_agent_state events run control writes,
+    and reports the states that answer each control."""
+    # A close waits for the worker to release the loop: OpenHands' CLI runtime lets the
+    # interrupted `sleep` run on, and the worker's stop timeout ends it (10 s).
+    async with AsyncConvsvcClient(address=agent_convsvc.address, timeout_seconds=60) as client:
+        await client.start_conversation(
+            "controlled",
+            settings=settings(fake_llm),
+            initial_user_message={"action": "message", "args": {"content": "run: sleep 120"}},
+        )
+        # The agent runs the command: it is busy until it ends.
+        await tail_until(client, "controlled", lambda events: bool(commands(events)))
+        assert (await client.get_conversation("controlled")).agent_state == "running"
+        with pytest.raises(FailedPreconditionError) as refused:
+            await client.send_event(
+                {"action": "message", "args": {"content": "run: true"}},
+                conversation_id="controlled",
+                busy_policy=BusyPolicy.REJECT,
+            )
+        assert refused.value.metadata["agent_state"] == "running"
+
+        paused = await client.pause_agent("controlled")
+        assert paused.agent_state == "paused" and paused.event_id is not None
+        resumed = await client.resume_agent("controlled")
+        assert resumed.agent_state != "paused"
+        stopped = await client.interrupt_agent("controlled")
+        assert stopped.agent_state == "stopped"
+        # Interrupted, it keeps its loop and history and takes the next task.
+        await client.send_event(
+            {"action": "message", "args": {"content": "run: echo after-the-interrupt"}},
+            conversation_id="controlled",
+        )
+        events = await tail_until(
+            client, "controlled", lambda events: "echo after-the-interrupt" in commands(events)
+        )
+        assert commands(events) == ["sleep 120", "echo after-the-interrupt"]
+        await client.close_conversation("controlled")
+
+
+async def test_the_browser_s_pause_and_stop_buttons_reach_the_agent_as_run_control(
+    agent_openhands: OpenHandsServer,
+    agent_convsvc: Convsvc,
+    rest: httpx.AsyncClient,
+) -> None:
+    response = await rest.post("/api/conversations", json={"initial_user_msg": "run: sleep 120"})
+    conversation_id = response.json()["conversation_id"]
+    browser = Browser(agent_openhands)
+    await browser.connect(conversation_id)
+    await browser.until(lambda events: bool(commands(events)))
+
+    def state_is(state: str) -> Callable[[Events], bool]:
+        def done(events: Events) -> bool:
+            states = [
+                e["extras"]["agent_state"]
+                for e in events
+                if e.get("observation") == "agent_state_changed"
+            ]
+            return bool(states) and states[-1] == state
+
+        return done
+
+    # What OpenHands' frontend emits for its pause and stop buttons.
+    for asked in ("paused", "stopped"):
+        await browser.sio.emit(
+            "oh_user_action", {"action": "change_agent_state", "args": {"agent_state": asked}}
+        )
+        await browser.until(state_is(asked))
+    assert_once_in_order(browser.ids())
+    async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+        audit = await client.list_audit_entries(conversation_id=conversation_id)
+    assert [e.method for e in audit.items if e.method == "ControlAgent"] == ["ControlAgent"] * 2
+    await browser.close()

@@ -34,7 +34,7 @@ from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
 from convclient.errors import ConvsvcClientError, NotFoundError
 from convclient.mirror import ConversationMirror
-from convclient.models import Conversation, ConversationStatus
+from convclient.models import AgentControl, Conversation, ConversationStatus
 from convclient.openhands.compat import replays_through_join
 from convclient.openhands.conversation import RemoteConversation
 from convclient.openhands.event_store import RemoteEventStore
@@ -117,6 +117,21 @@ class _Join:
     sid: str
     user_id: str
     settings: dict[str, Any]
+
+
+_CONTROLS = {
+    "paused": AgentControl.PAUSE,
+    "running": AgentControl.RESUME,
+    "stopped": AgentControl.INTERRUPT,
+}
+"""OpenHands' browser pauses, resumes and stops the agent with change_agent_state."""
+
+
+def _control_asked(data: dict[str, Any]) -> AgentControl | None:
+    if data.get("action") != "change_agent_state":
+        return None
+    args = data.get("args")
+    return _CONTROLS.get(str(args.get("agent_state", ""))) if isinstance(args, dict) else None
 
 
 class RemoteConversationManager(ConversationManager):
@@ -260,6 +275,10 @@ class RemoteConversationManager(ConversationManager):
 
     async def send_to_event_stream(self, connection_id: str, data: dict[str, Any]) -> None:
         request_id = new_request_id()  # the same for the retry below: the event lands once
+        join = self._joins.get(connection_id)
+        control = _control_asked(data)
+        if control is not None and join is not None and await self._controlled(join, control):
+            return
         try:
             await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
         except ConvsvcClientError as exc:
@@ -274,6 +293,21 @@ class RemoteConversationManager(ConversationManager):
             log.info("rejoining %s to %s after a service restart", connection_id, join.sid)
             await self._join(connection_id, join)
             await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
+
+    async def _controlled(self, join: _Join, control: AgentControl) -> bool:
+        """The browser's pause, resume or stop, as ControlAgent (which answers once the agent
+        took it); False when the conversation is not running here (sent as an event then)."""
+        try:
+            await self.client.control_agent(join.sid, control)
+        except ConvsvcClientError as exc:
+            if exc.reason == "AGENT_UNRESPONSIVE":
+                # convsvc told the conversation's viewers; the browser keeps its socket.
+                log.warning("the agent of %s did not answer %s", join.sid, control.value)
+                return True
+            if exc.reason in ("CONVERSATION_NOT_RUNNING", "CONVERSATION_NOT_FOUND"):
+                return False
+            raise
+        return True
 
     async def send_event_to_conversation(self, sid: str, data: dict[str, Any]) -> None:
         await self.client.send_event(data, conversation_id=sid)

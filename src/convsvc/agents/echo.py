@@ -39,8 +39,15 @@ class EchoAgent(AgentLoop):
         args = args if isinstance(args, dict) else {}
         if action == "message":
             self._waiting.append(str(args.get("content", "")))
-            if not self._paused and self._step is None:
+            if self._paused or self._step is not None:
+                return
+            if self._delay() > 0:
                 self._step = self._steps.spawn(self._answer())
+            else:
+                # Answered here, before the message's commit: they share it (pipelining).
+                while self._waiting:
+                    await self._state("running")
+                    await self._reply(self._waiting.popleft())
         elif action == "change_agent_state":
             await self._change_state(str(args.get("agent_state", "")))
 
@@ -74,7 +81,7 @@ class EchoAgent(AgentLoop):
 
     async def _answer(self) -> None:
         try:
-            delay = float(self.context.settings.get(REPLY_DELAY_SETTING) or 0)
+            delay = self._delay()
             while self._waiting:
                 await self._state("running")
                 if delay > 0:
@@ -83,20 +90,25 @@ class EchoAgent(AgentLoop):
                         await asyncio.wait_for(self._halt.wait(), delay)
                 if self._halt.is_set():
                     return
-                content = self._waiting.popleft()
-                await self.context.emit(
-                    {
-                        "action": "message",
-                        "message": content,
-                        "args": {"content": content, "image_urls": None, "wait_for_response": True},
-                    },
-                    EventSource.AGENT,
-                )
+                await self._reply(self._waiting.popleft())
                 if self._halt.is_set():
                     return
-                await self._state("awaiting_user_input")
         finally:
             self._step = None
+
+    def _delay(self) -> float:
+        return float(self.context.settings.get(REPLY_DELAY_SETTING) or 0)
+
+    async def _reply(self, content: str) -> None:
+        await self.context.emit(
+            {
+                "action": "message",
+                "message": content,
+                "args": {"content": content, "image_urls": None, "wait_for_response": True},
+            },
+            EventSource.AGENT,
+        )
+        await self._state("awaiting_user_input")
 
     async def _state(self, state: str) -> None:
         await self.context.emit(agent_state_changed(state), EventSource.ENVIRONMENT)
