@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import overload
+from collections.abc import Mapping, Sequence
+from typing import TypeVar, overload
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -88,20 +88,6 @@ def audit_entry_to_pb(entry: AuditEntry) -> pb.AuditEntry:
     return message
 
 
-def admission_policy(value: int) -> AdmissionPolicy | None:
-    """The policy a request names; None for the server's."""
-    if value == pb.ADMISSION_POLICY_UNSPECIFIED:
-        return None
-    try:
-        return _POLICY[value]
-    except KeyError:
-        raise InvalidArgument(
-            f"admission_policy {value} is not a known AdmissionPolicy",
-            reason="INVALID_ARGUMENT",
-            metadata={"field": "admission_policy"},
-        ) from None
-
-
 _BUSY: dict[int, BusyPolicy] = {
     pb.BUSY_POLICY_ENQUEUE: BusyPolicy.ENQUEUE,
     pb.BUSY_POLICY_REJECT: BusyPolicy.REJECT,
@@ -112,32 +98,38 @@ _CONTROL: dict[int, AgentControl] = {
     pb.AGENT_CONTROL_RESUME: AgentControl.RESUME,
     pb.AGENT_CONTROL_INTERRUPT: AgentControl.INTERRUPT,
 }
+E = TypeVar("E")
+
+
+def _enum_field(value: int, known: Mapping[int, E], field: str, enum_name: str) -> E:
+    try:
+        return known[value]
+    except KeyError:
+        names = pb.DESCRIPTOR.enum_types_by_name[enum_name].values_by_number
+        raise InvalidArgument(
+            f"{field} {value} is not a known {enum_name}; use one of "
+            f"{', '.join(names[number].name for number in known)}",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": field},
+        ) from None
+
+
+def admission_policy(value: int) -> AdmissionPolicy | None:
+    """The policy a request names; None for the server's."""
+    if value == pb.ADMISSION_POLICY_UNSPECIFIED:
+        return None
+    return _enum_field(value, _POLICY, "admission_policy", "AdmissionPolicy")
 
 
 def busy_policy(value: int) -> BusyPolicy | None:
     """The busy policy a send names; None for the server's."""
     if value == pb.BUSY_POLICY_UNSPECIFIED:
         return None
-    try:
-        return _BUSY[value]
-    except KeyError:
-        raise InvalidArgument(
-            f"busy_policy {value} is not a known BusyPolicy",
-            reason="INVALID_ARGUMENT",
-            metadata={"field": "busy_policy"},
-        ) from None
+    return _enum_field(value, _BUSY, "busy_policy", "BusyPolicy")
 
 
 def agent_control(value: int) -> AgentControl:
-    try:
-        return _CONTROL[value]
-    except KeyError:
-        raise InvalidArgument(
-            "control must be AGENT_CONTROL_PAUSE, AGENT_CONTROL_RESUME or "
-            f"AGENT_CONTROL_INTERRUPT (got {value})",
-            reason="INVALID_ARGUMENT",
-            metadata={"field": "control"},
-        ) from None
+    return _enum_field(value, _CONTROL, "control", "AgentControl")
 
 
 def optional_struct(message: Message, field: str) -> JsonObject | None:
