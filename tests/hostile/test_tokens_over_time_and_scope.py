@@ -147,6 +147,9 @@ def x_calls(channel: grpc.aio.Channel, token: str) -> dict[str, Callable[[], Any
         "CloseConversation": lambda: x.CloseConversation(
             pb.CloseConversationRequest(conversation_id="X")
         ),
+        "ControlAgent": lambda: x.ControlAgent(
+            pb.ControlAgentRequest(conversation_id="X", control=pb.AGENT_CONTROL_INTERRUPT)
+        ),
         "GetConversation": lambda: x.GetConversation(
             pb.GetConversationRequest(conversation_id="X")
         ),
@@ -187,6 +190,30 @@ async def test_a_token_for_x_affects_nothing_but_x_whatever_it_calls(alice, tall
         error = await ended_with(connect)
         assert error.code() is DENIED and error_info(error).reason == "TOKEN_SCOPE"
         await unchanged(service)
+
+
+async def test_a_token_for_x_cannot_control_another_conversation_s_agent(alice) -> None:
+    service, channel = alice
+    token = await mint(service, "alice", ["X"], READ, WRITE, ADMIN)
+    before = await service.SearchEvents(pb.SearchEventsRequest(conversation_id="Y0"))
+    for control in (pb.AGENT_CONTROL_PAUSE, pb.AGENT_CONTROL_INTERRUPT):
+        await expect_error(
+            As(channel, token).ControlAgent(
+                pb.ControlAgentRequest(conversation_id="Y0", control=control)
+            ),
+            DENIED,
+            "TOKEN_SCOPE",
+        )
+    after = await service.SearchEvents(pb.SearchEventsRequest(conversation_id="Y0"))
+    assert after == before
+    reader = await mint(service, "alice", ["Y0"], READ)
+    await expect_error(
+        As(channel, reader).ControlAgent(
+            pb.ControlAgentRequest(conversation_id="Y0", control=pb.AGENT_CONTROL_PAUSE)
+        ),
+        DENIED,
+        "TOKEN_SCOPE",
+    )
 
 
 async def test_a_token_covering_the_victim_may_cause_its_eviction(alice) -> None:

@@ -160,3 +160,64 @@ def _logged_then(assignment: int, event_id: int, deliver: Any, state: dict[str, 
             ],
         )
     )
+
+
+async def test_a_close_while_a_control_waits_ends_the_wait_at_once(tmp_path: Path) -> None:
+    """The control waits for a state the agent will never report: closing the conversation
+    answers it (CONVERSATION_NOT_RUNNING) instead of leaving it to its timeout."""
+    engine = EngineConfig(control_timeout_seconds=60.0)
+    async with running_app(tmp_path / "data", workers=FAST_LIVENESS, engine=engine) as app:
+        assert app.server is not None
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            stub = pb_grpc.ConversationServiceStub(channel)
+            worker = ScriptedWorker(channel)
+            worker.hello("mute")
+            await worker.receive("welcome")
+            await stub.StartConversation(
+                pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+            )
+            assign = await worker.receive("assign")
+            await worker.receive("history")
+            running = {"observation": "agent_state_changed", "extras": {"agent_state": "running"}}
+            worker.send(events("c1", assign.assignment, (assign.next_event_id, "agent", running)))
+            await grpc_events_until(stub, "c1", agent_state_is("running"))
+            control = asyncio.ensure_future(
+                stub.ControlAgent(
+                    pb.ControlAgentRequest(conversation_id="c1", control=pb.AGENT_CONTROL_PAUSE),
+                    timeout=30,
+                )
+            )
+            deliver = await worker.receive("deliver")
+            # The worker logs the control but never reports the paused state.
+            worker.send(
+                wpb.AttachRequest(
+                    events=wpb.LoopEvents(
+                        conversation_id="c1",
+                        assignment=assign.assignment,
+                        events=[
+                            wpb.WorkerEvent(
+                                id=assign.next_event_id + 1,
+                                source="user",
+                                payload=deliver.payload,
+                                delivery_id=deliver.delivery_id,
+                            )
+                        ],
+                    )
+                )
+            )
+            closing = asyncio.ensure_future(
+                stub.CloseConversation(pb.CloseConversationRequest(conversation_id="c1"))
+            )
+            stop = await worker.receive("stop")
+            worker.send(
+                wpb.AttachRequest(
+                    released=wpb.LoopReleased(conversation_id="c1", assignment=stop.assignment)
+                )
+            )
+            async with asyncio.timeout(10):  # far below the control timeout
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await control
+            assert ended.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(ended.value).reason == "CONVERSATION_NOT_RUNNING"
+            await closing
+            worker.close()
