@@ -22,6 +22,7 @@ from convclient import (
     InvalidArgumentError,
     NotFoundError,
 )
+from convclient.structs import dict_to_struct
 from convsvc.app import ConvsvcApp
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
@@ -213,3 +214,26 @@ async def test_controls_are_audited(
     await client.pause_agent("c")
     page = await client.list_audit_entries(conversation_id="c")
     assert "ControlAgent" in [entry.method for entry in page.items]
+
+
+async def test_a_connect_send_to_a_busy_agent_follows_its_busy_policy(
+    client: AsyncConvsvcClient, stub: pb_grpc.ConversationServiceStub
+) -> None:
+    await busy(client, stub, "c")
+    call = stub.Connect()
+    await call.write(pb.ConnectRequest(open=pb.ConnectOpen(conversation_id="c")))
+    assert (await call.read()).HasField("opened")
+    hi = pb.ConnectSend(
+        event=dict_to_struct(message("refused")),
+        request_id="r1",
+        busy_policy=pb.BUSY_POLICY_REJECT,
+    )
+    await call.write(pb.ConnectRequest(send=hi))
+    while not (response := await call.read()).HasField("send_result"):
+        pass
+    failure = response.send_result.failure
+    assert (failure.code, failure.reason) == ("FAILED_PRECONDITION", "CONVERSATION_BUSY")
+    await call.done_writing()
+    call.cancel()
+    page = await client.search_events("c")
+    assert "refused" not in [e.payload.get("args", {}).get("content") for e in page.items]
