@@ -10,9 +10,15 @@ import grpc
 
 from convclient.errors import ServiceUnavailableError
 
-# The service went away or is shutting down (UNAVAILABLE), or dropped the stream for falling
-# behind (RESOURCE_EXHAUSTED): the stream resumes where it was.
-RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# The service went away or is shutting down (UNAVAILABLE), dropped the stream for falling
+# behind (RESOURCE_EXHAUSTED), or cancelled it (CANCELLED: a call a server accepted just
+# before it stopped is cancelled by the stop; this client's own cancellation is no error):
+# the stream resumes where it was.
+RESUMABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+}
 _FIRST_DELAY = 0.1
 _MAX_DELAY = 2.0
 

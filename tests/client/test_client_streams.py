@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from convclient import (
@@ -18,6 +19,8 @@ from convclient import (
     WatchUpdate,
 )
 from convsvc.app import ConvsvcApp
+from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.client.test_client_calls import HI, address
 from tests.conftest import running_app
 
@@ -153,3 +156,34 @@ def test_blocking_watch_gives_up_when_the_service_stays_away() -> None:
         with pytest.raises(ServiceUnavailableError) as caught:
             next(client.watch_conversations())
         assert caught.value.reason == "STREAM_LOST"
+
+
+class _CancelledOnce(pb_grpc.ConversationServiceServicer):  # type: ignore[misc]
+    """A server whose first watch ends CANCELLED, as a call accepted in the instant before a
+    server stops is cancelled by the stop; the next one answers a snapshot."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def WatchConversations(self, request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            await context.abort(grpc.StatusCode.CANCELLED, "the server stopped")
+        yield pb.WatchConversationsResponse(snapshot_complete=True, resume_token="t1")
+        await asyncio.Event().wait()  # then nothing changes
+
+
+async def test_a_stream_the_server_cancelled_is_resumed_not_ended() -> None:
+    server = grpc.aio.server()
+    servicer = _CancelledOnce()
+    pb_grpc.add_ConversationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncConvsvcClient(address=f"127.0.0.1:{port}", timeout_seconds=5) as client:
+            updates = client.watch_conversations()
+            first = await asyncio.wait_for(updates.__anext__(), 10)
+            assert first.snapshot == [] and servicer.calls == 2
+            await updates.aclose()
+    finally:
+        await server.stop(None)
