@@ -7,6 +7,7 @@ that it is busy (state "running") whenever a test acts, and a control cuts the w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,14 @@ async def test_a_connect_send_to_a_busy_agent_follows_its_busy_policy(
     call.cancel()
     page = await client.search_events("c")
     assert "refused" not in [e.payload.get("args", {}).get("content") for e in page.items]
+
+
+async def test_a_control_retried_after_the_agent_moved_on_answers_at_once(
+    client: AsyncConvsvcClient, stub: pb_grpc.ConversationServiceStub
+) -> None:
+    await busy(client, stub, "c")
+    paused = await client.pause_agent("c", request_id="pause-1")
+    await client.resume_agent("c")
+    async with asyncio.timeout(5):  # not the control timeout: nothing is left to wait for
+        again = await client.pause_agent("c", request_id="pause-1")
+    assert (again.event_id, again.agent_state) == (paused.event_id, "running")

@@ -398,7 +398,12 @@ class ConversationEngine:
                         )
                         call.answered(result, stored=True)
                         event_id = result["event_id"]
-                if event_id is None or answers(runtime.agent_state):
+                if (
+                    event_id is None
+                    or answers(runtime.agent_state)
+                    # A retry after the agent answered (whatever has happened since).
+                    or runtime.agent_state_event_id > event_id
+                ):
                     return event_id, runtime.agent_state
                 return event_id, await reported
         except TimeoutError:

@@ -227,7 +227,7 @@ class EventLog:
                 extras = event.payload.get("extras") or {}
                 state = str(extras.get("agent_state", runtime.agent_state))
                 if state != runtime.agent_state:
-                    runtime.report_agent_state(state)
+                    runtime.report_agent_state(state, event.id)
                     if not runtime.closing:
                         self._changes.publish(
                             ChangeKind.AGENT_STATE_CHANGED, self._registry.watched(runtime)

@@ -126,6 +126,8 @@ class ConversationRuntime:
         self._start_request = start_request or StartRequest()
         self.phase = Phase.STARTING
         self.agent_state = "loading"
+        self.agent_state_event_id = -1
+        """The id of the event that reported ``agent_state`` (-1: none committed yet)."""
         self.next_event_id = next_event_id
         self.latest_event_id = next_event_id - 1
         """The newest committed id (``next_event_id`` runs ahead while appends are in flight)."""
@@ -200,9 +202,11 @@ class ConversationRuntime:
         with the trace context of the call that sent it."""
         self._inbox.put_nowait((event, trace_parent))
 
-    def report_agent_state(self, state: str) -> None:
-        """The agent reported ``state`` (committed): answers who waits for it."""
+    def report_agent_state(self, state: str, event_id: int) -> None:
+        """The agent reported ``state`` in event ``event_id`` (committed): answers who waits
+        for it."""
         self.agent_state = state
+        self.agent_state_event_id = event_id
         for answers, waiter in list(self._state_waiters):
             if not waiter.done() and answers(state):
                 waiter.set_result(state)
