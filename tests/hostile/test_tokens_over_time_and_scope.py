@@ -260,6 +260,12 @@ async def test_every_mutation_attempt_leaves_one_audit_entry(alice, tally) -> No
         )
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     attempts += 1
+    # Run control: answered (nothing to interrupt is still an attempt) and refused (READ).
+    interrupt = pb.ControlAgentRequest(conversation_id="Y0", control=pb.AGENT_CONTROL_INTERRUPT)
+    await As(channel, writer).ControlAgent(interrupt)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await As(channel, reader).ControlAgent(interrupt)
+    attempts += 2
     await service.GetConversation(pb.GetConversationRequest(conversation_id="Y0"))  # a read
 
     after = await service.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1000))

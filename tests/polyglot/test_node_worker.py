@@ -16,6 +16,20 @@ from tests.otlp import Collector, trace_id_of, traced_server_env
 from tests.polyglot.conftest import PROTOS
 
 
+async def node_worker(
+    node_client: Path, address: str, worker_id: str
+) -> asyncio.subprocess.Process:
+    """The Node.js echo worker, attaching to ``address`` as ``worker_id``."""
+    return await asyncio.create_subprocess_exec(
+        "node",
+        str(node_client.parent / "echo_worker.mjs"),
+        address,
+        str(PROTOS),
+        worker_id,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
 async def read_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -28,14 +42,7 @@ async def test_a_node_worker_serves_a_conversation(
     node_client: Path, server_process: Callable[..., Any]
 ) -> None:
     address = server_process().start()
-    worker = await asyncio.create_subprocess_exec(
-        "node",
-        str(node_client.parent / "echo_worker.mjs"),
-        address,
-        str(PROTOS),
-        "node-1",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    worker = await node_worker(node_client, address, "node-1")
     try:
         attached = await read_line(worker)
         assert attached == {"step": "attached", "worker_id": "node-1"}
@@ -76,14 +83,7 @@ async def test_a_traced_send_reaches_the_worker_and_its_answer_keeps_the_trace(
 ) -> None:
     _, port = collector
     address = server_process(traced_server_env(port)).start()
-    worker = await asyncio.create_subprocess_exec(
-        "node",
-        str(node_client.parent / "echo_worker.mjs"),
-        address,
-        str(PROTOS),
-        "node-traced",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    worker = await node_worker(node_client, address, "node-traced")
     try:
         await read_line(worker)  # attached
         tracer = TracerProvider().get_tracer("test-web-tier")
@@ -114,14 +114,7 @@ async def test_run_control_reaches_a_node_worker_s_agent(
     node_client: Path, server_process: Callable[..., Any]
 ) -> None:
     address = server_process().start()
-    worker = await asyncio.create_subprocess_exec(
-        "node",
-        str(node_client.parent / "echo_worker.mjs"),
-        address,
-        str(PROTOS),
-        "node-2",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    worker = await node_worker(node_client, address, "node-2")
     try:
         assert (await read_line(worker))["step"] == "attached"
         async with AsyncConvsvcClient(address=address) as client:

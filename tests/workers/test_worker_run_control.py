@@ -73,6 +73,25 @@ async def test_pause_resume_and_interrupt_reach_a_worker_s_agent(
     assert not [p for p in payloads if p.get("source") == "agent"]  # interrupted each time
 
 
+async def busy_on_a_scripted_worker(
+    channel: grpc.aio.Channel, stub: pb_grpc.ConversationServiceStub
+) -> tuple[ScriptedWorker, Any]:
+    """Conversation c1 on a scripted worker whose agent reported "running" (and will report
+    nothing unless the test says so)."""
+    worker = ScriptedWorker(channel)
+    worker.hello("mute")
+    await worker.receive("welcome")
+    await stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
+    )
+    assign = await worker.receive("assign")
+    await worker.receive("history")
+    running = {"observation": "agent_state_changed", "extras": {"agent_state": "running"}}
+    worker.send(events("c1", assign.assignment, (assign.next_event_id, "agent", running)))
+    await grpc_events_until(stub, "c1", agent_state_is("running"))
+    return worker, assign
+
+
 async def test_a_worker_that_does_not_answer_a_control_gets_its_conversation_reported(
     tmp_path: Path,
 ) -> None:
@@ -81,17 +100,7 @@ async def test_a_worker_that_does_not_answer_a_control_gets_its_conversation_rep
         assert app.server is not None
         async with grpc.aio.insecure_channel(app.server.address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
-            worker = ScriptedWorker(channel)
-            worker.hello("mute")
-            await worker.receive("welcome")
-            await stub.StartConversation(
-                pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
-            )
-            assign = await worker.receive("assign")
-            await worker.receive("history")
-            running = {"observation": "agent_state_changed", "extras": {"agent_state": "running"}}
-            worker.send(events("c1", assign.assignment, (assign.next_event_id, "agent", running)))
-            await grpc_events_until(stub, "c1", agent_state_is("running"))
+            worker, _ = await busy_on_a_scripted_worker(channel, stub)
             status = stub.StreamEvents(pb.StreamEventsRequest(conversation_id="c1", start_id=0))
 
             with pytest.raises(grpc.aio.AioRpcError) as unanswered:
@@ -170,17 +179,7 @@ async def test_a_close_while_a_control_waits_ends_the_wait_at_once(tmp_path: Pat
         assert app.server is not None
         async with grpc.aio.insecure_channel(app.server.address) as channel:
             stub = pb_grpc.ConversationServiceStub(channel)
-            worker = ScriptedWorker(channel)
-            worker.hello("mute")
-            await worker.receive("welcome")
-            await stub.StartConversation(
-                pb.StartConversationRequest(conversation_id="c1", agent="worker-echo")
-            )
-            assign = await worker.receive("assign")
-            await worker.receive("history")
-            running = {"observation": "agent_state_changed", "extras": {"agent_state": "running"}}
-            worker.send(events("c1", assign.assignment, (assign.next_event_id, "agent", running)))
-            await grpc_events_until(stub, "c1", agent_state_is("running"))
+            worker, assign = await busy_on_a_scripted_worker(channel, stub)
             control = asyncio.ensure_future(
                 stub.ControlAgent(
                     pb.ControlAgentRequest(conversation_id="c1", control=pb.AGENT_CONTROL_PAUSE),

@@ -334,17 +334,18 @@ class ConversationEngine:
                 result = call.recorded
             else:
                 cid = target.get("c") or self._connected_conversation(target["n"], user)
-                if payload.get("action") == "message":
-                    await self._mind_busy_agent(cid, user, busy_policy or self._config.busy_policy)
+                policy = busy_policy or self._config.busy_policy
+                if policy is not BusyPolicy.ENQUEUE and payload.get("action") == "message":
+                    await self._mind_busy_agent(cid, user, policy)
                 result = await self._append_user_event(cid, user, payload, call.key)
                 call.answered(result, stored=True)
         return str(result["conversation_id"]), int(result["event_id"])
 
     async def _mind_busy_agent(self, cid: str, user: str | None, policy: BusyPolicy) -> None:
-        """Applies the busy policy before a message is logged."""
+        """Applies a reject or interrupt policy before a message is logged."""
         runtime = await running_for(self._registry, self._store, cid, user)
         state = runtime.agent_state
-        if state not in BUSY_STATES or policy is BusyPolicy.ENQUEUE:
+        if state not in BUSY_STATES:
             return
         if policy is BusyPolicy.REJECT:
             raise FailedPrecondition(
