@@ -81,10 +81,19 @@ class Cluster:
         env.update({"CONVSVC_DATABASE_URL": self.dsn, "CONVSVC_LOG_LEVEL": "INFO"})
         env.update(self.env)
         env.update(extra_env)
-        metrics = f"127.0.0.1:{free_port()}"
-        env["CONVSVC_METRICS_LISTEN"] = metrics
-        node = Node(ServerProcess(home / "data", env), metrics)
-        node.process.start()
+        for attempt in range(3):
+            metrics = f"127.0.0.1:{free_port()}"
+            node = Node(
+                ServerProcess(home / "data", {**env, "CONVSVC_METRICS_LISTEN": metrics}), metrics
+            )
+            try:
+                node.process.start()
+                break
+            except RuntimeError as exc:
+                # The free port was taken by another process (the suites run side by side)
+                # before this node bound it: another one.
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
         self.nodes.append(node)
         return node
 
