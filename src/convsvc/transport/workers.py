@@ -232,8 +232,10 @@ class AgentWorkerServicer:
             )
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError:
-            self._pool.detach(session, None)  # the stream broke
+        except (grpc.RpcError, grpc.aio.AbortError):
+            # The stream broke, or the writer half aborted it (it holds the reason) while
+            # this half was still reading.
+            self._pool.detach(session, None)
         except Exception:
             log.exception("worker.internal_error", worker_id=session.worker_id)
             self._pool.detach(session, internal_error())
