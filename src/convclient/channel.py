@@ -28,6 +28,7 @@ UNARY_METHODS = (
     "JoinConversation",
     "SendEvent",
     "ControlAgent",
+    "ConfirmAction",
     "DisconnectConnection",
     "CloseConversation",
     "GetConversation",

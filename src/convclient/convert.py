@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from convclient.models import (
     AdmissionPolicy,
     AgentControl,
+    ApprovalDecision,
     AuditEntry,
     BusyPolicy,
     ChangeKind,
@@ -19,7 +20,9 @@ from convclient.models import (
     ConversationStatus,
     Event,
     EventBatch,
+    PendingAction,
     Permission,
+    SecurityRisk,
     WatchedConversation,
 )
 from convclient.structs import struct_to_dict
@@ -41,6 +44,16 @@ AGENT_CONTROL = {
     AgentControl.RESUME: pb.AGENT_CONTROL_RESUME,
     AgentControl.INTERRUPT: pb.AGENT_CONTROL_INTERRUPT,
 }
+APPROVAL_DECISION = {
+    ApprovalDecision.APPROVE: pb.APPROVAL_DECISION_APPROVE,
+    ApprovalDecision.REJECT: pb.APPROVAL_DECISION_REJECT,
+}
+_RISK = {
+    pb.SECURITY_RISK_UNKNOWN: SecurityRisk.UNKNOWN,
+    pb.SECURITY_RISK_LOW: SecurityRisk.LOW,
+    pb.SECURITY_RISK_MEDIUM: SecurityRisk.MEDIUM,
+    pb.SECURITY_RISK_HIGH: SecurityRisk.HIGH,
+}
 _CHANGE_KIND = {
     pb.CONVERSATION_CHANGE_KIND_CREATED: ChangeKind.CREATED,
     pb.CONVERSATION_CHANGE_KIND_STATUS_CHANGED: ChangeKind.STATUS_CHANGED,
@@ -48,6 +61,7 @@ _CHANGE_KIND = {
     pb.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ChangeKind.CONNECTIONS_CHANGED,
     pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ChangeKind.QUEUE_POSITION_CHANGED,
     pb.CONVERSATION_CHANGE_KIND_CLOSED: ChangeKind.CLOSED,
+    pb.CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: ChangeKind.PENDING_ACTION_CHANGED,
 }
 PERMISSION = {
     Permission.READ: pb.PERMISSION_READ,
@@ -83,6 +97,19 @@ def conversation(message: pb.Conversation) -> Conversation:
         connection_count=message.connection_count,
         queue_position=message.queue_position,
         owner_address=message.owner_address,
+        pending_action=(
+            pending_action(message.pending_action) if message.HasField("pending_action") else None
+        ),
+    )
+
+
+def pending_action(message: pb.PendingAction) -> PendingAction:
+    return PendingAction(
+        event_id=message.event_id,
+        action=message.action,
+        content=message.content,
+        security_risk=_RISK.get(message.security_risk),
+        thought=message.thought,
     )
 
 

@@ -36,6 +36,29 @@ class AdmissionPolicy(StrEnum):
     """The start waits for room (status QUEUED, with its position), up to its deadline."""
 
 
+class SecurityRisk(StrEnum):
+    """How risky an action is, as the agent or a security analyzer rated it."""
+
+    UNKNOWN = "unknown"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class PendingAction(_Model):
+    """An action the agent waits to have approved (OpenHands' confirmation mode)."""
+
+    event_id: int
+    """The action event: confirm_action names it."""
+    action: str
+    """The action type, e.g. "run", "run_ipython", "edit"."""
+    content: str = ""
+    """What it would do: the command, the code, the file and its text, the URL."""
+    security_risk: SecurityRisk | None = None
+    """None when the action states no risk."""
+    thought: str = ""
+
+
 class Conversation(_Model):
     """A conversation (agent loop) and its state, as the service reports it."""
 
@@ -54,6 +77,9 @@ class Conversation(_Model):
     """For a QUEUED start: 1 for the next to run; otherwise 0."""
     owner_address: str = ""
     """In a cluster, the node that runs it (the client sends its calls there); else empty."""
+    pending_action: PendingAction | None = None
+    """The action its agent waits to have approved (agent_state
+    "awaiting_user_confirmation"); decide with confirm_action."""
 
 
 class Connection(_Model):
@@ -119,6 +145,13 @@ class AgentControl(StrEnum):
     INTERRUPT = "interrupt"
 
 
+class ApprovalDecision(StrEnum):
+    """What confirm_action decides about the pending action."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
 class ControlResult(_Model):
     conversation_id: str
     event_id: int | None
@@ -139,6 +172,8 @@ class ChangeKind(StrEnum):
     QUEUE_POSITION_CHANGED = "QUEUE_POSITION_CHANGED"
     CLOSED = "CLOSED"
     """The loop stopped (or its queued start gave up): forget it until it appears again."""
+    PENDING_ACTION_CHANGED = "PENDING_ACTION_CHANGED"
+    """Its agent proposed an action and waits to have it approved (``pending_action``)."""
 
 
 class WatchedConversation(_Model):

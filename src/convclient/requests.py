@@ -13,6 +13,7 @@ from convclient import convert
 from convclient.models import (
     AdmissionPolicy,
     AgentControl,
+    ApprovalDecision,
     AuditEntry,
     BusyPolicy,
     Connection,
@@ -186,6 +187,55 @@ def interrupt_agent(
     )
 
 
+def confirm_action(
+    conversation_id: str,
+    action_id: int,
+    decision: ApprovalDecision | str,
+    *,
+    user_id: str = "",
+    request_id: str | None = None,
+) -> Prepared[ControlResult]:
+    """Approves or rejects the conversation's pending action (``Conversation.pending_action``,
+    named by its event id); answers once the agent no longer waits for the decision. Another
+    action id is refused (FailedPreconditionError, reason ACTION_NOT_PENDING)."""
+    request = pb.ConfirmActionRequest(
+        conversation_id=conversation_id,
+        action_id=action_id,
+        decision=convert.APPROVAL_DECISION[ApprovalDecision(decision)],
+        user_id=user_id,
+        request_id=request_id or new_request_id(),
+    )
+    return Prepared(
+        "ConfirmAction",
+        request,
+        lambda r: ControlResult(
+            conversation_id=r.conversation_id, event_id=r.event_id, agent_state=r.agent_state
+        ),
+    )
+
+
+def approve_action(
+    conversation_id: str, action_id: int, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[ControlResult]:
+    """The pending action runs."""
+    return confirm_action(
+        conversation_id,
+        action_id,
+        ApprovalDecision.APPROVE,
+        user_id=user_id,
+        request_id=request_id,
+    )
+
+
+def reject_action(
+    conversation_id: str, action_id: int, *, user_id: str = "", request_id: str | None = None
+) -> Prepared[ControlResult]:
+    """The pending action does not run; the agent waits for the user."""
+    return confirm_action(
+        conversation_id, action_id, ApprovalDecision.REJECT, user_id=user_id, request_id=request_id
+    )
+
+
 def disconnect(
     connection_id: str, *, user_id: str = "", request_id: str | None = None
 ) -> Prepared[bool]:
@@ -220,13 +270,16 @@ def list_conversations(
     conversation_ids: Iterable[str] = (),
     page_size: int = 0,
     page_token: str = "",
+    agent_states: Iterable[str] = (),
 ) -> Prepared[Page[Conversation]]:
-    """One page of running conversations, filtered by user and ids."""
+    """One page of running conversations, filtered by user, ids and agent states (e.g.
+    ``["awaiting_user_confirmation"]`` for those waiting for an approval)."""
     request = pb.ListConversationsRequest(
         user_id=user_id,
         conversation_ids=list(conversation_ids),
         page_size=page_size,
         page_token=page_token,
+        agent_states=list(agent_states),
     )
     return Prepared(
         "ListConversations",

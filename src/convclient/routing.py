@@ -35,6 +35,7 @@ ROUTED = frozenset(
         "GetConversation",
         "CompleteWithAgentLlm",
         "ControlAgent",
+        "ConfirmAction",
     }
 )
 """Calls about one conversation, answered by the node that runs it."""

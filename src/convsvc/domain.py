@@ -52,6 +52,38 @@ class AgentControl(enum.StrEnum):
     INTERRUPT = "interrupt"
 
 
+class ApprovalDecision(enum.StrEnum):
+    """What ConfirmAction decides about an action awaiting confirmation."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+class SecurityRisk(enum.StrEnum):
+    """The risk an agent or a security analyzer gave an action (OpenHands'
+    ActionSecurityRisk, whose values -1 to 2 these names stand for)."""
+
+    UNKNOWN = "unknown"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+@dataclass(slots=True, frozen=True)
+class PendingAction:
+    """An action the agent proposed and waits to have approved (confirmation mode)."""
+
+    event_id: int
+    """The action event awaiting confirmation: ConfirmAction names it."""
+    action: str
+    """The action type, for example "run", "run_ipython", "edit" or "browse_interactive"."""
+    content: str
+    """What it would do: the command, the code, the file and its text, the URL."""
+    security_risk: SecurityRisk | None
+    """None when the action states none."""
+    thought: str = ""
+
+
 class EventKind(enum.StrEnum):
     """OpenHands splits events into actions and observations."""
 
@@ -96,6 +128,8 @@ class ConversationView:
     """For a QUEUED start: 1 for the next to run; otherwise 0."""
     owner_address: str = ""
     """In a cluster, the address of the node that runs or queued it (clients may call it)."""
+    pending_action: PendingAction | None = None
+    """The action awaiting confirmation while the agent waits for one."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -23,6 +23,7 @@ from convsvc.cluster.node import ClusterNode, owner_moved
 from convsvc.cluster.watch import RESUME_ONLY
 from convsvc.domain import ConversationStatus
 from convsvc.engine import ConversationEngine
+from convsvc.engine.queries import agent_state_filter
 from convsvc.errors import ConvsvcError, Unavailable
 from convsvc.metrics import Metrics
 from convsvc.paging import decode_token, encode_token
@@ -50,6 +51,7 @@ _BY_CONVERSATION = {
     "GetConversation",
     "CompleteWithAgentLlm",
     "ControlAgent",
+    "ConfirmAction",
 }
 
 
@@ -278,22 +280,47 @@ class Router:
     async def list_conversations(
         self, request: pb.ListConversationsRequest
     ) -> pb.ListConversationsResponse:
-        """Running conversations on every node, by id; each live view from its owner."""
-        cursor = self._cursor("conversations", request)
-        running = await self._store.running_for(
-            cursor.user, cursor.after, cursor.size + 1, cursor.wanted
-        )
-        page, token = cursor.page(running, lambda item: item[0])
-        views = await self._views(page, request.user_id)
-        return pb.ListConversationsResponse(conversations=views, next_page_token=token)
+        """Running conversations on every node, by id; each live view from its owner. With
+        an agent state filter (the state lives on the owner) it reads on until the page is
+        full or every running conversation was seen."""
+        states = agent_state_filter(request.agent_states)
+        cursor = self._cursor("conversations", request, sorted(states))
+        if not states:
+            running = await self._store.running_for(
+                cursor.user, cursor.after, cursor.size + 1, cursor.wanted
+            )
+            page, token = cursor.page(running, lambda item: item[0])
+            return pb.ListConversationsResponse(
+                conversations=await self._views(page, request.user_id), next_page_token=token
+            )
+        views: list[pb.Conversation] = []
+        after = cursor.after
+        while True:
+            running = await self._store.running_for(
+                cursor.user, after, cursor.size + 1, cursor.wanted
+            )
+            chunk = running[: cursor.size]
+            for view in await self._views(chunk, request.user_id):
+                if not states or view.agent_state in states:
+                    views.append(view)
+            if len(running) <= cursor.size:  # nothing after this chunk
+                views = views[: cursor.size + 1]
+                break
+            after = chunk[-1][0]
+            if len(views) > cursor.size:
+                break
+        matching, token = cursor.page(views, lambda view: view.conversation_id)
+        return pb.ListConversationsResponse(conversations=matching, next_page_token=token)
 
-    def _cursor(self, kind: str, request: Any) -> _Cursor:
+    def _cursor(self, kind: str, request: Any, filters: list[str] | None = None) -> _Cursor:
         """Where a list request's page starts, checked as on a single node."""
         user = validation.check_user_id(request.user_id)
         wanted = sorted(
             {validation.check_id("conversation_ids", c) for c in request.conversation_ids}
         )
-        query = [kind, user, wanted]
+        query: list[Any] = [kind, user, wanted]
+        if filters:
+            query.append(filters)
         key = self._store.page_token_key
         after = decode_token(key, request.page_token, query, str) if request.page_token else ""
         return _Cursor(

@@ -73,6 +73,9 @@ class ClusteredServicer(ConversationServicer):
     async def ControlAgent(self, request: Any, context: Context) -> Any:
         return await self._routed("ControlAgent", request, context, super().ControlAgent)
 
+    async def ConfirmAction(self, request: Any, context: Context) -> Any:
+        return await self._routed("ConfirmAction", request, context, super().ConfirmAction)
+
     async def DisconnectConnection(self, request: Any, context: Context) -> Any:
         return await self._routed(
             "DisconnectConnection", request, context, super().DisconnectConnection

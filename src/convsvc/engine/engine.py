@@ -23,6 +23,7 @@ from convsvc.config import EngineConfig
 from convsvc.domain import (
     AdmissionPolicy,
     AgentControl,
+    ApprovalDecision,
     BusyPolicy,
     Connection,
     ConversationRecord,
@@ -31,6 +32,7 @@ from convsvc.domain import (
     JsonObject,
 )
 from convsvc.engine.admission import Admission
+from convsvc.engine.approvals import decision_answered, decision_event
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.history import EventHistory
 from convsvc.engine.idempotency import RequestKey, RequestLedger
@@ -381,24 +383,105 @@ class ConversationEngine:
         control: AgentControl,
         key: RequestKey | None,
     ) -> tuple[int | None, str]:
-        """Writes a control's event (once per request id) and waits for the agent's answer,
-        at most the control timeout."""
-        answers = answered_by(control)
+        def decide() -> JsonObject | None:
+            return change_agent_state(control) if has_effect(control, runtime.agent_state) else None
+
+        return await self._answered_by_agent(
+            runtime, cid, user, key, decide, answered_by(control), control.value
+        )
+
+    async def confirm_action(
+        self,
+        *,
+        conversation_id: str,
+        action_id: int,
+        decision: ApprovalDecision,
+        user_id: str = "",
+        request_id: str = "",
+    ) -> tuple[int | None, str]:
+        """Approves or rejects the action awaiting confirmation (see ``approvals``); returns
+        the id of the event written and the state the agent reported. Only the pending
+        action can be decided, once."""
+        cid = validation.check_id("conversation_id", conversation_id)
+        user = validation.check_user_id(user_id)
+        if action_id < 0:
+            raise InvalidArgument(
+                "action_id must be the event id of the pending action (0 or more)",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "action_id"},
+            )
+        key = self._ledger.key(
+            user, request_id, "ConfirmAction", {"c": cid, "a": action_id, "d": decision.value}
+        )
+        runtime = await running_for(self._registry, self._store, cid, user)
+
+        def decide() -> JsonObject:
+            pending = runtime.pending_action
+            if pending is None or pending.event_id != action_id:
+                raise FailedPrecondition(
+                    f"action {action_id} of conversation {cid} does not await confirmation"
+                    + (
+                        f"; the pending action is {pending.event_id}"
+                        if pending is not None
+                        else "; no action does"
+                    ),
+                    reason="ACTION_NOT_PENDING",
+                    metadata={
+                        "conversation_id": cid,
+                        "agent_state": runtime.agent_state,
+                        "pending_action_id": str(pending.event_id) if pending else "",
+                    },
+                )
+            if runtime.deciding_action_id == action_id:
+                raise FailedPrecondition(
+                    f"action {action_id} of conversation {cid} is being decided by another call",
+                    reason="ACTION_NOT_PENDING",
+                    metadata={"conversation_id": cid, "agent_state": runtime.agent_state},
+                )
+            runtime.deciding_action_id = action_id  # no await since the check above
+            return decision_event(decision)
+
+        def undecided() -> None:
+            if runtime.deciding_action_id == action_id:
+                runtime.deciding_action_id = -1
+
+        return await self._answered_by_agent(
+            runtime, cid, user, key, decide, decision_answered, decision.value, undecided
+        )
+
+    async def _answered_by_agent(
+        self,
+        runtime: ConversationRuntime,
+        cid: str,
+        user: str | None,
+        key: RequestKey | None,
+        decide: Callable[[], JsonObject | None],
+        answers: Callable[[str], bool],
+        what: str,
+        not_written: Callable[[], None] | None = None,
+    ) -> tuple[int | None, str]:
+        """Writes the user event ``decide`` returns (once per request id; nothing when it
+        returns None) and waits for the agent's answer, at most the control timeout."""
         reported = runtime.agent_state_reported(answers)  # before the write: none is missed
         try:
             async with asyncio.timeout(self._config.control_timeout_seconds):
                 async with self._ledger.call(key) as call:
                     if call.recorded is not None:
                         event_id = call.recorded["event_id"]
-                    elif not has_effect(control, runtime.agent_state):
+                    elif (payload := decide()) is None:
                         call.answered({"conversation_id": cid, "event_id": None}, stored=False)
                         return None, runtime.agent_state
                     else:
-                        result = await self._append_user_event(
-                            cid, user, change_agent_state(control), call.key
-                        )
+                        try:
+                            result = await self._append_user_event(cid, user, payload, call.key)
+                        except BaseException:
+                            if not_written is not None:
+                                not_written()
+                            raise
                         call.answered(result, stored=True)
                         event_id = result["event_id"]
+                if event_id is not None and reported.done():
+                    return event_id, reported.result()  # the first answer, not what followed
                 if (
                     event_id is None
                     or answers(runtime.agent_state)
@@ -408,9 +491,9 @@ class ConversationEngine:
                     return event_id, runtime.agent_state
                 return event_id, await reported
         except TimeoutError:
-            self._report_unresponsive(runtime, control)
+            self._report_unresponsive(runtime, what)
             raise DeadlineExceeded(
-                f"the agent of conversation {cid} did not answer {control.value} within "
+                f"the agent of conversation {cid} did not answer {what} within "
                 f"{self._config.control_timeout_seconds:g} s",
                 reason="AGENT_UNRESPONSIVE",
                 metadata={"conversation_id": cid, "agent_state": runtime.agent_state},
@@ -419,12 +502,12 @@ class ConversationEngine:
             reported.cancel()
 
     @staticmethod
-    def _report_unresponsive(runtime: ConversationRuntime, control: AgentControl) -> None:
+    def _report_unresponsive(runtime: ConversationRuntime, what: str) -> None:
         """Tells the conversation's clients and the operator, instead of hanging."""
         log.warning(
             "agent.unresponsive",
             conversation_id=runtime.conversation_id,
-            control=control.value,
+            control=what,
             agent_state=runtime.agent_state,
         )
         runtime.publish_status(
@@ -432,7 +515,7 @@ class ConversationEngine:
                 "status_update": True,
                 "type": "error",
                 "id": "AGENT_ERROR$AGENT_UNRESPONSIVE",
-                "message": f"The agent did not answer {control.value}.",
+                "message": f"The agent did not answer {what}.",
             }
         )
 

@@ -25,6 +25,7 @@ from convsvc.domain import (
     JsonObject,
     StoredEvent,
 )
+from convsvc.engine.approvals import proposed_action
 from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.runtime import ConversationRuntime, EventOutOfSequence, LoopClosed
 from convsvc.engine.subscriptions import Broadcaster
@@ -223,7 +224,9 @@ class EventLog:
             runtime.last_active = now
             runtime.last_active_time = event.timestamp
             runtime.latest_event_id = event.id
-            if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
+            if event.kind is EventKind.ACTION and event.source == "agent":
+                self._note_action(runtime, event)
+            elif event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
                 extras = event.payload.get("extras") or {}
                 state = str(extras.get("agent_state", runtime.agent_state))
                 if state != runtime.agent_state:
@@ -234,3 +237,14 @@ class EventLog:
                         )
         for cid, stored in by_conversation.items():
             self._broadcaster.publish(cid, stored)
+
+    def _note_action(self, runtime: ConversationRuntime, event: Event) -> None:
+        """An agent's action awaiting confirmation becomes the conversation's pending one."""
+        proposed = proposed_action(event.id, event.payload)
+        if proposed is None:
+            return
+        runtime.proposed_action = proposed
+        if runtime.pending_action is not None and not runtime.closing:
+            self._changes.publish(
+                ChangeKind.PENDING_ACTION_CHANGED, self._registry.watched(runtime)
+            )

@@ -26,6 +26,11 @@ Candidates = Callable[[str | None, set[str]], Iterator[tuple[str, Any]]]
 """(user, wanted conversation ids) -> (sort key, item) of what a list may return."""
 
 
+def agent_state_filter(agent_states: Sequence[str]) -> frozenset[str]:
+    """The agent states a list asks for, checked (OpenHands' state names are identifiers)."""
+    return frozenset(validation.check_id("agent_states", state) for state in agent_states)
+
+
 class ConversationQueries:
     """Answers about what runs here now (and what is stored, for one conversation)."""
 
@@ -93,8 +98,11 @@ class ConversationQueries:
         conversation_ids: Sequence[str] = (),
         page_size: int = 0,
         page_token: str = "",
+        agent_states: Sequence[str] = (),
     ) -> tuple[list[ConversationView], str]:
-        """Running (and starting) conversations, by id, one page at a time."""
+        """Running (and starting) conversations, by id, one page at a time; only those whose
+        agent is in one of ``agent_states`` when given."""
+        states = agent_state_filter(agent_states)
 
         def candidates(user: str | None, wanted: set[str]) -> Iterator[tuple[str, Any]]:
             if wanted:
@@ -105,11 +113,21 @@ class ConversationQueries:
                 ids = [runtime.conversation_id for runtime in self._registry.all()]
             for cid in ids:
                 runtime = self._registry.running(cid)
-                if runtime is not None and (user is None or runtime.record.user_id == user):
+                if (
+                    runtime is not None
+                    and (user is None or runtime.record.user_id == user)
+                    and (not states or runtime.agent_state in states)
+                ):
                     yield cid, runtime
 
         runtimes, token = self._page(
-            "conversations", user_id, conversation_ids, page_size, page_token, candidates
+            "conversations",
+            user_id,
+            conversation_ids,
+            page_size,
+            page_token,
+            candidates,
+            sorted(states),
         )
         return [self._registry.view(runtime) for runtime in runtimes], token
 
@@ -147,12 +165,16 @@ class ConversationQueries:
         page_size: int,
         page_token: str,
         candidates: Candidates,
+        filters: list[str] | None = None,
     ) -> tuple[list[Any], str]:
-        """One page of (key, item) candidates ordered by key; the token holds the last key."""
+        """One page of (key, item) candidates ordered by key; the token holds the last key
+        (and is good only for the same query)."""
         user = validation.check_user_id(user_id)
         wanted = {validation.check_id("conversation_ids", c) for c in conversation_ids}
         size = self.page_size(page_size)
         query = [kind, user, sorted(wanted)]
+        if filters:
+            query.append(filters)
         key = self._store.page_token_key
         after = decode_token(key, page_token, query, str) if page_token else ""
         matching = sorted(

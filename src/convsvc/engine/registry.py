@@ -78,6 +78,7 @@ class RuntimeRegistry:
             last_active_time=runtime.last_active_time,
             connection_count=self._connections.count_for_conversation(record.conversation_id),
             owner_address=self.address if runtime.status is not ConversationStatus.STOPPED else "",
+            pending_action=runtime.pending_action,
         )
 
     def watched(self, runtime: ConversationRuntime) -> WatchedConversation:

@@ -25,8 +25,10 @@ from convsvc.domain import (
     EventSource,
     IdempotencyRecord,
     JsonObject,
+    PendingAction,
     StoredEvent,
 )
+from convsvc.engine.approvals import AWAITING_CONFIRMATION
 from convsvc.errors import FailedPrecondition, InvalidArgument
 from convsvc.tracing import continued, current_trace_parent
 
@@ -128,6 +130,10 @@ class ConversationRuntime:
         self.agent_state = "loading"
         self.agent_state_event_id = -1
         """The id of the event that reported ``agent_state`` (-1: none committed yet)."""
+        self.proposed_action: PendingAction | None = None
+        """The newest action that awaits confirmation (shown while the agent waits for it)."""
+        self.deciding_action_id = -1
+        """The pending action a ConfirmAction is deciding (a second decision is refused)."""
         self.next_event_id = next_event_id
         self.latest_event_id = next_event_id - 1
         """The newest committed id (``next_event_id`` runs ahead while appends are in flight)."""
@@ -146,6 +152,13 @@ class ConversationRuntime:
     def closing(self) -> bool:
         """Whether the runtime is closing or closed (it then accepts nothing)."""
         return self.phase in (Phase.CLOSING, Phase.CLOSED)
+
+    @property
+    def pending_action(self) -> PendingAction | None:
+        """The action awaiting confirmation, while the agent waits for a decision."""
+        if self.agent_state != AWAITING_CONFIRMATION:
+            return None
+        return self.proposed_action
 
     @property
     def status(self) -> ConversationStatus:
@@ -207,6 +220,8 @@ class ConversationRuntime:
         for it."""
         self.agent_state = state
         self.agent_state_event_id = event_id
+        if state != AWAITING_CONFIRMATION:
+            self.proposed_action = None  # decided, or the agent moved on without a decision
         for answers, waiter in list(self._state_waiters):
             if not waiter.done() and answers(state):
                 waiter.set_result(state)

@@ -34,6 +34,7 @@ class ChangeKind(enum.StrEnum):
     CONNECTIONS_CHANGED = "connections_changed"
     QUEUE_POSITION_CHANGED = "queue_position_changed"
     CLOSED = "closed"
+    PENDING_ACTION_CHANGED = "pending_action_changed"
 
 
 @dataclass(slots=True, frozen=True)

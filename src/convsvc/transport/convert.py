@@ -13,12 +13,15 @@ from convsvc.codec import encode_event_batch, encode_message_field
 from convsvc.domain import (
     AdmissionPolicy,
     AgentControl,
+    ApprovalDecision,
     AuditEntry,
     BusyPolicy,
     Connection,
     ConversationStatus,
     ConversationView,
     JsonObject,
+    PendingAction,
+    SecurityRisk,
     StatusUpdate,
 )
 from convsvc.engine.subscriptions import StreamItem
@@ -40,6 +43,7 @@ _CHANGE_KIND = {
     ChangeKind.CONNECTIONS_CHANGED: pb.CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED,
     ChangeKind.QUEUE_POSITION_CHANGED: pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED,
     ChangeKind.CLOSED: pb.CONVERSATION_CHANGE_KIND_CLOSED,
+    ChangeKind.PENDING_ACTION_CHANGED: pb.CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED,
 }
 _POLICY: dict[int, AdmissionPolicy] = {
     pb.ADMISSION_POLICY_EVICT_OLDEST: AdmissionPolicy.EVICT_OLDEST,
@@ -98,6 +102,16 @@ _CONTROL: dict[int, AgentControl] = {
     pb.AGENT_CONTROL_RESUME: AgentControl.RESUME,
     pb.AGENT_CONTROL_INTERRUPT: AgentControl.INTERRUPT,
 }
+_DECISION: dict[int, ApprovalDecision] = {
+    pb.APPROVAL_DECISION_APPROVE: ApprovalDecision.APPROVE,
+    pb.APPROVAL_DECISION_REJECT: ApprovalDecision.REJECT,
+}
+_RISK = {
+    SecurityRisk.UNKNOWN: pb.SECURITY_RISK_UNKNOWN,
+    SecurityRisk.LOW: pb.SECURITY_RISK_LOW,
+    SecurityRisk.MEDIUM: pb.SECURITY_RISK_MEDIUM,
+    SecurityRisk.HIGH: pb.SECURITY_RISK_HIGH,
+}
 E = TypeVar("E")
 
 
@@ -130,6 +144,24 @@ def busy_policy(value: int) -> BusyPolicy | None:
 
 def agent_control(value: int) -> AgentControl:
     return _enum_field(value, _CONTROL, "control", "AgentControl")
+
+
+def approval_decision(value: int) -> ApprovalDecision:
+    return _enum_field(value, _DECISION, "decision", "ApprovalDecision")
+
+
+def pending_action_to_pb(action: PendingAction) -> pb.PendingAction:
+    return pb.PendingAction(
+        event_id=action.event_id,
+        action=action.action,
+        content=action.content,
+        security_risk=(
+            _RISK[action.security_risk]
+            if action.security_risk is not None
+            else pb.SECURITY_RISK_UNSPECIFIED
+        ),
+        thought=action.thought,
+    )
 
 
 def optional_struct(message: Message, field: str) -> JsonObject | None:
@@ -176,6 +208,8 @@ def conversation_to_pb(view: ConversationView) -> pb.Conversation:
     )
     message.create_time.FromDatetime(view.create_time)
     message.last_active_time.FromDatetime(view.last_active_time)
+    if view.pending_action is not None:
+        message.pending_action.CopyFrom(pending_action_to_pb(view.pending_action))
     return message
 
 

@@ -18,6 +18,7 @@ from convsvc.transport.convert import (
     StructList,
     admission_policy,
     agent_control,
+    approval_decision,
     audit_entry_to_pb,
     busy_policy,
     connection_to_pb,
@@ -114,6 +115,20 @@ class ConversationServicer:
             response.event_id = event_id
         return response
 
+    async def ConfirmAction(
+        self, request: pb.ConfirmActionRequest, context: Context
+    ) -> pb.ConfirmActionResponse:
+        event_id, state = await self._engine.confirm_action(
+            conversation_id=request.conversation_id,
+            action_id=request.action_id,
+            decision=approval_decision(request.decision),
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+        return pb.ConfirmActionResponse(
+            conversation_id=request.conversation_id, event_id=event_id or 0, agent_state=state
+        )
+
     async def DisconnectConnection(
         self, request: pb.DisconnectConnectionRequest, context: Context
     ) -> pb.DisconnectConnectionResponse:
@@ -148,6 +163,7 @@ class ConversationServicer:
             conversation_ids=list(request.conversation_ids),
             page_size=request.page_size,
             page_token=request.page_token,
+            agent_states=list(request.agent_states),
         )
         return pb.ListConversationsResponse(
             conversations=[conversation_to_pb(v) for v in views], next_page_token=token

@@ -30,6 +30,14 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_ACTION: _ClassVar[EventKind]
     EVENT_KIND_OBSERVATION: _ClassVar[EventKind]
 
+class SecurityRisk(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECURITY_RISK_UNSPECIFIED: _ClassVar[SecurityRisk]
+    SECURITY_RISK_UNKNOWN: _ClassVar[SecurityRisk]
+    SECURITY_RISK_LOW: _ClassVar[SecurityRisk]
+    SECURITY_RISK_MEDIUM: _ClassVar[SecurityRisk]
+    SECURITY_RISK_HIGH: _ClassVar[SecurityRisk]
+
 class BusyPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BUSY_POLICY_UNSPECIFIED: _ClassVar[BusyPolicy]
@@ -44,6 +52,12 @@ class AgentControl(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_CONTROL_RESUME: _ClassVar[AgentControl]
     AGENT_CONTROL_INTERRUPT: _ClassVar[AgentControl]
 
+class ApprovalDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APPROVAL_DECISION_UNSPECIFIED: _ClassVar[ApprovalDecision]
+    APPROVAL_DECISION_APPROVE: _ClassVar[ApprovalDecision]
+    APPROVAL_DECISION_REJECT: _ClassVar[ApprovalDecision]
+
 class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONVERSATION_CHANGE_KIND_UNSPECIFIED: _ClassVar[ConversationChangeKind]
@@ -53,6 +67,7 @@ class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_CLOSED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: _ClassVar[ConversationChangeKind]
 
 class Permission(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -73,6 +88,11 @@ ADMISSION_POLICY_QUEUE: AdmissionPolicy
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_ACTION: EventKind
 EVENT_KIND_OBSERVATION: EventKind
+SECURITY_RISK_UNSPECIFIED: SecurityRisk
+SECURITY_RISK_UNKNOWN: SecurityRisk
+SECURITY_RISK_LOW: SecurityRisk
+SECURITY_RISK_MEDIUM: SecurityRisk
+SECURITY_RISK_HIGH: SecurityRisk
 BUSY_POLICY_UNSPECIFIED: BusyPolicy
 BUSY_POLICY_ENQUEUE: BusyPolicy
 BUSY_POLICY_REJECT: BusyPolicy
@@ -81,6 +101,9 @@ AGENT_CONTROL_UNSPECIFIED: AgentControl
 AGENT_CONTROL_PAUSE: AgentControl
 AGENT_CONTROL_RESUME: AgentControl
 AGENT_CONTROL_INTERRUPT: AgentControl
+APPROVAL_DECISION_UNSPECIFIED: ApprovalDecision
+APPROVAL_DECISION_APPROVE: ApprovalDecision
+APPROVAL_DECISION_REJECT: ApprovalDecision
 CONVERSATION_CHANGE_KIND_UNSPECIFIED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CREATED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_STATUS_CHANGED: ConversationChangeKind
@@ -88,13 +111,14 @@ CONVERSATION_CHANGE_KIND_AGENT_STATE_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CLOSED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: ConversationChangeKind
 PERMISSION_UNSPECIFIED: Permission
 PERMISSION_READ: Permission
 PERMISSION_WRITE: Permission
 PERMISSION_ADMIN: Permission
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position", "owner_address")
+    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position", "owner_address", "pending_action")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +130,7 @@ class Conversation(_message.Message):
     CONNECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ACTION_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     status: ConversationStatus
@@ -117,7 +142,22 @@ class Conversation(_message.Message):
     connection_count: int
     queue_position: int
     owner_address: str
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner_address: _Optional[str] = ...) -> None: ...
+    pending_action: PendingAction
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner_address: _Optional[str] = ..., pending_action: _Optional[_Union[PendingAction, _Mapping]] = ...) -> None: ...
+
+class PendingAction(_message.Message):
+    __slots__ = ("event_id", "action", "content", "security_risk", "thought")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_RISK_FIELD_NUMBER: _ClassVar[int]
+    THOUGHT_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    action: str
+    content: str
+    security_risk: SecurityRisk
+    thought: str
+    def __init__(self, event_id: _Optional[int] = ..., action: _Optional[str] = ..., content: _Optional[str] = ..., security_risk: _Optional[_Union[SecurityRisk, str]] = ..., thought: _Optional[str] = ...) -> None: ...
 
 class Connection(_message.Message):
     __slots__ = ("connection_id", "conversation_id", "user_id", "client_instance_id")
@@ -239,6 +279,30 @@ class ControlAgentResponse(_message.Message):
     agent_state: str
     def __init__(self, conversation_id: _Optional[str] = ..., event_id: _Optional[int] = ..., agent_state: _Optional[str] = ...) -> None: ...
 
+class ConfirmActionRequest(_message.Message):
+    __slots__ = ("conversation_id", "action_id", "decision", "user_id", "request_id")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    action_id: int
+    decision: ApprovalDecision
+    user_id: str
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., action_id: _Optional[int] = ..., decision: _Optional[_Union[ApprovalDecision, str]] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ConfirmActionResponse(_message.Message):
+    __slots__ = ("conversation_id", "event_id", "agent_state")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    event_id: int
+    agent_state: str
+    def __init__(self, conversation_id: _Optional[str] = ..., event_id: _Optional[int] = ..., agent_state: _Optional[str] = ...) -> None: ...
+
 class SendEventResponse(_message.Message):
     __slots__ = ("conversation_id", "event_id")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -294,16 +358,18 @@ class GetConversationResponse(_message.Message):
     def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
 
 class ListConversationsRequest(_message.Message):
-    __slots__ = ("user_id", "conversation_ids", "page_size", "page_token")
+    __slots__ = ("user_id", "conversation_ids", "page_size", "page_token", "agent_states")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     conversation_ids: _containers.RepeatedScalarFieldContainer[str]
     page_size: int
     page_token: str
-    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    agent_states: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., agent_states: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListConversationsResponse(_message.Message):
     __slots__ = ("conversations", "next_page_token")

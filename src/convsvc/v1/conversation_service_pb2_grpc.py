@@ -45,6 +45,11 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.FromString,
                 )
+        self.ConfirmAction = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ConfirmAction',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionResponse.FromString,
+                )
         self.DisconnectConnection = channel.unary_unary(
                 '/convsvc.v1.ConversationService/DisconnectConnection',
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.DisconnectConnectionRequest.SerializeToString,
@@ -163,6 +168,20 @@ class ConversationServiceServicer(object):
         does not within the server's control timeout. A control the agent's state makes
         pointless (pausing a paused agent, resuming one that is not paused, interrupting one that
         waits for the user) writes nothing and answers the state. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmAction(self, request, context):
+        """Approves or rejects the action a conversation's agent waits to have confirmed
+        (OpenHands' confirmation mode; the conversation shows it as `pending_action`). Writes the
+        user event OpenHands' browser sends for it ({"action": "change_agent_state", "args":
+        {"agent_state": "user_confirmed" | "user_rejected"}}) and answers once the agent reports
+        it no longer waits (or DEADLINE_EXCEEDED / AGENT_UNRESPONSIVE, as ControlAgent). Any
+        other action id (stale, unknown, already being decided) is refused with
+        FAILED_PRECONDITION, reason ACTION_NOT_PENDING, the pending action's id in the metadata
+        (`pending_action_id`, empty when none). Idempotent by request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -314,6 +333,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.ControlAgent,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.SerializeToString,
+            ),
+            'ConfirmAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmAction,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionResponse.SerializeToString,
             ),
             'DisconnectConnection': grpc.unary_unary_rpc_method_handler(
                     servicer.DisconnectConnection,
@@ -471,6 +495,23 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ControlAgent',
             convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.ControlAgentResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ConfirmAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ConfirmAction',
+            convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ConfirmActionResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

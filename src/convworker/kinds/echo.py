@@ -2,7 +2,9 @@
 path without an LLM). It answers each user message with the same text, after
 ``echo_reply_delay_seconds`` of "thinking" when its settings ask for it, and obeys run
 control as OpenHands' controller does: ``change_agent_state`` paused holds its answers until
-resumed (running); stopped drops what it was answering and waits for the user."""
+resumed (running); stopped drops what it was answering and waits for the user. In
+confirmation mode (the ``confirmation_mode`` setting) it proposes each message as a command
+and waits for its approval, as convsvc's echo agent does."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from collections import deque
 from convworker.kinds.base import JsonObject, LoopRunner
 
 REPLY_DELAY_SETTING = "echo_reply_delay_seconds"
+CONFIRMATION_SETTING = "confirmation_mode"
+_HIGH_RISK_WORDS = ("rm ", "sudo ")
+_REJECTED = "Action has been rejected by the user! Waiting for further user input."
 
 
 def _state(state: str) -> JsonObject:
@@ -21,6 +26,24 @@ def _state(state: str) -> JsonObject:
         "content": "",
         "extras": {"agent_state": state, "reason": ""},
         "message": f"Agent state changed to {state}",
+    }
+
+
+def _command(command: str, confirmation_state: str) -> JsonObject:
+    """A ``run`` action as OpenHands logs one in confirmation mode."""
+    risky = any(word in f"{command} " for word in _HIGH_RISK_WORDS)
+    return {
+        "action": "run",
+        "message": f"Running command: {command}",
+        "args": {
+            "command": command,
+            "is_input": False,
+            "thought": "",
+            "blocking": False,
+            "hidden": False,
+            "confirmation_state": confirmation_state,
+            "security_risk": 2 if risky else 0,
+        },
     }
 
 
@@ -34,6 +57,8 @@ class EchoRunner(LoopRunner):
         self._halt = asyncio.Event()
         self._step: asyncio.Task[None] | None = None
         self._paused = False
+        self._proposed: str | None = None
+        self._confirming = bool(self.assignment.settings.get(CONFIRMATION_SETTING))
         self._delay = float(self.assignment.settings.get(REPLY_DELAY_SETTING) or 0)
         self._emit("environment", _state("awaiting_user_input"))
         if self.assignment.initial_user_message is not None:
@@ -45,9 +70,11 @@ class EchoRunner(LoopRunner):
         args = args if isinstance(args, dict) else {}
         if payload.get("action") == "message":
             self._waiting.append(str(args.get("content", "")))
-            if self._paused or self._step is not None:
+            if self._paused or self._step is not None or self._proposed is not None:
                 return
-            if self._delay > 0:
+            if self._confirming:
+                self._propose(self._waiting.popleft())
+            elif self._delay > 0:
                 self._step = asyncio.create_task(self._answer())
             else:  # answered at once, in the order messages arrive
                 self._answer_waiting()
@@ -66,13 +93,17 @@ class EchoRunner(LoopRunner):
             await asyncio.gather(self._step, return_exceptions=True)
 
     async def _change_state(self, asked: str) -> None:
-        if asked == "paused" and not self._paused:
+        if asked in ("user_confirmed", "user_rejected") and self._proposed is not None:
+            self._decided(asked == "user_confirmed")
+        elif asked == "paused" and not self._paused:
             await self._halt_step()
             self._paused = True
             self._emit("environment", _state("paused"))
         elif asked == "running" and self._paused:
             self._paused = False
-            if self._waiting and self._delay > 0:
+            if self._proposed is not None:  # paused while it waited: it asks again
+                self._propose(self._proposed)
+            elif self._waiting and self._delay > 0:
                 self._step = asyncio.create_task(self._answer())
             elif self._waiting:
                 self._answer_waiting()
@@ -83,6 +114,7 @@ class EchoRunner(LoopRunner):
             await self._halt_step()
             self._paused = False
             self._waiting.clear()
+            self._proposed = None
             self._emit("environment", _state("stopped"))
 
     async def _halt_step(self) -> None:
@@ -108,6 +140,38 @@ class EchoRunner(LoopRunner):
         while self._waiting:
             self._emit("environment", _state("running"))
             self._reply(self._waiting.popleft())
+
+    def _propose(self, command: str) -> None:
+        """Asks for approval first (OpenHands' order: the state, then the action)."""
+        self._proposed = command
+        self._emit("environment", _state("running"))
+        self._emit("environment", _state("awaiting_user_confirmation"))
+        self._emit("agent", _command(command, "awaiting_confirmation"))
+
+    def _decided(self, approved: bool) -> None:
+        command, self._proposed = self._proposed or "", None
+        self._emit("environment", _state("user_confirmed" if approved else "user_rejected"))
+        cause = self._next_id
+        self._emit("agent", _command(command, "confirmed" if approved else "rejected"))
+        if approved:
+            self._emit("environment", _state("running"))
+            observation: JsonObject = {
+                "observation": "run",
+                "content": command,
+                "extras": {"command": command, "metadata": {"exit_code": 0}},
+                "message": f"Command `{command}` executed with exit code 0.",
+            }
+        else:
+            observation = {
+                "observation": "user_rejected",
+                "content": _REJECTED,
+                "extras": {},
+                "message": _REJECTED,
+            }
+        self._emit("environment", {**observation, "cause": cause})
+        self._emit("environment", _state("awaiting_user_input"))
+        if self._waiting:
+            self._propose(self._waiting.popleft())
 
     def _reply(self, content: str) -> None:
         self._emit(
