@@ -56,6 +56,16 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
                                    control=pb.AGENT_CONTROL_PAUSE, request_id="a-req")),
          {"CONVERSATION_NOT_FOUND"}),
     ],
+    "ConfirmAction": [
+        ("approve A's action", lambda s: s.ConfirmAction(pb.ConfirmActionRequest(
+            conversation_id="a-conv", user_id=B, action_id=0,
+            decision=pb.APPROVAL_DECISION_APPROVE)),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("reject A's action with A's request id", lambda s: s.ConfirmAction(
+            pb.ConfirmActionRequest(conversation_id="a-conv", user_id=B, action_id=0,
+                                    decision=pb.APPROVAL_DECISION_REJECT, request_id="a-req")),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
     "SendEvent": [
         ("send to A's id", lambda s: s.SendEvent(
             pb.SendEventRequest(conversation_id="a-conv", user_id=B, event=HI)),

@@ -150,10 +150,18 @@ def x_calls(channel: grpc.aio.Channel, token: str) -> dict[str, Callable[[], Any
         "ControlAgent": lambda: x.ControlAgent(
             pb.ControlAgentRequest(conversation_id="X", control=pb.AGENT_CONTROL_INTERRUPT)
         ),
+        "ConfirmAction": lambda: x.ConfirmAction(
+            pb.ConfirmActionRequest(
+                conversation_id="X", action_id=0, decision=pb.APPROVAL_DECISION_APPROVE
+            )
+        ),
         "GetConversation": lambda: x.GetConversation(
             pb.GetConversationRequest(conversation_id="X")
         ),
         "ListConversations": lambda: x.ListConversations(pb.ListConversationsRequest()),
+        "ListConversations awaiting": lambda: x.ListConversations(
+            pb.ListConversationsRequest(agent_states=["awaiting_user_confirmation"])
+        ),
         "ListConnections": lambda: x.ListConnections(pb.ListConnectionsRequest()),
         "SearchEvents": lambda: x.SearchEvents(pb.SearchEventsRequest(conversation_id="X")),
         "CompleteWithAgentLlm": lambda: x.CompleteWithAgentLlm(
@@ -192,7 +200,9 @@ async def test_a_token_for_x_affects_nothing_but_x_whatever_it_calls(alice, tall
         await unchanged(service)
 
 
-async def test_a_token_for_x_cannot_control_another_conversation_s_agent(alice) -> None:
+async def test_a_token_for_x_cannot_control_or_decide_for_another_conversation_s_agent(
+    alice,
+) -> None:
     service, channel = alice
     token = await mint(service, "alice", ["X"], READ, WRITE, ADMIN)
     before = await service.SearchEvents(pb.SearchEventsRequest(conversation_id="Y0"))
@@ -204,9 +214,27 @@ async def test_a_token_for_x_cannot_control_another_conversation_s_agent(alice) 
             DENIED,
             "TOKEN_SCOPE",
         )
+    await expect_error(
+        As(channel, token).ConfirmAction(
+            pb.ConfirmActionRequest(
+                conversation_id="Y0", action_id=0, decision=pb.APPROVAL_DECISION_APPROVE
+            )
+        ),
+        DENIED,
+        "TOKEN_SCOPE",
+    )
     after = await service.SearchEvents(pb.SearchEventsRequest(conversation_id="Y0"))
     assert after == before
     reader = await mint(service, "alice", ["Y0"], READ)
+    await expect_error(
+        As(channel, reader).ConfirmAction(
+            pb.ConfirmActionRequest(
+                conversation_id="Y0", action_id=0, decision=pb.APPROVAL_DECISION_REJECT
+            )
+        ),
+        DENIED,
+        "TOKEN_SCOPE",
+    )
     await expect_error(
         As(channel, reader).ControlAgent(
             pb.ControlAgentRequest(conversation_id="Y0", control=pb.AGENT_CONTROL_PAUSE)
@@ -266,6 +294,14 @@ async def test_every_mutation_attempt_leaves_one_audit_entry(alice, tally) -> No
     with pytest.raises(grpc.aio.AioRpcError):
         await As(channel, reader).ControlAgent(interrupt)
     attempts += 2
+    # Approvals: refused (nothing pending; READ only): each is still an attempt.
+    decide = pb.ConfirmActionRequest(
+        conversation_id="Y0", action_id=0, decision=pb.APPROVAL_DECISION_APPROVE
+    )
+    for token in (writer, reader):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await As(channel, token).ConfirmAction(decide)
+    attempts += 2
     await service.GetConversation(pb.GetConversationRequest(conversation_id="Y0"))  # a read
 
     after = await service.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1000))
@@ -276,6 +312,8 @@ async def test_every_mutation_attempt_leaves_one_audit_entry(alice, tally) -> No
         ("Connect", "UNAUTHENTICATED"),
         ("Connect", "INVALID_ARGUMENT"),
         ("StartConversation", "DEADLINE_EXCEEDED"),
+        ("ConfirmAction", "FAILED_PRECONDITION"),
+        ("ConfirmAction", "PERMISSION_DENIED"),
     }
     tally.checked("audit: one entry per mutation attempted", attempts)
 

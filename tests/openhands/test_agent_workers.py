@@ -24,6 +24,7 @@ from convclient import (
     BusyPolicy,
     ClientSettings,
     FailedPreconditionError,
+    SecurityRisk,
 )
 from convclient.openhands import RemoteConversationManager
 from convclient.openhands.compat import openhands_version
@@ -396,3 +397,113 @@ async def test_the_browser_s_pause_and_stop_buttons_reach_the_agent_as_run_contr
         audit = await client.list_audit_entries(conversation_id=conversation_id)
     assert [e.method for e in audit.items if e.method == "ControlAgent"] == ["ControlAgent"] * 2
     await browser.close()
+
+
+def agent_states(events: Events) -> list[str]:
+    return [
+        e["extras"]["agent_state"] for e in events if e.get("observation") == "agent_state_changed"
+    ]
+
+
+def awaiting_confirmation(events: Events) -> bool:
+    """True once the agent waits for approval of an action it logged."""
+    proposed = [
+        e for e in events if e.get("args", {}).get("confirmation_state") == "awaiting_confirmation"
+    ]
+    states = agent_states(events)
+    return bool(proposed) and bool(states) and states[-1] == "awaiting_user_confirmation"
+
+
+def outputs(events: Events) -> str:
+    return "\n".join(str(e.get("content", "")) for e in events if e.get("observation") == "run")
+
+
+async def test_an_openhands_agent_in_confirmation_mode_waits_for_approval_over_grpc(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    """OpenHands' controller stops before a risky command; the conversation shows it and
+    ConfirmAction decides, as the browser's buttons would."""
+    async with AsyncConvsvcClient(address=agent_convsvc.address, timeout_seconds=60) as client:
+        await client.start_conversation(
+            "confirming",
+            settings={**settings(fake_llm), "confirmation_mode": True},
+            initial_user_message={
+                "action": "message",
+                "args": {"content": "run: rm -f absent-file && echo approved-ran"},
+            },
+        )
+        await tail_until(client, "confirming", awaiting_confirmation)
+        pending = (await client.get_conversation("confirming")).pending_action
+        assert pending is not None
+        assert (pending.action, pending.content) == (
+            "run",
+            "rm -f absent-file && echo approved-ran",
+        )
+        if openhands_version() >= (0, 62):  # 0.41's actions carry no risk
+            assert pending.security_risk is SecurityRisk.HIGH
+        approved = await client.approve_action("confirming", pending.event_id)
+        assert approved.agent_state == "user_confirmed"
+        events = await tail_until(client, "confirming", tasks_done(1))
+        assert "approved-ran" in outputs(events)
+        assert (await client.get_conversation("confirming")).pending_action is None
+
+        await client.send_event(
+            {"action": "message", "args": {"content": "run: rm -f other-file && echo never-ran"}},
+            conversation_id="confirming",
+        )
+        events = await tail_until(
+            client,
+            "confirming",
+            lambda events: (
+                awaiting_confirmation(events)
+                and finished_tasks(events) == 1
+                and "never-ran" in commands(events)[-1]
+            ),
+        )
+        pending = (await client.get_conversation("confirming")).pending_action
+        assert pending is not None and "never-ran" in pending.content
+        with pytest.raises(FailedPreconditionError) as stale:
+            await client.reject_action("confirming", approved.event_id)
+        assert stale.value.reason == "ACTION_NOT_PENDING"
+        rejected = await client.reject_action("confirming", pending.event_id)
+        assert rejected.agent_state == "user_rejected"
+        events = await tail_until(
+            client, "confirming", lambda events: agent_states(events)[-1] == "awaiting_user_input"
+        )
+        assert "never-ran" not in outputs(events)
+        await client.close_conversation("confirming")
+
+
+async def test_the_browser_s_approval_reaches_the_agent_as_confirm_action(
+    agent_openhands: OpenHandsServer,
+    agent_convsvc: Convsvc,
+    rest: httpx.AsyncClient,
+    fake_llm: FakeLLM,
+) -> None:
+    confirming = {**settings(fake_llm), "confirmation_mode": True}
+    response = await rest.post("/api/settings", json=confirming)
+    assert response.status_code == 200, response.text
+    try:
+        response = await rest.post(
+            "/api/conversations",
+            json={"initial_user_msg": "run: rm -f absent-file && echo browser-approved"},
+        )
+        conversation_id = response.json()["conversation_id"]
+        browser = Browser(agent_openhands)
+        await browser.connect(conversation_id)
+        await browser.until(awaiting_confirmation)
+        # What OpenHands' frontend emits for its approve button.
+        await browser.sio.emit(
+            "oh_user_action",
+            {"action": "change_agent_state", "args": {"agent_state": "user_confirmed"}},
+        )
+        await browser.until(lambda events: "browser-approved" in outputs(events))
+        assert_once_in_order(browser.ids())
+        async with AsyncConvsvcClient(address=agent_convsvc.address) as client:
+            audit = await client.list_audit_entries(conversation_id=conversation_id)
+        assert [(e.method, e.code) for e in audit.items if e.method == "ConfirmAction"] == [
+            ("ConfirmAction", "OK")
+        ]
+        await browser.close()
+    finally:
+        await rest.post("/api/settings", json=settings(fake_llm))

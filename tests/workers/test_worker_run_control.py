@@ -220,3 +220,33 @@ async def test_a_close_while_a_control_waits_ends_the_wait_at_once(tmp_path: Pat
             assert error_info(ended.value).reason == "CONVERSATION_NOT_RUNNING"
             await closing
             worker.close()
+
+
+async def test_an_action_awaiting_confirmation_on_a_worker_is_approved_and_rejected(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    assert worker_app.server is not None
+    start_worker(worker_app.server.address, "w1")
+    await attached(worker_app, "w1")
+    async with AsyncConvsvcClient(address=worker_app.server.address) as client:
+        await client.start_conversation(
+            "c", agent="worker-echo", settings={"confirmation_mode": True}
+        )
+        decided = []
+        for command, decision in (("make", "approve"), ("rm -rf build", "reject")):
+            await client.send_event(message(command), conversation_id="c")
+            await grpc_events_until(
+                stub, "c", agent_state_is("awaiting_user_confirmation"), timeout=30
+            )
+            pending = (await client.get_conversation("c")).pending_action
+            assert pending is not None and pending.content == command
+            result = await client.confirm_action("c", pending.event_id, decision)
+            decided.append(result.agent_state)
+            await grpc_events_until(stub, "c", agent_state_is("awaiting_user_input"), timeout=30)
+        payloads = await grpc_events_until(stub, "c", agent_state_is("awaiting_user_input"))
+    assert decided == ["user_confirmed", "user_rejected"]
+    assert not log_violations(payloads)
+    assert [p["content"] for p in payloads if p.get("observation") == "run"] == ["make"]
+    assert [p for p in payloads if p.get("observation") == "user_rejected"]

@@ -34,7 +34,7 @@ from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
 from convclient.errors import ConvsvcClientError, NotFoundError
 from convclient.mirror import ConversationMirror
-from convclient.models import AgentControl, Conversation, ConversationStatus
+from convclient.models import AgentControl, ApprovalDecision, Conversation, ConversationStatus
 from convclient.openhands.compat import replays_through_join
 from convclient.openhands.conversation import RemoteConversation
 from convclient.openhands.event_store import RemoteEventStore
@@ -127,11 +127,18 @@ _CONTROLS = {
 """OpenHands' browser pauses, resumes and stops the agent with change_agent_state."""
 
 
-def _control_asked(data: dict[str, Any]) -> AgentControl | None:
+_DECISIONS = {
+    "user_confirmed": ApprovalDecision.APPROVE,
+    "user_rejected": ApprovalDecision.REJECT,
+}
+"""... and approves or rejects a pending action (confirmation mode) with it too."""
+
+
+def _state_asked(data: dict[str, Any]) -> str | None:
     if data.get("action") != "change_agent_state":
         return None
     args = data.get("args")
-    return _CONTROLS.get(str(args.get("agent_state", ""))) if isinstance(args, dict) else None
+    return str(args.get("agent_state", "")) if isinstance(args, dict) else None
 
 
 class RemoteConversationManager(ConversationManager):
@@ -276,8 +283,8 @@ class RemoteConversationManager(ConversationManager):
     async def send_to_event_stream(self, connection_id: str, data: dict[str, Any]) -> None:
         request_id = new_request_id()  # the same for the retry below: the event lands once
         join = self._joins.get(connection_id)
-        control = _control_asked(data)
-        if control is not None and join is not None and await self._controlled(join, control):
+        asked = _state_asked(data)
+        if asked is not None and join is not None and await self._agent_asked(join, asked):
             return
         try:
             await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
@@ -294,15 +301,29 @@ class RemoteConversationManager(ConversationManager):
             await self._join(connection_id, join)
             await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
 
-    async def _controlled(self, join: _Join, control: AgentControl) -> bool:
-        """The browser's pause, resume or stop, as ControlAgent (which answers once the agent
-        took it); False when the conversation is not running here (sent as an event then)."""
+    async def _agent_asked(self, join: _Join, state: str) -> bool:
+        """The browser's pause, resume or stop as ControlAgent, its approval or rejection of
+        a pending action as ConfirmAction (each answers once the agent took it); False when
+        that does not apply here (the conversation does not run here, no action is pending):
+        the browser's event is then sent as it is."""
         try:
-            await self.client.control_agent(join.sid, control)
+            if (control := _CONTROLS.get(state)) is not None:
+                await self.client.control_agent(join.sid, control)
+            elif (decision := _DECISIONS.get(state)) is not None:
+                pending = (await self.client.get_conversation(join.sid)).pending_action
+                if pending is None:
+                    return False
+                await self.client.confirm_action(join.sid, pending.event_id, decision)
+            else:
+                return False
         except ConvsvcClientError as exc:
             if exc.reason == "AGENT_UNRESPONSIVE":
                 # convsvc told the conversation's viewers; the browser keeps its socket.
-                log.warning("the agent of %s did not answer %s", join.sid, control.value)
+                log.warning("the agent of %s did not answer %s", join.sid, state)
+                return True
+            if exc.reason == "ACTION_NOT_PENDING":
+                # Another viewer decided first (or the agent moved on): nothing left to do.
+                log.info("the action of %s was no longer pending", join.sid)
                 return True
             if exc.reason in ("CONVERSATION_NOT_RUNNING", "CONVERSATION_NOT_FOUND"):
                 return False
