@@ -309,3 +309,60 @@ async def test_run_control_through_another_node_reaches_the_owner_s_agent(
         "paused",
         "stopped",
     ]
+
+
+async def test_approvals_through_another_node_reach_the_owner_s_agent(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b = cluster(2).nodes
+    confirming = dict_to_struct({"confirmation_mode": True})
+    for cid in ("ok-1", "ok-2"):
+        await a.stub.StartConversation(
+            pb.StartConversationRequest(conversation_id=cid, user_id="alice", settings=confirming)
+        )
+    await b.stub.SendEvent(
+        pb.SendEventRequest(conversation_id="ok-1", user_id="alice", event=message("make"))
+    )
+    await grpc_events_until(
+        b.stub, "ok-1", agent_state_is("awaiting_user_confirmation"), user_id="alice"
+    )
+    # Every node lists it as waiting, with its pending action (ok-2 waits for nothing).
+    for node in (a, b):
+        listed = await node.stub.ListConversations(
+            pb.ListConversationsRequest(
+                user_id="alice", agent_states=["awaiting_user_confirmation"], page_size=1
+            )
+        )
+        assert [c.conversation_id for c in listed.conversations] == ["ok-1"]
+        assert not listed.next_page_token
+    pending = listed.conversations[0].pending_action
+    assert (pending.action, pending.content) == ("run", "make")
+    request = pb.ConfirmActionRequest(
+        conversation_id="ok-1",
+        user_id="alice",
+        action_id=pending.event_id,
+        decision=pb.APPROVAL_DECISION_APPROVE,
+        request_id="d1",
+    )
+    approved = await b.stub.ConfirmAction(request)
+    assert approved.agent_state == "user_confirmed"
+    # The retry, through the owner: the same event, and the state the agent is in now.
+    retried = await a.stub.ConfirmAction(request)
+    assert retried.event_id == approved.event_id
+    assert retried.agent_state != "awaiting_user_confirmation"
+    await expect_error(
+        b.stub.ConfirmAction(
+            pb.ConfirmActionRequest(
+                conversation_id="ok-1",
+                user_id="alice",
+                action_id=pending.event_id,
+                decision=pb.APPROVAL_DECISION_REJECT,
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACTION_NOT_PENDING",
+    )
+    seen = await grpc_events_until(
+        a.stub, "ok-1", agent_state_is("awaiting_user_input"), user_id="alice"
+    )
+    assert [p["content"] for p in seen if p.get("observation") == "run"] == ["make"]

@@ -3,10 +3,8 @@
 The script: a user message gets a tool call that runs a command (the text after "run:", or
 ``echo hello``); a tool result gets a ``finish`` call; a request for a conversation title
 gets a fixed title; a request without tools whose last message starts "echo:" gets the
-rest. Where the tool asks for a risk (OpenHands 0.62), a command that removes files is
-HIGH, any other LOW: in confirmation mode only the HIGH ones wait for approval. Both of
-OpenHands' modes are served: native tool calls when the request lists tools, and the
-``<function=...>`` text format when it does not. Every request is kept,
+rest. Both of OpenHands' modes are served: native tool calls when the request lists tools,
+and the ``<function=...>`` text format when it does not. Every request is kept,
 so tests can check what the agent showed the LLM (its history after a restore, for one).
 """
 
@@ -113,12 +111,7 @@ class FakeLLM:
             if found
         ]
         command = asked[-1] if asked else "echo hello"
-        risk = "HIGH" if "rm " in command else "LOW"
-        return self._call(
-            tools,
-            "execute_bash",
-            {"command": command, "is_input": "false", "security_risk": risk},
-        )
+        return self._call(tools, "execute_bash", {"command": command, "is_input": "false"})
 
     def _call(self, tools: dict[str, Any], name: str, known: dict[str, str]) -> dict[str, Any]:
         if name in tools:

@@ -430,3 +430,27 @@ async def test_readme_run_control_example(address: str) -> None:
     assert paused["agent_state"] == "paused" and "event_id" in paused, paused
     again = await grpcurl_json(pause, address)
     assert again == {"conversation_id": "demo-1", "agent_state": "paused"}
+
+
+async def test_readme_approvals_example(address: str) -> None:
+    """The README's approval commands: a start in confirmation mode, the list of those
+    waiting (which shows the pending action as documented), and its approval."""
+    [block] = section_blocks("Approvals")
+    start, listing, confirm = (
+        shlex.split(line) for line in block.split("```", 1)[0].strip().splitlines()
+    )
+    await grpcurl_json(start, address)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        await grpc_events_until(stub, "demo-2", agent_state_is("awaiting_user_confirmation"))
+    listed = await grpcurl_json(listing, address)
+    [waiting] = listed["conversations"]
+    assert waiting["pending_action"] == {
+        "event_id": "5",
+        "action": "run",
+        "content": "make deploy",
+        "security_risk": "SECURITY_RISK_LOW",
+    }
+    assert (await grpcurl_json(confirm, address))["agent_state"] == "user_confirmed"
+    code, refused = await grpcurl(confirm, address)  # decided already: the id is stale
+    assert code != 0 and "ACTION_NOT_PENDING" in refused

@@ -181,7 +181,8 @@ class ConversationServiceServicer(object):
         it no longer waits (or DEADLINE_EXCEEDED / AGENT_UNRESPONSIVE, as ControlAgent). Any
         other action id (stale, unknown, already being decided) is refused with
         FAILED_PRECONDITION, reason ACTION_NOT_PENDING, the pending action's id in the metadata
-        (`pending_action_id`, empty when none). Idempotent by request_id.
+        (`pending_action_id`, empty when none). Idempotent by request_id (a retry answers the
+        same event_id and the state the agent is in by then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
