@@ -33,6 +33,8 @@ UNARY_METHODS = (
     "CloseConversation",
     "GetConversation",
     "ListConversations",
+    "SearchConversations",
+    "UpdateConversation",
     "ListConnections",
     "SearchEvents",
     "Heartbeat",

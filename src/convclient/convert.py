@@ -34,6 +34,7 @@ _STATUS = {
     pb.CONVERSATION_STATUS_STOPPED: ConversationStatus.STOPPED,
     pb.CONVERSATION_STATUS_QUEUED: ConversationStatus.QUEUED,
 }
+STATUS = {status: number for number, status in _STATUS.items()}
 BUSY_POLICY = {
     BusyPolicy.ENQUEUE: pb.BUSY_POLICY_ENQUEUE,
     BusyPolicy.REJECT: pb.BUSY_POLICY_REJECT,
@@ -62,6 +63,7 @@ _CHANGE_KIND = {
     pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ChangeKind.QUEUE_POSITION_CHANGED,
     pb.CONVERSATION_CHANGE_KIND_CLOSED: ChangeKind.CLOSED,
     pb.CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: ChangeKind.PENDING_ACTION_CHANGED,
+    pb.CONVERSATION_CHANGE_KIND_UPDATED: ChangeKind.UPDATED,
 }
 PERMISSION = {
     Permission.READ: pb.PERMISSION_READ,
@@ -100,6 +102,8 @@ def conversation(message: pb.Conversation) -> Conversation:
         pending_action=(
             pending_action(message.pending_action) if message.HasField("pending_action") else None
         ),
+        labels=dict(message.labels),
+        title=message.title,
     )
 
 

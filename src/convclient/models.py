@@ -80,6 +80,9 @@ class Conversation(_Model):
     pending_action: PendingAction | None = None
     """The action its agent waits to have approved (agent_state
     "awaiting_user_confirmation"); decide with confirm_action."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """The caller's own tags (set at start, changed by update_conversation)."""
+    title: str = ""
 
 
 class Connection(_Model):
@@ -174,6 +177,8 @@ class ChangeKind(StrEnum):
     """The loop stopped (or its queued start gave up): forget it until it appears again."""
     PENDING_ACTION_CHANGED = "PENDING_ACTION_CHANGED"
     """Its agent proposed an action and waits to have it approved (``pending_action``)."""
+    UPDATED = "UPDATED"
+    """Its labels or title changed."""
 
 
 class WatchedConversation(_Model):

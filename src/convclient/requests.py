@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from convclient import convert
@@ -19,6 +19,7 @@ from convclient.models import (
     Connection,
     ControlResult,
     Conversation,
+    ConversationStatus,
     Event,
     HeartbeatResult,
     Page,
@@ -55,10 +56,14 @@ def start_conversation(
     replay_events: Sequence[JsonMapping] = (),
     request_id: str | None = None,
     admission_policy: AdmissionPolicy | str | None = None,
+    labels: Mapping[str, str] | None = None,
+    title: str = "",
 ) -> Prepared[Conversation]:
     """Starts the conversation, or returns it when it runs already (idempotent).
 
     ``admission_policy``: what to do at the user's limit (the server's policy when None).
+    ``labels``, ``title``: for a conversation the start creates (update_conversation
+    changes them later).
     """
     request = pb.StartConversationRequest(
         conversation_id=conversation_id,
@@ -66,6 +71,8 @@ def start_conversation(
         agent=agent,
         replay_events=[dict_to_struct(e) for e in replay_events],
         request_id=request_id or new_request_id(),
+        labels=dict(labels or {}),
+        title=title,
     )
     if admission_policy is not None:
         request.admission_policy = convert.ADMISSION_POLICY[AdmissionPolicy(admission_policy)]
@@ -289,6 +296,76 @@ def list_conversations(
             next_page_token=r.next_page_token,
         ),
     )
+
+
+def search_conversations(
+    *,
+    user_id: str = "",
+    conversation_ids: Iterable[str] = (),
+    statuses: Iterable[ConversationStatus | str] = (),
+    agent_states: Iterable[str] = (),
+    agents: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    title_contains: str = "",
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    active_after: datetime | None = None,
+    active_before: datetime | None = None,
+    page_size: int = 0,
+    page_token: str = "",
+) -> Prepared[Page[Conversation]]:
+    """One page of every stored conversation (running or stopped) that matches all filters
+    given, newest activity first."""
+    request = pb.SearchConversationsRequest(
+        user_id=user_id,
+        conversation_ids=list(conversation_ids),
+        statuses=[convert.STATUS[ConversationStatus(s)] for s in statuses],
+        agent_states=list(agent_states),
+        agents=list(agents),
+        labels=dict(labels or {}),
+        title_contains=title_contains,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    for field, moment in (
+        ("create_time_after", created_after),
+        ("create_time_before", created_before),
+        ("last_active_time_after", active_after),
+        ("last_active_time_before", active_before),
+    ):
+        if moment is not None:
+            getattr(request, field).FromDatetime(moment)
+    return Prepared(
+        "SearchConversations",
+        request,
+        lambda r: Page[Conversation](
+            items=[convert.conversation(c) for c in r.conversations],
+            next_page_token=r.next_page_token,
+        ),
+    )
+
+
+def update_conversation(
+    conversation_id: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+    user_id: str = "",
+    request_id: str | None = None,
+) -> Prepared[Conversation]:
+    """Replaces the conversation's labels (the whole map) and/or title; None keeps it."""
+    request = pb.UpdateConversationRequest(
+        conversation_id=conversation_id,
+        labels=dict(labels or {}),
+        title=title or "",
+        user_id=user_id,
+        request_id=request_id or new_request_id(),
+    )
+    if labels is not None:
+        request.update_mask.paths.append("labels")
+    if title is not None:
+        request.update_mask.paths.append("title")
+    return Prepared("UpdateConversation", request, lambda r: convert.conversation(r.conversation))
 
 
 def list_connections(

@@ -36,6 +36,7 @@ ROUTED = frozenset(
         "CompleteWithAgentLlm",
         "ControlAgent",
         "ConfirmAction",
+        "UpdateConversation",
     }
 )
 """Calls about one conversation, answered by the node that runs it."""

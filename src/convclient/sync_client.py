@@ -124,6 +124,8 @@ class ConvsvcClient:
     confirm_action = _unary(requests.confirm_action)
     approve_action = _unary(requests.approve_action)
     reject_action = _unary(requests.reject_action)
+    search_conversations = _unary(requests.search_conversations)
+    update_conversation = _unary(requests.update_conversation)
     disconnect = _unary(requests.disconnect)
     close_conversation = _unary(requests.close_conversation)
     get_conversation = _unary(requests.get_conversation)

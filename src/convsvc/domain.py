@@ -109,6 +109,11 @@ class ConversationRecord:
     settings: JsonObject
     create_time: datetime
     last_active_time: datetime
+    labels: dict[str, str] = field(default_factory=dict)
+    """The caller's own key/value tags, set at start or by UpdateConversation; searchable."""
+    title: str = ""
+    running: bool = False
+    """Whether its loop runs (kept in the store, for searches over stored conversations)."""
 
 
 @dataclass(slots=True)
@@ -130,6 +135,41 @@ class ConversationView:
     """In a cluster, the address of the node that runs or queued it (clients may call it)."""
     pending_action: PendingAction | None = None
     """The action awaiting confirmation while the agent waits for one."""
+    labels: dict[str, str] = field(default_factory=dict)
+    title: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ConversationSearch:
+    """What SearchConversations asks of the store: filters (each optional, all must hold)
+    and where the page starts, in order of last activity (newest first)."""
+
+    user_id: str | None = None
+    """None: every user's (a trusted call)."""
+    conversation_ids: frozenset[str] = frozenset()
+    running: bool | None = None
+    """True: only running ones; False: only stopped ones; None: both."""
+    agent_states: frozenset[str] = frozenset()
+    agents: frozenset[str] = frozenset()
+    labels: tuple[tuple[str, str], ...] = ()
+    title_contains: str = ""
+    """Case-insensitive."""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    active_after: datetime | None = None
+    active_before: datetime | None = None
+    after: tuple[datetime, str] | None = None
+    """The (last activity, id) of the previous page's last conversation."""
+    limit: int = 100
+
+
+@dataclass(slots=True, frozen=True)
+class StoredConversation:
+    """A conversation as SearchConversations finds it in the store."""
+
+    record: ConversationRecord
+    agent_state: str
+    latest_event_id: int
 
 
 @dataclass(slots=True, frozen=True)

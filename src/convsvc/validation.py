@@ -102,3 +102,46 @@ def check_page_size(page_size: int, default: int, maximum: int) -> int:
             metadata={"field": "page_size"},
         )
     return min(page_size or default, maximum)
+
+
+LABEL_KEY_PATTERN = re.compile(r"[a-z0-9]([a-z0-9_./-]{0,62})")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_TITLE = 512
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A conversation's labels: at most 64, keys of 1 to 63 characters of a-z 0-9 _ . / -
+    (starting with a letter or digit), values of at most 256 characters."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(
+            f"labels holds {len(labels)} labels; at most {MAX_LABELS} are allowed",
+            reason="INVALID_LABELS",
+            metadata={"field": "labels"},
+        )
+    for key, value in labels.items():
+        if not LABEL_KEY_PATTERN.fullmatch(key):
+            raise InvalidArgument(
+                f"label key {shown(key)!r} is not valid: use 1 to 63 characters of "
+                "a-z 0-9 _ . / - starting with a letter or digit",
+                reason="INVALID_LABELS",
+                metadata={"field": "labels", "key": shown(key)},
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidArgument(
+                f"the value of label {key!r} has {len(value)} characters; at most "
+                f"{MAX_LABEL_VALUE} are allowed",
+                reason="INVALID_LABELS",
+                metadata={"field": "labels", "key": key},
+            )
+    return dict(labels)
+
+
+def check_title(title: str, field: str = "title") -> str:
+    if len(title) > MAX_TITLE:
+        raise InvalidArgument(
+            f"{field} has {len(title)} characters; at most {MAX_TITLE} are allowed",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": field},
+        )
+    return title

@@ -92,6 +92,18 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
         ("list A's id", lambda s: s.ListConversations(
             pb.ListConversationsRequest(user_id=B, conversation_ids=["a-conv"])), {""}),
     ],
+    "SearchConversations": [
+        ("search A's id", lambda s: s.SearchConversations(
+            pb.SearchConversationsRequest(user_id=B, conversation_ids=["a-conv"])), {""}),
+        ("search everything", lambda s: s.SearchConversations(
+            pb.SearchConversationsRequest(user_id=B)), {""}),
+    ],
+    "UpdateConversation": [
+        ("relabel A's id", lambda s: s.UpdateConversation(pb.UpdateConversationRequest(
+            conversation_id="a-conv", user_id=B, labels={"owner": "b"},
+            update_mask={"paths": ["labels", "title"]}, title="B's now")),
+         {"CONVERSATION_NOT_FOUND"}),
+    ],
     "ListConnections": [
         ("list A's connections", lambda s: s.ListConnections(
             pb.ListConnectionsRequest(user_id=B, conversation_ids=["a-conv"])), {""}),
@@ -199,7 +211,7 @@ async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
         tally.call("isolation", exc.code().name)
         outcome = error_info(exc).reason
     assert outcome in allowed, (what, outcome)
-    if isinstance(response, pb.ListConversationsResponse):
+    if isinstance(response, pb.ListConversationsResponse | pb.SearchConversationsResponse):
         assert not response.conversations, what
     if isinstance(response, pb.ListConnectionsResponse):
         assert not response.connections, what
@@ -217,6 +229,7 @@ async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
     assert after.conversation.status == before.conversation.status
     assert after.conversation.latest_event_id == before.conversation.latest_event_id
     assert after.conversation.user_id == A
+    assert (after.conversation.title, dict(after.conversation.labels)) == ("", {})
     (connection,) = (
         await stub.ListConnections(pb.ListConnectionsRequest(conversation_ids=["a-conv"]))
     ).connections

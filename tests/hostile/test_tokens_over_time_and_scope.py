@@ -159,6 +159,12 @@ def x_calls(channel: grpc.aio.Channel, token: str) -> dict[str, Callable[[], Any
             pb.GetConversationRequest(conversation_id="X")
         ),
         "ListConversations": lambda: x.ListConversations(pb.ListConversationsRequest()),
+        "SearchConversations": lambda: x.SearchConversations(pb.SearchConversationsRequest()),
+        "UpdateConversation": lambda: x.UpdateConversation(
+            pb.UpdateConversationRequest(
+                conversation_id="X", labels={"k": "v"}, update_mask={"paths": ["labels"]}
+            )
+        ),
         "ListConversations awaiting": lambda: x.ListConversations(
             pb.ListConversationsRequest(agent_states=["awaiting_user_confirmation"])
         ),
@@ -355,3 +361,28 @@ async def test_a_call_may_not_ask_for_more_evictions_than_the_server_allows(
                 )
                 assert {c.conversation_id for c in listed.conversations} == RUNNING
                 tally.checked("scope matrix: a call affects nothing outside its token's scope")
+
+
+async def test_a_token_for_x_finds_and_relabels_only_x(alice) -> None:
+    service, channel = alice
+    token = await mint(service, "alice", ["X"], READ, WRITE)
+    found = await As(channel, token).SearchConversations(pb.SearchConversationsRequest())
+    assert {c.conversation_id for c in found.conversations} <= {"X"}
+    await expect_error(
+        As(channel, token).SearchConversations(
+            pb.SearchConversationsRequest(conversation_ids=["Y0"])
+        ),
+        DENIED,
+        "TOKEN_SCOPE",
+    )
+    await expect_error(
+        As(channel, token).UpdateConversation(
+            pb.UpdateConversationRequest(
+                conversation_id="Y0", title="mine", update_mask={"paths": ["title"]}
+            )
+        ),
+        DENIED,
+        "TOKEN_SCOPE",
+    )
+    y0 = await service.GetConversation(pb.GetConversationRequest(conversation_id="Y0"))
+    assert y0.conversation.title == ""

@@ -1,6 +1,6 @@
 """The store contract, run against SQLite and a real PostgreSQL: ordered group commit,
 durability across reopen, a conflicting write fails its conversation only, byte-bounded
-pages, flush barriers, records and idempotency."""
+pages, flush barriers, records and idempotency, searches over stored conversations."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from convsvc.domain import AuditEntry, AuditQuery, IdempotencyRecord
+from convsvc.codec import encode_event
+from convsvc.domain import AuditEntry, AuditQuery, ConversationSearch, EventKind, IdempotencyRecord
 from convsvc.storage import ConversationLogError
+from convsvc.storage.postgres import PostgresStore
+from convsvc.storage.sqlite import SqliteStore
 from tests.storage.backends import StoreFactory, make_event, make_record, own, store_factory
 
 
@@ -202,3 +206,63 @@ async def test_revoked_tokens_are_kept_until_they_expire(stores: StoreFactory) -
     await store.prune_idempotency(datetime.now(UTC))
     assert await store.token_revoked("t-live")
     assert not await store.token_revoked("t-past")  # expired: the token fails anyway
+
+
+async def test_stored_conversations_are_searched_by_every_filter_newest_activity_first(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    described = {
+        "a": ("u1", {"team": "red", "env": "prod"}, "Deploy the API"),
+        "b": ("u1", {"team": "red"}, "Fix the login bug"),
+        "c": ("u2", {"team": "blue", "env": "prod"}, "deploy docs"),
+        "d": ("u1", {}, ""),
+    }
+    for n, (cid, (user, labels, title)) in enumerate(described.items()):
+        record = make_record(cid, user)
+        record.create_time = record.last_active_time = base + timedelta(minutes=n)
+        record.labels, record.title, record.running = labels, title, cid != "d"
+        if isinstance(store, PostgresStore):
+            await store.claim(record, address="test", limit=10**6)
+        await store.save_conversation(record)
+    # A commit keeps each conversation's last activity and agent state current: "b" is now
+    # the newest, its agent waits for the user.
+    state = make_event("b", 0)
+    state.kind, state.name = EventKind.OBSERVATION, "agent_state_changed"
+    state.payload = {"observation": "agent_state_changed", "extras": {"agent_state": "paused"}}
+    state.timestamp = base + timedelta(hours=1)
+    state.encoded = encode_event(state)
+    await store.append_events([state])
+
+    async def ids(**filters: Any) -> list[str]:
+        found = await store.search_conversations(ConversationSearch(**filters))
+        return [f.record.conversation_id for f in found]
+
+    assert await ids() == ["b", "d", "c", "a"]
+    assert await ids(user_id="u1") == ["b", "d", "a"]
+    assert await ids(labels=(("team", "red"),)) == ["b", "a"]
+    assert await ids(labels=(("env", "prod"), ("team", "red"))) == ["a"]
+    assert await ids(title_contains="DEPLOY") == ["c", "a"]
+    assert await ids(agent_states=frozenset({"paused"})) == ["b"]
+    assert await ids(agents=frozenset({"echo"}), limit=2) == ["b", "d"]
+    assert await ids(created_after=base + timedelta(minutes=2)) == ["d", "c"]
+    assert await ids(active_before=base + timedelta(minutes=2)) == ["a"]
+    assert await ids(conversation_ids=frozenset({"a", "d"})) == ["d", "a"]
+    if isinstance(store, SqliteStore):  # PostgreSQL's running flag is the cluster's lease
+        assert await ids(running=False) == ["d"]
+    # Keyset paging: the page after "d" (by its activity and id).
+    found = await store.search_conversations(ConversationSearch(limit=2))
+    last = found[-1].record
+    after = await ids(after=(last.last_active_time, last.conversation_id))
+    assert after == ["c", "a"]
+    [b] = await store.search_conversations(ConversationSearch(conversation_ids=frozenset("b")))
+    assert (b.agent_state, b.latest_event_id, b.record.labels) == ("paused", 0, {"team": "red"})
+
+    assert await store.describe_conversation("b", {"team": "green"}, None)
+    assert not await store.describe_conversation("missing", {}, "x")
+    await store.close()
+    reopened = await stores()
+    stored = await reopened.get_conversation("b")
+    assert stored is not None
+    assert (stored.labels, stored.title) == ({"team": "green"}, "Fix the login bug")

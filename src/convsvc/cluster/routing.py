@@ -52,6 +52,7 @@ _BY_CONVERSATION = {
     "CompleteWithAgentLlm",
     "ControlAgent",
     "ConfirmAction",
+    "UpdateConversation",
 }
 
 

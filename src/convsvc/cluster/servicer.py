@@ -73,6 +73,11 @@ class ClusteredServicer(ConversationServicer):
     async def ControlAgent(self, request: Any, context: Context) -> Any:
         return await self._routed("ControlAgent", request, context, super().ControlAgent)
 
+    async def UpdateConversation(self, request: Any, context: Context) -> Any:
+        return await self._routed(
+            "UpdateConversation", request, context, super().UpdateConversation
+        )
+
     async def ConfirmAction(self, request: Any, context: Context) -> Any:
         return await self._routed("ConfirmAction", request, context, super().ConfirmAction)
 

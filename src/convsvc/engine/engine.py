@@ -167,9 +167,13 @@ class ConversationEngine:
         request_id: str = "",
         admission_policy: AdmissionPolicy | None = None,
         scope: Scope = None,
+        labels: dict[str, str] | None = None,
+        title: str = "",
     ) -> ConversationView:
         """Starts a loop, or returns the running one (idempotent). ``scope``: what the
-        caller may affect (a scoped token's conversations), evictions included."""
+        caller may affect (a scoped token's conversations), evictions included. ``labels``
+        and ``title`` describe a conversation the start creates (UpdateConversation changes
+        them later)."""
         user = validation.check_user_id(user_id)
         policy = self._admission.policy(admission_policy)
         cid = validation.check_optional_id("conversation_id", conversation_id)
@@ -181,6 +185,8 @@ class ConversationEngine:
             first[0] if initial_user_message is not None else None,
             tuple(replay_events),
             settings_bytes + first_bytes,
+            validation.check_labels(labels or {}),
+            validation.check_title(title),
         )
         key = self._ledger.key(
             user,
@@ -207,6 +213,43 @@ class ConversationEngine:
                 if not runtime.closing:
                     return self._registry.view(runtime)
                 cid = runtime.conversation_id
+        return await self.queries.get_conversation(cid, user_id)
+
+    async def update_conversation(
+        self,
+        *,
+        conversation_id: str,
+        labels: dict[str, str] | None = None,
+        title: str | None = None,
+        user_id: str = "",
+    ) -> ConversationView:
+        """Replaces a conversation's labels and/or title (None: kept), running or stopped."""
+        cid = validation.check_id("conversation_id", conversation_id)
+        if labels is None and title is None:
+            raise InvalidArgument(
+                "name what to change in update_mask: labels, title or both",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "update_mask"},
+            )
+        labels = validation.check_labels(labels) if labels is not None else None
+        title = validation.check_title(title) if title is not None else None
+        await self.queries.get_conversation(cid, user_id)  # it exists and is the caller's
+        if not await self._store.describe_conversation(cid, labels, title):
+            # A start still writing its first record (it is queued or starting).
+            raise Unavailable(
+                f"conversation {cid} is not stored yet; retry once it started",
+                reason="CONVERSATION_STARTING",
+                metadata={"conversation_id": cid},
+            )
+        # The running copy follows the stored one (no await since the write).
+        runtime = self._registry.get(cid)
+        if runtime is not None:
+            if labels is not None:
+                runtime.record.labels = labels
+            if title is not None:
+                runtime.record.title = title
+            if not runtime.closing:
+                self._lifecycle.publish_change(runtime, ChangeKind.UPDATED)
         return await self.queries.get_conversation(cid, user_id)
 
     def _check_agent(self, agent: str) -> str | None:

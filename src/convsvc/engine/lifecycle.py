@@ -195,6 +195,7 @@ class Lifecycle:
                     metadata={"conversation_id": cid},
                 )
             now_wall = datetime.now(UTC)
+            asked = start_request or StartRequest()
             record = ConversationRecord(
                 conversation_id=cid,
                 user_id=stored.user_id if stored is not None else user,
@@ -202,6 +203,9 @@ class Lifecycle:
                 settings=storable_settings(settings),
                 create_time=stored.create_time if stored is not None else now_wall,
                 last_active_time=now_wall,
+                labels=dict((stored or asked).labels),
+                title=(stored or asked).title,
+                running=True,
             )
             if self.membership is not None:
                 # The lease first: from here no other node can append to this log, so the
@@ -336,6 +340,7 @@ class Lifecycle:
             await runtime.shutdown()
             if graceful:
                 runtime.record.last_active_time = datetime.now(UTC)
+                runtime.record.running = False
                 try:
                     await self.log.append(
                         runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)]

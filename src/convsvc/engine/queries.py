@@ -6,24 +6,87 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from convsvc import validation
 from convsvc.config import EngineConfig
-from convsvc.domain import Connection, ConversationStatus, ConversationView
+from convsvc.domain import (
+    Connection,
+    ConversationRecord,
+    ConversationSearch,
+    ConversationStatus,
+    ConversationView,
+    StoredConversation,
+)
 from convsvc.engine.admission import Admission
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.visibility import check_owner, not_found
 from convsvc.engine.watch import ChangeFeed, WatchedConversation, WatchUpdate
-from convsvc.errors import FailedPrecondition
+from convsvc.errors import FailedPrecondition, InvalidArgument
 from convsvc.metrics import EngineGauges
 from convsvc.paging import decode_token, encode_token
 from convsvc.storage import ConversationStore
 
 Candidates = Callable[[str | None, set[str]], Iterator[tuple[str, Any]]]
 """(user, wanted conversation ids) -> (sort key, item) of what a list may return."""
+
+
+def search_fingerprint(query: ConversationSearch) -> list[Any]:
+    """What a search's page token is bound to: its filters, the same on every node."""
+
+    def moment(value: datetime | None) -> str:
+        return value.isoformat() if value is not None else ""
+
+    return [
+        "search",
+        query.user_id,
+        sorted(query.conversation_ids),
+        query.running,
+        sorted(query.agent_states),
+        sorted(query.agents),
+        sorted(query.labels),
+        query.title_contains,
+        [moment(query.created_after), moment(query.created_before)],
+        [moment(query.active_after), moment(query.active_before)],
+        query.limit,
+    ]
+
+
+def stopped_view(record: ConversationRecord, latest_event_id: int) -> ConversationView:
+    return ConversationView(
+        conversation_id=record.conversation_id,
+        user_id=record.user_id,
+        agent=record.agent,
+        status=ConversationStatus.STOPPED,
+        agent_state="stopped",
+        latest_event_id=latest_event_id,
+        create_time=record.create_time,
+        last_active_time=record.last_active_time,
+        connection_count=0,
+        labels=record.labels,
+        title=record.title,
+    )
+
+
+def running_elsewhere_view(stored: StoredConversation) -> ConversationView:
+    """A conversation another node runs, as the store last saw it."""
+    record = stored.record
+    return ConversationView(
+        conversation_id=record.conversation_id,
+        user_id=record.user_id,
+        agent=record.agent,
+        status=ConversationStatus.RUNNING,
+        agent_state=stored.agent_state,
+        latest_event_id=stored.latest_event_id,
+        create_time=record.create_time,
+        last_active_time=record.last_active_time,
+        connection_count=0,
+        labels=record.labels,
+        title=record.title,
+    )
 
 
 def agent_state_filter(agent_states: Sequence[str]) -> frozenset[str]:
@@ -79,17 +142,85 @@ class ConversationQueries:
         if record is None:
             raise not_found(cid)
         check_owner(cid, record.user_id, user)
-        return ConversationView(
-            conversation_id=cid,
-            user_id=record.user_id,
-            agent=record.agent,
-            status=ConversationStatus.STOPPED,
-            agent_state="stopped",
-            latest_event_id=await self._store.latest_event_id(cid),
-            create_time=record.create_time,
-            last_active_time=record.last_active_time,
-            connection_count=0,
+        return stopped_view(record, await self._store.latest_event_id(cid))
+
+    async def search_conversations(
+        self,
+        *,
+        user_id: str = "",
+        conversation_ids: Sequence[str] = (),
+        statuses: Iterable[ConversationStatus] = (),
+        agent_states: Sequence[str] = (),
+        agents: Sequence[str] = (),
+        labels: dict[str, str] | None = None,
+        title_contains: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        active_after: datetime | None = None,
+        active_before: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[ConversationView], str]:
+        """Every stored conversation that matches all filters given, newest activity first,
+        one page at a time. Those running on this node show their live state; others what
+        their owner last stored."""
+        wanted = set(statuses)
+        if ConversationStatus.QUEUED in wanted:
+            raise InvalidArgument(
+                "a queued start is not stored until it runs: find queued ones with "
+                "ListConversations or WatchConversations",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "statuses"},
+            )
+        want_running = bool(wanted & {ConversationStatus.STARTING, ConversationStatus.RUNNING})
+        want_stopped = ConversationStatus.STOPPED in wanted
+        running = want_running if want_running != want_stopped else None
+        query = ConversationSearch(
+            user_id=validation.check_user_id(user_id),
+            conversation_ids=frozenset(
+                validation.check_id("conversation_ids", c) for c in conversation_ids
+            ),
+            running=running,
+            agent_states=agent_state_filter(agent_states),
+            agents=frozenset(validation.check_id("agents", a) for a in agents),
+            labels=tuple(sorted(validation.check_labels(labels or {}).items())),
+            title_contains=validation.check_title(title_contains, "title_contains"),
+            created_after=created_after,
+            created_before=created_before,
+            active_after=active_after,
+            active_before=active_before,
+            limit=self.page_size(page_size),
         )
+        return await self._search(query, page_token)
+
+    async def _search(
+        self, query: ConversationSearch, page_token: str
+    ) -> tuple[list[ConversationView], str]:
+        key = self._store.page_token_key
+        fingerprint = search_fingerprint(query)
+        if page_token:
+            moment, _, cid = decode_token(key, page_token, fingerprint, str).partition("|")
+            query = dataclasses.replace(query, after=(datetime.fromisoformat(moment), cid))
+        found = await self._store.search_conversations(
+            dataclasses.replace(query, limit=query.limit + 1)
+        )
+        page = found[: query.limit]
+        views = []
+        for stored in page:
+            runtime = self._registry.get(stored.record.conversation_id)
+            if runtime is not None and not runtime.closing:
+                views.append(self._registry.view(runtime))
+            elif stored.record.running:
+                views.append(running_elsewhere_view(stored))
+            else:
+                views.append(stopped_view(stored.record, stored.latest_event_id))
+        token = ""
+        if len(found) > query.limit:
+            last = page[-1].record
+            token = encode_token(
+                key, fingerprint, f"{last.last_active_time.isoformat()}|{last.conversation_id}"
+            )
+        return views, token
 
     def list_conversations(
         self,

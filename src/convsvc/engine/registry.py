@@ -79,6 +79,8 @@ class RuntimeRegistry:
             connection_count=self._connections.count_for_conversation(record.conversation_id),
             owner_address=self.address if runtime.status is not ConversationStatus.STOPPED else "",
             pending_action=runtime.pending_action,
+            labels=record.labels,
+            title=record.title,
         )
 
     def watched(self, runtime: ConversationRuntime) -> WatchedConversation:

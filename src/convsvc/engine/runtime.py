@@ -68,6 +68,9 @@ class StartRequest:
     encoded_bytes: int = 0
     """The settings' and the first user events' encoded size: a worker gets them in one
     message, so a start of a worker conversation must fit in one."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels and title for a conversation the start creates (an existing one keeps its)."""
+    title: str = ""
 
 
 class Phase(enum.Enum):

@@ -35,6 +35,7 @@ class ChangeKind(enum.StrEnum):
     QUEUE_POSITION_CHANGED = "queue_position_changed"
     CLOSED = "closed"
     PENDING_ACTION_CHANGED = "pending_action_changed"
+    UPDATED = "updated"
 
 
 @dataclass(slots=True, frozen=True)

@@ -23,8 +23,10 @@ from convsvc.domain import (
     AuditEntry,
     AuditQuery,
     ConversationRecord,
+    ConversationSearch,
     Event,
     IdempotencyRecord,
+    StoredConversation,
     StoredEvent,
 )
 
@@ -130,6 +132,18 @@ class ConversationStore(Protocol):
 
     async def latest_event_id(self, conversation_id: str) -> int:
         """Returns the conversation's newest event id, or -1."""
+
+    async def search_conversations(self, query: ConversationSearch) -> list[StoredConversation]:
+        """Stored conversations that match, newest activity first (then by id, descending),
+        at most ``query.limit``."""
+        ...
+
+    async def describe_conversation(
+        self, conversation_id: str, labels: dict[str, str] | None, title: str | None
+    ) -> bool:
+        """Replaces a stored conversation's labels and/or title (None: kept); False when it
+        is not stored."""
+        ...
 
     def submit_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None

@@ -32,6 +32,7 @@ from convsvc.storage.postgres_schema import UNREACHABLE, migrate_pool, unavailab
 from convsvc.storage.sql import (
     CONVERSATION_COLUMNS,
     SqlReads,
+    activity,
     conversation_record,
     page_filters,
 )
@@ -65,6 +66,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[])
     AS u(conversation_id, agent, settings, last_active_time, epoch)
 WHERE c.conversation_id = u.conversation_id AND c.lease_epoch = u.epoch
 RETURNING c.conversation_id
+"""
+# What a commit keeps current on its conversations' rows (for SearchConversations).
+_ACTIVITY = """
+UPDATE conversations c
+SET last_active_time = u.last_active_time, agent_state = coalesce(u.agent_state, c.agent_state)
+FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS u(conversation_id, last_active_time,
+                                                           agent_state)
+WHERE c.conversation_id = u.conversation_id
 """
 _INSERT_AUDIT = """
 INSERT INTO audit (time, credential, subject, token_id, method, user_id, conversation_id,
@@ -152,6 +161,7 @@ class PostgresStore(SqlReads, GroupCommitStore):
     """ConversationStore and leases on PostgreSQL."""
 
     name = "postgres"
+    find_text = "strpos"
 
     def __init__(
         self,
@@ -224,6 +234,9 @@ class PostgresStore(SqlReads, GroupCommitStore):
         """Rows of a query (``$TTL`` stands for the lease TTL)."""
         return await self.run(lambda conn: conn.fetch(self.sql(sql), *args))
 
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
+        return f"c.labels @> ${param}::jsonb", json.dumps(dict(labels))
+
     def sql(self, sql: str) -> str:
         """A query with ``$TTL`` replaced by the lease TTL in seconds."""
         return sql.replace("$TTL", f"{float(self._ttl)}::double precision")
@@ -287,6 +300,16 @@ class PostgresStore(SqlReads, GroupCommitStore):
                     [epoch for _, epoch in records],
                 )
                 fenced |= {r.conversation_id for r, _ in records} - {row[0] for row in updated}
+            touched = activity(
+                [e for w in writes for e in w.events if e.conversation_id not in fenced]
+            )
+            if touched:
+                await conn.execute(
+                    _ACTIVITY,
+                    list(touched),
+                    [t for t, _ in touched.values()],
+                    [state for _, state in touched.values()],
+                )
             requests = [
                 r for w in writes if w.target is None or w.target not in fenced for r in w.requests
             ]
@@ -442,7 +465,8 @@ class PostgresStore(SqlReads, GroupCommitStore):
                 epoch = await conn.fetchval(
                     "INSERT INTO conversations AS c (conversation_id, user_id, agent, settings, "
                     "create_time, last_active_time, running, owner_node, owner_address, "
-                    "lease_epoch) VALUES ($1, $2, $3, $4, $5, $6, true, $7, $8, 1) "
+                    "lease_epoch, labels, title) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, true, $7, $8, 1, $9::jsonb, $10) "
                     "ON CONFLICT (conversation_id) DO UPDATE SET running = true, "
                     "owner_node = excluded.owner_node, owner_address = excluded.owner_address, "
                     "agent = excluded.agent, settings = excluded.settings, "
@@ -456,11 +480,27 @@ class PostgresStore(SqlReads, GroupCommitStore):
                     record.last_active_time,
                     self.node_id,
                     address,
+                    json.dumps(record.labels),
+                    record.title,
                 )
             self._epochs[cid] = int(epoch)
             return Claim(int(epoch), [], took_over=running)
 
         return await self.run(work)
+
+    async def describe_conversation(
+        self, conversation_id: str, labels: dict[str, str] | None, title: str | None
+    ) -> bool:
+        status = await self.run(
+            lambda conn: conn.execute(
+                "UPDATE conversations SET labels = coalesce($2::jsonb, labels), "
+                "title = coalesce($3, title) WHERE conversation_id = $1",
+                conversation_id,
+                None if labels is None else json.dumps(labels),
+                title,
+            )
+        )
+        return str(status) != "UPDATE 0"
 
     async def release(self, conversation_id: str, *, keep_running: bool) -> bool:
         """Gives up this node's lease (a new epoch fences any write still in flight).

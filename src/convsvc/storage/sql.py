@@ -18,7 +18,11 @@ from convsvc.domain import (
     AuditEntry,
     AuditQuery,
     ConversationRecord,
+    ConversationSearch,
+    Event,
+    EventKind,
     IdempotencyRecord,
+    StoredConversation,
     StoredEvent,
 )
 from convsvc.storage.base import EventPage, plan_page
@@ -26,7 +30,10 @@ from convsvc.storage.base import EventPage, plan_page
 MAX_EVENT_ID = 2**63 - 1
 """The end of an open range of event ids."""
 
-CONVERSATION_COLUMNS = "conversation_id, user_id, agent, settings, create_time, last_active_time"
+CONVERSATION_COLUMNS = (
+    "conversation_id, user_id, agent, settings, create_time, last_active_time, labels, title, "
+    "running"
+)
 AUDIT_COLUMNS = (
     "sequence, time, credential, subject, token_id, method, user_id, conversation_id, "
     "connection_id, request_id, code, reason, affected_token_id"
@@ -45,7 +52,7 @@ def _time(value: Any) -> datetime:
 
 def conversation_record(row: Sequence[Any]) -> ConversationRecord:
     """A conversation row (CONVERSATION_COLUMNS, in order) as a record."""
-    cid, user_id, agent, settings, create_time, last_active_time = row
+    cid, user_id, agent, settings, create_time, last_active_time, labels, title, running = row
     return ConversationRecord(
         conversation_id=cid,
         user_id=user_id,
@@ -53,7 +60,24 @@ def conversation_record(row: Sequence[Any]) -> ConversationRecord:
         settings=json.loads(settings),
         create_time=_time(create_time),
         last_active_time=_time(last_active_time),
+        labels=json.loads(labels) if isinstance(labels, str) else dict(labels or {}),
+        title=title,
+        running=bool(running),
     )
+
+
+def activity(events: Sequence[Event]) -> dict[str, tuple[datetime, str | None]]:
+    """Per conversation, the time of its newest event in a batch and the last agent state
+    one reported (None: none did): what a commit keeps current on its conversations' rows,
+    so that searches over stored conversations see them."""
+    found: dict[str, tuple[datetime, str | None]] = {}
+    for event in events:
+        state = found.get(event.conversation_id, (event.timestamp, None))[1]
+        if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
+            extras = event.payload.get("extras") or {}
+            state = str(extras.get("agent_state", "")) or state
+        found[event.conversation_id] = (event.timestamp, state)
+    return found
 
 
 class SqlReads(ABC):
@@ -175,6 +199,74 @@ class SqlReads(ABC):
     async def token_revoked(self, token_id: str) -> bool:
         rows = await self._fetch("SELECT 1 FROM revoked_tokens WHERE token_id = $1", token_id)
         return bool(rows)
+
+    find_text = "instr"
+    """The SQL function (haystack, needle) giving a substring's position, 0 when absent."""
+
+    @abstractmethod
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
+        """The condition that a row has every label, with its argument as ``$param``."""
+
+    async def search_conversations(self, query: ConversationSearch) -> list[StoredConversation]:
+        """Stored conversations that match, by last activity (newest first), then id."""
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.user_id is not None:
+            where.append(f"c.user_id = {arg(query.user_id)}")
+        for column, values in (
+            ("c.conversation_id", query.conversation_ids),
+            ("c.agent_state", query.agent_states),
+            ("c.agent", query.agents),
+        ):
+            if values:
+                where.append(f"{column} IN ({', '.join(arg(v) for v in sorted(values))})")
+        if query.running is not None:
+            where.append("c.running" if query.running else "NOT c.running")
+        if query.labels:
+            condition, value = self._labels_match(query.labels, len(args) + 1)
+            args.append(value)
+            where.append(condition)
+        if query.title_contains:
+            where.append(
+                f"{self.find_text}(lower(c.title), lower({arg(query.title_contains)})) > 0"
+            )
+        for column, operator, bound in (
+            ("c.create_time", ">=", query.created_after),
+            ("c.create_time", "<", query.created_before),
+            ("c.last_active_time", ">=", query.active_after),
+            ("c.last_active_time", "<", query.active_before),
+        ):
+            if bound is not None:
+                where.append(f"{column} {operator} {arg(self._time_arg(bound))}")
+        if query.after is not None:
+            moment, cid = query.after
+            where.append(
+                f"(c.last_active_time, c.conversation_id) < ({arg(self._time_arg(moment))}, "
+                f"{arg(cid)})"
+            )
+        columns = ", ".join(f"c.{column}" for column in CONVERSATION_COLUMNS.split(", "))
+        rows = await self._fetch(
+            f"SELECT {columns}, c.agent_state, "
+            "(SELECT max(e.id) FROM events e WHERE e.conversation_id = c.conversation_id) "
+            f"FROM conversations c {'WHERE ' + ' AND '.join(where) if where else ''} "
+            f"ORDER BY c.last_active_time DESC, c.conversation_id DESC LIMIT {arg(query.limit)}",
+            *args,
+        )
+        return [
+            StoredConversation(
+                conversation_record(row[:9]), row[9], -1 if row[10] is None else int(row[10])
+            )
+            for row in rows
+        ]
+
+    def _time_arg(self, moment: datetime) -> Any:
+        """A time as the backend compares it (SQLite keeps ISO text)."""
+        return moment
 
 
 def page_filters(

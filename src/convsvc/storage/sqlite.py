@@ -18,17 +18,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiosqlite
 import structlog
 
+from convsvc.domain import Event
 from convsvc.metrics import Metrics
 from convsvc.storage.base import StorageError
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
-from convsvc.storage.sql import SqlReads, question_marks
+from convsvc.storage.sql import SqlReads, activity, question_marks
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     agent TEXT NOT NULL,
     settings TEXT NOT NULL,
     create_time TEXT NOT NULL,
-    last_active_time TEXT NOT NULL
+    last_active_time TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    title TEXT NOT NULL DEFAULT '',
+    running INTEGER NOT NULL DEFAULT 0,
+    agent_state TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     conversation_id TEXT NOT NULL,
@@ -82,12 +87,34 @@ CREATE TABLE IF NOT EXISTS requests (
 ) WITHOUT ROWID;
 """
 
+# Searches over stored conversations, newest activity first: everyone's, and one user's.
+SEARCH_INDEXES = """
+CREATE INDEX IF NOT EXISTS conversations_by_activity
+    ON conversations (last_active_time DESC, conversation_id DESC);
+CREATE INDEX IF NOT EXISTS conversations_by_user_activity
+    ON conversations (user_id, last_active_time DESC, conversation_id DESC);
+"""
+# Columns added since the first release, for files written before them.
+_ADDED_COLUMNS = {
+    "labels": "TEXT NOT NULL DEFAULT '{}'",
+    "title": "TEXT NOT NULL DEFAULT ''",
+    "running": "INTEGER NOT NULL DEFAULT 0",
+    "agent_state": "TEXT NOT NULL DEFAULT ''",
+}
+
+# Labels and title are set when a start creates the conversation; later only
+# UpdateConversation changes them (a restart's stale copy never overwrites an update).
 _UPSERT_CONVERSATION = """
-INSERT INTO conversations (conversation_id, user_id, agent, settings, create_time, last_active_time)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO conversations (conversation_id, user_id, agent, settings, create_time,
+                           last_active_time, labels, title, running)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (conversation_id) DO UPDATE SET
     agent = excluded.agent, settings = excluded.settings,
-    last_active_time = excluded.last_active_time
+    last_active_time = excluded.last_active_time, running = excluded.running
+"""
+_ACTIVITY = """
+UPDATE conversations SET last_active_time = ?, agent_state = coalesce(?, agent_state)
+WHERE conversation_id = ?
 """
 _INSERT_EVENT = "INSERT INTO events (conversation_id, id, encoded) VALUES (?, ?, ?)"
 _INSERT_AUDIT = """
@@ -153,9 +180,14 @@ def _settle(outcome: asyncio.Future[Any], result: Any, error: BaseException | No
         outcome.set_result(result)
 
 
-_Rows = tuple[
-    list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]
-]
+class _Rows(NamedTuple):
+    """One write's rows, table by table, and its events (for the activity they show)."""
+
+    conversations: list[tuple[Any, ...]]
+    events: list[tuple[Any, ...]]
+    requests: list[tuple[Any, ...]]
+    audit: list[tuple[Any, ...]]
+    logged: Sequence[Event]
 
 
 class SqliteStore(SqlReads, GroupCommitStore):
@@ -213,6 +245,20 @@ class SqliteStore(SqlReads, GroupCommitStore):
             )
         )
 
+    async def describe_conversation(
+        self, conversation_id: str, labels: dict[str, str] | None, title: str | None
+    ) -> bool:
+        writer = self._writer
+        assert writer is not None
+        cursor = await self._on_writer_thread(
+            lambda: writer.execute(
+                "UPDATE conversations SET labels = coalesce(?, labels), "
+                "title = coalesce(?, title) WHERE conversation_id = ?",
+                (None if labels is None else json.dumps(labels), title, conversation_id),
+            )
+        )
+        return bool(cursor.rowcount)
+
     async def prune_idempotency(self, older_than: datetime) -> int:
         writer = self._writer
         assert writer is not None
@@ -226,6 +272,17 @@ class SqliteStore(SqlReads, GroupCommitStore):
             return int(cursor.rowcount)
 
         return await self._on_writer_thread(prune)
+
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
+        # One JSON argument holding the wanted labels; each must be in the row's.
+        return (
+            f"NOT EXISTS (SELECT 1 FROM json_each(${param}) AS wanted "
+            "WHERE json_extract(c.labels, '$.\"' || wanted.key || '\"') IS NOT wanted.value)",
+            json.dumps(dict(labels)),
+        )
+
+    def _time_arg(self, moment: datetime) -> Any:
+        return moment.astimezone(UTC).isoformat()
 
     def _load_page_token_key(self) -> bytes:
         assert self._writer is not None
@@ -242,6 +299,13 @@ class SqliteStore(SqlReads, GroupCommitStore):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.executescript(SCHEMA)
+        present = {row[1] for row in conn.execute("PRAGMA table_info(conversations)")}
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE conversations ADD COLUMN {column} {definition}")
+        conn.executescript(SEARCH_INDEXES)
+        # One process owns the file: nothing it ran before it opened still runs.
+        conn.execute("UPDATE conversations SET running = 0 WHERE running")
         return conn
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
@@ -273,14 +337,22 @@ class SqliteStore(SqlReads, GroupCommitStore):
             try:
                 # One statement per table for the whole batch (the rows of all its writes).
                 for statement, table in (
-                    (_UPSERT_CONVERSATION, 0),
-                    (_INSERT_EVENT, 1),
-                    (_INSERT_REQUEST, 2),
-                    (_INSERT_AUDIT, 3),
+                    (_UPSERT_CONVERSATION, "conversations"),
+                    (_INSERT_EVENT, "events"),
+                    (_INSERT_REQUEST, "requests"),
+                    (_INSERT_AUDIT, "audit"),
                 ):
-                    table_rows = [row for part in parts for row in part[table]]
+                    table_rows: list[tuple[Any, ...]] = [
+                        row for part in parts for row in getattr(part, table)
+                    ]
                     if table_rows:
                         writer.executemany(statement, table_rows)
+                touched = activity([e for part in parts for e in part.logged])
+                if touched:
+                    writer.executemany(
+                        _ACTIVITY,
+                        [(t.isoformat(), state, cid) for cid, (t, state) in touched.items()],
+                    )
                 writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -316,7 +388,7 @@ class SqliteStore(SqlReads, GroupCommitStore):
 
 def _rows(write: PendingWrite) -> _Rows:
     now = time.time()
-    return (
+    return _Rows(
         [
             (
                 c.conversation_id,
@@ -325,6 +397,9 @@ def _rows(write: PendingWrite) -> _Rows:
                 json.dumps(c.settings),
                 c.create_time.isoformat(),
                 c.last_active_time.isoformat(),
+                json.dumps(c.labels),
+                c.title,
+                int(c.running),
             )
             for c in write.conversations
         ],
@@ -350,4 +425,5 @@ def _rows(write: PendingWrite) -> _Rows:
             )
             for a in write.audit
         ],
+        write.events,
     )

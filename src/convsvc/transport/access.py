@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 PERMISSION_OF: dict[str, Permission] = {
     "GetConversation": Permission.READ,
     "ListConversations": Permission.READ,
+    "SearchConversations": Permission.READ,
     "ListConnections": Permission.READ,
     "SearchEvents": Permission.READ,
     "StreamEvents": Permission.READ,
@@ -38,6 +39,7 @@ PERMISSION_OF: dict[str, Permission] = {
     "SendEvent": Permission.WRITE,
     "ControlAgent": Permission.WRITE,
     "ConfirmAction": Permission.WRITE,
+    "UpdateConversation": Permission.WRITE,
     "Connect": Permission.WRITE,
     "JoinConversation": Permission.WRITE,
     "DisconnectConnection": Permission.WRITE,
@@ -53,6 +55,7 @@ MUTATIONS = frozenset(
         "SendEvent",
         "ControlAgent",
         "ConfirmAction",
+        "UpdateConversation",
         "DisconnectConnection",
         "CloseConversation",
         "MintToken",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TypeVar, overload
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from convclient.structs import struct_to_dict
@@ -44,6 +45,7 @@ _CHANGE_KIND = {
     ChangeKind.QUEUE_POSITION_CHANGED: pb.CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED,
     ChangeKind.CLOSED: pb.CONVERSATION_CHANGE_KIND_CLOSED,
     ChangeKind.PENDING_ACTION_CHANGED: pb.CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED,
+    ChangeKind.UPDATED: pb.CONVERSATION_CHANGE_KIND_UPDATED,
 }
 _POLICY: dict[int, AdmissionPolicy] = {
     pb.ADMISSION_POLICY_EVICT_OLDEST: AdmissionPolicy.EVICT_OLDEST,
@@ -146,6 +148,33 @@ def agent_control(value: int) -> AgentControl:
     return _enum_field(value, _CONTROL, "control", "AgentControl")
 
 
+def statuses(values: Sequence[int]) -> list[ConversationStatus]:
+    """The statuses a search names."""
+    known: dict[int, ConversationStatus] = {int(n): status for status, n in _STATUS.items()}
+    return [_enum_field(v, known, "statuses", "ConversationStatus") for v in values]
+
+
+def optional_time(message: Message, field: str) -> datetime | None:
+    """A Timestamp field as an aware datetime; None when unset."""
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def update_mask(request: pb.UpdateConversationRequest) -> set[str]:
+    """The fields an update replaces: "labels" and/or "title"."""
+    paths = set(request.update_mask.paths)
+    unknown = paths - {"labels", "title"}
+    if unknown:
+        raise InvalidArgument(
+            f"update_mask names {', '.join(sorted(unknown))}; only labels and title can change",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": "update_mask"},
+        )
+    return paths
+
+
 def approval_decision(value: int) -> ApprovalDecision:
     return _enum_field(value, _DECISION, "decision", "ApprovalDecision")
 
@@ -205,6 +234,8 @@ def conversation_to_pb(view: ConversationView) -> pb.Conversation:
         connection_count=view.connection_count,
         queue_position=view.queue_position,
         owner_address=view.owner_address,
+        labels=view.labels,
+        title=view.title,
     )
     message.create_time.FromDatetime(view.create_time)
     message.last_active_time.FromDatetime(view.last_active_time)

@@ -24,9 +24,12 @@ from convsvc.transport.convert import (
     connection_to_pb,
     conversation_to_pb,
     optional_struct,
+    optional_time,
     permission,
     search_page_to_bytes,
+    statuses,
     stream_items_to_bytes,
+    update_mask,
     watch_update_to_bytes,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -66,6 +69,8 @@ class ConversationServicer:
             request_id=request.request_id,
             admission_policy=admission_policy(request.admission_policy),
             scope=caller_scope(),
+            labels=dict(request.labels),
+            title=request.title,
         )
         return pb.StartConversationResponse(conversation=conversation_to_pb(view))
 
@@ -168,6 +173,40 @@ class ConversationServicer:
         return pb.ListConversationsResponse(
             conversations=[conversation_to_pb(v) for v in views], next_page_token=token
         )
+
+    async def SearchConversations(
+        self, request: pb.SearchConversationsRequest, context: Context
+    ) -> pb.SearchConversationsResponse:
+        views, token = await self._engine.queries.search_conversations(
+            user_id=request.user_id,
+            conversation_ids=list(request.conversation_ids),
+            statuses=statuses(request.statuses),
+            agent_states=list(request.agent_states),
+            agents=list(request.agents),
+            labels=dict(request.labels),
+            title_contains=request.title_contains,
+            created_after=optional_time(request, "create_time_after"),
+            created_before=optional_time(request, "create_time_before"),
+            active_after=optional_time(request, "last_active_time_after"),
+            active_before=optional_time(request, "last_active_time_before"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.SearchConversationsResponse(
+            conversations=[conversation_to_pb(v) for v in views], next_page_token=token
+        )
+
+    async def UpdateConversation(
+        self, request: pb.UpdateConversationRequest, context: Context
+    ) -> pb.UpdateConversationResponse:
+        paths = update_mask(request)
+        view = await self._engine.update_conversation(
+            conversation_id=request.conversation_id,
+            labels=dict(request.labels) if "labels" in paths else None,
+            title=request.title if "title" in paths else None,
+            user_id=request.user_id,
+        )
+        return pb.UpdateConversationResponse(conversation=conversation_to_pb(view))
 
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: Context

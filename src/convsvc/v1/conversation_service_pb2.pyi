@@ -1,3 +1,4 @@
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -68,6 +69,7 @@ class ConversationChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_CLOSED: _ClassVar[ConversationChangeKind]
     CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: _ClassVar[ConversationChangeKind]
+    CONVERSATION_CHANGE_KIND_UPDATED: _ClassVar[ConversationChangeKind]
 
 class Permission(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -112,13 +114,21 @@ CONVERSATION_CHANGE_KIND_CONNECTIONS_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_QUEUE_POSITION_CHANGED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_CLOSED: ConversationChangeKind
 CONVERSATION_CHANGE_KIND_PENDING_ACTION_CHANGED: ConversationChangeKind
+CONVERSATION_CHANGE_KIND_UPDATED: ConversationChangeKind
 PERMISSION_UNSPECIFIED: Permission
 PERMISSION_READ: Permission
 PERMISSION_WRITE: Permission
 PERMISSION_ADMIN: Permission
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position", "owner_address", "pending_action")
+    __slots__ = ("conversation_id", "user_id", "status", "agent", "agent_state", "latest_event_id", "create_time", "last_active_time", "connection_count", "queue_position", "owner_address", "pending_action", "labels", "title")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +141,8 @@ class Conversation(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PENDING_ACTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     status: ConversationStatus
@@ -143,7 +155,9 @@ class Conversation(_message.Message):
     queue_position: int
     owner_address: str
     pending_action: PendingAction
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner_address: _Optional[str] = ..., pending_action: _Optional[_Union[PendingAction, _Mapping]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    title: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., status: _Optional[_Union[ConversationStatus, str]] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., latest_event_id: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., connection_count: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner_address: _Optional[str] = ..., pending_action: _Optional[_Union[PendingAction, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ...) -> None: ...
 
 class PendingAction(_message.Message):
     __slots__ = ("event_id", "action", "content", "security_risk", "thought")
@@ -192,7 +206,14 @@ class Event(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ..., id: _Optional[int] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class StartConversationRequest(_message.Message):
-    __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id", "admission_policy")
+    __slots__ = ("conversation_id", "user_id", "agent", "settings", "initial_user_message", "replay_events", "request_id", "admission_policy", "labels", "title")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +222,8 @@ class StartConversationRequest(_message.Message):
     REPLAY_EVENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     user_id: str
     agent: str
@@ -209,7 +232,9 @@ class StartConversationRequest(_message.Message):
     replay_events: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
     request_id: str
     admission_policy: AdmissionPolicy
-    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., initial_user_message: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., replay_events: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., request_id: _Optional[str] = ..., admission_policy: _Optional[_Union[AdmissionPolicy, str]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    title: str
+    def __init__(self, conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., initial_user_message: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., replay_events: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., request_id: _Optional[str] = ..., admission_policy: _Optional[_Union[AdmissionPolicy, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ...) -> None: ...
 
 class StartConversationResponse(_message.Message):
     __slots__ = ("conversation",)
@@ -378,6 +403,80 @@ class ListConversationsResponse(_message.Message):
     conversations: _containers.RepeatedCompositeFieldContainer[Conversation]
     next_page_token: str
     def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SearchConversationsRequest(_message.Message):
+    __slots__ = ("user_id", "conversation_ids", "statuses", "agent_states", "agents", "labels", "title_contains", "create_time_after", "create_time_before", "last_active_time_after", "last_active_time_before", "page_size", "page_token")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATES_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_CONTAINS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_TIME_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_TIME_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    conversation_ids: _containers.RepeatedScalarFieldContainer[str]
+    statuses: _containers.RepeatedScalarFieldContainer[ConversationStatus]
+    agent_states: _containers.RepeatedScalarFieldContainer[str]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    title_contains: str
+    create_time_after: _timestamp_pb2.Timestamp
+    create_time_before: _timestamp_pb2.Timestamp
+    last_active_time_after: _timestamp_pb2.Timestamp
+    last_active_time_before: _timestamp_pb2.Timestamp
+    page_size: int
+    page_token: str
+    def __init__(self, user_id: _Optional[str] = ..., conversation_ids: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[ConversationStatus, str]]] = ..., agent_states: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., title_contains: _Optional[str] = ..., create_time_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., create_time_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class SearchConversationsResponse(_message.Message):
+    __slots__ = ("conversations", "next_page_token")
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    conversations: _containers.RepeatedCompositeFieldContainer[Conversation]
+    next_page_token: str
+    def __init__(self, conversations: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class UpdateConversationRequest(_message.Message):
+    __slots__ = ("conversation_id", "labels", "title", "update_mask", "user_id", "request_id")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    labels: _containers.ScalarMap[str, str]
+    title: str
+    update_mask: _field_mask_pb2.FieldMask
+    user_id: str
+    request_id: str
+    def __init__(self, conversation_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class UpdateConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
 
 class ListConnectionsRequest(_message.Message):
     __slots__ = ("user_id", "conversation_ids", "page_size", "page_token")

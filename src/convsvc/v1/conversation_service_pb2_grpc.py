@@ -70,6 +70,16 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsResponse.FromString,
                 )
+        self.SearchConversations = channel.unary_unary(
+                '/convsvc.v1.ConversationService/SearchConversations',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsResponse.FromString,
+                )
+        self.UpdateConversation = channel.unary_unary(
+                '/convsvc.v1.ConversationService/UpdateConversation',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.FromString,
+                )
         self.ListConnections = channel.unary_unary(
                 '/convsvc.v1.ConversationService/ListConnections',
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListConnectionsRequest.SerializeToString,
@@ -211,6 +221,23 @@ class ConversationServiceServicer(object):
 
     def ListConversations(self, request, context):
         """Lists running conversations, ordered by conversation id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchConversations(self, request, context):
+        """Searches every stored conversation, running or stopped (queued starts are not stored
+        until they run), by user, status, agent state, agent, labels, title and time ranges;
+        newest activity first. Works in clustered mode from any node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateConversation(self, request, context):
+        """Replaces a conversation's labels and/or title (those named in `update_mask`), running
+        or stopped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -359,6 +386,16 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.ListConversations,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsResponse.SerializeToString,
+            ),
+            'SearchConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchConversations,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsResponse.SerializeToString,
+            ),
+            'UpdateConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateConversation,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.SerializeToString,
             ),
             'ListConnections': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConnections,
@@ -581,6 +618,40 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListConversations',
             convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.ListConversationsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SearchConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/SearchConversations',
+            convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.SearchConversationsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UpdateConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/UpdateConversation',
+            convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
