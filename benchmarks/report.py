@@ -83,6 +83,13 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             False,
             "KiB",
         ),
+        Goal(
+            f"search: slowest query's page p50 at {results['search']['stored']:,} stored",
+            results["search"]["worst_p50_ms"],
+            20.0,
+            False,
+            "ms",
+        ),
     ]
     cluster = results.get("cluster")
     if cluster:
@@ -162,6 +169,13 @@ def agent_goals(agents: dict[str, Any]) -> list[Goal]:
     return found
 
 
+def _search_row(search: dict[str, Any]) -> str:
+    pages = "; ".join(
+        f"{name} {figures['p50_ms']:.1f} ms" for name, figures in search["pages"].items()
+    )
+    return f"| search | {search['stored']:,} stored conversations, page p50: {pages} |"
+
+
 def table(results: dict[str, Any], checked: list[Goal]) -> str:
     floor, send = results["floor"], results["send"]
     lines = [
@@ -202,6 +216,7 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"{results['scale']['kib_per_conversation']:.1f} KiB each, full list p50 "
         f"{results['scale']['full_list_p50_ms']:.1f} ms, page of 1000 p50 "
         f"{results['scale']['page_p50_ms']:.1f} ms |",
+        _search_row(results["search"]),
         f"| durability | group commit {results['durability']['group_commit_appends_per_s']:,.0f} "
         f"appends/s vs one commit per event "
         f"{results['durability']['commit_per_event_appends_per_s']:,.0f}: "

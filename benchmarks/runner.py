@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, report, scenarios
+from benchmarks import cluster, report, scenarios, search
 
 
 def machine() -> dict[str, Any]:
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     results["disk_sync"] = scenarios.disk_sync(sizes, progress)
     results["fan_out"] = scenarios.fan_out(sizes, progress)
     results["scale"] = scenarios.scale(sizes, progress)
+    results["search"] = search.run(sizes.stored_conversations, sizes.rounds * 10, progress)
     results["durability"] = scenarios.durability(sizes, progress)
     results["adapter"] = scenarios.adapter(sizes, progress, args.openhands_python)
     results["worker_relay"] = scenarios.worker_relay(sizes, progress)

@@ -38,14 +38,15 @@ class Sizes:
     durable_appends: int
     rounds: int
     agent_rounds: int
+    stored_conversations: int
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(20_000, 200_000, 10_000, 600, 100_000, 1_000, 25, 10_000, 5_000, 3, 7)
+        return cls(20_000, 200_000, 10_000, 600, 100_000, 1_000, 25, 10_000, 5_000, 3, 7, 1_000_000)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(300, 2_000, 200, 20, 2_000, 20, 3, 200, 200, 1, 1)
+        return cls(300, 2_000, 200, 20, 2_000, 20, 3, 200, 200, 1, 1, 2_000)
 
 
 def calls(sizes: Sizes, progress: Progress) -> dict[str, Any]:

@@ -37,6 +37,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         "catch-up:",
         "fan-out:",
         "scale:",
+        "search:",
     )
     for step in (*steps, "Connect stream", "durability:", "worker relay:", "cluster: takeover"):
         assert step in finished.stderr  # progress is shown while it runs
@@ -59,6 +60,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
         ("scale", "starts_per_s"),
         ("scale", "kib_per_conversation"),
         ("scale", "page_p50_ms"),
+        ("search", "worst_p50_ms"),
+        ("search", "pages", "everyone, a rare label", "p50_ms"),
         ("durability", "ratio"),
         ("worker_relay", "events_per_s"),
         ("disk_sync", "fsync", "p50_ms"),
@@ -89,8 +92,15 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert "cluster: routing client's send / to the owner, 16 in flight" in names
     # Every goal names what it was measured against, except the absolute ones.
     absolute = {"fan-out", "memory per running echo conversation", "takeover after kill -9 (max)"}
+    assert results["search"]["stored"] == 2_000
+    assert results["search"]["found"]["everyone, newest"] == 100  # pages are full
     for goal in results["goals"]:
-        assert goal["against"] or goal["name"] in absolute or "list page" in goal["name"], goal
+        assert (
+            goal["against"]
+            or goal["name"] in absolute
+            or "list page" in goal["name"]
+            or goal["name"].startswith("search:")
+        ), goal
     tenths = results["cluster"]["scale"]["cluster"]["starts_per_s_by_tenth"]
     assert len(tenths) == 10 and all(rate > 0 for rate in tenths)
     takeover = results["cluster"]["takeover"]

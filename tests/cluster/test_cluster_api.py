@@ -366,3 +366,42 @@ async def test_approvals_through_another_node_reach_the_owner_s_agent(
         a.stub, "ok-1", agent_state_is("awaiting_user_input"), user_id="alice"
     )
     assert [p["content"] for p in seen if p.get("observation") == "run"] == ["make"]
+
+
+async def test_search_and_updates_through_any_node(cluster: Callable[..., Cluster]) -> None:
+    a, b = cluster(2).nodes
+    for node, cid in ((a, "on-a"), (b, "on-b")):
+        await node.stub.StartConversation(
+            pb.StartConversationRequest(
+                conversation_id=cid, user_id="alice", labels={"team": "red"}, title=cid
+            )
+        )
+    await a.stub.CloseConversation(pb.CloseConversationRequest(conversation_id="on-a"))
+    # Any node finds both, the running one with its owner's stored state.
+    for node in (a, b):
+        found = await node.stub.SearchConversations(
+            pb.SearchConversationsRequest(user_id="alice", labels={"team": "red"})
+        )
+        statuses = {c.conversation_id: c.status for c in found.conversations}
+        assert statuses == {
+            "on-a": pb.CONVERSATION_STATUS_STOPPED,
+            "on-b": pb.CONVERSATION_STATUS_RUNNING,
+        }
+    running = await a.stub.SearchConversations(
+        pb.SearchConversationsRequest(statuses=[pb.CONVERSATION_STATUS_RUNNING], user_id="alice")
+    )
+    assert [c.conversation_id for c in running.conversations] == ["on-b"]
+    # An update through a node that does not run it reaches the owner's live copy.
+    updated = await a.stub.UpdateConversation(
+        pb.UpdateConversationRequest(
+            conversation_id="on-b",
+            user_id="alice",
+            labels={"team": "blue"},
+            update_mask={"paths": ["labels"]},
+        )
+    )
+    assert dict(updated.conversation.labels) == {"team": "blue"}
+    got = await b.stub.GetConversation(pb.GetConversationRequest(conversation_id="on-b"))
+    assert dict(got.conversation.labels) == {"team": "blue"}
+    blue = await b.stub.SearchConversations(pb.SearchConversationsRequest(labels={"team": "blue"}))
+    assert [c.conversation_id for c in blue.conversations] == ["on-b"]

@@ -454,3 +454,18 @@ async def test_readme_approvals_example(address: str) -> None:
     assert (await grpcurl_json(confirm, address))["agent_state"] == "user_confirmed"
     code, refused = await grpcurl(confirm, address)  # decided already: the id is stale
     assert code != 0 and "ACTION_NOT_PENDING" in refused
+
+
+async def test_readme_find_conversations_example(address: str) -> None:
+    """The README's labels, search and update commands, as documented."""
+    [block] = section_blocks("Find conversations")
+    start, search, update = (
+        shlex.split(line) for line in block.split("```", 1)[0].strip().splitlines()
+    )
+    started = await grpcurl_json(start, address)
+    assert started["conversation"]["labels"] == {"team": "red", "ticket": "T-42"}
+    found = await grpcurl_json(search, address)
+    assert [c["conversation_id"] for c in found["conversations"]] == ["demo-3"]
+    updated = await grpcurl_json(update, address)
+    assert updated["conversation"]["title"] == "Release notes 1.2"
+    assert updated["conversation"]["labels"]["team"] == "red"  # not in the mask: kept

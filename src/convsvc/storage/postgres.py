@@ -234,8 +234,8 @@ class PostgresStore(SqlReads, GroupCommitStore):
         """Rows of a query (``$TTL`` stands for the lease TTL)."""
         return await self.run(lambda conn: conn.fetch(self.sql(sql), *args))
 
-    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
-        return f"c.labels @> ${param}::jsonb", json.dumps(dict(labels))
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], arg: Callable[[Any], str]) -> str:
+        return f"c.labels @> {arg(json.dumps(dict(labels)))}::jsonb"
 
     def sql(self, sql: str) -> str:
         """A query with ``$TTL`` replaced by the lease TTL in seconds."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -200,12 +200,16 @@ class SqlReads(ABC):
         rows = await self._fetch("SELECT 1 FROM revoked_tokens WHERE token_id = $1", token_id)
         return bool(rows)
 
+    label_table = False
+    """Whether the store keeps labels in a table of their own, indexed for searches."""
+
     find_text = "instr"
     """The SQL function (haystack, needle) giving a substring's position, 0 when absent."""
 
     @abstractmethod
-    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
-        """The condition that a row has every label, with its argument as ``$param``."""
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], arg: Callable[[Any], str]) -> str:
+        """The condition that a row has every label (``arg`` adds an argument and names
+        its parameter)."""
 
     async def search_conversations(self, query: ConversationSearch) -> list[StoredConversation]:
         """Stored conversations that match, by last activity (newest first), then id."""
@@ -216,6 +220,17 @@ class SqlReads(ABC):
             args.append(value)
             return f"${len(args)}"
 
+        # What the page is read through, in order of activity: a label's own index when the
+        # store keeps one (unless one user's few conversations are read anyway).
+        source, order, labels = "conversations c", "c", query.labels
+        if labels and self.label_table and query.user_id is None:
+            (key, value), labels = labels[0], labels[1:]
+            source = (
+                "conversation_labels l JOIN conversations c "
+                "ON c.conversation_id = l.conversation_id"
+            )
+            order = "l"
+            where += [f"l.key = {arg(key)}", f"l.value = {arg(value)}"]
         if query.user_id is not None:
             where.append(f"c.user_id = {arg(query.user_id)}")
         for column, values in (
@@ -227,10 +242,8 @@ class SqlReads(ABC):
                 where.append(f"{column} IN ({', '.join(arg(v) for v in sorted(values))})")
         if query.running is not None:
             where.append("c.running" if query.running else "NOT c.running")
-        if query.labels:
-            condition, value = self._labels_match(query.labels, len(args) + 1)
-            args.append(value)
-            where.append(condition)
+        if labels:
+            where.append(self._labels_match(labels, arg))
         if query.title_contains:
             where.append(
                 f"{self.find_text}(lower(c.title), lower({arg(query.title_contains)})) > 0"
@@ -246,15 +259,16 @@ class SqlReads(ABC):
         if query.after is not None:
             moment, cid = query.after
             where.append(
-                f"(c.last_active_time, c.conversation_id) < ({arg(self._time_arg(moment))}, "
-                f"{arg(cid)})"
+                f"({order}.last_active_time, {order}.conversation_id) < "
+                f"({arg(self._time_arg(moment))}, {arg(cid)})"
             )
         columns = ", ".join(f"c.{column}" for column in CONVERSATION_COLUMNS.split(", "))
         rows = await self._fetch(
             f"SELECT {columns}, c.agent_state, "
             "(SELECT max(e.id) FROM events e WHERE e.conversation_id = c.conversation_id) "
-            f"FROM conversations c {'WHERE ' + ' AND '.join(where) if where else ''} "
-            f"ORDER BY c.last_active_time DESC, c.conversation_id DESC LIMIT {arg(query.limit)}",
+            f"FROM {source} {'WHERE ' + ' AND '.join(where) if where else ''} "
+            f"ORDER BY {order}.last_active_time DESC, {order}.conversation_id DESC "
+            f"LIMIT {arg(query.limit)}",
             *args,
         )
         return [

@@ -87,12 +87,44 @@ CREATE TABLE IF NOT EXISTS requests (
 ) WITHOUT ROWID;
 """
 
-# Searches over stored conversations, newest activity first: everyone's, and one user's.
+# Searches over stored conversations read a page in order of last activity through the
+# index of what they filter by: one user's, an agent state, running ones, or a label (a table
+# of its own that triggers keep in step with the conversations' labels and activity).
 SEARCH_INDEXES = """
 CREATE INDEX IF NOT EXISTS conversations_by_activity
     ON conversations (last_active_time DESC, conversation_id DESC);
 CREATE INDEX IF NOT EXISTS conversations_by_user_activity
     ON conversations (user_id, last_active_time DESC, conversation_id DESC);
+CREATE INDEX IF NOT EXISTS conversations_by_state_activity
+    ON conversations (agent_state, last_active_time DESC, conversation_id DESC);
+CREATE INDEX IF NOT EXISTS conversations_running_by_activity
+    ON conversations (last_active_time DESC, conversation_id DESC) WHERE running;
+CREATE TABLE IF NOT EXISTS conversation_labels (
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    last_active_time TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    PRIMARY KEY (key, value, last_active_time, conversation_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS conversation_labels_of ON conversation_labels (conversation_id);
+CREATE TRIGGER IF NOT EXISTS labels_of_new_conversation AFTER INSERT ON conversations
+BEGIN
+    INSERT INTO conversation_labels (key, value, last_active_time, conversation_id)
+    SELECT key, value, NEW.last_active_time, NEW.conversation_id FROM json_each(NEW.labels);
+END;
+CREATE TRIGGER IF NOT EXISTS labels_replaced AFTER UPDATE OF labels ON conversations
+BEGIN
+    DELETE FROM conversation_labels WHERE conversation_id = NEW.conversation_id;
+    INSERT INTO conversation_labels (key, value, last_active_time, conversation_id)
+    SELECT key, value, NEW.last_active_time, NEW.conversation_id FROM json_each(NEW.labels);
+END;
+CREATE TRIGGER IF NOT EXISTS labels_follow_activity
+AFTER UPDATE OF last_active_time ON conversations
+WHEN NEW.last_active_time IS NOT OLD.last_active_time AND NEW.labels <> '{}'
+BEGIN
+    UPDATE conversation_labels SET last_active_time = NEW.last_active_time
+    WHERE conversation_id = NEW.conversation_id;
+END;
 """
 # Columns added since the first release, for files written before them.
 _ADDED_COLUMNS = {
@@ -194,6 +226,7 @@ class SqliteStore(SqlReads, GroupCommitStore):
     """ConversationStore on one SQLite file."""
 
     name = "sqlite"
+    label_table = True
     octet_length = "length"  # SQLite 3.43 adds octet_length; Python 3.11 ships 3.40
 
     def __init__(
@@ -273,12 +306,11 @@ class SqliteStore(SqlReads, GroupCommitStore):
 
         return await self._on_writer_thread(prune)
 
-    def _labels_match(self, labels: tuple[tuple[str, str], ...], param: int) -> tuple[str, Any]:
-        # One JSON argument holding the wanted labels; each must be in the row's.
-        return (
-            f"NOT EXISTS (SELECT 1 FROM json_each(${param}) AS wanted "
-            "WHERE json_extract(c.labels, '$.\"' || wanted.key || '\"') IS NOT wanted.value)",
-            json.dumps(dict(labels)),
+    def _labels_match(self, labels: tuple[tuple[str, str], ...], arg: Callable[[Any], str]) -> str:
+        # Keys hold no quotes (checked): each becomes a quoted JSON path ("a.b" is one key).
+        return " AND ".join(
+            f"json_extract(c.labels, {arg(f'$.{json.dumps(key)}')}) = {arg(value)}"
+            for key, value in labels
         )
 
     def _time_arg(self, moment: datetime) -> Any:

@@ -10,3 +10,7 @@ CREATE INDEX conversations_by_activity
 CREATE INDEX conversations_by_user_activity
     ON conversations (user_id, last_active_time DESC, conversation_id DESC);
 CREATE INDEX conversations_by_labels ON conversations USING gin (labels jsonb_path_ops);
+CREATE INDEX conversations_by_state_activity
+    ON conversations (agent_state, last_active_time DESC, conversation_id DESC);
+CREATE INDEX conversations_running_by_activity
+    ON conversations (last_active_time DESC, conversation_id DESC) WHERE running;
