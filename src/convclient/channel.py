@@ -25,6 +25,7 @@ _RETRY_POLICY = {
 }
 UNARY_METHODS = (
     "StartConversation",
+    "ForkConversation",
     "JoinConversation",
     "SendEvent",
     "ControlAgent",

@@ -83,6 +83,38 @@ def start_conversation(
     return Prepared("StartConversation", request, lambda r: convert.conversation(r.conversation))
 
 
+def fork_conversation(
+    source_conversation_id: str,
+    *,
+    at_event_id: int | None = None,
+    conversation_id: str = "",
+    user_id: str = "",
+    settings: JsonMapping | None = None,
+    labels: Mapping[str, str] | None = None,
+    title: str = "",
+    request_id: str | None = None,
+    admission_policy: AdmissionPolicy | str | None = None,
+) -> Prepared[Conversation]:
+    """Starts a new conversation from a copy of the source's log up to ``at_event_id``
+    (its newest when None). ``settings`` go over the source's stored ones: send secrets (the
+    LLM API key...) again, they were never stored."""
+    request = pb.ForkConversationRequest(
+        source_conversation_id=source_conversation_id,
+        conversation_id=conversation_id,
+        user_id=user_id,
+        labels=dict(labels or {}),
+        title=title,
+        request_id=request_id or new_request_id(),
+    )
+    if at_event_id is not None:
+        request.at_event_id = at_event_id
+    if settings is not None:
+        request.settings.CopyFrom(dict_to_struct(settings))
+    if admission_policy is not None:
+        request.admission_policy = convert.ADMISSION_POLICY[AdmissionPolicy(admission_policy)]
+    return Prepared("ForkConversation", request, lambda r: convert.conversation(r.conversation))
+
+
 def join_conversation(
     conversation_id: str,
     connection_id: str,

@@ -126,6 +126,7 @@ class ConvsvcClient:
     reject_action = _unary(requests.reject_action)
     search_conversations = _unary(requests.search_conversations)
     update_conversation = _unary(requests.update_conversation)
+    fork_conversation = _unary(requests.fork_conversation)
     disconnect = _unary(requests.disconnect)
     close_conversation = _unary(requests.close_conversation)
     get_conversation = _unary(requests.get_conversation)

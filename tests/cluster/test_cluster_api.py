@@ -405,3 +405,43 @@ async def test_search_and_updates_through_any_node(cluster: Callable[..., Cluste
     assert dict(got.conversation.labels) == {"team": "blue"}
     blue = await b.stub.SearchConversations(pb.SearchConversationsRequest(labels={"team": "blue"}))
     assert [c.conversation_id for c in blue.conversations] == ["on-b"]
+
+
+async def test_a_fork_on_one_node_copies_a_log_another_node_runs(
+    cluster: Callable[..., Cluster],
+) -> None:
+    a, b = cluster(2).nodes
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="src", user_id="alice")
+    )
+    await a.stub.SendEvent(
+        pb.SendEventRequest(conversation_id="src", user_id="alice", event=message("hi"))
+    )
+    source = await grpc_events_until(
+        a.stub, "src", lambda ps: any(p.get("source") == "agent" for p in ps), user_id="alice"
+    )
+    forked = await b.stub.ForkConversation(
+        pb.ForkConversationRequest(
+            source_conversation_id="src", conversation_id="fork", user_id="alice"
+        )
+    )
+    assert forked.conversation.user_id == "alice"
+    await b.stub.SendEvent(
+        pb.SendEventRequest(conversation_id="fork", user_id="alice", event=message("again"))
+    )
+    copied = await grpc_events_until(
+        a.stub,
+        "fork",
+        lambda ps: (
+            [p["args"]["content"] for p in ps if p.get("source") == "agent"] == ["hi", "again"]
+        ),
+        user_id="alice",
+    )
+    assert copied[: len(source)] == source
+    await expect_error(
+        a.stub.ForkConversation(
+            pb.ForkConversationRequest(source_conversation_id="src", conversation_id="fork")
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "CONVERSATION_EXISTS",
+    )

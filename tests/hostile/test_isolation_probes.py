@@ -39,6 +39,14 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
         ("A's request id", lambda s: s.StartConversation(
             pb.StartConversationRequest(user_id=B, request_id="a-req")), {""}),
     ],
+    "ForkConversation": [
+        ("fork A's conversation", lambda s: s.ForkConversation(pb.ForkConversationRequest(
+            source_conversation_id="a-conv", user_id=B, conversation_id="b-fork")),
+         {"CONVERSATION_NOT_FOUND"}),
+        ("fork into A's id", lambda s: s.ForkConversation(pb.ForkConversationRequest(
+            source_conversation_id="b-conv", user_id=B, conversation_id="a-conv")),
+         {"CONVERSATION_NOT_FOUND", "CONVERSATION_EXISTS"}),
+    ],
     "JoinConversation": [
         ("join A's id", lambda s: s.JoinConversation(pb.JoinConversationRequest(
             conversation_id="a-conv", connection_id="b-conn", user_id=B)),

@@ -160,6 +160,12 @@ def x_calls(channel: grpc.aio.Channel, token: str) -> dict[str, Callable[[], Any
         ),
         "ListConversations": lambda: x.ListConversations(pb.ListConversationsRequest()),
         "SearchConversations": lambda: x.SearchConversations(pb.SearchConversationsRequest()),
+        "ForkConversation of Y0": lambda: x.ForkConversation(
+            pb.ForkConversationRequest(source_conversation_id="Y0", conversation_id="X")
+        ),
+        "ForkConversation of X": lambda: x.ForkConversation(
+            pb.ForkConversationRequest(source_conversation_id="X", conversation_id="Z")
+        ),
         "UpdateConversation": lambda: x.UpdateConversation(
             pb.UpdateConversationRequest(
                 conversation_id="X", labels={"k": "v"}, update_mask={"paths": ["labels"]}

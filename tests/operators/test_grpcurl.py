@@ -469,3 +469,25 @@ async def test_readme_find_conversations_example(address: str) -> None:
     updated = await grpcurl_json(update, address)
     assert updated["conversation"]["title"] == "Release notes 1.2"
     assert updated["conversation"]["labels"]["team"] == "red"  # not in the mask: kept
+
+
+async def test_readme_fork_example(address: str) -> None:
+    """The README's ForkConversation command forks demo-1 after its third event."""
+    [block] = section_blocks("Fork")
+    fork = shlex.split(block.split("```", 1)[0].strip())
+    service = "convsvc.v1.ConversationService"
+    start = {
+        "conversation_id": "demo-1",
+        "initial_user_message": {"action": "message", "args": {"content": "hi"}},
+    }
+    await grpcurl_json(
+        ["grpcurl", "-plaintext", "-d", json.dumps(start), "$ADDR", f"{service}/StartConversation"],
+        address,
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        source = await grpc_events_until(stub, "demo-1", has_echo("hi"))
+        forked = await grpcurl_json(fork, address)
+        assert forked["conversation"]["conversation_id"] == "demo-1-retry"
+        copied = await grpc_events_until(stub, "demo-1-retry", lambda events: len(events) > 3)
+    assert copied[:3] == source[:3]

@@ -735,3 +735,42 @@ async def test_a_start_whose_first_events_do_not_fit_in_one_message_is_refused(
         grpc.StatusCode.NOT_FOUND,
         "CONVERSATION_NOT_FOUND",
     )
+
+
+async def test_a_fork_reaches_its_worker_as_a_takeover_with_stored_settings_and_new_secrets(
+    worker_app: ConvsvcApp,
+    stub: pb_grpc.ConversationServiceStub,
+    scripted: Callable[..., ScriptedWorker],
+) -> None:
+    """The fork's loop gets the copied log as its history (as a loop taken over gets its
+    log) and the source's stored settings under the secrets the caller sent again."""
+    worker = scripted()
+    worker.hello("bad")
+    await worker.receive("welcome")
+    await stub.StartConversation(
+        pb.StartConversationRequest(
+            conversation_id="src",
+            agent="worker-echo",
+            settings=dict_to_struct({"llm_model": "m", "llm_api_key": "sk-secret-1"}),
+        )
+    )
+    assign = await worker.receive("assign")
+    await worker.receive("history")
+    first = assign.next_event_id
+    worker.send(events("src", assign.assignment, (first, "environment", STATE)))
+    await grpc_events_until(stub, "src", lambda ps: len(ps) == first + 1)
+
+    await stub.ForkConversation(
+        pb.ForkConversationRequest(
+            source_conversation_id="src",
+            conversation_id="fork",
+            settings=dict_to_struct({"llm_api_key": "sk-secret-2"}),
+        )
+    )
+    forked = await worker.receive("assign")
+    settings = struct_to_dict(forked.settings)
+    assert (settings["llm_model"], settings["llm_api_key"]) == ("m", "sk-secret-2")
+    history = await worker.receive("history")
+    assert [e.id for e in history.events] == list(range(forked.next_event_id))
+    copied = [struct_to_dict(e.payload) for e in history.events]
+    assert copied[: first + 1] == await stored(stub, "src")  # then the fork's "loading"

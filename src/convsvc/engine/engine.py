@@ -53,6 +53,7 @@ from convsvc.engine.visibility import (
     Scope,
     check_owner,
     check_visible,
+    not_found,
     out_of_scope,
     running_for,
 )
@@ -214,6 +215,72 @@ class ConversationEngine:
                     return self._registry.view(runtime)
                 cid = runtime.conversation_id
         return await self.queries.get_conversation(cid, user_id)
+
+    async def fork_conversation(
+        self,
+        *,
+        source_conversation_id: str,
+        at_event_id: int | None = None,
+        conversation_id: str = "",
+        user_id: str = "",
+        settings: JsonObject | None = None,
+        labels: dict[str, str] | None = None,
+        title: str = "",
+        request_id: str = "",
+        admission_policy: AdmissionPolicy | None = None,
+        scope: Scope = None,
+    ) -> ConversationView:
+        """Starts a new conversation from a copy of the source's log up to ``at_event_id``,
+        with the source's stored settings under ``settings`` (secrets are sent again)."""
+        source = validation.check_id("source_conversation_id", source_conversation_id)
+        user = validation.check_user_id(user_id)
+        target = validation.check_optional_id("conversation_id", conversation_id)
+        if target == source:
+            raise InvalidArgument(
+                "a fork needs a conversation_id of its own",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "conversation_id"},
+            )
+        settings = settings or {}
+        validation.check_size("settings", settings, self._config.max_event_bytes)
+        policy = self._admission.policy(admission_policy)
+        key = self._ledger.key(
+            user,
+            request_id,
+            "ForkConversation",
+            {"s": source, "a": at_event_id, "c": target, "e": settings},
+        )
+        async with self._ledger.call(key) as call:
+            if call.recorded is not None:
+                return await self.queries.get_conversation(
+                    str(call.recorded["conversation_id"]), user_id
+                )
+            stored = await self._store.get_conversation(source)
+            if stored is None:
+                raise not_found(source)
+            check_owner(source, stored.user_id, user)
+            target = target or uuid.uuid4().hex
+            history = await self.history.copy_for_fork(source, at_event_id, target)
+            start_request = StartRequest(
+                labels=validation.check_labels(labels or stored.labels),
+                title=validation.check_title(title or stored.title),
+                history=history,
+            )
+            runtime, saved = await self._lifecycle.start(
+                target,
+                stored.user_id,
+                stored.agent,
+                {**stored.settings, **settings},
+                [],
+                call.key,
+                start_request,
+                policy,
+                scope,
+            )
+            call.answered({"conversation_id": target}, stored=saved)
+            if not runtime.closing:
+                return self._registry.view(runtime)
+        return await self.queries.get_conversation(target, user_id)
 
     async def update_conversation(
         self,

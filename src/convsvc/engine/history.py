@@ -7,8 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from convsvc import validation
+from convsvc.codec import decode_event, encode_event
 from convsvc.config import EngineConfig
-from convsvc.domain import AuditEntry, AuditQuery, StoredEvent
+from convsvc.domain import AuditEntry, AuditQuery, Event, StoredEvent
 from convsvc.engine.log import EventLog
 from convsvc.engine.registry import RuntimeRegistry
 from convsvc.engine.subscriptions import (
@@ -48,6 +49,35 @@ class EventHistory:
         self._registry = registry
         self._broadcaster = broadcaster
         self._log = event_log
+
+    async def copy_for_fork(self, source: str, at_event_id: int | None, target: str) -> list[Event]:
+        """The source's committed events 0..``at_event_id`` (its newest when None), as
+        events of ``target`` with the same ids, timestamps and contents."""
+        runtime = self._registry.get(source)
+        latest = (
+            runtime.latest_event_id
+            if runtime is not None
+            else await self._store.latest_event_id(source)
+        )
+        end = latest if at_event_id is None else at_event_id
+        if not 0 <= end <= latest:
+            raise InvalidArgument(
+                f"conversation {source} has events 0 to {latest}; at_event_id {end} is none "
+                "of them",
+                reason="EVENT_NOT_FOUND",
+                metadata={"field": "at_event_id", "latest_event_id": str(latest)},
+            )
+        copied: list[Event] = []
+        while len(copied) <= end:
+            page = await self._store.read_events(source, len(copied), end, limit=1000)
+            if not page:
+                break
+            for stored in page:
+                event = decode_event(stored.encoded)
+                event.conversation_id = target
+                event.encoded = encode_event(event)
+                copied.append(event)
+        return copied
 
     def page_size(self, page_size: int) -> int:
         """A request's page size, checked and defaulted."""

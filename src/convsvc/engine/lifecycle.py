@@ -33,7 +33,7 @@ from convsvc.engine.runtime import AgentFactories, ConversationRuntime, StartReq
 from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.visibility import Scope, check_owner, out_of_scope
 from convsvc.engine.watch import ChangeFeed, ChangeKind
-from convsvc.errors import FailedPrecondition, Unavailable
+from convsvc.errors import AlreadyExists, FailedPrecondition, Unavailable
 from convsvc.redaction import storable_settings
 from convsvc.storage import (
     ConversationLogError,
@@ -164,6 +164,9 @@ class Lifecycle:
         default for a new one). ``scope``: the conversations the start may stop to make room
         under the user's limit (a scoped token's); it is refused rather than stop others."""
         async with self._start_guard(cid):
+            forking = start_request is not None and bool(start_request.history)
+            if forking and self._registry.get(cid) is not None:
+                raise _exists(cid)
             while (runtime := self._registry.get(cid)) is not None:
                 check_owner(cid, runtime.record.user_id, user)
                 if not runtime.closing:
@@ -171,6 +174,8 @@ class Lifecycle:
                 await runtime.closed.wait()  # a close of the previous run is finishing
             self._check_not_stopping()
             stored = await self._store.get_conversation(cid)
+            if stored is not None and forking:
+                raise _exists(cid)
             if stored is not None:
                 check_owner(cid, stored.user_id, user)
             agent = agent_name or (stored.agent if stored else self._config.default_agent)
@@ -214,6 +219,7 @@ class Lifecycle:
             try:
                 # A record is always written before its conversation's first event.
                 latest = await self._store.latest_event_id(cid) if stored is not None else -1
+                latest = max(latest, len(asked.history) - 1)
                 self._check_not_stopping()
             except BaseException:
                 if self.membership is not None:  # claimed, but no loop runs it here
@@ -244,7 +250,7 @@ class Lifecycle:
             self._registry.add(runtime)
             try:
                 saved = self._store.submit_conversation(
-                    record, key.record({"conversation_id": cid}) if key else None
+                    record, key.record({"conversation_id": cid}) if key else None, asked.history
                 )
                 durable = self.log.append(
                     runtime,
@@ -469,3 +475,11 @@ class Lifecycle:
 
     def publish_change(self, runtime: ConversationRuntime, kind: ChangeKind) -> None:
         self._changes.publish(kind, self._registry.watched(runtime))
+
+
+def _exists(cid: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"conversation {cid} exists; fork into a new id",
+        reason="CONVERSATION_EXISTS",
+        metadata={"conversation_id": cid},
+    )

@@ -22,6 +22,7 @@ from convsvc.agents import AgentFactory, agent_state_changed
 from convsvc.domain import (
     ConversationRecord,
     ConversationStatus,
+    Event,
     EventSource,
     IdempotencyRecord,
     JsonObject,
@@ -71,6 +72,8 @@ class StartRequest:
     labels: Mapping[str, str] = field(default_factory=dict)
     """Labels and title for a conversation the start creates (an existing one keeps its)."""
     title: str = ""
+    history: Sequence[Event] = ()
+    """A fork's copied log (ids from 0), written with the new conversation's record."""
 
 
 class Phase(enum.Enum):

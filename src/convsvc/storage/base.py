@@ -123,9 +123,13 @@ class ConversationStore(Protocol):
         """Creates or updates a conversation record (durable on return)."""
 
     def submit_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+        self,
+        record: ConversationRecord,
+        idempotency: IdempotencyRecord | None = None,
+        events: Sequence[Event] = (),
     ) -> asyncio.Future[None]:
-        """Queues a conversation record like ``submit_events`` queues events."""
+        """Queues a conversation record like ``submit_events`` queues events (and, in the
+        same commit, the first ``events`` of its log: a fork's copied history)."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """Returns a conversation record, or None."""

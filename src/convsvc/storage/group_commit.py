@@ -118,10 +118,17 @@ class GroupCommitStore(ABC):
         await self.submit_conversation(record, idempotency)
 
     def submit_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+        self,
+        record: ConversationRecord,
+        idempotency: IdempotencyRecord | None = None,
+        events: Sequence[Event] = (),
     ) -> asyncio.Future[None]:
         return self._submit(
-            PendingWrite(conversations=[record], requests=[idempotency] if idempotency else [])
+            PendingWrite(
+                conversations=[record],
+                events=events,
+                requests=[idempotency] if idempotency else [],
+            )
         )
 
     def submit_events(

@@ -44,6 +44,7 @@ PERMISSION_OF: dict[str, Permission] = {
     "JoinConversation": Permission.WRITE,
     "DisconnectConnection": Permission.WRITE,
     "StartConversation": Permission.ADMIN,
+    "ForkConversation": Permission.ADMIN,
     "CloseConversation": Permission.ADMIN,
 }
 """What a scoped token needs for each method; the others need the service token."""
@@ -51,6 +52,7 @@ PERMISSION_OF: dict[str, Permission] = {
 MUTATIONS = frozenset(
     {
         "StartConversation",
+        "ForkConversation",
         "JoinConversation",
         "SendEvent",
         "ControlAgent",
@@ -187,6 +189,9 @@ class Access:
         fields = request.DESCRIPTOR.fields_by_name
         if not scope.conversation_ids:
             return  # all of the user's conversations: the engine keeps users apart
+        source = request.source_conversation_id if "source_conversation_id" in fields else ""
+        if source and not scope.allows_conversation(source):
+            raise _scope_denied(f"the token does not cover conversation {source!r}")
         cid = request.conversation_id if "conversation_id" in fields else ""
         connection_id = request.connection_id if "connection_id" in fields else ""
         if method in ("JoinConversation", "Connect") or (cid and not connection_id):

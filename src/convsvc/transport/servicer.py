@@ -74,6 +74,23 @@ class ConversationServicer:
         )
         return pb.StartConversationResponse(conversation=conversation_to_pb(view))
 
+    async def ForkConversation(
+        self, request: pb.ForkConversationRequest, context: Context
+    ) -> pb.ForkConversationResponse:
+        view = await self._engine.fork_conversation(
+            source_conversation_id=request.source_conversation_id,
+            at_event_id=request.at_event_id if request.HasField("at_event_id") else None,
+            conversation_id=request.conversation_id,
+            user_id=request.user_id,
+            settings=optional_struct(request, "settings"),
+            labels=dict(request.labels),
+            title=request.title,
+            request_id=request.request_id,
+            admission_policy=admission_policy(request.admission_policy),
+            scope=caller_scope(),
+        )
+        return pb.ForkConversationResponse(conversation=conversation_to_pb(view))
+
     async def JoinConversation(
         self, request: pb.JoinConversationRequest, context: Context
     ) -> pb.JoinConversationResponse:

@@ -242,6 +242,41 @@ class StartConversationResponse(_message.Message):
     conversation: Conversation
     def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
 
+class ForkConversationRequest(_message.Message):
+    __slots__ = ("source_conversation_id", "at_event_id", "conversation_id", "user_id", "settings", "labels", "title", "request_id", "admission_policy")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SOURCE_CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    source_conversation_id: str
+    at_event_id: int
+    conversation_id: str
+    user_id: str
+    settings: _struct_pb2.Struct
+    labels: _containers.ScalarMap[str, str]
+    title: str
+    request_id: str
+    admission_policy: AdmissionPolicy
+    def __init__(self, source_conversation_id: _Optional[str] = ..., at_event_id: _Optional[int] = ..., conversation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., title: _Optional[str] = ..., request_id: _Optional[str] = ..., admission_policy: _Optional[_Union[AdmissionPolicy, str]] = ...) -> None: ...
+
+class ForkConversationResponse(_message.Message):
+    __slots__ = ("conversation",)
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    conversation: Conversation
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ...) -> None: ...
+
 class JoinConversationRequest(_message.Message):
     __slots__ = ("conversation_id", "connection_id", "user_id", "settings", "client_instance_id", "request_id")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -30,6 +30,11 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.StartConversationRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.StartConversationResponse.FromString,
                 )
+        self.ForkConversation = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ForkConversation',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.FromString,
+                )
         self.JoinConversation = channel.unary_unary(
                 '/convsvc.v1.ConversationService/JoinConversation',
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.JoinConversationRequest.SerializeToString,
@@ -150,6 +155,19 @@ class ConversationServiceServicer(object):
         """Starts a conversation's agent loop. Idempotent: starting a running conversation returns
         it unchanged. Starting a new loop first closes the user's least recently active loops
         beyond the per-user limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkConversation(self, request, context):
+        """Starts a new conversation from a copy of another's log up to an event: the copy keeps
+        the events' ids, timestamps and contents, and the new conversation's agent restores from
+        it as a takeover does (an OpenHands agent on a worker replays it), with the source's
+        stored settings; secrets are never stored, so the caller sends them again in
+        `settings`. The source may be running or stopped and is not changed. The caller must be
+        allowed both conversations; the new id must be unused (ALREADY_EXISTS, reason
+        CONVERSATION_EXISTS). Idempotent by request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -347,6 +365,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.StartConversationRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.StartConversationResponse.SerializeToString,
             ),
+            'ForkConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkConversation,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.SerializeToString,
+            ),
             'JoinConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinConversation,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.JoinConversationRequest.FromString,
@@ -482,6 +505,23 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/StartConversation',
             convsvc_dot_v1_dot_conversation__service__pb2.StartConversationRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.StartConversationResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ForkConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ForkConversation',
+            convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
