@@ -509,3 +509,39 @@ async def test_the_browser_s_approval_reaches_the_agent_as_confirm_action(
         await browser.close()
     finally:
         await rest.post("/api/settings", json=settings(fake_llm))
+
+
+async def test_a_fork_of_an_openhands_conversation_restores_its_history(
+    agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
+) -> None:
+    """A fork's OpenHands agent restores from the copied log as after a takeover (the LLM
+    sees the source's task), with the API key sent again (it was never stored)."""
+    async with AsyncConvsvcClient(address=agent_convsvc.address, timeout_seconds=60) as client:
+        await client.start_conversation(
+            "fork-source",
+            settings=settings(fake_llm),
+            initial_user_message={
+                "action": "message",
+                "args": {"content": "run: echo before-the-fork"},
+            },
+        )
+        await tail_until(client, "fork-source", tasks_done(1))
+        await client.close_conversation("fork-source")
+        keys_before = len(fake_llm.api_keys)
+        await client.fork_conversation(
+            "fork-source", conversation_id="forked", settings={"llm_api_key": LLM_KEY}
+        )
+        await client.send_event(
+            {"action": "message", "args": {"content": "run: echo after-the-fork"}},
+            conversation_id="forked",
+        )
+        events = await tail_until(client, "forked", tasks_done(2))
+        assert commands(events) == ["echo before-the-fork", "echo after-the-fork"]
+        prompt = fake_llm.prompts()[-1]
+        assert "before-the-fork" in prompt and "after-the-fork" in prompt
+        assert fake_llm.api_keys[keys_before:] and all(
+            key == f"Bearer {LLM_KEY}" for key in fake_llm.api_keys[keys_before:]
+        )
+        source = [e.payload async for e in client.iter_events("fork-source")]
+        assert commands(source) == ["echo before-the-fork"]  # the source is untouched
+        await client.close_conversation("forked")
