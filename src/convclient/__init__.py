@@ -38,6 +38,10 @@ from convclient.models import (
     SendResult,
     WatchedConversation,
     WatchUpdate,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryState,
+    WebhookEventType,
 )
 from convclient.sync_client import ConvsvcClient
 
@@ -78,4 +82,8 @@ __all__ = [
     "UnauthenticatedError",
     "WatchUpdate",
     "WatchedConversation",
+    "Webhook",
+    "WebhookDelivery",
+    "WebhookDeliveryState",
+    "WebhookEventType",
 ]

@@ -23,6 +23,7 @@ _RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# Retried on UNAVAILABLE: calls that are safe to repeat (CreateWebhook without an id is not).
 UNARY_METHODS = (
     "StartConversation",
     "ForkConversation",
@@ -42,6 +43,9 @@ UNARY_METHODS = (
     "MintToken",
     "RevokeToken",
     "ListAuditEntries",
+    "ListWebhooks",
+    "DeleteWebhook",
+    "ListWebhookDeliveries",
 )
 
 

@@ -24,6 +24,10 @@ from convclient.models import (
     Permission,
     SecurityRisk,
     WatchedConversation,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryState,
+    WebhookEventType,
 )
 from convclient.structs import struct_to_dict
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -180,4 +184,49 @@ def audit_entry(message: pb.AuditEntry) -> AuditEntry:
         code=message.code,
         reason=message.reason,
         affected_token_id=message.affected_token_id,
+    )
+
+
+WEBHOOK_EVENT_TYPE = {
+    WebhookEventType.FINISHED: pb.WEBHOOK_EVENT_TYPE_FINISHED,
+    WebhookEventType.ERROR: pb.WEBHOOK_EVENT_TYPE_ERROR,
+    WebhookEventType.AWAITING_USER: pb.WEBHOOK_EVENT_TYPE_AWAITING_USER,
+    WebhookEventType.AWAITING_CONFIRMATION: pb.WEBHOOK_EVENT_TYPE_AWAITING_CONFIRMATION,
+    WebhookEventType.CLOSED: pb.WEBHOOK_EVENT_TYPE_CLOSED,
+    WebhookEventType.EVICTED: pb.WEBHOOK_EVENT_TYPE_EVICTED,
+}
+_EVENT_TYPE = {number: kind for kind, number in WEBHOOK_EVENT_TYPE.items()}
+DELIVERY_STATE = {
+    WebhookDeliveryState.PENDING: pb.WEBHOOK_DELIVERY_STATE_PENDING,
+    WebhookDeliveryState.DELIVERED: pb.WEBHOOK_DELIVERY_STATE_DELIVERED,
+    WebhookDeliveryState.DEAD: pb.WEBHOOK_DELIVERY_STATE_DEAD,
+}
+_DELIVERY_STATE = {number: state for state, number in DELIVERY_STATE.items()}
+
+
+def webhook(message: pb.Webhook) -> Webhook:
+    return Webhook(
+        webhook_id=message.webhook_id,
+        url=message.url,
+        event_types=[_EVENT_TYPE[t] for t in message.event_types],
+        secret=message.secret,
+        description=message.description,
+        create_time=_time(message, "create_time"),
+    )
+
+
+def webhook_delivery(message: pb.WebhookDelivery) -> WebhookDelivery:
+    return WebhookDelivery(
+        delivery_id=message.delivery_id,
+        webhook_id=message.webhook_id,
+        type=_EVENT_TYPE[message.type],
+        conversation_id=message.conversation_id,
+        payload=struct_to_dict(message.payload),
+        state=_DELIVERY_STATE[message.state],
+        attempts=message.attempts,
+        create_time=_time(message, "create_time"),
+        next_attempt_time=_time(message, "next_attempt_time"),
+        last_status_code=message.last_status_code,
+        last_error=message.last_error,
+        delivered_time=_time(message, "delivered_time"),
     )

@@ -239,3 +239,47 @@ class AuditEntry(_Model):
     """"OK" or the gRPC status code's name."""
     reason: str = ""
     affected_token_id: str = ""
+
+
+class WebhookEventType(StrEnum):
+    """What a webhook endpoint is told of (the message's ``type``)."""
+
+    FINISHED = "conversation.finished"
+    ERROR = "conversation.error"
+    AWAITING_USER = "conversation.awaiting_user"
+    AWAITING_CONFIRMATION = "conversation.awaiting_confirmation"
+    CLOSED = "conversation.closed"
+    EVICTED = "conversation.evicted"
+
+
+class Webhook(_Model):
+    webhook_id: str
+    url: str
+    event_types: list[WebhookEventType] = Field(default_factory=list)
+    """Every type when empty."""
+    secret: str = ""
+    """The signing secret: only in create_webhook's answer."""
+    description: str = ""
+    create_time: datetime | None = None
+
+
+class WebhookDeliveryState(StrEnum):
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    DEAD = "DEAD"
+
+
+class WebhookDelivery(_Model):
+    delivery_id: str
+    """The message's webhook-id, the same on every attempt."""
+    webhook_id: str
+    type: WebhookEventType
+    conversation_id: str
+    payload: dict[str, Any]
+    state: WebhookDeliveryState
+    attempts: int
+    create_time: datetime | None = None
+    next_attempt_time: datetime | None = None
+    last_status_code: int = 0
+    last_error: str = ""
+    delivered_time: datetime | None = None

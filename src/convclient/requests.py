@@ -26,6 +26,10 @@ from convclient.models import (
     Permission,
     ScopedToken,
     SendResult,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryState,
+    WebhookEventType,
 )
 from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
@@ -542,4 +546,63 @@ def stream_events(
         user_id=user_id,
         start_id=start_id,
         max_batch_size=max_batch_size,
+    )
+
+
+def create_webhook(
+    url: str,
+    *,
+    event_types: Iterable[WebhookEventType | str] = (),
+    description: str = "",
+    secret: str = "",
+    webhook_id: str = "",
+) -> Prepared[Webhook]:
+    """Registers an endpoint (service token only); the answer holds its signing secret."""
+    request = pb.CreateWebhookRequest(
+        url=url,
+        event_types=[convert.WEBHOOK_EVENT_TYPE[WebhookEventType(t)] for t in event_types],
+        description=description,
+        secret=secret,
+        webhook_id=webhook_id,
+    )
+    return Prepared("CreateWebhook", request, lambda r: convert.webhook(r.webhook))
+
+
+def list_webhooks() -> Prepared[list[Webhook]]:
+    return Prepared(
+        "ListWebhooks",
+        pb.ListWebhooksRequest(),
+        lambda r: [convert.webhook(w) for w in r.webhooks],
+    )
+
+
+def delete_webhook(webhook_id: str) -> Prepared[bool]:
+    return Prepared(
+        "DeleteWebhook", pb.DeleteWebhookRequest(webhook_id=webhook_id), lambda r: r.removed
+    )
+
+
+def list_webhook_deliveries(
+    *,
+    webhook_id: str = "",
+    conversation_id: str = "",
+    states: Iterable[WebhookDeliveryState | str] = (),
+    page_size: int = 0,
+    page_token: str = "",
+) -> Prepared[Page[WebhookDelivery]]:
+    """Deliveries and how they went, newest first (service token only)."""
+    request = pb.ListWebhookDeliveriesRequest(
+        webhook_id=webhook_id,
+        conversation_id=conversation_id,
+        states=[convert.DELIVERY_STATE[WebhookDeliveryState(s)] for s in states],
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Prepared(
+        "ListWebhookDeliveries",
+        request,
+        lambda r: Page[WebhookDelivery](
+            items=[convert.webhook_delivery(d) for d in r.deliveries],
+            next_page_token=r.next_page_token,
+        ),
     )

@@ -28,6 +28,8 @@ from convsvc.transport.access import Access, Auditor
 from convsvc.transport.server import GrpcServer
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.tokens import TokenAuthority, derived_signing_key
+from convsvc.webhooks.dispatcher import WebhookDispatcher
+from convsvc.webhooks.endpoints import WebhookEndpoints
 from convsvc.workers import AgentCatalog, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -68,6 +70,8 @@ class ConvsvcApp:
         self.engine = ConversationEngine(
             settings.engine, self.store, AgentCatalog(in_process, self.workers)
         )
+        self.webhooks = WebhookEndpoints(self.store, settings.webhooks)
+        self._dispatcher: WebhookDispatcher | None = None
         self.server: GrpcServer | None = None
         self.cluster: ClusterNode | None = None
         self._router: Router | None = None
@@ -116,6 +120,15 @@ class ConvsvcApp:
             )
             servicer = ClusteredServicer(self.engine, self._router, self._followers, watch)
         servicer = servicer or ConversationServicer(self.engine)
+        servicer.webhooks = self.webhooks
+        await self.webhooks.register_configured()
+        self._dispatcher = WebhookDispatcher(
+            self.store,
+            self.settings.webhooks,
+            self.cluster.node_id if self.cluster is not None else "local",
+        )
+        self.store.add_commit_listener(self._dispatcher.on_commit)
+        self._dispatcher.start()
         access = self._access()
         servicer.secure(access, Auditor(self.store, log_records=self.settings.audit_log))
         if self.postgres is not None:
@@ -198,6 +211,9 @@ class ConvsvcApp:
             await self.server.stop(0)
         await self.engine.stop()
         await self.workers.stop()
+        if self._dispatcher is not None:
+            # What is not sent yet stays in the outbox: the next start sends it.
+            await self._dispatcher.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         if self._followers is not None:

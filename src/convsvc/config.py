@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convsvc.domain import AdmissionPolicy, BusyPolicy
+from convsvc.domain import AdmissionPolicy, BusyPolicy, WebhookEventType
 
 MIN_SIGNING_KEY_BYTES = 32
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -136,6 +136,42 @@ class ClusterConfig(BaseModel):
         return self
 
 
+class ConfiguredWebhook(BaseModel):
+    """An endpoint registered by configuration (kept in step at every start)."""
+
+    model_config = {"frozen": True}
+
+    url: str
+    event_types: tuple[WebhookEventType, ...] = ()
+    """All types when empty."""
+    secret: SecretStr | None = None
+    """A Standard Webhooks secret ("whsec_..."); made and logged once when unset."""
+    description: str = ""
+
+
+class WebhookConfig(BaseModel):
+    """Webhook delivery: endpoints, where they may point, and how hard to try."""
+
+    model_config = {"frozen": True}
+
+    endpoints: tuple[ConfiguredWebhook, ...] = ()
+    """Endpoints registered at start (JSON in CONVSVC_WEBHOOKS__ENDPOINTS), besides those
+    CreateWebhook registers."""
+    allow_private_targets: bool = False
+    """Whether endpoints may be on loopback, link-local or private addresses (refused by
+    default: a caller could otherwise make the server call into its own network)."""
+    retry_schedule_seconds: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0)
+    """The wait before each retry; a delivery is dead after one attempt more than listed."""
+    timeout_seconds: float = Field(10.0, gt=0)
+    """How long an endpoint has to answer an attempt."""
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    """How often due retries (and, in a cluster, other nodes' notifications) are looked for."""
+    concurrency: int = Field(16, ge=1)
+    """Deliveries in flight at once per node."""
+    lease_seconds: float = Field(60.0, gt=0)
+    """How long a node holds a delivery it is sending (another may send it after that)."""
+
+
 class TlsConfig(BaseModel):
     """Server TLS; with ``client_ca_file`` clients must present a certificate (mTLS)."""
 
@@ -203,6 +239,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = EngineConfig()
     workers: WorkersConfig = WorkersConfig()
     cluster: ClusterConfig = ClusterConfig()
+    webhooks: WebhookConfig = WebhookConfig()
 
     @model_validator(mode="after")
     def _events_fit_in_messages(self) -> Settings:

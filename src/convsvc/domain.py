@@ -264,3 +264,81 @@ class AuditQuery:
     conversation_id: str = ""
     user_id: str = ""
     limit: int = 100
+
+
+class WebhookEventType(enum.StrEnum):
+    """What a webhook endpoint may be told of, as the Standard Webhooks ``type`` names it."""
+
+    FINISHED = "conversation.finished"
+    """The agent reported ``finished``."""
+    ERROR = "conversation.error"
+    """The agent reported ``error``."""
+    AWAITING_USER = "conversation.awaiting_user"
+    """The agent waits for the user (``awaiting_user_input``)."""
+    AWAITING_CONFIRMATION = "conversation.awaiting_confirmation"
+    """The agent waits for an approval (``awaiting_user_confirmation``)."""
+    CLOSED = "conversation.closed"
+    """Its loop stopped (CloseConversation, idle cleanup, the server stopping)."""
+    EVICTED = "conversation.evicted"
+    """Its loop stopped to make room under its user's limit."""
+
+
+@dataclass(slots=True, frozen=True)
+class Notification:
+    """A change webhooks tell of, committed with the change that caused it."""
+
+    type: WebhookEventType
+    conversation_id: str
+    user_id: str | None
+    time: datetime
+    data: JsonObject = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookEndpoint:
+    webhook_id: str
+    url: str
+    event_types: tuple[WebhookEventType, ...]
+    """The types it is sent; all when empty."""
+    secret: str
+    """The Standard Webhooks signing secret ("whsec_" and base64)."""
+    description: str
+    create_time: datetime
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    """Given up after the last attempt."""
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookDelivery:
+    """One notification to one endpoint, and how sending it went."""
+
+    delivery_id: str
+    """Stable across attempts: the Standard Webhooks ``webhook-id``."""
+    webhook_id: str
+    type: WebhookEventType
+    conversation_id: str
+    payload: JsonObject
+    state: DeliveryState
+    attempts: int
+    create_time: datetime
+    next_attempt_time: datetime | None
+    last_status_code: int = 0
+    last_error: str = ""
+    delivered_time: datetime | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class DeliveryQuery:
+    """What ListWebhookDeliveries asks for (filters optional), newest first."""
+
+    webhook_id: str = ""
+    conversation_id: str = ""
+    states: frozenset[DeliveryState] = frozenset()
+    after: tuple[datetime, str] | None = None
+    """The (create time, id) of the previous page's last delivery."""
+    limit: int = 100

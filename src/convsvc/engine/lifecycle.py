@@ -22,7 +22,14 @@ from convsvc import validation
 from convsvc.agents import agent_state_changed
 from convsvc.codec import status_update
 from convsvc.config import EngineConfig
-from convsvc.domain import AdmissionPolicy, ConversationRecord, EventSource, JsonObject
+from convsvc.domain import (
+    AdmissionPolicy,
+    ConversationRecord,
+    EventSource,
+    JsonObject,
+    Notification,
+    WebhookEventType,
+)
 from convsvc.engine.admission import Admission, Reservation, TooManyConversations
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.idempotency import RequestKey
@@ -351,7 +358,19 @@ class Lifecycle:
                     await self.log.append(
                         runtime, [(agent_state_changed("stopped"), EventSource.ENVIRONMENT)]
                     )
-                    await self._store.save_conversation(runtime.record)
+                    await self._store.save_conversation(
+                        runtime.record,
+                        notifications=[
+                            Notification(
+                                WebhookEventType.EVICTED
+                                if runtime.evicted
+                                else WebhookEventType.CLOSED,
+                                cid,
+                                runtime.record.user_id,
+                                runtime.record.last_active_time,
+                            )
+                        ],
+                    )
                 except StorageError as exc:
                     log.warning(
                         "conversation.close_not_logged", conversation_id=cid, error=str(exc)
@@ -432,6 +451,7 @@ class Lifecycle:
                 )
             ],
         )
+        victim.evicted = True
         return self.begin_close(victim)
 
     async def evict_here(self, conversation_id: str) -> bool:

@@ -138,6 +138,8 @@ class ConversationRuntime:
         """The id of the event that reported ``agent_state`` (-1: none committed yet)."""
         self.proposed_action: PendingAction | None = None
         """The newest action that awaits confirmation (shown while the agent waits for it)."""
+        self.evicted = False
+        """Closed to make room under its user's limit (webhooks tell it apart)."""
         self.deciding_action_id = -1
         """The pending action a ConfirmAction is deciding (a second decision is refused)."""
         self.next_event_id = next_event_id

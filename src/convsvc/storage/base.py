@@ -24,10 +24,15 @@ from convsvc.domain import (
     AuditQuery,
     ConversationRecord,
     ConversationSearch,
+    DeliveryQuery,
+    DeliveryState,
     Event,
     IdempotencyRecord,
+    Notification,
     StoredConversation,
     StoredEvent,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 
 CommitListener = Callable[[Sequence[Event]], None]
@@ -118,18 +123,24 @@ class ConversationStore(Protocol):
         """Registers a callback told of every committed batch, in commit order."""
 
     async def save_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+        self,
+        record: ConversationRecord,
+        idempotency: IdempotencyRecord | None = None,
+        notifications: Sequence[Notification] = (),
     ) -> None:
-        """Creates or updates a conversation record (durable on return)."""
+        """Creates or updates a conversation record (durable on return), with the webhook
+        notifications the change causes in the same commit."""
 
     def submit_conversation(
         self,
         record: ConversationRecord,
         idempotency: IdempotencyRecord | None = None,
         events: Sequence[Event] = (),
+        notifications: Sequence[Notification] = (),
     ) -> asyncio.Future[None]:
         """Queues a conversation record like ``submit_events`` queues events (and, in the
-        same commit, the first ``events`` of its log: a fork's copied history)."""
+        same commit, the first ``events`` of its log: a fork's copied history, which notifies
+        nothing)."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """Returns a conversation record, or None."""
@@ -221,3 +232,38 @@ class ConversationStore(Protocol):
 
     async def prune_idempotency(self, older_than: datetime) -> int:
         """Forgets request ids recorded before ``older_than``; returns how many."""
+        ...
+
+    # The webhook outbox (see ``outbox``).
+
+    async def save_webhook(self, endpoint: WebhookEndpoint) -> None:
+        """Registers an endpoint, or replaces the one with its id."""
+        ...
+
+    async def list_webhooks(self) -> list[WebhookEndpoint]: ...
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Removes an endpoint (its pending deliveries die); False when there was none."""
+        ...
+
+    async def claim_deliveries(
+        self, node: str, limit: int, lease_seconds: float
+    ) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+        """Up to ``limit`` pending deliveries that are due and that no other node holds,
+        now held by ``node`` for ``lease_seconds``, with their endpoints."""
+        ...
+
+    async def finish_attempt(
+        self,
+        delivery_id: str,
+        node: str,
+        state: DeliveryState,
+        status_code: int,
+        error: str,
+        next_attempt_time: datetime | None,
+    ) -> None:
+        """Records an attempt's outcome, if ``node`` still holds the delivery."""
+        ...
+
+    async def list_deliveries(self, query: DeliveryQuery) -> list[WebhookDelivery]:
+        """Deliveries that match, newest first."""

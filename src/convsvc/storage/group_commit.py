@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from convsvc.domain import AuditEntry, ConversationRecord, Event, IdempotencyRecord
+from convsvc.domain import (
+    AuditEntry,
+    ConversationRecord,
+    Event,
+    IdempotencyRecord,
+    Notification,
+)
 from convsvc.metrics import Metrics
 from convsvc.storage.base import (
     CommitListener,
@@ -42,6 +48,10 @@ class PendingWrite:
     events: Sequence[Event] = ()
     requests: list[IdempotencyRecord] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    """Webhook notifications committed with the write (besides those its events make)."""
+    copied: bool = False
+    """Its events are a copy of another log (a fork): they notify nothing."""
     epoch: int | None = None
     """The lease epoch the writer held when it submitted (clustered backends fence on it)."""
     done: asyncio.Future[None] | None = None
@@ -113,21 +123,27 @@ class GroupCommitStore(ABC):
         self._listeners.append(listener)
 
     async def save_conversation(
-        self, record: ConversationRecord, idempotency: IdempotencyRecord | None = None
+        self,
+        record: ConversationRecord,
+        idempotency: IdempotencyRecord | None = None,
+        notifications: Sequence[Notification] = (),
     ) -> None:
-        await self.submit_conversation(record, idempotency)
+        await self.submit_conversation(record, idempotency, notifications=notifications)
 
     def submit_conversation(
         self,
         record: ConversationRecord,
         idempotency: IdempotencyRecord | None = None,
         events: Sequence[Event] = (),
+        notifications: Sequence[Notification] = (),
     ) -> asyncio.Future[None]:
         return self._submit(
             PendingWrite(
                 conversations=[record],
                 events=events,
                 requests=[idempotency] if idempotency else [],
+                notifications=list(notifications),
+                copied=bool(events),
             )
         )
 

@@ -28,6 +28,8 @@ from convsvc.domain import ConversationRecord
 from convsvc.metrics import Metrics
 from convsvc.storage.base import OwnerMoved, StorageError, StoreUnavailable
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
+from convsvc.storage.outbox import notifications_in
+from convsvc.storage.postgres_outbox import PostgresOutbox, fan_out
 from convsvc.storage.postgres_schema import UNREACHABLE, migrate_pool, unavailable
 from convsvc.storage.sql import (
     CONVERSATION_COLUMNS,
@@ -157,7 +159,7 @@ class OwnedElsewhere(Exception):
         self.owner = owner
 
 
-class PostgresStore(SqlReads, GroupCommitStore):
+class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
     """ConversationStore and leases on PostgreSQL."""
 
     name = "postgres"
@@ -300,6 +302,18 @@ class PostgresStore(SqlReads, GroupCommitStore):
                     [epoch for _, epoch in records],
                 )
                 fenced |= {r.conversation_id for r, _ in records} - {row[0] for row in updated}
+            await fan_out(
+                conn,
+                [
+                    n
+                    for w in writes
+                    if w.target is None or w.target not in fenced
+                    for n in (
+                        *w.notifications,
+                        *([] if w.copied else notifications_in(w.events)),
+                    )
+                ],
+            )
             touched = activity(
                 [e for w in writes for e in w.events if e.conversation_id not in fenced]
             )

@@ -25,11 +25,13 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 import structlog
 
-from convsvc.domain import Event
+from convsvc.domain import Event, Notification
 from convsvc.metrics import Metrics
 from convsvc.storage.base import StorageError
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
+from convsvc.storage.outbox import notifications_in
 from convsvc.storage.sql import SqlReads, activity, question_marks
+from convsvc.storage.sqlite_outbox import OUTBOX_SCHEMA, SqliteOutbox, fan_out
 
 log = structlog.get_logger(__name__)
 
@@ -220,9 +222,10 @@ class _Rows(NamedTuple):
     requests: list[tuple[Any, ...]]
     audit: list[tuple[Any, ...]]
     logged: Sequence[Event]
+    notifications: list[Notification]
 
 
-class SqliteStore(SqlReads, GroupCommitStore):
+class SqliteStore(SqlReads, GroupCommitStore, SqliteOutbox):
     """ConversationStore on one SQLite file."""
 
     name = "sqlite"
@@ -336,6 +339,7 @@ class SqliteStore(SqlReads, GroupCommitStore):
             if column not in present:
                 conn.execute(f"ALTER TABLE conversations ADD COLUMN {column} {definition}")
         conn.executescript(SEARCH_INDEXES)
+        conn.executescript(OUTBOX_SCHEMA)
         # One process owns the file: nothing it ran before it opened still runs.
         conn.execute("UPDATE conversations SET running = 0 WHERE running")
         return conn
@@ -379,6 +383,7 @@ class SqliteStore(SqlReads, GroupCommitStore):
                     ]
                     if table_rows:
                         writer.executemany(statement, table_rows)
+                fan_out(writer, [n for part in parts for n in part.notifications])
                 touched = activity([e for part in parts for e in part.logged])
                 if touched:
                     writer.executemany(
@@ -458,4 +463,5 @@ def _rows(write: PendingWrite) -> _Rows:
             for a in write.audit
         ],
         write.events,
+        [*write.notifications, *([] if write.copied else notifications_in(write.events))],
     )

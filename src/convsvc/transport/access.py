@@ -62,6 +62,8 @@ MUTATIONS = frozenset(
         "CloseConversation",
         "MintToken",
         "RevokeToken",
+        "CreateWebhook",
+        "DeleteWebhook",
     }
 )
 

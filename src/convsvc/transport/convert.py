@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -20,10 +20,14 @@ from convsvc.domain import (
     Connection,
     ConversationStatus,
     ConversationView,
+    DeliveryState,
     JsonObject,
     PendingAction,
     SecurityRisk,
     StatusUpdate,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEventType,
 )
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchUpdate
@@ -173,6 +177,63 @@ def update_mask(request: pb.UpdateConversationRequest) -> set[str]:
             metadata={"field": "update_mask"},
         )
     return paths
+
+
+_EVENT_TYPE: dict[int, WebhookEventType] = {
+    pb.WEBHOOK_EVENT_TYPE_FINISHED: WebhookEventType.FINISHED,
+    pb.WEBHOOK_EVENT_TYPE_ERROR: WebhookEventType.ERROR,
+    pb.WEBHOOK_EVENT_TYPE_AWAITING_USER: WebhookEventType.AWAITING_USER,
+    pb.WEBHOOK_EVENT_TYPE_AWAITING_CONFIRMATION: WebhookEventType.AWAITING_CONFIRMATION,
+    pb.WEBHOOK_EVENT_TYPE_CLOSED: WebhookEventType.CLOSED,
+    pb.WEBHOOK_EVENT_TYPE_EVICTED: WebhookEventType.EVICTED,
+}
+_EVENT_TYPE_PB: dict[WebhookEventType, Any] = {kind: n for n, kind in _EVENT_TYPE.items()}
+_DELIVERY_STATE: dict[int, DeliveryState] = {
+    pb.WEBHOOK_DELIVERY_STATE_PENDING: DeliveryState.PENDING,
+    pb.WEBHOOK_DELIVERY_STATE_DELIVERED: DeliveryState.DELIVERED,
+    pb.WEBHOOK_DELIVERY_STATE_DEAD: DeliveryState.DEAD,
+}
+_DELIVERY_STATE_PB: dict[DeliveryState, Any] = {s: n for n, s in _DELIVERY_STATE.items()}
+
+
+def webhook_event_types(values: Sequence[int]) -> list[WebhookEventType]:
+    return [_enum_field(v, _EVENT_TYPE, "event_types", "WebhookEventType") for v in values]
+
+
+def delivery_states(values: Sequence[int]) -> list[DeliveryState]:
+    return [_enum_field(v, _DELIVERY_STATE, "states", "WebhookDeliveryState") for v in values]
+
+
+def webhook_to_pb(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> pb.Webhook:
+    message = pb.Webhook(
+        webhook_id=endpoint.webhook_id,
+        url=endpoint.url,
+        event_types=[_EVENT_TYPE_PB[t] for t in endpoint.event_types],
+        secret=endpoint.secret if with_secret else "",
+        description=endpoint.description,
+    )
+    message.create_time.FromDatetime(endpoint.create_time)
+    return message
+
+
+def delivery_to_pb(delivery: WebhookDelivery) -> pb.WebhookDelivery:
+    message = pb.WebhookDelivery(
+        delivery_id=delivery.delivery_id,
+        webhook_id=delivery.webhook_id,
+        type=_EVENT_TYPE_PB[delivery.type],
+        conversation_id=delivery.conversation_id,
+        state=_DELIVERY_STATE_PB[delivery.state],
+        attempts=delivery.attempts,
+        last_status_code=delivery.last_status_code,
+        last_error=delivery.last_error,
+    )
+    message.payload.update(delivery.payload)
+    message.create_time.FromDatetime(delivery.create_time)
+    if delivery.next_attempt_time is not None:
+        message.next_attempt_time.FromDatetime(delivery.next_attempt_time)
+    if delivery.delivered_time is not None:
+        message.delivered_time.FromDatetime(delivery.delivered_time)
+    return message
 
 
 def approval_decision(value: int) -> ApprovalDecision:

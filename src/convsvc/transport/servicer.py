@@ -23,6 +23,8 @@ from convsvc.transport.convert import (
     busy_policy,
     connection_to_pb,
     conversation_to_pb,
+    delivery_states,
+    delivery_to_pb,
     optional_struct,
     optional_time,
     permission,
@@ -31,8 +33,11 @@ from convsvc.transport.convert import (
     stream_items_to_bytes,
     update_mask,
     watch_update_to_bytes,
+    webhook_event_types,
+    webhook_to_pb,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.webhooks.endpoints import WebhookEndpoints
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -45,6 +50,7 @@ class ConversationServicer:
         self._connect_holders: dict[str, object] = {}
         self.access: Access | None = None
         self.auditor: Auditor | None = None
+        self.webhooks: WebhookEndpoints | None = None
         self.tasks = TaskOwner()
 
     async def close(self) -> None:
@@ -353,6 +359,50 @@ class ConversationServicer:
         )
         return pb.ListAuditEntriesResponse(
             entries=[audit_entry_to_pb(e) for e in entries], next_page_token=token
+        )
+
+    def _endpoints(self) -> WebhookEndpoints:
+        if self.webhooks is None:
+            raise FailedPrecondition(
+                "this server sends no webhooks", reason="WEBHOOKS_NOT_CONFIGURED"
+            )
+        return self.webhooks
+
+    async def CreateWebhook(
+        self, request: pb.CreateWebhookRequest, context: Context
+    ) -> pb.CreateWebhookResponse:
+        endpoint = await self._endpoints().create(
+            url=request.url,
+            event_types=webhook_event_types(request.event_types),
+            description=request.description,
+            secret=request.secret,
+            webhook_id=request.webhook_id,
+        )
+        return pb.CreateWebhookResponse(webhook=webhook_to_pb(endpoint, with_secret=True))
+
+    async def ListWebhooks(
+        self, request: pb.ListWebhooksRequest, context: Context
+    ) -> pb.ListWebhooksResponse:
+        endpoints = await self._endpoints().all()
+        return pb.ListWebhooksResponse(webhooks=[webhook_to_pb(e) for e in endpoints])
+
+    async def DeleteWebhook(
+        self, request: pb.DeleteWebhookRequest, context: Context
+    ) -> pb.DeleteWebhookResponse:
+        return pb.DeleteWebhookResponse(removed=await self._endpoints().delete(request.webhook_id))
+
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        deliveries, token = await self._endpoints().deliveries(
+            webhook_id=request.webhook_id,
+            conversation_id=request.conversation_id,
+            states=delivery_states(request.states),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListWebhookDeliveriesResponse(
+            deliveries=[delivery_to_pb(d) for d in deliveries], next_page_token=token
         )
 
     async def Heartbeat(

@@ -135,6 +135,26 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.FromString,
                 )
+        self.CreateWebhook = channel.unary_unary(
+                '/convsvc.v1.ConversationService/CreateWebhook',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookResponse.FromString,
+                )
+        self.ListWebhooks = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ListWebhooks',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksResponse.FromString,
+                )
+        self.DeleteWebhook = channel.unary_unary(
+                '/convsvc.v1.ConversationService/DeleteWebhook',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookResponse.FromString,
+                )
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ListWebhookDeliveries',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                )
 
 
 class ConversationServiceServicer(object):
@@ -357,6 +377,39 @@ class ConversationServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebhook(self, request, context):
+        """Registers an endpoint for conversation changes (service token only). Each change is
+        POSTed as a Standard Webhooks message (headers webhook-id, webhook-timestamp,
+        webhook-signature; signed with the endpoint's secret), at least once, retried with
+        backoff and dead after the last attempt. The URL must resolve to public addresses
+        unless the operator allows private ones (INVALID_ARGUMENT, reason
+        WEBHOOK_TARGET_NOT_ALLOWED). The answer is the only one that shows the secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Lists the registered endpoints, without their secrets (service token only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes an endpoint; its pending deliveries die (service token only). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists deliveries and how they went, newest first (service token only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -469,6 +522,26 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -862,5 +935,73 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListAuditEntries',
             convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.ListAuditEntriesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/CreateWebhook',
+            convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.CreateWebhookResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListWebhooks',
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWebhooksResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/DeleteWebhook',
+            convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.DeleteWebhookResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListWebhookDeliveries',
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
