@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor, message_factory, struct_pb2
+from google.protobuf import descriptor, message_factory, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -92,9 +92,21 @@ def message_of(draw: st.DrawFn, message: descriptor.Descriptor) -> Message:
 
 
 def value_of(field: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        # labels: keys valid or not, values short or over the limit
+        return st.dictionaries(strings, strings, max_size=6)
     if field.message_type is not None and field.message_type.full_name == "google.protobuf.Struct":
         one = st.one_of(event_like, st.dictionaries(st.text(max_size=10), json_value, max_size=4))
         one = one.map(struct_of)
+    elif field.message_type is not None and field.message_type.full_name == (
+        "google.protobuf.Timestamp"
+    ):
+        # Any seconds and nanos, the invalid ones included (negative nanos, year 10000+).
+        one = st.builds(
+            timestamp_pb2.Timestamp,
+            seconds=numbers,
+            nanos=numbers.filter(lambda n: -(2**31) <= n < 2**31),
+        )
     elif field.message_type is not None:
         one = message_of(field.message_type)  # e.g. Connect's open and send
     elif field.type == descriptor.FieldDescriptor.TYPE_STRING:

@@ -164,6 +164,26 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
         ("B's entries about A's id", lambda s: s.ListAuditEntries(
             pb.ListAuditEntriesRequest(user_id=B, conversation_id="a-conv")), {""}),
     ],
+    # Webhooks are the operator's (service token only; this server trusts every caller):
+    # nothing registered shows anything of A, and no endpoint may point into the network.
+    "CreateWebhook": [
+        ("point a webhook at the server's own network", lambda s: s.CreateWebhook(
+            pb.CreateWebhookRequest(url="http://127.0.0.1:1/steal")),
+         {"WEBHOOK_TARGET_NOT_ALLOWED", "WEBHOOKS_NOT_CONFIGURED"}),
+    ],
+    "ListWebhooks": [
+        ("list endpoints", lambda s: s.ListWebhooks(pb.ListWebhooksRequest()),
+         {"", "WEBHOOKS_NOT_CONFIGURED"}),
+    ],
+    "DeleteWebhook": [
+        ("delete a guessed endpoint", lambda s: s.DeleteWebhook(
+            pb.DeleteWebhookRequest(webhook_id="wh_guessed")), {"", "WEBHOOKS_NOT_CONFIGURED"}),
+    ],
+    "ListWebhookDeliveries": [
+        ("deliveries about A's id", lambda s: s.ListWebhookDeliveries(
+            pb.ListWebhookDeliveriesRequest(conversation_id="a-conv")),
+         {"", "WEBHOOKS_NOT_CONFIGURED"}),
+    ],
 }  # fmt: skip
 
 
@@ -231,6 +251,12 @@ async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
         assert response.snapshot_complete and not response.snapshot, what
     if isinstance(response, pb.ListAuditEntriesResponse):
         assert not response.entries, what
+    if isinstance(response, pb.ListWebhooksResponse):
+        assert not response.webhooks, what
+    if isinstance(response, pb.ListWebhookDeliveriesResponse):
+        assert not response.deliveries, what
+    if isinstance(response, pb.DeleteWebhookResponse):
+        assert not response.removed, what
     assert not isinstance(response, pb.ConnectResponse), what  # never opened
     # A's conversation and connection are as they were.
     after = await stub.GetConversation(pb.GetConversationRequest(conversation_id="a-conv"))

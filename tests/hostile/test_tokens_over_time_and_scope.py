@@ -171,6 +171,12 @@ def x_calls(channel: grpc.aio.Channel, token: str) -> dict[str, Callable[[], Any
                 conversation_id="X", labels={"k": "v"}, update_mask={"paths": ["labels"]}
             )
         ),
+        "CreateWebhook": lambda: x.CreateWebhook(
+            pb.CreateWebhookRequest(url="https://example.com/hook")
+        ),
+        "ListWebhookDeliveries": lambda: x.ListWebhookDeliveries(
+            pb.ListWebhookDeliveriesRequest(conversation_id="X")
+        ),
         "ListConversations awaiting": lambda: x.ListConversations(
             pb.ListConversationsRequest(agent_states=["awaiting_user_confirmation"])
         ),
@@ -392,3 +398,15 @@ async def test_a_token_for_x_finds_and_relabels_only_x(alice) -> None:
     )
     y0 = await service.GetConversation(pb.GetConversationRequest(conversation_id="Y0"))
     assert y0.conversation.title == ""
+
+
+async def test_webhooks_are_the_operator_s_not_a_token_s(alice) -> None:
+    service, channel = alice
+    token = await mint(service, "alice", [], READ, WRITE, ADMIN)  # all of alice's
+    for call in (
+        As(channel, token).CreateWebhook(pb.CreateWebhookRequest(url="https://example.com/")),
+        As(channel, token).ListWebhooks(pb.ListWebhooksRequest()),
+        As(channel, token).DeleteWebhook(pb.DeleteWebhookRequest(webhook_id="wh_x")),
+        As(channel, token).ListWebhookDeliveries(pb.ListWebhookDeliveriesRequest()),
+    ):
+        await expect_error(call, DENIED, "TOKEN_SCOPE")

@@ -142,6 +142,8 @@ async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> 
         "0001_cluster.sql",
         "0002_audit.sql",
         "0003_plans_for_stale_statistics.sql",
+        "0004_search.sql",
+        "0005_webhooks.sql",
     ]
     assert await migrate(dsn) == []
 

@@ -163,7 +163,14 @@ def optional_time(message: Message, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
-    return stamp.ToDatetime(tzinfo=UTC)
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(
+            f"{field} is not a valid time (seconds {stamp.seconds}, nanos {stamp.nanos})",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": field},
+        ) from None
 
 
 def update_mask(request: pb.UpdateConversationRequest) -> set[str]:
