@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.v1 import conversation_service_pb2_grpc as pb_grpc
 from tests.helpers import agent_state_is, grpc_events_until
 
@@ -491,3 +492,29 @@ async def test_readme_fork_example(address: str) -> None:
         assert forked["conversation"]["conversation_id"] == "demo-1-retry"
         copied = await grpc_events_until(stub, "demo-1-retry", lambda events: len(events) > 3)
     assert copied[:3] == source[:3]
+
+
+async def test_readme_webhook_example(server_process: Callable[..., Any]) -> None:
+    """The README's webhook commands, on a server that allows loopback endpoints: the
+    endpoint is down, so the closed conversation's delivery waits, listed as PENDING."""
+    [block] = section_blocks("Webhooks")
+    create, pending = (shlex.split(line) for line in block.split("```", 1)[0].strip().splitlines())
+    server = server_process(
+        {
+            "CONVSVC_WEBHOOKS__ALLOW_PRIVATE_TARGETS": "true",
+            "CONVSVC_WEBHOOKS__POLL_INTERVAL_SECONDS": "0.05",
+        }
+    )
+    address = server.start()
+    created = await grpcurl_json(create, address)
+    assert created["webhook"]["secret"].startswith("whsec_")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        await stub.StartConversation(pb.StartConversationRequest(conversation_id="demo-4"))
+        await stub.CloseConversation(pb.CloseConversationRequest(conversation_id="demo-4"))
+    listed = await grpcurl_json(pending, address)
+    [delivery] = listed["deliveries"]
+    assert (delivery["conversation_id"], delivery["type"]) == (
+        "demo-4",
+        "WEBHOOK_EVENT_TYPE_CLOSED",
+    )
