@@ -167,3 +167,14 @@ def use_blocking_client(server_address: str) -> None:
         with pytest.raises(NotFoundError):
             client.get_conversation("c1", user_id="bob")
         assert client.heartbeat("web-1").ttl_seconds > 0
+        # The calls issue 20 added, blocking too.
+        client.update_conversation("c1", labels={"team": "red"}, title="Blocking")
+        [found] = client.search_conversations(labels={"team": "red"}).items
+        assert (found.conversation_id, found.title) == ("c1", "Blocking")
+        fork = client.fork_conversation("c1", conversation_id="c1-fork", user_id="alice")
+        assert fork.labels == {"team": "red"}
+        with pytest.raises(FailedPreconditionError):  # nothing waits for a decision
+            client.approve_action("c1", 0, user_id="alice")
+        assert client.pause_agent("c1").agent_state == "awaiting_user_input"  # nothing to do
+        assert client.list_webhooks() == []
+        assert client.list_webhook_deliveries().items == []

@@ -239,3 +239,23 @@ async def test_a_restarted_server_finds_every_conversation_stopped_with_its_labe
             "Kept",
         )
         assert await ids(client, statuses=[ConversationStatus.RUNNING]) == []
+
+
+async def test_updates_racing_closes_and_starts_leave_one_answer_each(
+    client: AsyncConvsvcClient,
+) -> None:
+    """An update crossing a close or a restart of its conversation lands on the stored
+    record, and the running copy (if any) shows what is stored."""
+    for round_ in range(5):
+        cid = f"race-{round_}"
+        await client.start_conversation(cid, labels={"round": "0"})
+        results = await asyncio.gather(
+            client.update_conversation(cid, labels={"round": "1"}),
+            client.close_conversation(cid),
+            client.start_conversation(cid),
+            return_exceptions=True,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        got = await client.get_conversation(cid)
+        [stored] = (await client.search_conversations(conversation_ids=[cid])).items
+        assert got.labels == stored.labels == {"round": "1"}

@@ -156,3 +156,22 @@ async def test_bad_forks_are_refused_precisely(
         await client.get_conversation("f")
     audit = await client.list_audit_entries()
     assert "ForkConversation" in [e.method for e in audit.items]
+
+
+async def test_a_fork_racing_a_close_of_its_source_copies_a_consistent_prefix(
+    client: AsyncConvsvcClient, stub: pb_grpc.ConversationServiceStub
+) -> None:
+    for round_ in range(5):
+        source = f"src-{round_}"
+        await talked(client, stub, source, "one")
+        fork, _ = await asyncio.gather(
+            client.fork_conversation(source, conversation_id=f"fork-{round_}", user_id="alice"),
+            client.close_conversation(source),
+        )
+        copied = await grpc_events_until(
+            stub, fork.conversation_id, lambda ps: len(ps) > 0, user_id="alice"
+        )
+        page = await client.search_events(fork.conversation_id, page_size=1000)
+        ids = [e.id for e in page.items]
+        assert ids == list(range(len(ids))) and copied[0]["id"] == 0
+        assert not log_violations([e.payload for e in page.items])

@@ -247,3 +247,28 @@ async def test_bad_secrets_and_unknown_endpoints(
     assert not await client.delete_webhook(hook.webhook_id)  # idempotent
     page = await client.list_audit_entries()
     assert {"CreateWebhook", "DeleteWebhook"} <= {e.method for e in page.items}
+
+
+async def test_configured_endpoints_are_registered_at_every_start(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    configured = {
+        **FAST,
+        "endpoints": [{"url": receiver.url, "event_types": ["conversation.closed"]}],
+    }
+    secrets_seen = []
+    for _ in range(2):  # a restart keeps the endpoint and the secret made for it
+        async with running_app(tmp_path, webhooks=configured) as app:
+            [endpoint] = await app.store.list_webhooks()
+            secrets_seen.append(endpoint.secret)
+            assert endpoint.webhook_id.startswith("cfg_")
+            assert [t.value for t in endpoint.event_types] == ["conversation.closed"]
+    assert secrets_seen[0] == secrets_seen[1] and secrets_seen[0].startswith("whsec_")
+    receiver.secret = secrets_seen[0]
+    async with running_app(tmp_path, webhooks=configured) as app:
+        assert app.server is not None
+        async with AsyncConvsvcClient(address=app.server.address) as client:
+            await client.start_conversation("c")
+            await client.close_conversation("c")
+            [got] = await receiver.until(lambda r: len(r) >= 1)
+    assert got.signed and got.payload["type"] == "conversation.closed"
