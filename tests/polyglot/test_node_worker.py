@@ -148,3 +148,43 @@ async def test_run_control_reaches_a_node_worker_s_agent(
     finally:
         worker.terminate()
         await asyncio.wait_for(worker.wait(), 10)
+
+
+async def test_approvals_reach_a_node_worker_s_agent(
+    node_client: Path, server_process: Callable[..., Any]
+) -> None:
+    address = server_process().start()
+    worker = await node_worker(node_client, address, "node-3")
+    try:
+        assert (await read_line(worker))["step"] == "attached"
+        async with AsyncConvsvcClient(address=address) as client:
+            await client.start_conversation(
+                "confirming", agent="node-echo", settings={"confirmation_mode": True}
+            )
+            decided = []
+            for text, decision in (("make", "approve"), ("rm -rf out", "reject")):
+                await client.send_event(
+                    {"action": "message", "args": {"content": text}}, conversation_id="confirming"
+                )
+                async with asyncio.timeout(30):
+                    async for update in client.watch_conversations(conversation_ids=["confirming"]):
+                        watched = update.snapshot or [c.watched for c in update.changes]
+                        pending = [w.conversation.pending_action for w in watched]
+                        if any(p is not None and p.content == text for p in pending):
+                            break
+                action = (await client.get_conversation("confirming")).pending_action
+                assert action is not None
+                decided.append(
+                    (
+                        await client.confirm_action("confirming", action.event_id, decision)
+                    ).agent_state
+                )
+            assert decided == ["user_confirmed", "user_rejected"]
+            page = await client.search_events("confirming")
+            ran = [
+                e.payload["content"] for e in page.items if e.payload.get("observation") == "run"
+            ]
+            assert ran == ["make"]
+    finally:
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 10)

@@ -2,7 +2,9 @@
 // protocol (convsvc.v1.AgentWorkerService) and runs the echo behaviour as the agent kind
 // "node-echo", numbering its events from each assignment's next_event_id. With the setting
 // echo_reply_delay_seconds it "thinks" before each answer, and it obeys run control
-// (change_agent_state): paused holds its answers until running; stopped drops them.
+// (change_agent_state): paused holds its answers until running; stopped drops them. With the
+// setting confirmation_mode it proposes each message as a command and waits for its approval
+// (user_confirmed runs it, user_rejected drops it), in OpenHands' order and shapes.
 // Usage: node echo_worker.mjs HOST:PORT PROTOS_DIR WORKER_ID
 // Prints {"step": "attached"} once convsvc welcomed it, and one JSON line per assignment end.
 import path from "node:path";
@@ -70,6 +72,53 @@ function reply(loop, cid, content) {
   emit(loop, cid, "environment", state("awaiting_user_input"));
 }
 
+function command(text, confirmationState) {
+  const risky = ["rm ", "sudo "].some((word) => `${text} `.includes(word));
+  return {
+    action: "run",
+    message: `Running command: ${text}`,
+    args: {
+      command: text,
+      is_input: false,
+      thought: "",
+      blocking: false,
+      hidden: false,
+      confirmation_state: confirmationState,
+      security_risk: risky ? 2 : 0,
+    },
+  };
+}
+
+function propose(loop, cid, text) {
+  loop.proposed = text;
+  emit(loop, cid, "environment", state("running"));
+  emit(loop, cid, "environment", state("awaiting_user_confirmation"));
+  emit(loop, cid, "agent", command(text, "awaiting_confirmation"));
+}
+
+function decided(loop, cid, approved) {
+  const text = loop.proposed;
+  loop.proposed = null;
+  emit(loop, cid, "environment", state(approved ? "user_confirmed" : "user_rejected"));
+  const cause = loop.nextId;
+  emit(loop, cid, "agent", command(text, approved ? "confirmed" : "rejected"));
+  if (approved) {
+    emit(loop, cid, "environment", state("running"));
+    emit(loop, cid, "environment", {
+      observation: "run",
+      content: text,
+      extras: { command: text, metadata: { exit_code: 0 } },
+      message: `Command \`${text}\` executed with exit code 0.`,
+      cause,
+    });
+  } else {
+    const rejected = "Action has been rejected by the user! Waiting for further user input.";
+    emit(loop, cid, "environment", { observation: "user_rejected", content: rejected, extras: {}, message: rejected, cause });
+  }
+  emit(loop, cid, "environment", state("awaiting_user_input"));
+  if (loop.waiting.length) propose(loop, cid, loop.waiting.shift());
+}
+
 function halt(loop) {
   if (loop.timer) clearTimeout(loop.timer);
   loop.timer = null;
@@ -79,16 +128,20 @@ function deliver(loop, cid, deliveryId, payload) {
   emit(loop, cid, "user", payload, deliveryId);
   if (payload.action === "message") {
     loop.waiting.push(String(payload.args?.content ?? ""));
-    answer(loop, cid);
+    if (!loop.confirming) answer(loop, cid);
+    else if (loop.proposed === null && !loop.paused) propose(loop, cid, loop.waiting.shift());
   } else if (payload.action === "change_agent_state") {
     const asked = String(payload.args?.agent_state ?? "");
-    if (asked === "paused" && !loop.paused) {
+    if ((asked === "user_confirmed" || asked === "user_rejected") && loop.proposed !== null) {
+      decided(loop, cid, asked === "user_confirmed");
+    } else if (asked === "paused" && !loop.paused) {
       halt(loop);
       loop.paused = true;
       emit(loop, cid, "environment", state("paused"));
     } else if (asked === "running" && loop.paused) {
       loop.paused = false;
-      if (loop.waiting.length) answer(loop, cid);
+      if (loop.proposed !== null) propose(loop, cid, loop.proposed); // it asks again
+      else if (loop.waiting.length) answer(loop, cid);
       else {
         emit(loop, cid, "environment", state("running"));
         emit(loop, cid, "environment", state("awaiting_user_input"));
@@ -97,6 +150,7 @@ function deliver(loop, cid, deliveryId, payload) {
       halt(loop);
       loop.paused = false;
       loop.waiting = [];
+      loop.proposed = null;
       emit(loop, cid, "environment", state("stopped"));
     }
   }
@@ -127,6 +181,8 @@ stream.on("data", (message) => {
         started: false,
         initial: a.initial_user_message ? fromStruct(a.initial_user_message) : null,
         delayMs: Number(fromStruct(a.settings ?? { fields: {} }).echo_reply_delay_seconds ?? 0) * 1000,
+        confirming: Boolean(fromStruct(a.settings ?? { fields: {} }).confirmation_mode),
+        proposed: null,
         waiting: [],
         paused: false,
         timer: null,
