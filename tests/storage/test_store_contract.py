@@ -13,7 +13,18 @@ from typing import Any
 import pytest
 
 from convsvc.codec import encode_event
-from convsvc.domain import AuditEntry, AuditQuery, ConversationSearch, EventKind, IdempotencyRecord
+from convsvc.domain import (
+    AuditEntry,
+    AuditQuery,
+    ConversationSearch,
+    DeliveryQuery,
+    DeliveryState,
+    EventKind,
+    IdempotencyRecord,
+    Notification,
+    WebhookEndpoint,
+    WebhookEventType,
+)
 from convsvc.storage import ConversationLogError
 from convsvc.storage.postgres import PostgresStore
 from convsvc.storage.sqlite import SqliteStore
@@ -266,3 +277,62 @@ async def test_stored_conversations_are_searched_by_every_filter_newest_activity
     stored = await reopened.get_conversation("b")
     assert stored is not None
     assert (stored.labels, stored.title) == ({"team": "green"}, "Fix the login bug")
+
+
+async def test_the_webhook_outbox_is_filled_by_commits_leased_once_and_listed(
+    stores: StoreFactory,
+) -> None:
+    store = await stores()
+    now = datetime.now(UTC)
+    everything = WebhookEndpoint("wh-all", "https://a.example/", (), "whsec_x", "", now)
+    closes = WebhookEndpoint(
+        "wh-closed", "https://b.example/", (WebhookEventType.CLOSED,), "whsec_y", "", now
+    )
+    for endpoint in (everything, closes):
+        await store.save_webhook(endpoint)
+    await own(store, "c1")
+    finished = make_event("c1", 0)
+    finished.kind, finished.name = EventKind.OBSERVATION, "agent_state_changed"
+    finished.payload = {"observation": "agent_state_changed", "extras": {"agent_state": "finished"}}
+    finished.encoded = encode_event(finished)
+    await store.append_events([finished])  # notifies FINISHED: the endpoint for all types
+    record = make_record("c1")
+    await store.save_conversation(
+        record, notifications=[Notification(WebhookEventType.CLOSED, "c1", "u1", now)]
+    )  # notifies CLOSED: both endpoints
+    claimed = await store.claim_deliveries("node-a", 10, 60.0)
+    assert sorted((d.webhook_id, d.type.value) for d, _ in claimed) == [
+        ("wh-all", "conversation.closed"),
+        ("wh-all", "conversation.finished"),
+        ("wh-closed", "conversation.closed"),
+    ]
+    assert await store.claim_deliveries("node-b", 10, 60.0) == []  # leased: sent once
+    first, endpoint = claimed[0]
+    assert endpoint.secret in ("whsec_x", "whsec_y")
+    await store.finish_attempt(first.delivery_id, "node-b", DeliveryState.DELIVERED, 200, "", None)
+    await store.finish_attempt(first.delivery_id, "node-a", DeliveryState.DELIVERED, 200, "", None)
+    later = now + timedelta(hours=1)
+    for delivery, _ in claimed[1:]:
+        await store.finish_attempt(
+            delivery.delivery_id, "node-a", DeliveryState.PENDING, 500, "x", later
+        )
+    listed = await store.list_deliveries(DeliveryQuery(limit=10))
+    by_id = {d.delivery_id: d for d in listed}
+    assert by_id[first.delivery_id].state is DeliveryState.DELIVERED  # node-b held no lease
+    assert by_id[first.delivery_id].attempts == 1
+    assert [
+        d.state
+        for d in await store.list_deliveries(
+            DeliveryQuery(states=frozenset({DeliveryState.PENDING}), limit=10)
+        )
+    ] == [DeliveryState.PENDING] * 2
+    page = await store.list_deliveries(DeliveryQuery(limit=2))
+    rest = await store.list_deliveries(
+        DeliveryQuery(limit=2, after=(page[-1].create_time, page[-1].delivery_id))
+    )
+    assert len({d.delivery_id for d in page + rest}) == 3
+    assert await store.delete_webhook("wh-closed")
+    assert not await store.delete_webhook("wh-closed")
+    dead = await store.list_deliveries(DeliveryQuery(webhook_id="wh-closed", limit=10))
+    assert {d.state for d in dead} == {DeliveryState.DEAD}
+    assert [w.webhook_id for w in await store.list_webhooks()] == ["wh-all"]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
 from convsvc.domain import (
-    DeliveryQuery,
     DeliveryState,
     Notification,
     WebhookDelivery,
@@ -137,27 +136,3 @@ class PostgresOutbox:
                 node,
             )
         )
-
-    async def list_deliveries(self, query: DeliveryQuery) -> list[WebhookDelivery]:
-        where: list[str] = []
-        args: list[Any] = []
-        if query.webhook_id:
-            args.append(query.webhook_id)
-            where.append(f"webhook_id = ${len(args)}")
-        if query.conversation_id:
-            args.append(query.conversation_id)
-            where.append(f"conversation_id = ${len(args)}")
-        if query.states:
-            args.append(sorted(s.value for s in query.states))
-            where.append(f"state = ANY(${len(args)}::text[])")
-        if query.after is not None:
-            args += [query.after[0], query.after[1]]
-            where.append(f"(create_time, delivery_id) < (${len(args) - 1}, ${len(args)})")
-        args.append(query.limit)
-        sql = (
-            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} "
-            f"ORDER BY create_time DESC, delivery_id DESC LIMIT ${len(args)}"
-        )
-        rows = await self.run(lambda conn: conn.fetch(sql, *args))
-        return [delivery(tuple(row)) for row in rows]

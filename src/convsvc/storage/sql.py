@@ -19,13 +19,16 @@ from convsvc.domain import (
     AuditQuery,
     ConversationRecord,
     ConversationSearch,
+    DeliveryQuery,
     Event,
     EventKind,
     IdempotencyRecord,
     StoredConversation,
     StoredEvent,
+    WebhookDelivery,
 )
 from convsvc.storage.base import EventPage, plan_page
+from convsvc.storage.outbox import DELIVERY_COLUMNS, delivery
 
 MAX_EVENT_ID = 2**63 - 1
 """The end of an open range of event ids."""
@@ -281,6 +284,35 @@ class SqlReads(ABC):
     def _time_arg(self, moment: datetime) -> Any:
         """A time as the backend compares it (SQLite keeps ISO text)."""
         return moment
+
+    async def list_deliveries(self, query: DeliveryQuery) -> list[WebhookDelivery]:
+        """Webhook deliveries that match, newest first (see ``outbox``)."""
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.webhook_id:
+            where.append(f"webhook_id = {arg(query.webhook_id)}")
+        if query.conversation_id:
+            where.append(f"conversation_id = {arg(query.conversation_id)}")
+        if query.states:
+            states = ", ".join(arg(state.value) for state in sorted(query.states))
+            where.append(f"state IN ({states})")
+        if query.after is not None:
+            moment, last = query.after
+            where.append(
+                f"(create_time, delivery_id) < ({arg(self._time_arg(moment))}, {arg(last)})"
+            )
+        rows = await self._fetch(
+            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} "
+            f"ORDER BY create_time DESC, delivery_id DESC LIMIT {arg(query.limit)}",
+            *args,
+        )
+        return [delivery(tuple(row)) for row in rows]
 
 
 def page_filters(

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from convsvc.domain import (
-    DeliveryQuery,
     DeliveryState,
     Notification,
     WebhookDelivery,
@@ -203,30 +202,3 @@ class SqliteOutbox:
                 node,
             ),
         )
-
-    async def list_deliveries(self, query: DeliveryQuery) -> list[WebhookDelivery]:
-        where: list[str] = []
-        args: list[Any] = []
-        if query.webhook_id:
-            args.append(query.webhook_id)
-            where.append(f"webhook_id = ?{len(args)}")
-        if query.conversation_id:
-            args.append(query.conversation_id)
-            where.append(f"conversation_id = ?{len(args)}")
-        if query.states:
-            marks = []
-            for state in sorted(query.states):
-                args.append(state.value)
-                marks.append(f"?{len(args)}")
-            where.append(f"state IN ({', '.join(marks)})")
-        if query.after is not None:
-            args += [_iso(query.after[0]), query.after[1]]
-            where.append(f"(create_time, delivery_id) < (?{len(args) - 1}, ?{len(args)})")
-        args.append(query.limit)
-        rows = await self._fetch(
-            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} "
-            f"ORDER BY create_time DESC, delivery_id DESC LIMIT ?{len(args)}",
-            *args,
-        )
-        return [delivery(row) for row in rows]
