@@ -515,7 +515,8 @@ async def test_a_fork_of_an_openhands_conversation_restores_its_history(
     agent_convsvc: Convsvc, agent_workers: list[AgentWorker], fake_llm: FakeLLM
 ) -> None:
     """A fork's OpenHands agent restores from the copied log as after a takeover (the LLM
-    sees the source's task), with the API key sent again (it was never stored)."""
+    sees the source's task), with the settings that are not stored sent again (the API key;
+    the LLM's URL, which may hold credentials)."""
     async with AsyncConvsvcClient(address=agent_convsvc.address, timeout_seconds=60) as client:
         await client.start_conversation(
             "fork-source",
@@ -529,7 +530,9 @@ async def test_a_fork_of_an_openhands_conversation_restores_its_history(
         await client.close_conversation("fork-source")
         keys_before = len(fake_llm.api_keys)
         await client.fork_conversation(
-            "fork-source", conversation_id="forked", settings={"llm_api_key": LLM_KEY}
+            "fork-source",
+            conversation_id="forked",
+            settings={"llm_api_key": LLM_KEY, "llm_base_url": fake_llm.base_url},
         )
         await client.send_event(
             {"action": "message", "args": {"content": "run: echo after-the-fork"}},

@@ -203,6 +203,16 @@ async def test_bad_searches_and_updates_are_refused_precisely(
             "INVALID_ARGUMENT",
         ),
     ]
+    cases.append(
+        (  # a huge path is not echoed whole (the status would outgrow gRPC's metadata)
+            stub.UpdateConversation(
+                pb.UpdateConversationRequest(
+                    conversation_id="c", update_mask={"paths": ["y" * 20_000]}
+                )
+            ),
+            "INVALID_ARGUMENT",
+        )
+    )
     for call, reason in cases:
         await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, reason)
     await expect_error(

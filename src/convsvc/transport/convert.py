@@ -34,6 +34,7 @@ from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchU
 from convsvc.errors import InvalidArgument
 from convsvc.transport.tokens import Permission
 from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.validation import shown
 
 _STATUS = {
     ConversationStatus.STARTING: pb.CONVERSATION_STATUS_STARTING,
@@ -178,8 +179,9 @@ def update_mask(request: pb.UpdateConversationRequest) -> set[str]:
     paths = set(request.update_mask.paths)
     unknown = paths - {"labels", "title"}
     if unknown:
+        named = ", ".join(shown(path) for path in sorted(unknown)[:3])
         raise InvalidArgument(
-            f"update_mask names {', '.join(sorted(unknown))}; only labels and title can change",
+            f"update_mask names {named}; only labels and title can change",
             reason="INVALID_ARGUMENT",
             metadata={"field": "update_mask"},
         )

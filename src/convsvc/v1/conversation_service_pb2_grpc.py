@@ -184,8 +184,9 @@ class ConversationServiceServicer(object):
         """Starts a new conversation from a copy of another's log up to an event: the copy keeps
         the events' ids, timestamps and contents, and the new conversation's agent restores from
         it as a takeover does (an OpenHands agent on a worker replays it), with the source's
-        stored settings; secrets are never stored, so the caller sends them again in
-        `settings`. The source may be running or stopped and is not changed. The caller must be
+        stored settings (the harmless ones: agent, model, limits, switches); secrets and
+        anything else that is not stored (such as the LLM's base URL, which may hold
+        credentials) the caller sends again in `settings`. The source may be running or stopped and is not changed. The caller must be
         allowed both conversations; the new id must be unused (ALREADY_EXISTS, reason
         CONVERSATION_EXISTS). Idempotent by request_id.
         """
