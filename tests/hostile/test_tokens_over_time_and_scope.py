@@ -320,6 +320,22 @@ async def test_every_mutation_attempt_leaves_one_audit_entry(alice, tally) -> No
         with pytest.raises(grpc.aio.AioRpcError):
             await As(channel, token).ConfirmAction(decide)
     attempts += 2
+    # Labels: changed (WRITE) and refused (READ); a fork (ADMIN needed: refused); webhooks
+    # (the service token's): registered and deleted.
+    relabel = pb.UpdateConversationRequest(
+        conversation_id="Y0", labels={"k": "v"}, update_mask={"paths": ["labels"]}
+    )
+    await As(channel, writer).UpdateConversation(relabel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await As(channel, reader).UpdateConversation(relabel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await As(channel, writer).ForkConversation(
+            pb.ForkConversationRequest(source_conversation_id="Y0", conversation_id="Y0-fork")
+        )
+    with pytest.raises(grpc.aio.AioRpcError):  # a loopback endpoint is refused, and audited
+        await service.CreateWebhook(pb.CreateWebhookRequest(url="http://127.0.0.1/"))
+    await service.DeleteWebhook(pb.DeleteWebhookRequest(webhook_id="wh_none"))
+    attempts += 5
     await service.GetConversation(pb.GetConversationRequest(conversation_id="Y0"))  # a read
 
     after = await service.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1000))
@@ -332,6 +348,11 @@ async def test_every_mutation_attempt_leaves_one_audit_entry(alice, tally) -> No
         ("StartConversation", "DEADLINE_EXCEEDED"),
         ("ConfirmAction", "FAILED_PRECONDITION"),
         ("ConfirmAction", "PERMISSION_DENIED"),
+        ("UpdateConversation", "OK"),
+        ("UpdateConversation", "PERMISSION_DENIED"),
+        ("ForkConversation", "PERMISSION_DENIED"),
+        ("CreateWebhook", "INVALID_ARGUMENT"),
+        ("DeleteWebhook", "OK"),
     }
     tally.checked("audit: one entry per mutation attempted", attempts)
 
