@@ -72,6 +72,10 @@ def channel_options(settings: ClientSettings, *, retries: bool = True) -> list[t
         # Notice a dead peer on a quiet stream within a minute rather than hours.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # Reconnect to a restarted service within about a second: by default the wait
+        # between attempts grows to two minutes while it is down.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
     if retries:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config())]

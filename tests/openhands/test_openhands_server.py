@@ -177,6 +177,33 @@ async def test_a_service_restart_loses_no_event_at_the_browser(
     await browser.close()
 
 
+async def test_a_message_sent_while_the_service_is_down_lands_once_it_is_back(
+    openhands: OpenHandsServer, rest: httpx.AsyncClient, convsvc: Convsvc
+) -> None:
+    """The browser's message reaches the web server while convsvc is down: the manager waits
+    for convsvc (its channel backing off meanwhile) and sends it once it is back."""
+    conversation_id = await new_conversation(rest, "before the outage")
+    browser = Browser(openhands)
+    await browser.connect(conversation_id)
+    await browser.until(echo_of("before the outage"))
+    assert convsvc.process is not None
+    convsvc.process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(convsvc.process.wait, 30)
+    await browser.say("during the outage")  # the manager's send now meets a refused connection
+    await asyncio.to_thread(convsvc.start)  # back, at the same address, within its timeout
+    try:
+        await browser.until(echo_of("during the outage"))
+    except TimeoutError:
+        raise AssertionError(
+            f"no echo after the outage; the browser saw {browser.ids()}\n"
+            f"--- OpenHands:\n{openhands.log()[-6000:]}\n"
+            f"--- convsvc:\n{convsvc.log_path.read_text(errors='replace')[-3000:]}"
+        ) from None
+    ids = browser.ids()
+    assert len(ids) == len(set(ids)), f"duplicates: {ids}"
+    await browser.close()
+
+
 async def test_routes_that_need_the_sandbox_say_why(
     rest: httpx.AsyncClient,
 ) -> None:

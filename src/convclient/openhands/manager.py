@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from convclient.client import AsyncConvsvcClient
 from convclient.config import ClientSettings
-from convclient.errors import ConvsvcClientError, NotFoundError
+from convclient.errors import ConvsvcClientError, NotFoundError, ServiceUnavailableError
 from convclient.mirror import ConversationMirror
 from convclient.models import AgentControl, ApprovalDecision, Conversation, ConversationStatus
 from convclient.openhands.compat import replays_through_join
@@ -287,7 +287,7 @@ class RemoteConversationManager(ConversationManager):
         if asked is not None and join is not None and await self._agent_asked(join, asked):
             return
         try:
-            await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
+            await self._send_riding_out_restarts(connection_id, data, request_id)
         except ConvsvcClientError as exc:
             join = self._joins.get(connection_id)
             # A restarted service has forgotten connections and stopped loops; a connection of
@@ -299,6 +299,20 @@ class RemoteConversationManager(ConversationManager):
                 raise
             log.info("rejoining %s to %s after a service restart", connection_id, join.sid)
             await self._join(connection_id, join)
+            await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
+
+    async def _send_riding_out_restarts(
+        self, connection_id: str, data: dict[str, Any], request_id: str
+    ) -> None:
+        try:
+            await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
+        except ServiceUnavailableError:
+            # The service is down or restarting, and the channel may still be backing off
+            # when it is back: the call's own retries are spent by then. Wait for the
+            # channel (up to the client's timeout) and send once more: the same request id
+            # makes the event land once.
+            log.info("convsvc is unreachable; waiting for it to send %s's event", connection_id)
+            await self.client.wait_until_ready(self.client.settings.timeout_seconds)
             await self.client.send_event(data, connection_id=connection_id, request_id=request_id)
 
     async def _agent_asked(self, join: _Join, state: str) -> bool:
