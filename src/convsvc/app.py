@@ -52,6 +52,7 @@ class ConvsvcApp:
                 lease_ttl_seconds=settings.cluster.lease_ttl_seconds,
                 pool_size=settings.cluster.pool_size,
                 group_commit=storage.group_commit,
+                activity_interval=storage.activity_write_interval_seconds,
                 metrics=self.metrics,
             )
             self.store = self.postgres
@@ -60,6 +61,7 @@ class ConvsvcApp:
                 storage.sqlite_path,
                 synchronous=storage.sqlite_synchronous,
                 group_commit=storage.group_commit,
+                activity_interval=storage.activity_write_interval_seconds,
                 metrics=self.metrics,
             )
         in_process = available_agents()

@@ -84,9 +84,20 @@ async def test_labels_and_title_are_set_at_start_changed_and_shown_everywhere(
     assert (await client.start_conversation("c", user_id="u")).title == "Deploy v2"
 
 
+@pytest.fixture
+async def exact_client(tmp_path: Path) -> AsyncIterator[AsyncConvsvcClient]:
+    """A server that stores each conversation's activity with every commit (the default
+    stores it at most once a second: see the store's test of that)."""
+    async with running_app(tmp_path, activity_write_interval_seconds=0) as app:
+        assert app.server is not None
+        async with AsyncConvsvcClient(address=app.server.address) as connected:
+            yield connected
+
+
 async def test_search_covers_stored_conversations_by_every_filter(
-    client: AsyncConvsvcClient,
+    exact_client: AsyncConvsvcClient,
 ) -> None:
+    client = exact_client
     before = datetime.now(UTC)
     await client.start_conversation("a", user_id="u1", labels={"team": "red"}, title="Deploy API")
     await client.start_conversation("b", user_id="u1", labels={"team": "blue"}, title="Docs")

@@ -336,3 +336,35 @@ async def test_the_webhook_outbox_is_filled_by_commits_leased_once_and_listed(
     dead = await store.list_deliveries(DeliveryQuery(webhook_id="wh-closed", limit=10))
     assert {d.state for d in dead} == {DeliveryState.DEAD}
     assert [w.webhook_id for w in await store.list_webhooks()] == ["wh-all"]
+
+
+async def test_activity_is_stored_at_most_once_an_interval_and_never_lost(
+    stores: StoreFactory,
+) -> None:
+    store = await stores(activity_interval=0.5)
+    await own(store, "c1")
+    await store.save_conversation(make_record("c1"))
+    state = make_event("c1", 0)
+    state.kind, state.name = EventKind.OBSERVATION, "agent_state_changed"
+    state.payload = {"observation": "agent_state_changed", "extras": {"agent_state": "running"}}
+    state.encoded = encode_event(state)
+    await store.append_events([state])  # the first activity is stored with its commit
+
+    async def stored() -> tuple[datetime, str]:
+        [found] = await store.search_conversations(ConversationSearch())
+        return found.record.last_active_time, found.agent_state
+
+    first_time, first_state = await stored()
+    assert first_state == "running"
+    later = make_event("c1", 1)
+    await store.append_events([later])  # within the interval: held back
+    assert await stored() == (first_time, "running")
+    await asyncio.sleep(0.6)  # the interval is a time: the held-back activity is due after it
+    await store.append_events([])  # a barrier behind the timer's commit
+    assert (await stored())[0] == later.timestamp
+    # Held-back activity also rides the last commit when the store closes.
+    await store.append_events([make_event("c1", 2)])
+    await store.close()
+    reopened = await stores()
+    [found] = await reopened.search_conversations(ConversationSearch())
+    assert found.latest_event_id == 2 and found.record.last_active_time > later.timestamp

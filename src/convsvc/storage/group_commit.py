@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 
@@ -21,6 +22,7 @@ from convsvc.domain import (
     AuditEntry,
     ConversationRecord,
     Event,
+    EventKind,
     IdempotencyRecord,
     Notification,
 )
@@ -52,6 +54,8 @@ class PendingWrite:
     """Webhook notifications committed with the write (besides those its events make)."""
     copied: bool = False
     """Its events are a copy of another log (a fork): they notify nothing."""
+    activity: dict[str, tuple[datetime, str | None]] = field(default_factory=dict)
+    """Conversations' last activity and agent state (None: unchanged) to store with it."""
     epoch: int | None = None
     """The lease epoch the writer held when it submitted (clustered backends fence on it)."""
     done: asyncio.Future[None] | None = None
@@ -75,7 +79,22 @@ class PendingWrite:
 
     @property
     def empty(self) -> bool:
-        return not (self.conversations or self.events or self.requests or self.audit)
+        return not (
+            self.conversations or self.events or self.requests or self.audit or self.activity
+        )
+
+
+def activity(events: Sequence[Event]) -> dict[str, tuple[datetime, str | None]]:
+    """Per conversation, the time of its newest event and the last agent state one reported
+    (None: none did): what the store keeps on its conversations' rows for searches."""
+    found: dict[str, tuple[datetime, str | None]] = {}
+    for event in events:
+        state = found.get(event.conversation_id, (event.timestamp, None))[1]
+        if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
+            extras = event.payload.get("extras") or {}
+            state = str(extras.get("agent_state", "")) or state
+        found[event.conversation_id] = (event.timestamp, state)
+    return found
 
 
 WriteOutcome = Exception | None
@@ -88,8 +107,15 @@ class GroupCommitStore(ABC):
     name = "store"
     """How logs and errors name the backend."""
 
-    def __init__(self, *, max_batch: int, metrics: Metrics | None) -> None:
+    def __init__(
+        self, *, max_batch: int, metrics: Metrics | None, activity_interval: float = 1.0
+    ) -> None:
         self._max_batch = max_batch
+        self._activity_interval = activity_interval
+        self._activity: dict[str, tuple[datetime, str | None]] = {}
+        """Activity not stored yet, by conversation (see ``_take_activity``)."""
+        self._activity_written: dict[str, float] = {}
+        self._activity_timer: asyncio.TimerHandle | None = None
         metrics = metrics or Metrics()
         self._commit_seconds = metrics.commit_seconds.labels(self.name)
         self._commit_events = metrics.commit_events.labels(self.name)
@@ -224,10 +250,12 @@ class GroupCommitStore(ABC):
                     break
                 batch.append(nxt)
             self._take_audit(batch)
+            self._take_activity(batch)
             await self._commit(batch)
-        # What was audited last rides a final commit.
+        # What was audited last, and activity not stored yet, ride a final commit.
         final: list[PendingWrite] = []
         self._take_audit(final)
+        self._take_activity(final, everything=True)
         if final:
             await self._commit(final)
 
@@ -238,6 +266,46 @@ class GroupCommitStore(ABC):
         if self._audit:
             batch.append(PendingWrite(audit=self._audit))
             self._audit = []
+
+    def _take_activity(self, batch: list[PendingWrite], *, everything: bool = False) -> None:
+        """Stores each conversation's last activity and agent state (for searches) with
+        the batch that logs its events, at most once per ``activity_interval`` per
+        conversation: a busy conversation costs one row update a second, not one per commit.
+        What is held back rides a later commit (a timer makes one when none comes)."""
+        for write in batch:
+            for cid, (moment, state) in activity(write.events).items():
+                previous = self._activity.get(cid)
+                self._activity[cid] = (moment, state or (previous[1] if previous else None))
+        if not self._activity:
+            return
+        now = time.monotonic()
+        due = {
+            cid: pending
+            for cid, pending in self._activity.items()
+            if everything
+            or now - self._activity_written.get(cid, -self._activity_interval)
+            >= self._activity_interval
+        }
+        if due:
+            batch.append(PendingWrite(activity=due))
+            for cid in due:
+                del self._activity[cid]
+                self._activity_written[cid] = now
+            if len(self._activity_written) > 2 * len(self._activity) + 10_000:
+                # Forget conversations quiet for longer than the interval.
+                self._activity_written = {
+                    cid: at
+                    for cid, at in self._activity_written.items()
+                    if now - at < self._activity_interval
+                }
+        if self._activity and self._activity_timer is None and not everything:
+            self._activity_timer = asyncio.get_running_loop().call_later(
+                self._activity_interval, self._activity_due
+            )
+
+    def _activity_due(self) -> None:
+        self._activity_timer = None
+        self._queue.put_nowait(PendingWrite())  # a commit that takes what is due now
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
         # Writes queued behind one that broke their conversation's log cannot commit: they

@@ -34,7 +34,6 @@ from convsvc.storage.postgres_schema import UNREACHABLE, migrate_pool, unavailab
 from convsvc.storage.sql import (
     CONVERSATION_COLUMNS,
     SqlReads,
-    activity,
     conversation_record,
     page_filters,
 )
@@ -72,7 +71,8 @@ RETURNING c.conversation_id
 # What a commit keeps current on its conversations' rows (for SearchConversations).
 _ACTIVITY = """
 UPDATE conversations c
-SET last_active_time = u.last_active_time, agent_state = coalesce(u.agent_state, c.agent_state)
+SET last_active_time = greatest(c.last_active_time, u.last_active_time),
+    agent_state = coalesce(u.agent_state, c.agent_state)
 FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS u(conversation_id, last_active_time,
                                                            agent_state)
 WHERE c.conversation_id = u.conversation_id
@@ -176,8 +176,13 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
         max_batch: int = 1024,
         group_commit: bool = True,
         metrics: Metrics | None = None,
+        activity_interval: float = 1.0,
     ) -> None:
-        super().__init__(max_batch=max_batch if group_commit else 1, metrics=metrics)
+        super().__init__(
+            max_batch=max_batch if group_commit else 1,
+            metrics=metrics,
+            activity_interval=activity_interval,
+        )
         self._dsn = dsn
         self._password = password
         self.node_id = node_id
@@ -314,9 +319,7 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
                     )
                 ],
             )
-            touched = activity(
-                [e for w in writes for e in w.events if e.conversation_id not in fenced]
-            )
+            touched = {cid: a for w in writes for cid, a in w.activity.items()}
             if touched:
                 await conn.execute(
                     _ACTIVITY,

@@ -20,8 +20,6 @@ from convsvc.domain import (
     ConversationRecord,
     ConversationSearch,
     DeliveryQuery,
-    Event,
-    EventKind,
     IdempotencyRecord,
     StoredConversation,
     StoredEvent,
@@ -67,20 +65,6 @@ def conversation_record(row: Sequence[Any]) -> ConversationRecord:
         title=title,
         running=bool(running),
     )
-
-
-def activity(events: Sequence[Event]) -> dict[str, tuple[datetime, str | None]]:
-    """Per conversation, the time of its newest event in a batch and the last agent state
-    one reported (None: none did): what a commit keeps current on its conversations' rows,
-    so that searches over stored conversations see them."""
-    found: dict[str, tuple[datetime, str | None]] = {}
-    for event in events:
-        state = found.get(event.conversation_id, (event.timestamp, None))[1]
-        if event.name == "agent_state_changed" and event.kind is EventKind.OBSERVATION:
-            extras = event.payload.get("extras") or {}
-            state = str(extras.get("agent_state", "")) or state
-        found[event.conversation_id] = (event.timestamp, state)
-    return found
 
 
 class SqlReads(ABC):

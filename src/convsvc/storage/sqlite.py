@@ -25,12 +25,12 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 import structlog
 
-from convsvc.domain import Event, Notification
+from convsvc.domain import Notification
 from convsvc.metrics import Metrics
 from convsvc.storage.base import StorageError
 from convsvc.storage.group_commit import GroupCommitStore, PendingWrite, WriteOutcome
 from convsvc.storage.outbox import notifications_in
-from convsvc.storage.sql import SqlReads, activity, question_marks
+from convsvc.storage.sql import SqlReads, question_marks
 from convsvc.storage.sqlite_outbox import OUTBOX_SCHEMA, SqliteOutbox, fan_out
 
 log = structlog.get_logger(__name__)
@@ -147,8 +147,9 @@ ON CONFLICT (conversation_id) DO UPDATE SET
     last_active_time = excluded.last_active_time, running = excluded.running
 """
 _ACTIVITY = """
-UPDATE conversations SET last_active_time = ?, agent_state = coalesce(?, agent_state)
-WHERE conversation_id = ?
+UPDATE conversations SET last_active_time = max(last_active_time, ?1),
+                         agent_state = coalesce(?2, agent_state)
+WHERE conversation_id = ?3
 """
 _INSERT_EVENT = "INSERT INTO events (conversation_id, id, encoded) VALUES (?, ?, ?)"
 _INSERT_AUDIT = """
@@ -221,8 +222,8 @@ class _Rows(NamedTuple):
     events: list[tuple[Any, ...]]
     requests: list[tuple[Any, ...]]
     audit: list[tuple[Any, ...]]
-    logged: Sequence[Event]
     notifications: list[Notification]
+    activity: dict[str, tuple[datetime, str | None]]
 
 
 class SqliteStore(SqlReads, GroupCommitStore, SqliteOutbox):
@@ -240,8 +241,13 @@ class SqliteStore(SqlReads, GroupCommitStore, SqliteOutbox):
         group_commit: bool = True,
         max_batch: int = 1024,
         metrics: Metrics | None = None,
+        activity_interval: float = 1.0,
     ) -> None:
-        super().__init__(max_batch=max_batch if group_commit else 1, metrics=metrics)
+        super().__init__(
+            max_batch=max_batch if group_commit else 1,
+            metrics=metrics,
+            activity_interval=activity_interval,
+        )
         self._path = path
         self._synchronous = synchronous
         self._writer: sqlite3.Connection | None = None
@@ -384,7 +390,7 @@ class SqliteStore(SqlReads, GroupCommitStore, SqliteOutbox):
                     if table_rows:
                         writer.executemany(statement, table_rows)
                 fan_out(writer, [n for part in parts for n in part.notifications])
-                touched = activity([e for part in parts for e in part.logged])
+                touched = {cid: a for part in parts for cid, a in part.activity.items()}
                 if touched:
                     writer.executemany(
                         _ACTIVITY,
@@ -462,6 +468,6 @@ def _rows(write: PendingWrite) -> _Rows:
             )
             for a in write.audit
         ],
-        write.events,
         [*write.notifications, *([] if write.copied else notifications_in(write.events))],
+        write.activity,
     )
