@@ -323,8 +323,13 @@ async def test_approvals_through_another_node_reach_the_owner_s_agent(
     await b.stub.SendEvent(
         pb.SendEventRequest(conversation_id="ok-1", user_id="alice", event=message("make"))
     )
-    await grpc_events_until(
-        b.stub, "ok-1", agent_state_is("awaiting_user_confirmation"), user_id="alice"
+    await grpc_events_until(  # the action awaiting confirmation (logged after the state)
+        b.stub,
+        "ok-1",
+        lambda ps: any(
+            p.get("args", {}).get("confirmation_state") == "awaiting_confirmation" for p in ps
+        ),
+        user_id="alice",
     )
     # Every node lists it as waiting, with its pending action (ok-2 waits for nothing).
     for node in (a, b):

@@ -443,7 +443,14 @@ async def test_readme_approvals_example(address: str) -> None:
     await grpcurl_json(start, address)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ConversationServiceStub(channel)
-        await grpc_events_until(stub, "demo-2", agent_state_is("awaiting_user_confirmation"))
+        await grpc_events_until(  # the action awaiting confirmation (logged after the state)
+            stub,
+            "demo-2",
+            lambda events: any(
+                e.get("args", {}).get("confirmation_state") == "awaiting_confirmation"
+                for e in events
+            ),
+        )
     listed = await grpcurl_json(listing, address)
     [waiting] = listed["conversations"]
     assert waiting["pending_action"] == {

@@ -33,6 +33,15 @@ from tests.workers.test_worker_protocol import assigned_worker, events
 THINKING = {"echo_reply_delay_seconds": 600}
 
 
+def proposed(command: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """True once the log holds ``command`` proposed and awaiting confirmation."""
+    return lambda payloads: any(
+        p.get("args", {}).get("confirmation_state") == "awaiting_confirmation"
+        and p["args"].get("command") == command
+        for p in payloads
+    )
+
+
 def message(text: str) -> dict[str, Any]:
     return {"action": "message", "args": {"content": text}}
 
@@ -237,9 +246,8 @@ async def test_an_action_awaiting_confirmation_on_a_worker_is_approved_and_rejec
         decided = []
         for command, decision in (("make", "approve"), ("rm -rf build", "reject")):
             await client.send_event(message(command), conversation_id="c")
-            await grpc_events_until(
-                stub, "c", agent_state_is("awaiting_user_confirmation"), timeout=30
-            )
+            # OpenHands' order: the state, then the action awaiting confirmation.
+            await grpc_events_until(stub, "c", proposed(command), timeout=30)
             pending = (await client.get_conversation("c")).pending_action
             assert pending is not None and pending.content == command
             result = await client.confirm_action("c", pending.event_id, decision)
