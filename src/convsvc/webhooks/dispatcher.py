@@ -72,6 +72,9 @@ class WebhookDispatcher:
                     )
             except StorageError as exc:
                 log.warning("webhooks.claim_failed", error=str(exc))
+            except Exception:
+                # Whatever went wrong, the outbox keeps the deliveries: try again later.
+                log.exception("webhooks.round_failed")
             if claimed:
                 await asyncio.gather(*(self._attempt(d, e) for d, e in claimed))
                 continue  # more may be due
@@ -90,6 +93,10 @@ class WebhookDispatcher:
             error = exc.message
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS] or type(exc).__name__
+        except Exception as exc:
+            # A bug must cost this attempt, not the dispatcher (nor the other deliveries).
+            log.exception("webhooks.attempt_failed", delivery_id=delivery.delivery_id)
+            error = f"the attempt failed: {type(exc).__name__}"
         attempts = delivery.attempts + 1
         schedule = self._config.retry_schedule_seconds
         if not error:
