@@ -272,3 +272,23 @@ async def test_configured_endpoints_are_registered_at_every_start(
             await client.close_conversation("c")
             [got] = await receiver.until(lambda r: len(r) >= 1)
     assert got.signed and got.payload["type"] == "conversation.closed"
+
+
+async def test_deliveries_are_listed_page_by_page(
+    served: tuple[ConvsvcApp, AsyncConvsvcClient], receiver: Receiver
+) -> None:
+    _, client = served
+    await client.create_webhook(receiver.url, secret=SECRET, event_types=["conversation.closed"])
+    for cid in ("a", "b", "c"):
+        await client.start_conversation(cid)
+        await client.close_conversation(cid)
+    await receiver.until(lambda r: len(r) >= 3)
+    first = await client.list_webhook_deliveries(page_size=2)
+    rest = await client.list_webhook_deliveries(page_size=2, page_token=first.next_page_token)
+    listed = [d.conversation_id for d in first.items + rest.items]
+    assert sorted(listed) == ["a", "b", "c"] and not rest.next_page_token
+    with pytest.raises(InvalidArgumentError) as other_filters:
+        await client.list_webhook_deliveries(
+            page_size=2, page_token=first.next_page_token, conversation_id="a"
+        )
+    assert other_filters.value.reason == "INVALID_PAGE_TOKEN"

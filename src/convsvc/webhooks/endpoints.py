@@ -4,6 +4,7 @@ deliveries: the checks a caller's input gets, secrets made, pages of deliveries.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
 import uuid
@@ -136,21 +137,9 @@ class WebhookEndpoints:
         key = self._store.page_token_key
         if page_token:
             moment, _, last = decode_token(key, page_token, fingerprint, str).partition("|")
-            query = DeliveryQuery(
-                webhook_id=query.webhook_id,
-                conversation_id=query.conversation_id,
-                states=query.states,
-                after=(datetime.fromisoformat(moment), last),
-                limit=query.limit,
-            )
+            query = dataclasses.replace(query, after=(datetime.fromisoformat(moment), last))
         found = await self._store.list_deliveries(
-            DeliveryQuery(
-                webhook_id=query.webhook_id,
-                conversation_id=query.conversation_id,
-                states=query.states,
-                after=query.after,
-                limit=query.limit + 1,
-            )
+            dataclasses.replace(query, limit=query.limit + 1)  # one more: is there a next page?
         )
         page = found[: query.limit]
         token = ""
