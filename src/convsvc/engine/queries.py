@@ -17,7 +17,6 @@ from convsvc.domain import (
     ConversationSearch,
     ConversationStatus,
     ConversationView,
-    StoredConversation,
 )
 from convsvc.engine.admission import Admission
 from convsvc.engine.connections import ConnectionRegistry
@@ -55,32 +54,21 @@ def search_fingerprint(query: ConversationSearch) -> list[Any]:
     ]
 
 
-def stopped_view(record: ConversationRecord, latest_event_id: int) -> ConversationView:
+def stored_view(
+    record: ConversationRecord,
+    latest_event_id: int,
+    status: ConversationStatus = ConversationStatus.STOPPED,
+    agent_state: str = "stopped",
+) -> ConversationView:
+    """A conversation as the store has it: stopped, or run by another node (then with the
+    state its owner last stored and no connection count)."""
     return ConversationView(
         conversation_id=record.conversation_id,
         user_id=record.user_id,
         agent=record.agent,
-        status=ConversationStatus.STOPPED,
-        agent_state="stopped",
+        status=status,
+        agent_state=agent_state,
         latest_event_id=latest_event_id,
-        create_time=record.create_time,
-        last_active_time=record.last_active_time,
-        connection_count=0,
-        labels=record.labels,
-        title=record.title,
-    )
-
-
-def running_elsewhere_view(stored: StoredConversation) -> ConversationView:
-    """A conversation another node runs, as the store last saw it."""
-    record = stored.record
-    return ConversationView(
-        conversation_id=record.conversation_id,
-        user_id=record.user_id,
-        agent=record.agent,
-        status=ConversationStatus.RUNNING,
-        agent_state=stored.agent_state,
-        latest_event_id=stored.latest_event_id,
         create_time=record.create_time,
         last_active_time=record.last_active_time,
         connection_count=0,
@@ -142,7 +130,7 @@ class ConversationQueries:
         if record is None:
             raise not_found(cid)
         check_owner(cid, record.user_id, user)
-        return stopped_view(record, await self._store.latest_event_id(cid))
+        return stored_view(record, await self._store.latest_event_id(cid))
 
     async def search_conversations(
         self,
@@ -211,9 +199,16 @@ class ConversationQueries:
             if runtime is not None and not runtime.closing:
                 views.append(self._registry.view(runtime))
             elif stored.record.running:
-                views.append(running_elsewhere_view(stored))
+                views.append(
+                    stored_view(
+                        stored.record,
+                        stored.latest_event_id,
+                        ConversationStatus.RUNNING,
+                        stored.agent_state,
+                    )
+                )
             else:
-                views.append(stopped_view(stored.record, stored.latest_event_id))
+                views.append(stored_view(stored.record, stored.latest_event_id))
         token = ""
         if len(found) > query.limit:
             last = page[-1].record
