@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from convsvc import tracing
+from convsvc.agent_server.server import AgentServerApi
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
@@ -81,6 +82,8 @@ class ConvsvcApp:
         self._metrics_server: Any = None
         self._revocations: RevocationListener | None = None
         self._tracer_provider: Any = None
+        self._agent_server: AgentServerApi | None = None
+        self.agent_server_address: str | None = None
 
     async def start(self) -> str:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
@@ -161,6 +164,8 @@ class ConvsvcApp:
                 (lambda: followers.count) if followers is not None else None,
             )
         address = self.server.address
+        if self.settings.agent_server_listen:
+            self.agent_server_address = await self._start_agent_server(address)
         if self.settings.ready_file is not None:
             tmp = self.settings.ready_file.with_suffix(".tmp")
             tmp.write_text(address)
@@ -176,6 +181,24 @@ class ConvsvcApp:
         else:
             log.info("server.serving", address=address, data_dir=str(self.settings.data_dir))
         return address
+
+    async def _start_agent_server(self, grpc_address: str) -> str:
+        settings = self.settings
+        assert settings.agent_server_listen is not None
+        token = settings.resolved_auth_token()
+        secret = settings.agent_server_secret_key
+        host, _, port = grpc_address.rpartition(":")
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        self._agent_server = AgentServerApi(
+            settings.agent_server_listen,
+            f"{host}:{port}",
+            secret=secret.get_secret_value() if secret is not None else token,
+            auth_required=bool(token),
+            max_message_bytes=settings.max_message_bytes,
+            start_timeout_seconds=settings.agent_server_start_timeout_seconds,
+        )
+        return await self._agent_server.start()
 
     def _access(self) -> Access:
         """Who may call: the service token, and scoped tokens signed with the configured key
@@ -198,6 +221,8 @@ class ConvsvcApp:
         """Graceful shutdown: NOT_SERVING, streams end (clients resume elsewhere), calls in
         flight finish, loops close, the store flushes."""
         log.info("server.stopping")
+        if self._agent_server is not None:
+            await self._agent_server.stop()
         if self.server is not None:
             await self.server.enter_shutdown()
             if self.cluster is not None:

@@ -228,6 +228,15 @@ class Settings(BaseSettings):
     use_uvloop: bool = True
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
+    agent_server_listen: str | None = None
+    """host:port for the OpenHands agent-server API (1.x clients); off when unset. Its
+    session keys are convsvc's tokens (the service token or scoped tokens)."""
+    agent_server_secret_key: SecretStr | None = None
+    """Encrypts the secrets in the conversation snapshots convsvc stores (the SDK's cipher,
+    as a stock agent-server's OH_SECRET_KEY); derived from the service token when unset.
+    Without either, secrets do not survive a restart (as on a stock server without a key)."""
+    agent_server_start_timeout_seconds: float = Field(120.0, gt=0)
+    """How long a create waits for an openhands-sdk worker to set the conversation up."""
     tracing: bool = False
     """OpenTelemetry spans exported over OTLP (configured by the OTEL_* variables)."""
     audit_log: bool = False

@@ -189,7 +189,10 @@ class Worker:
                 "workspace": str(
                     (self.settings.workspace_root / message.conversation_id).absolute()
                 ),
-                "worker_options": {"runtime": self.settings.openhands_runtime},
+                "worker_options": {
+                    "runtime": self.settings.openhands_runtime,
+                    "allow_client_workspace": self.settings.allow_client_workspace,
+                },
             },
         )
         self._loops[message.conversation_id] = loop

@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workspace-root", help="directory of the conversations' workspaces")
     parser.add_argument("--runtime", help="OpenHands runtime: cli (default) or docker")
     parser.add_argument(
+        "--allow-client-workspace",
+        action="store_true",
+        help="openhands-sdk: work in the directory the client names",
+    )
+    parser.add_argument(
         "--no-fork",
         action="store_true",
         help="start a new interpreter per conversation instead of forking a zygote",
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["workspace_root"] = args.workspace_root
     if args.runtime:
         overrides["openhands_runtime"] = args.runtime
+    if args.allow_client_workspace:
+        overrides["allow_client_workspace"] = True
     if args.no_fork:
         overrides["fork"] = False
     settings = WorkerSettings(**overrides)

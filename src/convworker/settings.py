@@ -18,7 +18,8 @@ class WorkerSettings(BaseSettings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-worker")
     """Unique among the workers attached to one convsvc (CONVSVC_WORKER_WORKER_ID)."""
     kinds: tuple[str, ...] = ("openhands",)
-    """Agent kinds to run: openhands, worker-echo (CONVSVC_WORKER_KINDS, a JSON list)."""
+    """Agent kinds to run: openhands, openhands-sdk, worker-echo (CONVSVC_WORKER_KINDS, a JSON
+    list)."""
     capacity: int = Field(4, ge=1)
     """Conversations run at once (CONVSVC_WORKER_CAPACITY)."""
     workspace_root: Path = Path("./convsvc-workspaces")
@@ -27,6 +28,11 @@ class WorkerSettings(BaseSettings):
     """OpenHands' runtime for its conversations: cli (needs only bash; one conversation per
     process keeps its cwd and environment apart) or docker (production, needs a Docker
     engine)."""
+    allow_client_workspace: bool = False
+    """openhands-sdk: work in the directory the client names (``workspace.working_dir``, as a
+    stock agent-server does) instead of <workspace_root>/<conversation id>. Only for workers
+    whose clients may touch any directory the worker's user can
+    (CONVSVC_WORKER_ALLOW_CLIENT_WORKSPACE)."""
     fork: bool = True
     """Fork conversation processes from a zygote that imported the agent once (fast); false
     starts a new interpreter per conversation (slow, for comparison)."""

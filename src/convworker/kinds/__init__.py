@@ -10,10 +10,12 @@ from convworker.kinds.base import Assignment, LoopRunner, Outbox
 RUNNERS = {
     "worker-echo": "convworker.kinds.echo:EchoRunner",
     "openhands": "convworker.kinds.openhands:OpenHandsRunner",
+    "openhands-sdk": "convworker.kinds.openhands_sdk:AgentServerRunner",
 }
 ENVIRONMENT = {
     # litellm would download its price list at import (no network here, a delay elsewhere).
     "openhands": {"LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    "openhands-sdk": {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "OPENHANDS_SUPPRESS_BANNER": "1"},
 }
 """Variables a kind's conversation processes start with, unless the worker's environment
 sets them."""
