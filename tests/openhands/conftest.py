@@ -57,6 +57,7 @@ class Convsvc:
     address: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         binary = os.environ.get("CONVSVC_SERVER_BIN")
@@ -78,6 +79,7 @@ class Convsvc:
                     str(self.data_dir),
                     "--ready-file",
                     str(ready),
+                    *self.extra_args,
                 ],
                 env=env,
                 stdout=log,

@@ -95,17 +95,14 @@ class Conversations:
     async def search(
         self, key: str | None, *, page_id: str | None, limit: int, status: str | None
     ) -> JsonObject:
-        states: tuple[str, ...] = ()
-        if status is not None:
-            states = records.agent_states(status)
-            if not states:
-                return {"items": [], "next_page_id": None}
+        """A page of conversations, newest first. A status filter applies to the status
+        each conversation shows now (its info), as stock's does, so a page may hold fewer
+        than ``limit`` while more follow."""
         response = await self._backend.call(
             "SearchConversations",
             pb.SearchConversationsRequest(
                 agents=[records.AGENT_KIND],
                 labels={records.LABEL: records.ACTIVE},
-                agent_states=list(states),
                 page_size=limit,
                 page_token=page_id or "",
             ),
@@ -114,7 +111,11 @@ class Conversations:
         found = [convert.conversation(c) for c in response.conversations]
         infos = await asyncio.gather(*(self._info_or_none(key, c) for c in found))
         return {
-            "items": [info for info in infos if info is not None],
+            "items": [
+                info
+                for info in infos
+                if info is not None and (status is None or info.get("execution_status") == status)
+            ],
             "next_page_id": response.next_page_token or None,
         }
 

@@ -30,10 +30,6 @@ _STATUS_OF_AGENT_STATE = {
     "error": "error",
     "loading": "idle",
 }
-_AGENT_STATES_OF_STATUS: dict[str, tuple[str, ...]] = {}
-for _state, _status in _STATUS_OF_AGENT_STATE.items():
-    _AGENT_STATES_OF_STATUS.setdefault(_status, ())
-    _AGENT_STATES_OF_STATUS[_status] += (_state,)
 EXECUTION_STATUSES = frozenset(
     {"idle", "running", "paused", "waiting_for_confirmation", "finished", "error", "stuck"}
 )
@@ -42,13 +38,6 @@ EXECUTION_STATUSES = frozenset(
 def execution_status(agent_state: str) -> str:
     """The SDK's execution status for convsvc's agent state."""
     return _STATUS_OF_AGENT_STATE.get(agent_state, "idle")
-
-
-def agent_states(status: str) -> tuple[str, ...]:
-    """convsvc's agent states that show as ``status`` ("stuck" is logged as "error")."""
-    if status == "stuck":
-        return ("error",)
-    return _AGENT_STATES_OF_STATUS.get(status, ())
 
 
 def sdk_event(payload: JsonObject) -> JsonObject | None:

@@ -216,14 +216,16 @@ class AgentServerRunner(LoopRunner):
             await self._relay_new_events_locked()
             # Most state updates are persisted (relayed above as events); the full-state
             # snapshots the service publishes after a run are not, and go out as status.
-            if isinstance(event, ConversationStateUpdateEvent) and event.id not in self._logged:
+            if not isinstance(event, ConversationStateUpdateEvent):
+                return
+            if event.id not in self._logged:
                 frame = event.model_dump(mode="json", exclude_none=True)
                 # The gateway holds a frame back until the events before it reached the
                 # client: a client that sees a run end then reads the events it made.
                 self.outbox.status(
                     {"agent_server_frame": frame, "after_event_id": self._next_id - 1}
                 )
-                await self._report_status_locked(force=False)
+            await self._report_status_locked(force=False)
 
     async def _relay_new_events(self) -> None:
         async with self._lock:
