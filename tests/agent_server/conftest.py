@@ -141,8 +141,15 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     }
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "openhands.agent_server", "--host", "127.0.0.1"]
-            + ["--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "openhands.agent_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             cwd=root,
             env=env,
             stdout=log,
