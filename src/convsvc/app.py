@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from convsvc import tracing
+from convsvc.agent_server.records import AGENT_KIND
 from convsvc.agent_server.server import AgentServerApi
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
@@ -67,8 +68,13 @@ class ConvsvcApp:
             )
         in_process = available_agents()
         self._in_process_agents = set(in_process)
+        workers = settings.workers
+        if settings.agent_server_listen and AGENT_KIND not in workers.kinds:
+            # The API's conversations run on openhands-sdk workers: one may be resumed (or
+            # created) before such a worker (re)attaches, and then waits for it.
+            workers = workers.model_copy(update={"kinds": (*workers.kinds, AGENT_KIND)})
         self.workers = WorkerPool(
-            settings.workers, in_process, max_event_bytes=settings.engine.max_batch_bytes
+            workers, in_process, max_event_bytes=settings.engine.max_batch_bytes
         )
         self.engine = ConversationEngine(
             settings.engine, self.store, AgentCatalog(in_process, self.workers)

@@ -65,6 +65,17 @@ def start(
     return conversation, recorder
 
 
+def attach(
+    backend: Backend, conversation_id: str, working_dir: str, key: str | None = None
+) -> RemoteConversation:
+    """Connects to an existing conversation with the agent it was saved with."""
+    conversation = RemoteConversation.attach(
+        workspace(backend, working_dir, key), uuid.UUID(conversation_id), visualizer=None
+    )
+    conversation.delete_on_close = False
+    return conversation
+
+
 def is_finish(event: Any) -> bool:
     return type(event).__name__ == "ActionEvent" and getattr(event, "tool_name", "") == "finish"
 

@@ -50,7 +50,7 @@ class AgentServerApi:
             log_config=None,  # convsvc's structured logging
             access_log=False,
             lifespan="off",
-            ws="websockets",
+            ws="websockets-sansio",
         )
         self._server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
