@@ -54,7 +54,11 @@ def test_kill_9_of_the_worker_then_of_convsvc_loses_nothing(
     assert [e["id"] for e in after_worker_kill[: len(before_worker_kill)]] == [
         e["id"] for e in before_worker_kill
     ]
-    finishes = [e for e in after_worker_kill if e["kind"] == "ActionEvent" and e.get("tool_name") == "finish"]
+    finishes = [
+        e
+        for e in after_worker_kill
+        if e["kind"] == "ActionEvent" and e.get("tool_name") == "finish"
+    ]
     assert len(finishes) == 2
     assert any("run: echo first-message" in p for p in fake_llm.prompts()[asked:])
     conversation.close()

@@ -82,9 +82,19 @@ def _answers(handler: Handler) -> Handler:
     return wrapped
 
 
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""The largest request body read (a conversation's request with its agent spec fits many
+times over); beyond it the API answers 413 without reading on."""
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body exceeds {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
     try:
-        body = await request.json()
+        body = json.loads(received)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(422, "the body must be a JSON object") from None
     if not isinstance(body, dict):
