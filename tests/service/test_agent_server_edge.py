@@ -5,6 +5,7 @@ and the same client suite against a stock agent-server, are in tests/agent_serve
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -119,8 +120,11 @@ async def test_a_create_no_worker_takes_answers_503(
     assert answer.json()["reason"] == "NO_AGENT_WORKER"
     assert "openhands-sdk worker" in answer.json()["detail"]
     # The conversation waits for a worker in convsvc; its secrets are not stored.
-    stored = b"".join(p.read_bytes() for p in Path(app.settings.data_dir).rglob("*") if p.is_file())
-    assert b"sk-secret-1" not in stored
+    assert b"sk-secret-1" not in await asyncio.to_thread(_stored_bytes, app.settings.data_dir)
+
+
+def _stored_bytes(data_dir: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
 
 
 def test_event_filters_match_stock() -> None:
