@@ -109,6 +109,7 @@ def start_worker(root: Path, address: str, worker_id: str, capacity: int = 16) -
 
 
 def start_convsvc(root: Path, **extra_env: str) -> tuple[Convsvc, str]:
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = Convsvc(
         root / "data",
