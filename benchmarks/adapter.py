@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,13 +86,24 @@ def openhands_agents(
     return _in_openhands(openhands_python, "benchmarks.agents_web", address, convsvc_pid, rounds)
 
 
-def _in_openhands(openhands_python: Path, module: str, *arguments: object) -> dict[str, Any]:
+def agent_server_api(sdk_python: Path, rounds: int) -> dict[str, Any]:
+    """The agent-server API: stock against convsvc (convsvc from this venv)."""
+    convsvc = Path(sys.executable).parent / "convsvc"
+    return _in_openhands(
+        sdk_python, "benchmarks.agent_server", rounds, CONVSVC_SERVER_BIN=str(convsvc)
+    )
+
+
+def _in_openhands(
+    openhands_python: Path, module: str, *arguments: object, **env: str
+) -> dict[str, Any]:
     finished = subprocess.run(
         [str(openhands_python), "-m", module, *map(str, arguments)],
         cwd=ROOT,
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
             "SERVE_FRONTEND": "false",
+            **env,
         },
         capture_output=True,
         text=True,

@@ -130,6 +130,41 @@ def goals(results: dict[str, Any]) -> list[Goal]:
             ),
         ]
     found += agent_goals(results["agents"])
+    found += agent_server_goals(results.get("agent_server", {"status": "not measured"}))
+    return found
+
+
+def agent_server_goals(measured: dict[str, Any]) -> list[Goal]:
+    """OpenHands 1.x: convsvc's agent-server API against a stock agent-server, beside it."""
+    if "status" in measured:
+        return []
+    stock, ours = measured["stock"], measured["convsvc"]
+    found = [
+        Goal(
+            f"agent-server API: {label}, convsvc / stock",
+            ours[figure]["p50_ms"] / stock[figure]["p50_ms"],
+            1.1,
+            False,
+            "x",
+            f"stock p50 {stock[figure]['p50_ms']:,.0f} ms",
+        )
+        for label, figure in (
+            ("create -> first event", "first_event"),
+            ("tiny task -> finish", "task"),
+            ("follow-up message", "follow_up"),
+        )
+    ]
+    memory = measured["memory"]
+    found.append(
+        Goal(
+            "agent-server API: memory per running conversation (convsvc)",
+            memory["convsvc_growth_per_conversation_mib"],
+            memory["stock_server_per_conversation_mib"],
+            False,
+            "MiB",
+            "the goal: less than one stock agent-server per conversation",
+        )
+    )
     return found
 
 
@@ -226,6 +261,7 @@ def table(results: dict[str, Any], checked: list[Goal]) -> str:
         f"worker emitting as fast as it can, vs catch-up "
         f"{results['catch_up']['events_per_s']:,.0f} events/s |",
         *agents_rows(results["agents"]),
+        *agent_server_rows(results.get("agent_server", {"status": "not measured"})),
         *_cluster_rows(results.get("cluster")),
         "",
         "| goal | measured | target | against (same run) | met |",
@@ -281,6 +317,32 @@ def _adapter_row(adapter: dict[str, Any]) -> str:
         f"in-process p50 {local['p50_ms']:.3f} ms ({local['messages_per_s']:,.0f}/s): "
         f"{adapter['p50_ratio']:.1f}x the latency |"
     )
+
+
+def agent_server_rows(measured: dict[str, Any]) -> list[str]:
+    if "status" in measured:
+        return [f"| agent-server API (OpenHands 1.x) | {measured['status']} |"]
+    stock, ours = measured["stock"], measured["convsvc"]
+    rows = [
+        f"| agent-server API: {label} | convsvc p50 {ours[figure]['p50_ms']:,.0f} ms vs stock "
+        f"{stock[figure]['p50_ms']:,.0f} ms |"
+        for label, figure in (
+            ("create -> first event", "first_event"),
+            ("tiny task -> finish", "task"),
+            ("follow-up message -> run() returns", "follow_up"),
+        )
+    ]
+    memory = measured["memory"]
+    machine = memory["conversations_per_machine"]
+    rows.append(
+        f"| agent-server API: memory per running conversation | convsvc "
+        f"{memory['convsvc_growth_per_conversation_mib']:.1f} MiB; stock: one agent-server "
+        f"with one conversation {memory['stock_server_per_conversation_mib']:.0f} MiB (growth "
+        f"inside one server {memory['stock_growth_per_conversation_mib']:.1f} MiB); on this "
+        f"machine's {memory['mem_available_mib']:,.0f} MiB available: {machine['convsvc']:,} "
+        f"conversations vs {machine['stock_one_server_each']:,} agent-servers |"
+    )
+    return rows
 
 
 def agents_rows(agents: dict[str, Any]) -> list[str]:

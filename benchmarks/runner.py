@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         help="an OpenHands release and the python of a venv with it, for the agents rows",
     )
     parser.add_argument(
+        "--sdk-python",
+        type=Path,
+        default=os.environ.get("CONVSVC_BENCH_SDK_PYTHON") or None,
+        help="python of a venv with openhands-agent-server 1.58.2, for the agent-server rows",
+    )
+    parser.add_argument(
         "--no-cluster", action="store_true", help="skip the clustered mode (PostgreSQL) section"
     )
     args = parser.parse_args(argv)
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     results["worker_relay"] = scenarios.worker_relay(sizes, progress)
     releases = dict(entry.split("=", 1) for entry in args.agents)
     results["agents"] = scenarios.agents(sizes, progress, {v: Path(p) for v, p in releases.items()})
+    results["agent_server"] = scenarios.agent_server(sizes, progress, args.sdk_python)
     if not args.no_cluster:
         results["cluster"] = cluster.run(args.quick, progress)
     checked = report.goals(results)

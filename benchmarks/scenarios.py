@@ -261,6 +261,15 @@ def agents(sizes: Sizes, progress: Progress, releases: dict[str, Path]) -> dict[
     return measured
 
 
+def agent_server(sizes: Sizes, progress: Progress, sdk_python: Path | None) -> dict[str, Any]:
+    """OpenHands 1.x: the SDK's RemoteConversation against a stock agent-server and against
+    convsvc's agent-server API with an openhands-sdk worker, in the SDK's venv."""
+    if sdk_python is None:
+        return {"status": "not measured: no SDK venv given (--sdk-python)"}
+    progress("agent-server API: a stock agent-server 1.58.2 and convsvc, taking turns")
+    return adapter_paths.agent_server_api(sdk_python, sizes.agent_rounds)
+
+
 def adapter(sizes: Sizes, progress: Progress, openhands_python: Path | None) -> dict[str, Any]:
     if openhands_python is None:
         return {"status": "not measured: no OpenHands venv given (--openhands-python)"}

@@ -129,10 +129,9 @@ def fake_llm() -> Iterator[SdkFakeLLM]:
     llm.stop()
 
 
-@pytest.fixture(scope="session")
-def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def start_stock(root: Path) -> tuple[Backend, subprocess.Popen[bytes]]:
     """A stock agent-server 1.58.2 process, as its users run it."""
-    root = tmp_path_factory.mktemp("stock")
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = root / "agent-server.log"
     env = {
@@ -140,25 +139,20 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
         **SDK_ENV,
         "OH_SESSION_API_KEYS_0": KEY,
     }
+    command = [sys.executable, "-m", "openhands.agent_server", "--host", "127.0.0.1"]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "openhands.agent_server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=log,
+            [*command, "--port", str(port)], cwd=root, env=env, stdout=log, stderr=log
         )
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(url), "stock agent-server", process, log_path, 120)
-    yield Backend("stock", url)
+    return Backend("stock", url), process
+
+
+@pytest.fixture(scope="session")
+def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    backend, process = start_stock(tmp_path_factory.mktemp("stock"))
+    yield backend
     stop_process(process)
 
 

@@ -41,11 +41,12 @@ def start(
     working_dir: str,
     initial: str | None = None,
     key: str | None = None,
+    recorder: Recorder | None = None,
     **request: Any,
 ) -> tuple[RemoteConversation, Recorder]:
     """Creates a conversation (with an initial message, which runs at once) through the
     SDK's ``RemoteConversation.create``, recording every event its socket delivers."""
-    recorder = Recorder()
+    recorder = recorder or Recorder()
     body: dict[str, Any] = {
         "agent": agent(llm),
         "workspace": {"working_dir": working_dir},

@@ -239,6 +239,24 @@ def test_search_count_delete(backend: Backend, fake_llm: SdkFakeLLM, tmp_path: P
             assert http.delete(f"/api/conversations/{second.id}").json() == {"success": True}
             assert http.get(f"/api/conversations/{second.id}").status_code == 404
             assert http.delete(f"/api/conversations/{second.id}").status_code == 404
+            # Creating again under the deleted id: stock starts afresh, convsvc keeps the
+            # deleted log and refuses the id; neither shows the deleted conversation.
+            again = http.post(
+                "/api/conversations",
+                json={
+                    "agent": sdk.agent(fake_llm).model_dump(
+                        mode="json", context={"expose_secrets": True}
+                    ),
+                    "workspace": {"working_dir": str(tmp_path / "b")},
+                    "conversation_id": str(second.id),
+                },
+            )
+            if backend.name == "stock":
+                assert again.status_code == 201
+                assert http.delete(f"/api/conversations/{second.id}").status_code == 200
+            else:
+                assert again.status_code == 409
+                assert again.json()["reason"] == "CONVERSATION_EXISTS"
             assert http.get(f"/api/conversations/{uuid.uuid4()}").status_code == 404
             left = http.get("/api/conversations/search", params={"limit": 100}).json()["items"]
             assert str(second.id) not in [c["id"] for c in left]

@@ -156,11 +156,19 @@ class Conversations:
         cid = parse_id(str(given)) if given else str(uuid.uuid4())
         if given:
             try:
-                existing = await self.get(key, cid)
+                existing = await self._backend.conversation(cid, key)
             except ApiError as error:
                 if error.status != 404:
                     raise
             else:
+                if existing.labels.get(records.LABEL) != records.ACTIVE:
+                    # A deleted conversation's log is kept: its id is not free again.
+                    raise ApiError(
+                        409,
+                        f"conversation {cid} was deleted or is not an agent-server "
+                        "conversation; create with another id",
+                        "CONVERSATION_EXISTS",
+                    )
                 return await self.info(key, existing), False
         initial = body.get("initial_message")
         request = {k: v for k, v in body.items() if k != "initial_message"}

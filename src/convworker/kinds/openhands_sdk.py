@@ -68,10 +68,26 @@ _SOURCES = frozenset({"agent", "user", "environment"})
 
 
 def warm_up() -> None:
-    """Imports the SDK's tools in the zygote (seconds), so each conversation starts warm."""
+    """Runs here, in the zygote, what every conversation runs first, so that each forked
+    conversation starts warm: the SDK's tools imported and registered, litellm's lazy
+    first-call loading (the OpenAI SDK's resources and its tokenizer), an agent and its LLM
+    built, one event serialised. No thread is started: the zygote must fork safely."""
     try:
-        import openhands.tools.preset.default  # noqa: F401 - registers the default tools
-    except Exception:  # only an optimisation
+        import litellm
+        import openai.resources  # noqa: F401 - litellm imports it lazily on the first call
+        from openhands.sdk import LLM, Agent, Tool
+        from openhands.tools.preset.default import register_default_tools
+
+        register_default_tools(enable_browser=False)
+        litellm.token_counter(model="gpt-4o", messages=[{"role": "user", "content": "warm"}])
+        agent = Agent(
+            llm=LLM(model="openai/gpt-4o", usage_id="warm"), tools=[Tool(name="terminal")]
+        )
+        MessageEvent(
+            source="user", llm_message=Message(role="user", content=[TextContent(text="warm")])
+        ).model_dump(mode="json")
+        agent.model_dump(mode="json")
+    except Exception:  # only an optimisation: each conversation pays instead
         log.warning("openhands-sdk: warming up failed", exc_info=True)
 
 
