@@ -12,7 +12,7 @@ import structlog
 
 from convsvc import tracing
 from convsvc.agent_server.records import AGENT_KIND
-from convsvc.agent_server.server import AgentServerApi
+from convsvc.agent_server.server import build_app as build_agent_server
 from convsvc.agents import available_agents
 from convsvc.cluster.follow import Followers
 from convsvc.cluster.node import ClusterNode
@@ -30,6 +30,8 @@ from convsvc.transport.access import Access, Auditor
 from convsvc.transport.server import GrpcServer
 from convsvc.transport.servicer import ConversationServicer
 from convsvc.transport.tokens import TokenAuthority, derived_signing_key
+from convsvc.web.loopback import Backend
+from convsvc.web.server import InLoopServer
 from convsvc.webhooks.dispatcher import WebhookDispatcher
 from convsvc.webhooks.endpoints import WebhookEndpoints
 from convsvc.workers import AgentCatalog, WorkerPool
@@ -88,7 +90,8 @@ class ConvsvcApp:
         self._metrics_server: Any = None
         self._revocations: RevocationListener | None = None
         self._tracer_provider: Any = None
-        self._agent_server: AgentServerApi | None = None
+        self._http_servers: list[InLoopServer] = []
+        self._loopback: Backend | None = None
         self.agent_server_address: str | None = None
 
     async def start(self) -> str:
@@ -170,8 +173,7 @@ class ConvsvcApp:
                 (lambda: followers.count) if followers is not None else None,
             )
         address = self.server.address
-        if self.settings.agent_server_listen:
-            self.agent_server_address = await self._start_agent_server(address)
+        await self._start_front_doors(address)
         if self.settings.ready_file is not None:
             tmp = self.settings.ready_file.with_suffix(".tmp")
             tmp.write_text(address)
@@ -188,23 +190,25 @@ class ConvsvcApp:
             log.info("server.serving", address=address, data_dir=str(self.settings.data_dir))
         return address
 
-    async def _start_agent_server(self, grpc_address: str) -> str:
+    async def _start_front_doors(self, grpc_address: str) -> None:
+        """The HTTP front doors that are on: clients of this node's own gRPC service."""
         settings = self.settings
-        assert settings.agent_server_listen is not None
-        token = settings.resolved_auth_token()
-        secret = settings.agent_server_secret_key
         host, _, port = grpc_address.rpartition(":")
         if host in ("", "0.0.0.0", "[::]", "::"):
             host = "127.0.0.1"
-        self._agent_server = AgentServerApi(
-            settings.agent_server_listen,
-            f"{host}:{port}",
-            secret=secret.get_secret_value() if secret is not None else token,
-            auth_required=bool(token),
-            max_message_bytes=settings.max_message_bytes,
-            start_timeout_seconds=settings.agent_server_start_timeout_seconds,
-        )
-        return await self._agent_server.start()
+        self._loopback = Backend(f"{host}:{port}", settings.max_message_bytes)
+        token = settings.resolved_auth_token()
+        if settings.agent_server_listen:
+            secret = settings.agent_server_secret_key
+            api = build_agent_server(
+                self._loopback,
+                secret=secret.get_secret_value() if secret is not None else token,
+                auth_required=bool(token),
+                start_timeout_seconds=settings.agent_server_start_timeout_seconds,
+            )
+            server = InLoopServer(api, settings.agent_server_listen, "agent_server")
+            self.agent_server_address = await server.start()
+            self._http_servers.append(server)
 
     def _access(self) -> Access:
         """Who may call: the service token, and scoped tokens signed with the configured key
@@ -227,8 +231,10 @@ class ConvsvcApp:
         """Graceful shutdown: NOT_SERVING, streams end (clients resume elsewhere), calls in
         flight finish, loops close, the store flushes."""
         log.info("server.stopping")
-        if self._agent_server is not None:
-            await self._agent_server.stop()
+        for http_server in self._http_servers:
+            await http_server.stop()
+        if self._loopback is not None:
+            await self._loopback.close()
         if self.server is not None:
             await self.server.enter_shutdown()
             if self.cluster is not None:

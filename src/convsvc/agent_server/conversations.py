@@ -22,8 +22,8 @@ from convclient import convert
 from convclient.models import Conversation, ConversationStatus
 from convclient.structs import dict_to_struct
 from convsvc.agent_server import records
-from convsvc.agent_server.backend import ApiError, Backend
 from convsvc.v1 import conversation_service_pb2 as pb
+from convsvc.web.loopback import ApiError, Backend
 
 JsonObject = dict[str, Any]
 

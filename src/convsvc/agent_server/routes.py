@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from convsvc.agent_server import records
-from convsvc.agent_server.backend import ApiError
 from convsvc.agent_server.conversations import Conversations, parse_id
+from convsvc.web.loopback import ApiError
 
 API_VERSION = "1.58.2"
 """The agent-server release whose API this serves."""

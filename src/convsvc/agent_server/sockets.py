@@ -23,8 +23,8 @@ import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from convsvc.agent_server import records
-from convsvc.agent_server.backend import ApiError
 from convsvc.agent_server.conversations import Conversations
+from convsvc.web.loopback import ApiError
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
-"""The API's way into convsvc: its own node's gRPC service, called with the caller's session
-key as the bearer token. Everything a gRPC client meets applies unchanged (the service token
-and scoped tokens, per-user limits, admission policies, audit, forwarding to the owner in a
-cluster); convsvc's errors become the HTTP answers a stock agent-server gives.
+"""An HTTP front door's way into convsvc: its own node's gRPC service, called with the
+caller's credential as the bearer token. Everything a gRPC client meets applies unchanged (the
+service token and scoped tokens, per-user limits, admission policies, audit, forwarding to
+the owner in a cluster); convsvc's errors become HTTP answers.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ApiError(Exception):
 
 
 class Backend:
-    """Calls convsvc at ``address`` (this node) for API requests."""
+    """Calls convsvc at ``address`` (this node) for HTTP requests."""
 
     def __init__(self, address: str, max_message_bytes: int) -> None:
         self.address = address
@@ -114,6 +114,22 @@ class Backend:
         try:
             async for message in call:
                 yield convert.event_batch(message)
+        except grpc.RpcError as exc:
+            raise ApiError.of(
+                from_rpc_error(exc, address=self.address, timeout=_TIMEOUT_SECONDS)
+            ) from None
+        finally:
+            call.cancel()
+
+    async def watch(self, key: str | None) -> AsyncIterator[Any]:
+        """WatchConversations' responses (a snapshot, then changes) until the caller stops
+        reading or convsvc ends the stream."""
+        call = self._stub.WatchConversations(
+            pb.WatchConversationsRequest(), metadata=_metadata(key)
+        )
+        try:
+            async for message in call:
+                yield message
         except grpc.RpcError as exc:
             raise ApiError.of(
                 from_rpc_error(exc, address=self.address, timeout=_TIMEOUT_SECONDS)
