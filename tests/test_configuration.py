@@ -43,3 +43,25 @@ def test_empty_token_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     token.write_text("")
     assert main(["serve", "--auth-token-file", str(token)]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_the_console_without_auth_stays_on_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["serve", *data, "--console-listen", "0.0.0.0:8080"]) == 2
+    assert "the console without a service token serves only on loopback" in capsys.readouterr().err
+    # On loopback, behind a token, or when the operator says so, it starts.
+    assert build_settings(["serve", *data, "--console-listen", "127.0.0.1:8080"]).console_listen
+    assert build_settings(
+        ["serve", *data, "--console-listen", "0.0.0.0:8080", "--auth-token-file", _token(tmp_path)]
+    ).console_listen
+    monkeypatch.setenv("CONVSVC_CONSOLE_ALLOW_REMOTE_WITHOUT_AUTH", "true")
+    allowed = build_settings(["serve", *data, "--console-listen", "0.0.0.0:8080"])
+    assert allowed.console_listen == "0.0.0.0:8080"
+
+
+def _token(tmp_path: Path) -> str:
+    path = tmp_path / "token"
+    path.write_text("a-service-token-for-the-console")
+    return str(path)

@@ -21,6 +21,8 @@ from convsvc.cluster.routing import Router
 from convsvc.cluster.servicer import ClusteredServicer
 from convsvc.cluster.watch import ClusterWatch
 from convsvc.config import Settings
+from convsvc.console.routes import STATS_SECONDS, Console
+from convsvc.console.session import Sessions
 from convsvc.engine import ConversationEngine
 from convsvc.metrics import Metrics
 from convsvc.storage.postgres import PostgresStore
@@ -93,6 +95,7 @@ class ConvsvcApp:
         self._http_servers: list[InLoopServer] = []
         self._loopback: Backend | None = None
         self.agent_server_address: str | None = None
+        self.console_address: str | None = None
 
     async def start(self) -> str:
         """Opens the store, starts the engine and serves; returns the bound host:port."""
@@ -135,6 +138,9 @@ class ConvsvcApp:
             servicer = ClusteredServicer(self.engine, self._router, self._followers, watch)
         servicer = servicer or ConversationServicer(self.engine)
         servicer.webhooks = self.webhooks
+        servicer.workers = self.workers.views
+        if self.postgres is not None:
+            servicer.nodes = PostgresDirectory(self.postgres).node_views
         await self.webhooks.register_configured()
         self._dispatcher = WebhookDispatcher(
             self.store,
@@ -161,6 +167,7 @@ class ConvsvcApp:
         )
         if self.cluster is not None and self._router is not None:
             self.cluster.address = self.cluster.address or self.server.address
+            servicer.node_address = self.cluster.address
             await self.cluster.register()
             self.cluster.start(self.server.set_serving, self._router.evict_remote)
         await self.server.start()
@@ -209,6 +216,27 @@ class ConvsvcApp:
             server = InLoopServer(api, settings.agent_server_listen, "agent_server")
             self.agent_server_address = await server.start()
             self._http_servers.append(server)
+        if settings.console_listen:
+            sessions = Sessions(
+                auth_required=bool(token), secure_cookie=settings.console_secure_cookie
+            )
+            console = Console(self._loopback, sessions, self._console_stats).app()
+            server = InLoopServer(console, settings.console_listen, "console")
+            self.console_address = await server.start()
+            self._http_servers.append(server)
+
+    def _console_stats(self) -> dict[str, Any]:
+        """This node's figures for the console's chart: running conversations, and the
+        events committed so far (the page turns them into a rate)."""
+        running = self.engine.queries.gauges().conversations_by_status.get("running", 0)
+        committed = sum(
+            sample.value
+            for metric in self.metrics.registry.collect()
+            if metric.name == "convsvc_commit_batch_events"
+            for sample in metric.samples
+            if sample.name.endswith("_sum")
+        )
+        return {"running": running, "events_total": committed, "interval_seconds": STATS_SECONDS}
 
     def _access(self) -> Access:
         """Who may call: the service token, and scoped tokens signed with the configured key

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca-file", type=Path, help="require client certificates (mTLS)")
     serve.add_argument("--metrics-listen", help="host:port for Prometheus /metrics")
     serve.add_argument(
+        "--console-listen", help="host:port for the operator console (CONVSVC_CONSOLE_LISTEN)"
+    )
+    serve.add_argument(
         "--agent-server-listen",
         help="host:port for the OpenHands agent-server API (CONVSVC_AGENT_SERVER_LISTEN)",
     )

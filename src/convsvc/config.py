@@ -228,6 +228,12 @@ class Settings(BaseSettings):
     use_uvloop: bool = True
     metrics_listen: str | None = None
     """host:port for a Prometheus /metrics endpoint; off when unset."""
+    console_listen: str | None = None
+    """host:port for the operator console (a web page); off when unset."""
+    console_secure_cookie: bool = False
+    """Mark the console's session cookie Secure (serve the console behind HTTPS then)."""
+    console_allow_remote_without_auth: bool = False
+    """Without a service token the console serves only on loopback, unless this is set."""
     agent_server_listen: str | None = None
     """host:port for the OpenHands agent-server API (1.x clients); off when unset. Its
     session keys are convsvc's tokens (the service token or scoped tokens)."""
@@ -276,6 +282,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"CONVSVC_TOKEN_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes long "
                 "(RFC 7518: an HS256 key as long as the hash)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _console_behind_auth(self) -> Settings:
+        listen = self.console_listen
+        if listen is None or self.console_allow_remote_without_auth:
+            return self
+        host = listen.rpartition(":")[0].strip("[]")
+        if (
+            self.auth_token is None
+            and self.auth_token_file is None
+            and host not in ("127.0.0.1", "localhost", "::1")
+        ):
+            raise ValueError(
+                "the console without a service token serves only on loopback: listen on "
+                "127.0.0.1, set CONVSVC_AUTH_TOKEN, or set "
+                "CONVSVC_CONSOLE_ALLOW_REMOTE_WITHOUT_AUTH=true"
             )
         return self
 

@@ -342,3 +342,25 @@ class DeliveryQuery:
     after: tuple[datetime, str] | None = None
     """The (create time, id) of the previous page's last delivery."""
     limit: int = 100
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerView:
+    """An attached agent worker, as ListWorkers shows it."""
+
+    worker_id: str
+    kinds: tuple[str, ...]
+    capacity: int
+    conversation_ids: tuple[str, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class NodeView:
+    """A live node of a cluster, as ListWorkers shows it."""
+
+    node_id: str
+    address: str
+    heartbeat_time: datetime
+    lease_expire_time: datetime
+    conversation_count: int
+    agent_kinds: tuple[str, ...]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from convsvc.domain import Connection
+from convsvc.domain import Connection, NodeView
 from convsvc.storage.postgres import PostgresStore
 from convsvc.storage.sql import page_filters
 
@@ -57,6 +57,33 @@ class PostgresDirectory:
                 self._store.node_id,
             )
         )
+
+    async def node_views(self) -> list[NodeView]:
+        """Every live node with how many conversations it holds leases on, by node id."""
+        rows = await self._store.run(
+            lambda conn: conn.fetch(
+                self._store.sql(
+                    "SELECT n.node_id, n.address, n.heartbeat_at, n.agent_kinds, "
+                    "n.heartbeat_at + make_interval(secs => $TTL) AS lease_expires, "
+                    "(SELECT count(*) FROM conversations c "
+                    " WHERE c.running AND c.owner_node = n.node_id) AS held "
+                    "FROM nodes n "
+                    "WHERE n.heartbeat_at > now() - make_interval(secs => $TTL) "
+                    "ORDER BY n.node_id"
+                )
+            )
+        )
+        return [
+            NodeView(
+                node_id=row["node_id"],
+                address=row["address"],
+                heartbeat_time=row["heartbeat_at"],
+                lease_expire_time=row["lease_expires"],
+                conversation_count=int(row["held"]),
+                agent_kinds=tuple(sorted(row["agent_kinds"] or ())),
+            )
+            for row in rows
+        ]
 
     async def live_nodes(self) -> list[tuple[str, str]]:
         """(node id, address) of every node whose heartbeat is fresh, this one included."""

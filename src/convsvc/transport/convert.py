@@ -22,12 +22,14 @@ from convsvc.domain import (
     ConversationView,
     DeliveryState,
     JsonObject,
+    NodeView,
     PendingAction,
     SecurityRisk,
     StatusUpdate,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEventType,
+    WorkerView,
 )
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.engine.watch import Change, ChangeKind, WatchedConversation, WatchUpdate
@@ -399,3 +401,26 @@ def watch_update_to_pb(update: WatchUpdate) -> list[pb.WatchConversationsRespons
     responses[-1].snapshot_complete = True
     responses[-1].resume_token = update.resume_token
     return responses
+
+
+def worker_to_pb(worker: WorkerView, node_address: str) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        worker_id=worker.worker_id,
+        kinds=list(worker.kinds),
+        capacity=worker.capacity,
+        load=len(worker.conversation_ids),
+        conversation_ids=list(worker.conversation_ids),
+        node_address=node_address,
+    )
+
+
+def node_to_pb(node: NodeView) -> pb.NodeInfo:
+    message = pb.NodeInfo(
+        node_id=node.node_id,
+        address=node.address,
+        conversation_count=node.conversation_count,
+        agent_kinds=list(node.agent_kinds),
+    )
+    message.heartbeat_time.FromDatetime(node.heartbeat_time)
+    message.lease_expire_time.FromDatetime(node.lease_expire_time)
+    return message

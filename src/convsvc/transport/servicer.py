@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias
 
 import grpc
 
 from convsvc import validation
+from convsvc.domain import NodeView, WorkerView
 from convsvc.engine import ConversationEngine
 from convsvc.engine.subscriptions import StreamItem
 from convsvc.errors import FailedPrecondition, InvalidArgument
@@ -25,6 +26,7 @@ from convsvc.transport.convert import (
     conversation_to_pb,
     delivery_states,
     delivery_to_pb,
+    node_to_pb,
     optional_struct,
     optional_time,
     permission,
@@ -35,6 +37,7 @@ from convsvc.transport.convert import (
     watch_update_to_bytes,
     webhook_event_types,
     webhook_to_pb,
+    worker_to_pb,
 )
 from convsvc.v1 import conversation_service_pb2 as pb
 from convsvc.webhooks.endpoints import WebhookEndpoints
@@ -51,6 +54,11 @@ class ConversationServicer:
         self.access: Access | None = None
         self.auditor: Auditor | None = None
         self.webhooks: WebhookEndpoints | None = None
+        self.workers: Callable[[], list[WorkerView]] = list
+        """The workers attached to this node (ListWorkers)."""
+        self.nodes: Callable[[], Awaitable[list[NodeView]]] | None = None
+        """In clustered mode, the live nodes (ListWorkers)."""
+        self.node_address = ""
         self.tasks = TaskOwner()
 
     async def close(self) -> None:
@@ -390,6 +398,15 @@ class ConversationServicer:
         self, request: pb.DeleteWebhookRequest, context: Context
     ) -> pb.DeleteWebhookResponse:
         return pb.DeleteWebhookResponse(removed=await self._endpoints().delete(request.webhook_id))
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: Context
+    ) -> pb.ListWorkersResponse:
+        nodes = await self.nodes() if self.nodes is not None else []
+        return pb.ListWorkersResponse(
+            workers=[worker_to_pb(w, self.node_address) for w in self.workers()],
+            nodes=[node_to_pb(n) for n in nodes],
+        )
 
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: Context

@@ -155,6 +155,11 @@ class ConversationServiceStub(object):
                 request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
                 response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.FromString,
                 )
+        self.ListWorkers = channel.unary_unary(
+                '/convsvc.v1.ConversationService/ListWorkers',
+                request_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersResponse.FromString,
+                )
 
 
 class ConversationServiceServicer(object):
@@ -411,6 +416,15 @@ class ConversationServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """Lists the agent workers attached to the node that answers, with what each runs, and in
+        clustered mode every live node with the conversations it holds leases on (service token
+        only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -543,6 +557,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.ListWebhookDeliveries,
                     request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.FromString,
                     response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1004,5 +1023,22 @@ class ConversationService(object):
         return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListWebhookDeliveries',
             convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
             convsvc_dot_v1_dot_conversation__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/convsvc.v1.ConversationService/ListWorkers',
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersRequest.SerializeToString,
+            convsvc_dot_v1_dot_conversation__service__pb2.ListWorkersResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

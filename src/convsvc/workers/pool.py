@@ -25,7 +25,7 @@ import structlog
 from convsvc import validation
 from convsvc.agents import AgentContext
 from convsvc.config import WorkersConfig
-from convsvc.domain import JsonObject
+from convsvc.domain import JsonObject, WorkerView
 from convsvc.errors import (
     AlreadyExists,
     ConvsvcError,
@@ -329,6 +329,19 @@ class WorkerPool:
             if loop is not None:
                 return session.worker_id, loop.assignment
         return None
+
+    def views(self) -> list[WorkerView]:
+        """The attached workers and what each runs, by worker id."""
+        return [
+            WorkerView(
+                worker_id=session.worker_id,
+                kinds=tuple(sorted(session.kinds)),
+                capacity=session.capacity,
+                conversation_ids=tuple(sorted(session.loops)),
+            )
+            for session in sorted(self._sessions.values(), key=lambda s: s.worker_id)
+            if not session.detached
+        ]
 
     def gauges(self) -> WorkerGauges:
         """The attached workers and their slots now, for metrics."""

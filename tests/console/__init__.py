@@ -1,0 +1,1 @@
+"""The operator console in a real browser: Debian's Chromium driven by Playwright."""
