@@ -525,3 +525,43 @@ async def test_readme_webhook_example(server_process: Callable[..., Any]) -> Non
         "demo-4",
         "WEBHOOK_EVENT_TYPE_CLOSED",
     )
+
+
+async def test_readme_list_workers_example(
+    server_process: Callable[..., Any], start_worker: Callable[..., Any]
+) -> None:
+    """The README's ListWorkers command shows an attached worker and what it runs."""
+    [block] = [b for b in section_blocks("Operator console") if "ListWorkers" in b]
+    command = shlex.split(block.split("```", 1)[0].strip())
+    token = "grpcurl-list-workers-token"
+    server = server_process(
+        {"CONVSVC_AUTH_TOKEN": token, "CONVSVC_WORKERS__KINDS": '["worker-echo"]'}
+    )
+    address = server.start()
+    worker = start_worker(address, "console-worker", CONVSVC_TOKEN=token)
+    argv = [arg.replace("$CONVSVC_AUTH_TOKEN", token) for arg in command]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ConversationServiceStub(channel)
+        auth = (("authorization", f"Bearer {token}"),)
+        # The start waits for a worker; the worker's first event says it runs there.
+        await stub.StartConversation(
+            pb.StartConversationRequest(conversation_id="on-a-worker", agent="worker-echo"),
+            metadata=auth,
+        )
+        await grpc_events_until(
+            stub,
+            "on-a-worker",
+            agent_state_is("awaiting_user_input"),
+            timeout=60,
+            metadata=auth,
+        )
+        listed = await grpcurl_json(argv, address)
+    [shown] = listed["workers"]
+    assert shown["worker_id"] == worker.worker_id
+    assert shown["kinds"] == ["worker-echo"] and shown["capacity"] == 4
+    assert shown["load"] == 1 and shown["conversation_ids"] == ["on-a-worker"]
+    assert "nodes" not in listed  # not clustered
+    code, refused = await grpcurl(
+        [a for a in argv if not a.startswith("authorization") and a != "-H"], address
+    )
+    assert code != 0 and "Unauthenticated" in refused
