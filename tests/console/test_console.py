@@ -206,3 +206,52 @@ async def test_the_console_of_a_three_node_cluster(
     for node in group.nodes:
         await expect(page.locator("#node-rows")).to_contain_text(node.address)
     await console.screenshot("cluster-nodes")
+
+
+async def test_approving_from_the_page_and_older_events_on_scroll(
+    served: tuple[ConvsvcApp, pb_grpc.ConversationServiceStub], open_console: Callable[..., Any]
+) -> None:
+    app, stub = served
+    await stub.StartConversation(
+        pb.StartConversationRequest(
+            conversation_id="asks", settings=dict_to_struct({"confirmation_mode": True})
+        ),
+        metadata=AUTH,
+    )
+    await say(stub, "asks", "ls -la")
+    console = await open_console(url(app))
+    await console.log_in(TOKEN)
+    page = console.page
+    await page.goto(f"{url(app)}/console/#/c/asks")
+    await expect(page.locator("#pending")).to_contain_text("Waiting for approval: run")
+    await expect(page.locator("#pending")).to_contain_text("ls -la")
+    await console.screenshot("approval")
+    await page.click("#action-approve")
+    await expect(page.locator("#pending")).to_be_hidden()
+    await expect(page.locator("#timeline")).to_contain_text("agent state: user_confirmed")
+    audit = await stub.ListAuditEntries(
+        pb.ListAuditEntriesRequest(conversation_id="asks"), metadata=AUTH
+    )
+    assert [e.method for e in audit.entries if e.method == "ConfirmAction"] == ["ConfirmAction"]
+
+    # A long log: the newest events first, older ones as the timeline scrolls up.
+    await start(stub, "long")
+    for n in range(40):
+        await say(stub, "long", f"message number {n}")
+    await page.goto(f"{url(app)}/console/#/c/long")
+    await expect(page.locator("#timeline")).to_contain_text("message number 39")
+    await expect(page.locator('#timeline .entry[data-event-id="0"]')).to_have_count(0)
+    entries = page.locator("#timeline .entry")
+    while not await page.locator('#timeline .entry[data-event-id="0"]').count():
+        shown = await entries.count()
+        await page.locator("#timeline").evaluate(
+            "(t) => { t.scrollTop = 0; t.dispatchEvent(new Event('scroll')); }"
+        )
+        await expect(entries).not_to_have_count(shown)  # a page of older events arrived
+    ids = [
+        int(i)
+        for i in await page.locator("#timeline .entry").evaluate_all(
+            "(entries) => entries.map((e) => e.dataset.eventId)"
+        )
+    ]
+    assert ids == list(range(len(ids)))  # every event once, in order
