@@ -189,7 +189,9 @@ async def test_the_console_of_a_three_node_cluster(
     # Started on the two other nodes: the console's node shows them, live.
     for index, node in enumerate(group.nodes[:2]):
         await start(node.stub, f"on-node-{index}")
-    await expect(page.locator("#conversation-rows tr")).to_have_count(2)
+    # Other nodes' changes reach this one through its merged watch (peers found by
+    # heartbeat): allow a loaded machine its seconds.
+    await expect(page.locator("#conversation-rows tr")).to_have_count(2, timeout=30_000)
     owners = {
         await page.locator(f'#conversation-rows tr[data-id="on-node-{i}"] td').nth(5).inner_text()
         for i in range(2)
@@ -255,3 +257,29 @@ async def test_approving_from_the_page_and_older_events_on_scroll(
         )
     ]
     assert ids == list(range(len(ids)))  # every event once, in order
+
+
+async def test_another_site_cannot_log_in_or_act(
+    served: tuple[ConvsvcApp, pb_grpc.ConversationServiceStub], open_console: Callable[..., Any]
+) -> None:
+    app, stub = served
+    await start(stub, "guarded")
+    console = await open_console(url(app))
+    await console.log_in(TOKEN)
+    session = await console.page.request.get(f"{url(app)}/console/api/session")
+    csrf = (await session.json())["csrf"]
+    forged = {"Origin": "http://evil.example", "X-CSRF-Token": csrf}
+    acted = await console.page.request.post(
+        f"{url(app)}/console/api/conversations/guarded/close", headers=forged
+    )
+    assert acted.status == 403
+    logged = await console.page.request.post(
+        f"{url(app)}/console/login",
+        form={"token": TOKEN},
+        headers={"Origin": "http://evil.example"},
+    )
+    assert logged.status == 403
+    found = await stub.GetConversation(
+        pb.GetConversationRequest(conversation_id="guarded"), metadata=AUTH
+    )
+    assert found.conversation.status == pb.CONVERSATION_STATUS_RUNNING

@@ -56,7 +56,8 @@ class _SecurityHeaders:
     HEADERS = (
         (b"content-security-policy", CSP.encode()),
         (b"x-content-type-options", b"nosniff"),
-        (b"referrer-policy", b"no-referrer"),
+        # same-origin: the page's own POSTs carry their Origin (no-referrer would send "null").
+        (b"referrer-policy", b"same-origin"),
         (b"x-frame-options", b"DENY"),
     )
 
@@ -132,7 +133,7 @@ class Console:
                 self.sessions.token(request)
             except LookupError:
                 return JSONResponse({"detail": "log in first"}, status_code=401)
-            if not self.sessions.csrf_ok(request):
+            if not _same_origin(request) or not self.sessions.csrf_ok(request):
                 return JSONResponse(
                     {"detail": "missing or wrong CSRF token", "reason": "CSRF"}, status_code=403
                 )
@@ -156,6 +157,11 @@ class Console:
         return FileResponse(STATIC / "login.html")
 
     async def log_in(self, request: Request) -> Response:
+        if not _same_origin(request):
+            # Another site posting its own token would log this browser in as someone else.
+            return JSONResponse(
+                {"detail": "cross-origin login refused", "reason": "CSRF"}, status_code=403
+            )
         form = await request.form()
         token = str(form.get("token") or "").strip() or None
         if self.sessions.auth_required and not token:
@@ -334,6 +340,17 @@ class Console:
         else:
             return JSONResponse({"detail": f"no action {action!r}"}, status_code=404)
         return JSONResponse({"done": action})
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a state-changing request comes from the console's own pages: browsers send
+    Origin with every POST, and it must name this host (a request without one is not a
+    browser's cross-site request)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
 
 
 async def _answered(handler: Handler, request: Request) -> Response:
