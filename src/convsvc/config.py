@@ -121,6 +121,10 @@ class ClusterConfig(BaseModel):
     takeover_scan_seconds: float = Field(1.0, gt=0)
     """How often a node looks for conversations whose owner is dead or that were handed
     over, and claims them."""
+    crash_check_seconds: float = Field(0.2, gt=0)
+    """How often a node checks whether another node crashed (its liveness lock released with
+    its process): a crashed node's conversations are taken over then, not when its lease
+    runs out."""
     takeover_batch: int = Field(100, ge=1)
     """The most conversations one scan claims."""
     pool_size: int = Field(8, ge=1)

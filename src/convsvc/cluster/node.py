@@ -94,10 +94,13 @@ class ClusterNode:
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
             asyncio.create_task(self._takeover_loop(), name="cluster-takeover"),
+            asyncio.create_task(self._crash_watch_loop(), name="cluster-crash-watch"),
         ]
 
     async def register(self) -> None:
-        """The first heartbeat: the node is in the cluster once this returns."""
+        """The first heartbeat: the node is in the cluster once this returns. Its liveness
+        lock comes first, so that peers never see it registered without one."""
+        await self._directory.hold_liveness_lock()
         await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
         log.info("cluster.joined", node_id=self.node_id, address=self.address)
 
@@ -115,6 +118,7 @@ class ClusterNode:
             await self._directory.leave_cluster()
         except StorageError as exc:
             log.warning("cluster.leave_failed", error=str(exc))
+        await self._directory.release_liveness_lock()
 
     # -- Membership ----------------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_seconds)
             try:
+                await self._directory.hold_liveness_lock()  # again, if its session was lost
                 await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
             except StorageError as exc:
                 if self.database_reachable:
@@ -216,6 +221,19 @@ class ClusterNode:
         if serving != self._serving and self._set_serving is not None:
             self._serving = serving
             await self._set_serving(serving)
+
+    async def _crash_watch_loop(self) -> None:
+        """Takes over, at once, what nodes that crashed (their liveness lock released with
+        their process) held: no waiting out their lease."""
+        while True:
+            await asyncio.sleep(self._config.crash_check_seconds)
+            try:
+                crashed = await self._directory.expire_crashed_nodes()
+                if crashed:
+                    log.warning("cluster.node_crashed", node_ids=crashed)
+                    await self.take_over_orphans()
+            except StorageError as exc:
+                log.warning("cluster.crash_check_failed", error=str(exc))
 
     async def _takeover_loop(self) -> None:
         while True:

@@ -419,11 +419,16 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
     async def listen(self, channel: str, told: Callable[[str], None]) -> asyncpg.Connection:
         """A connection of its own (not the pool's) that calls ``told(payload)`` for every
         notification on ``channel``; close it to stop."""
+        conn = await self.dedicated_connection()
+        await conn.add_listener(channel, lambda _conn, _pid, _channel, payload: told(payload))
+        return conn
+
+    async def dedicated_connection(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, for session state (listeners, locks)."""
         try:
-            conn = await asyncpg.connect(self._dsn, password=self._password)
+            conn: asyncpg.Connection = await asyncpg.connect(self._dsn, password=self._password)
         except UNREACHABLE as exc:
             raise unavailable(exc) from exc
-        await conn.add_listener(channel, lambda _conn, _pid, _channel, payload: told(payload))
         return conn
 
     # -- leases ------------------------------------------------------------------------------

@@ -1,18 +1,28 @@
-"""The cluster's shared directory in PostgreSQL: the nodes (their addresses, heartbeats and
-the agent kinds their workers have room for), which connection watches which conversation,
-and the client instances' heartbeats. Any node can answer from it; ``convsvc.cluster`` keeps
+"""The cluster's shared directory in PostgreSQL: the nodes (their addresses, heartbeats, the
+agent kinds their workers have room for, and the liveness locks that tell a crashed node
+from a silent one), which connection watches which conversation, and the client instances'
+heartbeats. Any node can answer from it; ``convsvc.cluster`` keeps
 it current.
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from collections.abc import Sequence
 
 import asyncpg
+import structlog
 
 from convsvc.domain import Connection, NodeView
+from convsvc.storage.base import StorageError
 from convsvc.storage.postgres import PostgresStore
 from convsvc.storage.sql import page_filters
+
+log = structlog.get_logger(__name__)
+
+LIVENESS_LOCK_CLASS = 1129270851
+"""The advisory lock namespace (classid) of nodes' liveness locks (see migration 0006)."""
 
 
 class PostgresDirectory:
@@ -20,6 +30,67 @@ class PostgresDirectory:
 
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
+        self.lock_key = secrets.randbelow(2**31 - 2) + 1
+        """This node's liveness lock (objid; classid is LIVENESS_LOCK_CLASS)."""
+        self._lock_connection: asyncpg.Connection | None = None
+
+    @property
+    def holds_liveness_lock(self) -> bool:
+        conn = self._lock_connection
+        return conn is not None and not conn.is_closed()
+
+    async def hold_liveness_lock(self) -> bool:
+        """Takes this node's liveness lock on a session of its own, unless it holds it: the
+        lock lasts as long as this process's connection, and peers read a crashed node's
+        death from its release. False when the database cannot be reached now."""
+        if self.holds_liveness_lock:
+            try:  # the session may be gone without the socket knowing yet
+                assert self._lock_connection is not None
+                await self._lock_connection.fetchval("SELECT 1", timeout=5)
+                return True
+            except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                log.warning("cluster.liveness_lock_lost", error=str(exc))
+                await self.release_liveness_lock()
+        try:
+            conn = await self._store.dedicated_connection()
+            await conn.execute(
+                "SELECT pg_advisory_lock($1, $2)", LIVENESS_LOCK_CLASS, self.lock_key
+            )
+        except (StorageError, asyncpg.PostgresError, OSError) as exc:
+            log.warning("cluster.liveness_lock_unavailable", error=str(exc))
+            return False
+        self._lock_connection = conn
+        return True
+
+    async def release_liveness_lock(self) -> None:
+        conn, self._lock_connection = self._lock_connection, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                await conn.close(timeout=5)
+
+    async def expire_crashed_nodes(self) -> list[str]:
+        """Marks dead, at once, every other node whose heartbeat is fresh but whose liveness
+        lock is free (its process died and PostgreSQL closed its session): its conversations
+        can be taken over now instead of when its lease runs out. A node that is only silent
+        keeps its session, so its lock, and its lease judges it as before."""
+        rows = await self._store.run(
+            lambda conn: conn.fetch(
+                self._store.sql(
+                    "UPDATE nodes n SET heartbeat_at = '-infinity' "
+                    "WHERE n.node_id <> $1 AND n.lock_key IS NOT NULL "
+                    "AND n.heartbeat_at > now() - make_interval(secs => $TTL) "
+                    "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' "
+                    "AND l.granted AND l.objsubid = 2 "
+                    "AND l.database = (SELECT oid FROM pg_database "
+                    "                  WHERE datname = current_database()) "
+                    "AND l.classid = $2::int::oid AND l.objid = n.lock_key::oid) "
+                    "RETURNING n.node_id"
+                ),
+                self._store.node_id,
+                LIVENESS_LOCK_CLASS,
+            )
+        )
+        return [row[0] for row in rows]
 
     @property
     def node_id(self) -> str:
@@ -27,16 +98,18 @@ class PostgresDirectory:
 
     async def heartbeat_node(self, address: str, agent_kinds: Sequence[str] = ()) -> None:
         """Registers this node or renews its heartbeat (and so all of its leases), with the
-        agent kinds its workers have room for."""
+        agent kinds its workers have room for and, while it holds it, its liveness lock."""
         await self._store.run(
             lambda conn: conn.execute(
-                "INSERT INTO nodes (node_id, address, heartbeat_at, agent_kinds) "
-                "VALUES ($1, $2, now(), $3) ON CONFLICT (node_id) DO UPDATE SET "
+                "INSERT INTO nodes (node_id, address, heartbeat_at, agent_kinds, lock_key) "
+                "VALUES ($1, $2, now(), $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
                 "heartbeat_at = now(), address = excluded.address, "
-                "agent_kinds = excluded.agent_kinds",
+                "agent_kinds = excluded.agent_kinds, lock_key = excluded.lock_key",
                 self._store.node_id,
                 address,
                 list(agent_kinds),
+                # Judged by its lock only while it holds it; by its lease alone otherwise.
+                self.lock_key if self.holds_liveness_lock else None,
             )
         )
 
