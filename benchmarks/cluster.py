@@ -47,7 +47,7 @@ class ClusterSizes:
 
     @classmethod
     def full(cls) -> ClusterSizes:
-        return cls(6_000, 300, 10, 1_000_000, 100_000, 20_000, 10.0, 3)
+        return cls(6_000, 300, 20, 1_000_000, 100_000, 20_000, 10.0, 3)
 
     @classmethod
     def quick(cls) -> ClusterSizes:
@@ -282,6 +282,7 @@ def takeover(postgres: PostgresServer, sizes: ClusterSizes, progress: Progress) 
         "kills": sizes.kills,
         "lease_ttl_seconds": sizes.lease_ttl_seconds,
         "p50_s": percentile(seconds, 0.5),
+        "p99_s": percentile(seconds, 0.99),
         "max_s": max(seconds),
         "acknowledged": acknowledged,
         "lost": lost,

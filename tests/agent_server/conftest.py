@@ -4,13 +4,14 @@ them, and the scripted LLM. The client suite runs against both backends (``backe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,18 +157,29 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     stop_process(process)
 
 
+@contextlib.contextmanager
+def convsvc_backend(
+    root: Path, workers: Sequence[tuple[str, int]] = (("worker-a", 16),), **env: str
+) -> Iterator[Backend]:
+    """convsvc serving the API, with openhands-sdk workers (id, capacity) attached; tests may
+    kill either and start more."""
+    server, url = start_convsvc(root, **env)
+    backend = Backend("convsvc", url, convsvc=server)
+    try:
+        for worker_id, capacity in workers:
+            backend.workers.append(start_worker(root, server.address, worker_id, capacity))
+        yield backend
+    finally:
+        for worker in backend.workers:
+            if worker.process.poll() is None:
+                stop_process(worker.process)
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def convsvc_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """convsvc serving the API, with one openhands-sdk worker attached."""
-    root = tmp_path_factory.mktemp("convsvc-api")
-    server, url = start_convsvc(root)
-    backend = Backend("convsvc", url, convsvc=server)
-    backend.workers.append(start_worker(root, server.address, "worker-a"))
-    yield backend
-    for worker in backend.workers:
-        if worker.process.poll() is None:
-            stop_process(worker.process)
-    server.stop()
+    with convsvc_backend(tmp_path_factory.mktemp("convsvc-api")) as backend:
+        yield backend
 
 
 @pytest.fixture(params=["stock", "convsvc"])

@@ -4,10 +4,9 @@ tools (a title, a summary) gets plain text."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from tests.openhands.fake_llm import FakeLLM, _text
+from tests.openhands.fake_llm import FakeLLM, asked_command
 
 
 class SdkFakeLLM(FakeLLM):
@@ -18,11 +17,4 @@ class SdkFakeLLM(FakeLLM):
             return self._reply(content="A scripted answer.")
         if messages and messages[-1].get("role") == "tool":
             return self._call(tools, "finish", {"message": "Done."})
-        asked = [
-            found.group(1).strip()
-            for m in messages
-            if m.get("role") == "user"
-            for found in [re.search(r"run:[ \t]*(.+)", _text(m))]
-            if found
-        ]
-        return self._call(tools, "terminal", {"command": asked[-1] if asked else "echo hello"})
+        return self._call(tools, "terminal", {"command": asked_command(messages)})

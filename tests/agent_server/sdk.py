@@ -31,6 +31,15 @@ def agent(llm: SdkFakeLLM) -> Agent:
     )
 
 
+def create_body(llm: SdkFakeLLM, working_dir: str, conversation_id: str) -> dict[str, Any]:
+    """A create request's JSON, as a raw HTTP client sends it (the LLM key included)."""
+    return {
+        "agent": agent(llm).model_dump(mode="json", context={"expose_secrets": True}),
+        "workspace": {"working_dir": working_dir},
+        "conversation_id": conversation_id,
+    }
+
+
 def workspace(backend: Backend, working_dir: str, key: str | None = None) -> RemoteWorkspace:
     return RemoteWorkspace(host=backend.url, working_dir=working_dir, api_key=key or backend.key)
 

@@ -243,13 +243,7 @@ def test_search_count_delete(backend: Backend, fake_llm: SdkFakeLLM, tmp_path: P
             # deleted log and refuses the id; neither shows the deleted conversation.
             again = http.post(
                 "/api/conversations",
-                json={
-                    "agent": sdk.agent(fake_llm).model_dump(
-                        mode="json", context={"expose_secrets": True}
-                    ),
-                    "workspace": {"working_dir": str(tmp_path / "b")},
-                    "conversation_id": str(second.id),
-                },
+                json=sdk.create_body(fake_llm, str(tmp_path / "b"), str(second.id)),
             )
             if backend.name == "stock":
                 assert again.status_code == 201

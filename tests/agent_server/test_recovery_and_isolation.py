@@ -13,23 +13,16 @@ import pytest
 
 from convclient import ConvsvcClient
 from tests.agent_server import sdk
-from tests.agent_server.conftest import KEY, Backend, start_convsvc, start_worker
+from tests.agent_server.conftest import KEY, Backend, convsvc_backend, start_worker
 from tests.agent_server.fake_llm import SdkFakeLLM
 from tests.agent_server.test_client_suite import all_events
-from tests.openhands.conftest import stop_process
 
 
 @pytest.fixture
 def isolated(tmp_path: Path) -> Iterator[Backend]:
     """convsvc and one worker of this test's own (the test kills them)."""
-    server, url = start_convsvc(tmp_path)
-    backend = Backend("convsvc", url, convsvc=server)
-    backend.workers.append(start_worker(tmp_path, server.address, "worker-a"))
-    yield backend
-    for worker in backend.workers:
-        if worker.process.poll() is None:
-            stop_process(worker.process)
-    server.stop()
+    with convsvc_backend(tmp_path) as backend:
+        yield backend
 
 
 def test_kill_9_of_the_worker_then_of_convsvc_loses_nothing(
@@ -89,18 +82,13 @@ def test_kill_9_of_the_worker_then_of_convsvc_loses_nothing(
 def limited(tmp_path: Path) -> Iterator[Backend]:
     """convsvc allowing one running conversation per user (refusing more), and two workers
     that run one conversation each."""
-    server, url = start_convsvc(
+    with convsvc_backend(
         tmp_path,
+        workers=(("worker-a", 1), ("worker-b", 1)),
         CONVSVC_ENGINE__MAX_CONCURRENT_CONVERSATIONS="1",
         CONVSVC_ENGINE__ADMISSION_POLICY="reject",
-    )
-    backend = Backend("convsvc", url, convsvc=server)
-    for name in ("worker-a", "worker-b"):
-        backend.workers.append(start_worker(tmp_path, server.address, name, capacity=1))
-    yield backend
-    for worker in backend.workers:
-        stop_process(worker.process)
-    server.stop()
+    ) as backend:
+        yield backend
 
 
 def test_users_apart_and_limited(limited: Backend, fake_llm: SdkFakeLLM, tmp_path: Path) -> None:
@@ -126,13 +114,7 @@ def test_users_apart_and_limited(limited: Backend, fake_llm: SdkFakeLLM, tmp_pat
             # One running conversation per user, refused beyond (not a silent pause).
             refused = http.post(
                 "/api/conversations",
-                json={
-                    "agent": sdk.agent(fake_llm).model_dump(
-                        mode="json", context={"expose_secrets": True}
-                    ),
-                    "workspace": {"working_dir": str(tmp_path / "c")},
-                    "conversation_id": str(uuid.uuid4()),
-                },
+                json=sdk.create_body(fake_llm, str(tmp_path / "c"), str(uuid.uuid4())),
             )
             assert refused.status_code == 429, refused.text
             assert refused.json()["reason"]

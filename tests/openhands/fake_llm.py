@@ -28,6 +28,19 @@ def _text(message: dict[str, Any]) -> str:
     return str(content or "")
 
 
+def asked_command(messages: list[dict[str, Any]]) -> str:
+    """The command of the newest user request "run: X" (the agent may append context after
+    it), or ``echo hello``."""
+    asked = [
+        found.group(1).strip()
+        for m in messages
+        if m.get("role") == "user"
+        for found in [re.search(r"run:[ \t]*(.+)", _text(m))]
+        if found
+    ]
+    return asked[-1] if asked else "echo hello"
+
+
 def _arguments(tool: dict[str, Any], known: dict[str, str]) -> dict[str, Any]:
     """Arguments for a tool's required parameters: ``known`` values, else the first allowed."""
     schema = tool.get("function", {}).get("parameters", {})
@@ -102,16 +115,9 @@ class FakeLLM:
             return self._reply(content=text.removeprefix("echo:").strip())
         if last.get("role") == "tool" or text.startswith("EXECUTION RESULT of ["):
             return self._call(tools, "finish", {"message": "Done.", "task_completed": "true"})
-        # The newest user request (OpenHands may append context after it).
-        asked = [
-            found.group(1).strip()
-            for m in messages
-            if m.get("role") == "user"
-            for found in [re.search(r"run:[ \t]*(.+)", _text(m))]
-            if found
-        ]
-        command = asked[-1] if asked else "echo hello"
-        return self._call(tools, "execute_bash", {"command": command, "is_input": "false"})
+        return self._call(
+            tools, "execute_bash", {"command": asked_command(messages), "is_input": "false"}
+        )
 
     def _call(self, tools: dict[str, Any], name: str, known: dict[str, str]) -> dict[str, Any]:
         if name in tools:

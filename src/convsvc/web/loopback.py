@@ -111,22 +111,20 @@ class Backend:
             pb.StreamEventsRequest(conversation_id=conversation_id, start_id=start_id),
             metadata=_metadata(key),
         )
-        try:
-            async for message in call:
-                yield convert.event_batch(message)
-        except grpc.RpcError as exc:
-            raise ApiError.of(
-                from_rpc_error(exc, address=self.address, timeout=_TIMEOUT_SECONDS)
-            ) from None
-        finally:
-            call.cancel()
+        async for message in self._read(call):
+            yield convert.event_batch(message)
 
-    async def watch(self, key: str | None) -> AsyncIterator[Any]:
+    def watch(self, key: str | None) -> AsyncIterator[Any]:
         """WatchConversations' responses (a snapshot, then changes) until the caller stops
         reading or convsvc ends the stream."""
         call = self._stub.WatchConversations(
             pb.WatchConversationsRequest(), metadata=_metadata(key)
         )
+        return self._read(call)
+
+    async def _read(self, call: Any) -> AsyncIterator[Any]:
+        """A server stream's messages, its failure as an ApiError; cancelled when the reader
+        stops."""
         try:
             async for message in call:
                 yield message
