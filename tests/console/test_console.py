@@ -171,6 +171,9 @@ async def test_a_read_token_looks_but_cannot_act(
         pb.GetConversationRequest(conversation_id="watched"), metadata=AUTH
     )
     assert found.conversation.status == pb.CONVERSATION_STATUS_RUNNING
+    # The operator's pages need the service token.
+    assert (await page.request.get(f"{url(app)}/console/api/workers")).status == 403
+    assert (await page.request.get(f"{url(app)}/console/api/audit")).status == 403
     # A request without the page's CSRF token is refused before convsvc is asked.
     forged = await page.request.post(f"{url(app)}/console/api/conversations/watched/close")
     assert forged.status == 403 and (await forged.json())["reason"] == "CSRF"

@@ -184,6 +184,12 @@ PROBES: dict[str, list[tuple[str, Probe, set[str]]]] = {
             pb.ListWebhookDeliveriesRequest(conversation_id="a-conv")),
          {"", "WEBHOOKS_NOT_CONFIGURED"}),
     ],
+    # The operator's view of the workers (service token only; this server trusts every
+    # caller): no worker is attached here, and listing them changes nothing.
+    "ListWorkers": [
+        ("list the workers and what they run", lambda s: s.ListWorkers(pb.ListWorkersRequest()),
+         {""}),
+    ],
 }  # fmt: skip
 
 
@@ -257,6 +263,8 @@ async def test_a_probe_from_another_user_finds_nothing_and_changes_nothing(
         assert not response.deliveries, what
     if isinstance(response, pb.DeleteWebhookResponse):
         assert not response.removed, what
+    if isinstance(response, pb.ListWorkersResponse):
+        assert not any("a-conv" in w.conversation_ids for w in response.workers), what
     assert not isinstance(response, pb.ConnectResponse), what  # never opened
     # A's conversation and connection are as they were.
     after = await stub.GetConversation(pb.GetConversationRequest(conversation_id="a-conv"))

@@ -144,6 +144,7 @@ async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> 
         "0003_plans_for_stale_statistics.sql",
         "0004_search.sql",
         "0005_webhooks.sql",
+        "0006_liveness_locks.sql",
     ]
     assert await migrate(dsn) == []
 
