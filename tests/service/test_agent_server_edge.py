@@ -85,15 +85,18 @@ async def test_bad_requests_get_precise_answers(api: tuple[ConvsvcApp, httpx.Asy
 async def test_unserved_routes_say_so(api: tuple[ConvsvcApp, httpx.AsyncClient]) -> None:
     _, client = api
     cid = str(uuid.uuid4())
-    for method, path in [
-        ("POST", f"/api/conversations/{cid}/switch_llm"),
-        ("POST", "/api/bash/start_bash_command"),
-        ("GET", "/api/file/download/etc/passwd"),
+    for method, path, named in [
+        ("POST", f"/api/conversations/{cid}/switch_llm", "switch_llm"),
+        ("GET", f"/api/conversations/{cid}/runtime", "runtime"),
+        ("PATCH", f"/api/conversations/{cid}", "title or tags"),
+        ("POST", "/api/bash/start_bash_command", "/api/bash"),
+        ("GET", "/api/file/download/etc/passwd", "/api/file"),
+        ("GET", "/api/skills", "/api/skills"),
     ]:
         answer = await client.request(method, path)
         assert answer.status_code == 501, path
         assert answer.json()["reason"] == "UNSUPPORTED"
-        assert path.split("/")[2] in answer.json()["detail"] or "switch_llm" in path
+        assert named in answer.json()["detail"], answer.json()
 
 
 async def test_an_oversized_body_is_refused(api: tuple[ConvsvcApp, httpx.AsyncClient]) -> None:

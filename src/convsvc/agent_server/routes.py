@@ -47,6 +47,13 @@ UNSUPPORTED = {
     "/api/conversations/{conversation_id}/condense": "not wired yet",
     "/api/conversations/{conversation_id}/fork": "use convsvc's ForkConversation (gRPC)",
     "/api/conversations/{conversation_id}/agent_final_response": "not wired yet",
+    "/api/conversations/{conversation_id}/children": "child conversations are not wired yet",
+    "/api/conversations/{conversation_id}/navigate": "not wired yet",
+    "/api/conversations/{conversation_id}/switch_acp_model": "ACP agents are not served",
+    "/api/conversations/{conversation_id}/runtime": (
+        "the runtime is convsvc's worker; GET /api/conversations/{id} tells its state"
+    ),
+    "/api/conversations/{conversation_id}/runtime/reprovision": "see .../runtime",
     "/api/bash/{path:path}": (
         "shell and file routes act on a sandbox: convsvc's workers host the workspace, and "
         "the SDK's terminal and file tools reach it through the agent"
@@ -169,9 +176,22 @@ class Routes:
             Route(cid, _answers(self.get), methods=["GET"]),
             Route(cid, _answers(self.delete), methods=["DELETE"]),
         ]
+        every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
         routes += [
-            Route(path, _unsupported(path, why), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-            for path, why in UNSUPPORTED.items()
+            Route(path, _unsupported(path, why), methods=every) for path, why in UNSUPPORTED.items()
+        ]
+        routes += [
+            # Updating a conversation's title or tags.
+            Route(
+                cid, _unsupported(cid, "updating title or tags is not wired yet"), methods=["PATCH"]
+            ),
+            # The agent-server's server-level routes (settings, profiles, skills, tools, MCP...)
+            # belong to a stock server's own disk and processes.
+            Route(
+                "/api/{path:path}",
+                _unsupported("/api/...", "this agent-server route is not served"),
+                methods=every,
+            ),
         ]
         return routes
 
@@ -320,8 +340,9 @@ class Routes:
 
 def _unsupported(path: str, why: str) -> Handler:
     async def answer(request: Request) -> Response:
+        shown = request.url.path if path == "/api/..." else path
         return _detail(
-            501, f"{request.method} {path} is not served by convsvc: {why}", "UNSUPPORTED"
+            501, f"{request.method} {shown} is not served by convsvc: {why}", "UNSUPPORTED"
         )
 
     return answer
