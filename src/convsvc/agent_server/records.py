@@ -7,7 +7,6 @@ Pure functions over JSON: no I/O, so the rules are tested alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -111,12 +110,3 @@ def matches(
         text = _message_text(event)
         return text is not None and body.lower() in text.lower()
     return True
-
-
-def latest_snapshot(payloads: Iterable[JsonObject]) -> JsonObject | None:
-    """The first snapshot among ``payloads`` (given newest first)."""
-    for payload in payloads:
-        found = snapshot(payload)
-        if found is not None:
-            return found
-    return None
