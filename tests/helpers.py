@@ -109,6 +109,24 @@ def agent_state_is(state: str) -> Callable[[list[JsonObject]], bool]:
     return done
 
 
+async def engine_reports(
+    engine: ConversationEngine, conversation_id: str, agent_state: str, timeout: float = 10.0
+) -> None:
+    """Waits, on the engine's own watch, until its view of a conversation shows the agent in
+    ``agent_state``: the view the engine's rules read. A stream can show the event a moment
+    earlier (its stored part reads a commit before the commit's listener has updated the
+    view)."""
+
+    async def watch() -> None:
+        async for update in engine.queries.watch_conversations(conversation_ids=[conversation_id]):
+            seen = [w.view for w in update.snapshot or ()]
+            seen += [change.watched.view for change in update.changes]
+            if any(view.agent_state == agent_state for view in seen):
+                return
+
+    await asyncio.wait_for(watch(), timeout)
+
+
 async def settled(engine: ConversationEngine, conversation_id: str) -> None:
     """Waits until a conversation's agent awaits user input (its start has finished)."""
     await engine_events_until(engine, conversation_id, agent_state_is("awaiting_user_input"))

@@ -11,7 +11,13 @@ from convsvc.agents import EchoAgent
 from convsvc.domain import AdmissionPolicy, ConversationStatus
 from convsvc.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
 from tests.conftest import EngineHarness
-from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settled
+from tests.helpers import (
+    BusyAgent,
+    agent_state_is,
+    engine_events_until,
+    engine_reports,
+    settled,
+)
 
 AGENTS = {"busy": BusyAgent, "echo": EchoAgent}
 BUSY = {"action": "message", "args": {"content": "work"}}
@@ -29,6 +35,7 @@ async def make_busy(engine, cid: str, policy: AdmissionPolicy | None = None) -> 
     await settled(engine, cid)
     await engine.send_event(conversation_id=cid, user_id="alice", event=BUSY)
     await engine_events_until(engine, cid, agent_state_is("running"))
+    await engine_reports(engine, cid, "running")
 
 
 async def until_queued(watch, cid: str, position: int) -> None:

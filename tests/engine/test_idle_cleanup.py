@@ -7,7 +7,13 @@ import asyncio
 from convsvc.agents import EchoAgent
 from convsvc.domain import ConversationStatus
 from tests.conftest import EngineHarness
-from tests.helpers import BusyAgent, agent_state_is, engine_events_until, settled
+from tests.helpers import (
+    BusyAgent,
+    agent_state_is,
+    engine_events_until,
+    engine_reports,
+    settled,
+)
 
 
 async def status(engine: EngineHarness, cid: str) -> ConversationStatus:
@@ -54,6 +60,7 @@ async def test_a_running_agent_is_not_closed_however_long_it_runs(make_engine, c
         conversation_id="c1", event={"action": "message", "args": {"content": "work"}}
     )
     await engine_events_until(harness.engine, "c1", agent_state_is("running"))
+    await engine_reports(harness.engine, "c1", "running")
     clock.advance(1000)
     await harness.engine.run_cleanup_once()
     assert await status(harness, "c1") is ConversationStatus.RUNNING
