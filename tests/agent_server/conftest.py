@@ -212,6 +212,17 @@ class Recorder:
             self.events.append(event)
             self._changed.notify_all()
 
+    def wait_until(self, holds: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        """Waits until ``holds()`` is true, checking again at every event."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not holds():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    kinds = [type(e).__name__ for e in self.events]
+                    raise AssertionError(f"not {what} within {timeout} s; saw {kinds}")
+                self._changed.wait(left)
+
     def wait_for(self, found: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:
         """The first event (from the start) for which ``found`` holds."""
         deadline = time.monotonic() + timeout

@@ -100,3 +100,32 @@ def status_is(*statuses: str) -> Any:
         return event.key == "full_state" and str(value.get("execution_status")) in statuses
 
     return found
+
+
+_SETTLED = ("finished", "paused", "error", "stuck", "idle")
+
+
+def run_over(recorder: Recorder, timeout: float = 60) -> None:
+    """Waits until the run that made the last ``finish`` is over: the server's post-run state
+    snapshot (a ``full_state`` with a settled status) came after that finish, as the SDK's
+    own blocking ``run()`` waits for it. (Right after the finish action, the run's last
+    events and that snapshot may still be on their way: a message sent then, and a run()
+    called then, would take the old snapshot for the new run's end.)"""
+
+    def over() -> bool:
+        events = recorder.events
+        finishes = [i for i, e in enumerate(events) if is_finish(e)]
+        if finishes:
+            start = finishes[-1]
+        elif any(is_finish(e) for e in recorder.synced()):
+            start = 0  # it finished before the socket subscribed: its first snapshot says so
+        else:
+            return False
+        return any(
+            type(e).__name__ == "ConversationStateUpdateEvent"
+            and e.key == "full_state"
+            and str(e.value.get("execution_status")) in _SETTLED
+            for e in events[start:]
+        )
+
+    recorder.wait_until(over, "the run over", timeout)

@@ -66,6 +66,7 @@ def test_create_with_a_message_then_a_follow_up_with_history(
     )
     try:
         recorder.wait_for(sdk.is_finish, "finish after the first message")
+        sdk.run_over(recorder)
         observation = recorder.wait_for(
             lambda e: type(e).__name__ == "ObservationEvent" and e.tool_name == "terminal",
             "the command's observation",
@@ -99,6 +100,7 @@ def test_resend_gives_each_event_once_in_search_order(
     conversation, recorder = sdk.start(backend, fake_llm, str(tmp_path), initial="run: echo one")
     try:
         recorder.wait_for(sdk.is_finish, "finish")
+        sdk.run_over(recorder)
         conversation.send_message("run: echo two")
         conversation.run()
         stored = all_events(backend, str(conversation.id))
@@ -135,6 +137,7 @@ def test_event_reads_and_filters(backend: Backend, fake_llm: SdkFakeLLM, tmp_pat
     conversation, recorder = sdk.start(backend, fake_llm, str(tmp_path), initial="run: echo needle")
     try:
         recorder.wait_for(sdk.is_finish, "finish")
+        sdk.run_over(recorder)
         cid = str(conversation.id)
         stored = all_events(backend, cid)
         with backend.http() as http:
@@ -221,6 +224,7 @@ def test_search_count_delete(backend: Backend, fake_llm: SdkFakeLLM, tmp_path: P
     second, _ = sdk.start(backend, fake_llm, str(tmp_path / "b"))
     try:
         first_events.wait_for(sdk.is_finish, "finish")
+        sdk.run_over(first_events)
         with backend.http() as http:
             found = http.get("/api/conversations/search", params={"limit": 100}).json()
             ids = [c["id"] for c in found["items"]]

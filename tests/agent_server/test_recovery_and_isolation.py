@@ -35,6 +35,7 @@ def test_kill_9_of_the_worker_then_of_convsvc_loses_nothing(
     )
     cid = str(conversation.id)
     recorder.wait_for(sdk.is_finish, "finish of the first run")
+    sdk.run_over(recorder)
     before_worker_kill = all_events(isolated, cid)
 
     # The worker dies (kill -9): the conversation moves to a live worker, from the log.
