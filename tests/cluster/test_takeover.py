@@ -101,12 +101,12 @@ async def test_kill_9_of_the_owner_loses_nothing_acknowledged(
     assert await b.metric("convsvc_cluster_followed_conversations") == 1  # for its subscriber
     subscriber.cancel()
     assert subscriber.ids == list(range(len(subscriber.ids)))  # each once, in order, no gap
-    # The survivors' metrics tell the story: one took the conversation over, and both had
-    # forwarded sends to the owner of the moment.
+    # The survivors' metrics tell the story: one took the conversation over, and b (where
+    # every send goes first) forwarded sends to the owner of the moment. (c sees sends only
+    # when b fails one; with a takeover this fast it may see none.)
     takeovers = [await node.metric("convsvc_cluster_takeovers_total") for node in (b, c)]
     assert sum(takeovers) == 1, takeovers
-    for node in (b, c):
-        assert await node.metric("convsvc_cluster_forwards_total", method="SendEvent") > 0
+    assert await b.metric("convsvc_cluster_forwards_total", method="SendEvent") > 0
 
 
 async def test_a_paused_owner_is_fenced_off_when_it_wakes(
