@@ -121,6 +121,9 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     log_path: Path | None = None
+    listen: str = "127.0.0.1:0"
+    wrapper: list[str] = field(default_factory=list)
+    """Runs the server under another command (the partition tests: a network namespace)."""
 
     def start(self, timeout: float = 30.0) -> str:
         ready = self.data_dir.parent / f"ready-{os.getpid()}-{time.monotonic_ns()}"
@@ -128,10 +131,11 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
+                *self.wrapper,
                 str(CONVSVC_BIN),
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                self.listen,
                 "--data-dir",
                 str(self.data_dir),
                 "--ready-file",

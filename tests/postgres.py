@@ -50,6 +50,9 @@ class PostgresServer:
     port: int
     password: str = "convsvc-test-secret"
     """Over TCP every client must authenticate (SCRAM), as in production."""
+    host: str = "127.0.0.1"
+    wrapper: tuple[str, ...] = ()
+    """Runs the server under another command (the partition tests: a network namespace)."""
 
     @property
     def data_dir(self) -> Path:
@@ -57,8 +60,8 @@ class PostgresServer:
 
     def _as_owner(self, *args: str) -> list[str]:
         if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *args]
-        return list(args)
+            return [*self.wrapper, "runuser", "-u", "postgres", "--", *args]
+        return [*self.wrapper, *args]
 
     def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
@@ -89,10 +92,14 @@ class PostgresServer:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        if self.host != "127.0.0.1":
+            # Clients on other hosts (the partition tests' network) sign in with the password.
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            f"-p {self.port} -k {self.root} -c listen_addresses={self.host} "
             "-c max_connections=300 -c fsync=on"
         )
         self._pg_ctl("-w", "-l", str(self.root / "postgres.log"), "-o", options, "start")
@@ -106,7 +113,7 @@ class PostgresServer:
 
     def admin_dsn(self, database: str = "postgres", *, with_password: bool = True) -> str:
         secret = f":{self.password}" if with_password else ""
-        return f"postgresql://postgres{secret}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres{secret}@{self.host}:{self.port}/{database}"
 
     def create_database(self, *, with_password: bool = True) -> str:
         """A fresh, empty database; returns its DSN (without the password when asked).
@@ -118,7 +125,7 @@ class PostgresServer:
             [
                 str(self.bin_dir / "psql"),
                 "-h",
-                "127.0.0.1",
+                self.host,
                 "-p",
                 str(self.port),
                 "-U",

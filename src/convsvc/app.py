@@ -127,6 +127,7 @@ class ConvsvcApp:
                 auth_token=self.settings.resolved_auth_token(),
                 max_message_bytes=self.settings.max_message_bytes,
                 metrics=self.metrics,
+                keepalive_seconds=self.settings.cluster.peer_keepalive_seconds,
             )
             self._followers = Followers(self.cluster, self.postgres, self.engine, self._router)
             watch = ClusterWatch(

@@ -125,6 +125,10 @@ class ClusterConfig(BaseModel):
     """How often a node checks whether another node crashed (its liveness lock released with
     its process): a crashed node's conversations are taken over then, not when its lease
     runs out."""
+    peer_keepalive_seconds: float = Field(1.0, gt=0)
+    """How often a node pings each peer it forwards to, and how long it waits for the answer
+    (and for a connection): a peer cut off from this node is noticed within twice this, and
+    calls forwarded to it then fail at once (OWNER_UNREACHABLE) instead of at their deadline."""
     takeover_batch: int = Field(100, ge=1)
     """The most conversations one scan claims."""
     pool_size: int = Field(8, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -254,6 +255,8 @@ class AuditEntry:
     """For MintToken and RevokeToken: the token minted or revoked."""
     sequence: int = 0
     """Given by the store (0 until stored)."""
+    entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Unique per entry: an entry retried after a commit of unknown outcome is stored once."""
 
 
 @dataclass(slots=True, frozen=True)

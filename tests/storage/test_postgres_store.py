@@ -145,6 +145,7 @@ async def test_migrate_applies_each_migration_once(postgres: PostgresServer) -> 
         "0004_search.sql",
         "0005_webhooks.sql",
         "0006_liveness_locks.sql",
+        "0007_provenance.sql",
     ]
     assert await migrate(dsn) == []
 

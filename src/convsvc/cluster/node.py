@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import structlog
@@ -100,8 +101,10 @@ class ClusterNode:
     async def register(self) -> None:
         """The first heartbeat: the node is in the cluster once this returns. Its liveness
         lock comes first, so that peers never see it registered without one."""
+        sent = time.monotonic()
         await self._directory.hold_liveness_lock()
         await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
+        self._store.leases_valid_until = sent + self._config.lease_ttl_seconds
         log.info("cluster.joined", node_id=self.node_id, address=self.address)
 
     async def stop(self) -> None:
@@ -201,17 +204,26 @@ class ClusterNode:
     # -- background work -------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        # A heartbeat that takes longer than this says the database is out of reach (a
+        # partition drops packets: nothing fails, everything waits).
+        patience = self._config.lease_ttl_seconds / 2
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_seconds)
+            sent = time.monotonic()
             try:
-                await self._directory.hold_liveness_lock()  # again, if its session was lost
-                await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
-            except StorageError as exc:
+                async with asyncio.timeout(patience):
+                    await self._directory.hold_liveness_lock()  # again, if its session was lost
+                    await self._directory.heartbeat_node(self.address, sorted(self._worker_kinds()))
+            except (StorageError, TimeoutError) as exc:
+                self._store.heartbeats_failing = True
                 if self.database_reachable:
                     log.error("cluster.database_unreachable", error=str(exc))
                 self.database_reachable = False
                 await self._report(serving=False)
                 continue
+            # The database's clock renewed the leases no earlier than this was sent.
+            self._store.leases_valid_until = sent + self._config.lease_ttl_seconds
+            self._store.heartbeats_failing = False
             if not self.database_reachable:
                 log.info("cluster.database_back")
             self.database_reachable = True

@@ -100,6 +100,7 @@ class Router:
         auth_token: str | None,
         max_message_bytes: int,
         metrics: Metrics,
+        keepalive_seconds: float = 1.0,
     ) -> None:
         self._node = node
         self._store = store
@@ -107,9 +108,20 @@ class Router:
         self._forwards = metrics.cluster_forwards
         self._engine = engine
         self._auth = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        keepalive_ms = max(1, int(keepalive_seconds * 1000))
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # A peer that stops answering (cut off, stopped, its host gone) would otherwise
+            # hold every forwarded call until its deadline: pings find out within two
+            # intervals, connects give up within one, and calls then fail at once.
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.min_reconnect_backoff_ms", keepalive_ms),
+            ("grpc.initial_reconnect_backoff_ms", min(keepalive_ms, 200)),
+            ("grpc.max_reconnect_backoff_ms", 2 * keepalive_ms),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -222,19 +234,46 @@ class Router:
             return response
         except grpc.aio.AioRpcError as exc:
             self._forwards.labels(method, exc.code().name).inc()
-            trailing = tuple(exc.trailing_metadata() or ())
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
-                key == "grpc-status-details-bin" for key, _ in trailing
-            ):
-                # The owner did not answer at all: once its lease expires another node
-                # takes the conversation over and the retry succeeds.
-                raise Unavailable(
-                    f"the node running this conversation ({owner.address}) does not answer; "
-                    "retry: another node takes it over once its lease expires",
-                    reason="OWNER_UNREACHABLE",
-                    metadata={"owner_address": owner.address},
-                ) from None
-            raise RelayedStatus(exc.code(), exc.details() or "", trailing) from None
+            raise self._relayed(exc, request, owner) from None
+
+    def _relayed(
+        self, exc: grpc.aio.AioRpcError, request: Any, owner: Owner
+    ) -> ConvsvcError | RelayedStatus:
+        """What the caller of a forwarded call is told when it failed: which node failed and
+        what that means for the caller, never another node's trouble as if it were this
+        node's (its database is fine, and so is it)."""
+        assert owner.address is not None
+        cid = str(getattr(request, "conversation_id", "") or "")
+        where = {"owner_address": owner.address, "owner_node": owner.node_id or ""}
+        if cid:
+            where["conversation_id"] = cid
+        trailing = tuple(exc.trailing_metadata() or ())
+        relayed = RelayedStatus(exc.code(), exc.details() or "", trailing)
+        info = relayed.error_info()
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and info is None:
+            # No answer from the owner: down, stopped, or cut off from this node. The
+            # peer channel's keepalive notices within about two seconds, and from then on
+            # calls fail at once rather than waiting out their deadlines.
+            return Unavailable(
+                f"the node running this conversation ({owner.address}) does not answer "
+                "this node; a write may or may not have been made there: retry with the "
+                "same request_id. Another node takes the conversation over at once if "
+                "the owner crashed, or when its lease runs out if it stays silent",
+                reason="OWNER_UNREACHABLE",
+                metadata=where,
+            )
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and info is not None:
+            if info.reason == "OWNER_MOVED":
+                return relayed  # addressed to this caller already: where to go next
+            return Unavailable(
+                f"the node running this conversation ({owner.address}) cannot serve it: "
+                f"{exc.details()} [{info.reason}]. The node you called is healthy and "
+                "forwarded the call; retry with the same request_id: if the owner stays "
+                "unable, another node takes the conversation over when its lease runs out",
+                reason="OWNER_UNAVAILABLE",
+                metadata={**where, "owner_reason": info.reason},
+            )
+        return relayed.naming(where)
 
     async def watch_peer(
         self, address: str, request: pb.WatchConversationsRequest, resume_only: bool

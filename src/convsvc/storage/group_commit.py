@@ -10,11 +10,13 @@ log only, callers are woken before subscribers, and the listener hears of commit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -40,6 +42,11 @@ log = structlog.get_logger(__name__)
 
 AUDIT_LINGER_SECONDS = 0.05
 """How long audit entries wait for a commit to ride before they get one of their own."""
+AUDIT_RETRY_SECONDS = 1.0
+"""How often entries held through a database outage try again when nothing else commits."""
+MAX_HELD_AUDIT = 100_000
+"""The most audit entries held in memory while the database cannot be reached (the oldest
+beyond it go to the log as ``audit.not_stored``)."""
 
 
 @dataclass(slots=True)
@@ -258,6 +265,12 @@ class GroupCommitStore(ABC):
         self._take_activity(final, everything=True)
         if final:
             await self._commit(final)
+        if self._audit_timer is not None:
+            self._audit_timer.cancel()
+            self._audit_timer = None
+        for entry in self._audit:  # the database stayed away to the end: the log keeps them
+            log.error("audit.not_stored", why="the store closed first", **_fields(entry))
+        self._audit = []
 
     def _take_audit(self, batch: list[PendingWrite]) -> None:
         if self._audit_timer is not None:
@@ -266,6 +279,22 @@ class GroupCommitStore(ABC):
         if self._audit:
             batch.append(PendingWrite(audit=self._audit))
             self._audit = []
+
+    def _hold_audit(self, entries: list[AuditEntry]) -> None:
+        """Puts entries whose commit failed back in line, ahead of newer ones, and makes
+        sure a commit retries them even if no other write comes."""
+        if not entries:
+            return
+        self._audit[:0] = entries
+        overflow = len(self._audit) - MAX_HELD_AUDIT
+        if overflow > 0:
+            for entry in self._audit[:overflow]:
+                log.error("audit.not_stored", why="too many held in an outage", **_fields(entry))
+            del self._audit[:overflow]
+        if self._audit_timer is None and self._writer_task is not None:
+            self._audit_timer = asyncio.get_running_loop().call_later(
+                AUDIT_RETRY_SECONDS, self._queue.put_nowait, PendingWrite()
+            )
 
     def _take_activity(self, batch: list[PendingWrite], *, everything: bool = False) -> None:
         """Stores each conversation's last activity and agent state (for searches) with
@@ -327,8 +356,12 @@ class GroupCommitStore(ABC):
                 self._commit_events.observe(sum(len(w.events) for w in ready))
         except StoreUnavailable as exc:
             # Whether the batch committed is unknown: its logs take no more writes until the
-            # engine has re-read where they end; the store itself goes on.
+            # engine has re-read where they end; the store itself goes on. Audit entries
+            # wait for the database (each has an id, so one that did commit is not stored
+            # twice): an outage must not erase the record of the calls refused during it.
             log.error(f"{self.name}.unavailable", error=str(exc), batch=len(batch))
+            self._hold_audit([a for w in ready for a in w.audit])
+            ready = [w for w in ready if not (w.audit and w.done is None)]
             outcomes = [LogInterrupted(w.log, str(exc)) if w.log else exc for w in ready]
         except StorageError as exc:
             # Ids were assigned before the commit; carrying on would leave a gap in a log, so a
@@ -378,6 +411,14 @@ class GroupCommitStore(ABC):
             self._failed_logs[cid] = error
             log.error(f"{self.name}.log_failed", conversation_id=cid, error=str(error))
         return error
+
+
+def _fields(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        f"audit_{name}": value.isoformat() if isinstance(value, datetime) else value
+        for name, value in dataclasses.asdict(entry).items()
+        if value not in ("", 0)
+    }
 
 
 def _fail(write: PendingWrite, error: StorageError) -> None:

@@ -13,9 +13,11 @@ connections, client instances) is ``postgres_directory``'s.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,8 +57,8 @@ WITH batch AS (
     WHERE (c.conversation_id, c.lease_epoch) IN (SELECT conversation_id, epoch FROM batch)
     FOR SHARE
 )
-INSERT INTO events (conversation_id, id, encoded)
-SELECT b.conversation_id, b.id, b.encoded FROM batch b
+INSERT INTO events (conversation_id, id, encoded, epoch, writer)
+SELECT b.conversation_id, b.id, b.encoded, b.epoch, $5::text FROM batch b
 WHERE b.conversation_id IN (SELECT conversation_id FROM leased)
 RETURNING conversation_id
 """
@@ -79,10 +81,11 @@ WHERE c.conversation_id = u.conversation_id
 """
 _INSERT_AUDIT = """
 INSERT INTO audit (time, credential, subject, token_id, method, user_id, conversation_id,
-                   connection_id, request_id, code, reason, affected_token_id)
+                   connection_id, request_id, code, reason, affected_token_id, entry_id)
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                     $12::text[])
+                     $12::text[], $13::text[])
+ON CONFLICT (entry_id) DO NOTHING
 """
 _INSERT_REQUESTS = """
 INSERT INTO requests (scope, request_id, method, fingerprint, result)
@@ -191,6 +194,11 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
         self._pool: asyncpg.Pool | None = None
         self._epochs: dict[str, int] = {}
         self.page_token_key = b""
+        self.leases_valid_until: float | None = None
+        """When (time.monotonic) this node's leases may run out, as far as it knows: one TTL
+        after its last heartbeat that the database confirmed was sent. None: not tracked."""
+        self.heartbeats_failing = False
+        """Whether the node's heartbeats fail now (the database is out of its reach)."""
 
     # -- connecting, schema ----------------------------------------------------------------
 
@@ -224,15 +232,34 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
         )
         return bytes(await conn.fetchval("SELECT value FROM meta WHERE key = 'page_token_key'"))
 
-    async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Runs ``work`` on a pooled connection; an unreachable database is StoreUnavailable."""
+    async def run(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, heartbeat: bool = False
+    ) -> T:
+        """Runs ``work`` on a pooled connection; an unreachable database is StoreUnavailable.
+
+        While the node's heartbeats fail (a partition: nothing is refused, everything waits),
+        work waits at most until its leases may have run out, and after that is refused at
+        once: callers get an answer, not their deadline. Heartbeats are always tried."""
         if self._pool is None:
             raise StorageError("the store is closed")
+        patience = None if heartbeat else self._patience()
         try:
-            async with self._pool.acquire() as conn:
+            async with asyncio.timeout(patience), self._pool.acquire() as conn:
                 return await work(conn)
         except UNREACHABLE as exc:
             raise unavailable(exc) from exc
+
+    def _patience(self) -> float | None:
+        if not self.heartbeats_failing or self.leases_valid_until is None:
+            return None
+        left = self.leases_valid_until - time.monotonic()
+        if left <= 0:
+            raise StoreUnavailable(
+                "no heartbeat of this node has reached the database for longer than the "
+                "lease: other nodes may be running its conversations now, and it waits for "
+                "the database to confirm a heartbeat before it uses it again"
+            )
+        return left
 
     async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         return await self.fetch(sql, *args)
@@ -256,8 +283,19 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
             write.epoch = self._epochs.get(target, -1)  # no claim held: fenced off
 
     async def _write(self, writes: list[PendingWrite]) -> list[WriteOutcome]:
+        # A commit still waiting when the leases it writes under may have run out is given
+        # up (its outcome unknown, as after any lost connection): the callers behind it
+        # get an answer instead of waiting on a database that is out of reach.
+        patience = None
+        if self.leases_valid_until is not None:
+            patience = max(self.leases_valid_until - time.monotonic(), 1.0)
         try:
-            return await self.run(lambda conn: self._transaction(conn, writes))
+            async with asyncio.timeout(patience):
+                return await self.run(lambda conn: self._transaction(conn, writes))
+        except TimeoutError:
+            raise StoreUnavailable(
+                "a commit did not finish while this node's leases were sure to hold"
+            ) from None
         except asyncpg.UniqueViolationError:
             # A log already holds one of these ids: each write alone, to find which.
             outcomes: list[WriteOutcome] = []
@@ -294,6 +332,7 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
                     [e.id for e, _ in events],
                     [e.encoded for e, _ in events],
                     [epoch for _, epoch in events],
+                    self.node_id,
                 )
                 kept = {row[0] for row in inserted}
                 fenced |= {e.conversation_id for e, _ in events} - kept
@@ -358,6 +397,7 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
                             "code",
                             "reason",
                             "affected_token_id",
+                            "entry_id",
                         )
                     ),
                 )

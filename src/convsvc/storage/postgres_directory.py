@@ -53,12 +53,25 @@ class PostgresDirectory:
                 await self.release_liveness_lock()
         try:
             conn = await self._store.dedicated_connection()
-            await conn.execute(
-                "SELECT pg_advisory_lock($1, $2)", LIVENESS_LOCK_CLASS, self.lock_key
-            )
         except (StorageError, asyncpg.PostgresError, OSError) as exc:
             log.warning("cluster.liveness_lock_unavailable", error=str(exc))
             return False
+        # A fresh key each time: a session of this node that the database still believes
+        # alive (cut off by a partition, its end closed long ago) may hold the last one
+        # for hours, and peers judge this node by the key its heartbeat names.
+        key = secrets.randbelow(2**31 - 2) + 1
+        try:
+            taken = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", LIVENESS_LOCK_CLASS, key, timeout=5
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.warning("cluster.liveness_lock_unavailable", error=str(exc))
+            taken = False
+        if not taken:
+            with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError):
+                await conn.close(timeout=5)
+            return False
+        self.lock_key = key
         self._lock_connection = conn
         return True
 
@@ -79,6 +92,9 @@ class PostgresDirectory:
                     "UPDATE nodes n SET heartbeat_at = '-infinity' "
                     "WHERE n.node_id <> $1 AND n.lock_key IS NOT NULL "
                     "AND n.heartbeat_at > now() - make_interval(secs => $TTL) "
+                    # A restarted database has dropped every session, and with them every
+                    # node's lock: until a lease has passed, nodes are judged by it alone.
+                    "AND pg_postmaster_start_time() < now() - make_interval(secs => $TTL) "
                     "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' "
                     "AND l.granted AND l.objsubid = 2 "
                     "AND l.database = (SELECT oid FROM pg_database "
@@ -110,7 +126,8 @@ class PostgresDirectory:
                 list(agent_kinds),
                 # Judged by its lock only while it holds it; by its lease alone otherwise.
                 self.lock_key if self.holds_liveness_lock else None,
-            )
+            ),
+            heartbeat=True,
         )
 
     async def nodes_running(self, agent_kind: str) -> list[tuple[str, str]]:

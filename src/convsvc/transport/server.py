@@ -50,6 +50,11 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Peers forwarding to this node ping it every second or so to notice a
+                # partition quickly (see cluster.routing); allow that without a strike.
+                ("grpc.http2.min_ping_interval_without_data_ms", 500),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_ping_strikes", 0),
             ],
         )
         self._health = health.aio.HealthServicer()

@@ -59,6 +59,24 @@ class RelayedStatus(Exception):
         self.details = details
         self.trailing_metadata = trailing_metadata
 
+    def naming(self, extra: dict[str, str]) -> RelayedStatus:
+        """The same status with ``extra`` added to its ErrorInfo's metadata (which node
+        answered); reason and message unchanged: they are the caller's to act on."""
+        trailing: list[Any] = []
+        for key, value in self.trailing_metadata:
+            if key == "grpc-status-details-bin":
+                status = status_pb2.Status.FromString(value)
+                for detail in status.details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        for name, said in extra.items():
+                            if name not in info.metadata:
+                                info.metadata[name] = said
+                        detail.Pack(info)
+                value = status.SerializeToString()
+            trailing.append((key, value))
+        return RelayedStatus(self.code, self.details, tuple(trailing))
+
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
         for key, value in self.trailing_metadata:
             if key == "grpc-status-details-bin":
