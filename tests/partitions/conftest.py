@@ -74,6 +74,7 @@ class LabCluster:
     root: Path
     nodes: list[LabNode] = field(default_factory=list)
     proxies: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start_node(self, *, dsn: str | None = None, **extra_env: str) -> LabNode:
         name = f"n{len(self.nodes) + 1}"
@@ -90,6 +91,31 @@ class LabCluster:
         node = LabNode(name, host, process)
         self.nodes.append(node)
         return node
+
+    def start_worker(self, node: LabNode, worker_id: str) -> subprocess.Popen[bytes]:
+        """An echo agent worker on ``node``'s host (its namespace), attached to it: cut off
+        with it."""
+        log = (self.root / f"{worker_id}.log").open("ab")
+        worker = subprocess.Popen(
+            node.host.command(
+                sys.executable,
+                "-m",
+                "convworker",
+                "--address",
+                node.address,
+                "--worker-id",
+                worker_id,
+                "--workspace-root",
+                str(self.root / f"{worker_id}-work"),
+                "--kind",
+                "worker-echo",
+            ),
+            env={k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(worker)
+        return worker
 
     def slow_link_dsn(self, *, delay: float, loss: float, seed: int) -> str:
         """A DSN through a proxy beside PostgreSQL that delays and loses (see proxy.py)."""
@@ -157,9 +183,9 @@ async def lab_cluster(lab: Lab) -> AsyncIterator[LabCluster]:
                 process.kill()
                 process.wait(10)
             (logs / f"{node.name}.log").write_text(node.logs())  # for a failed run's reader
-        for proxy in group.proxies:
-            proxy.kill()
-            proxy.wait(10)
+        for process in (*group.workers, *group.proxies):
+            process.kill()
+            process.wait(10)
         with contextlib.suppress(subprocess.CalledProcessError):
             postgres.crash()
         shutil.rmtree(root, ignore_errors=True)

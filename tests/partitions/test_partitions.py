@@ -18,6 +18,7 @@ import grpc
 
 from convclient.structs import dict_to_struct
 from convsvc.v1 import conversation_service_pb2 as pb
+from tests.cluster.test_cluster_workers import advertised
 from tests.partitions.conftest import ARTIFACTS, LAB_CLUSTER, LabCluster, LabNode
 from tests.partitions.history import History, Operation, check
 from tests.partitions.workload import USER, Workload, stored_log
@@ -303,3 +304,44 @@ async def test_postgres_restarted_mid_traffic_loses_nothing_and_moves_nothing(
     # Shorter than a lease: every node lost its liveness lock with its session, and none
     # was taken for crashed (the conversation stayed under its first epoch).
     assert {row.epoch for row in log} == {1}
+
+
+WORKER_SETTINGS = {
+    "CONVSVC_WORKERS__KINDS": '["worker-echo"]',
+    "CONVSVC_WORKERS__PING_INTERVAL_SECONDS": "0.2",
+    "CONVSVC_WORKERS__SILENCE_TIMEOUT_SECONDS": "2",
+}
+
+
+async def test_a_partitioned_node_s_worker_conversation_continues_on_another_node_s_worker(
+    lab_cluster: LabCluster, seed: int
+) -> None:
+    group = lab_cluster
+    rng = random.Random(seed)
+    a, b, c = (group.start_node(**WORKER_SETTINGS) for _ in range(3))
+    group.start_worker(a, "wa")
+    group.start_worker(b, "wb")
+    await advertised(group.dsn, a.address, "worker-echo")
+    await advertised(group.dsn, b.address, "worker-echo")
+    await a.stub.StartConversation(
+        pb.StartConversationRequest(conversation_id="conv", user_id=USER, agent="worker-echo"),
+        timeout=30,
+    )
+    assert await owner_address(group.dsn) == a.address
+    work = Workload("conv", [a, b, c])
+    work.start()
+    await work.acknowledged(20)
+    duration = rng.uniform(2.0, 3.0) * LEASE
+    group.lab.isolate(a.host)  # the node and its worker, cut off together
+    cut_at = time.monotonic()
+    await work.acknowledged(20, timeout=6 * LEASE)
+    await asyncio.sleep(cut_at + duration - time.monotonic())  # the schedule
+    assert await owner_address(group.dsn) == b.address  # where a worker has room
+    group.lab.heal()
+    await finish(
+        group,
+        work,
+        "worker-node-isolated",
+        seed,
+        [f"isolate n1 and its worker for {duration:.1f}s"],
+    )

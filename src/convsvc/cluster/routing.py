@@ -87,6 +87,47 @@ def header(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+def relayed_failure(
+    exc: grpc.aio.AioRpcError, request: Any, owner: Owner
+) -> ConvsvcError | RelayedStatus:
+    """What the caller of a forwarded call is told when it failed: which node failed and
+    what that means for the caller, never another node's trouble as if it were this
+    node's (its database is fine, and so is it)."""
+    assert owner.address is not None
+    cid = str(getattr(request, "conversation_id", "") or "")
+    where = {"owner_address": owner.address, "owner_node": owner.node_id or ""}
+    if cid:
+        where["conversation_id"] = cid
+    trailing = tuple(exc.trailing_metadata() or ())
+    relayed = RelayedStatus(exc.code(), exc.details() or "", trailing)
+    info = relayed.error_info()
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and info is None:
+        # No answer from the owner: down, stopped, or cut off from this node. The
+        # peer channel's keepalive notices within about two seconds, and from then on
+        # calls fail at once rather than waiting out their deadlines.
+        return Unavailable(
+            f"the node running this conversation ({owner.address}) does not answer "
+            "this node; a write may or may not have been made there: retry with the "
+            "same request_id. Another node takes the conversation over at once if "
+            "the owner crashed, or when its lease runs out if it stays silent",
+            reason="OWNER_UNREACHABLE",
+            metadata=where,
+        )
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and info is not None:
+        if info.reason == "OWNER_MOVED":
+            return relayed  # addressed to this caller already: where to go next
+        return Unavailable(
+            f"the node running this conversation ({owner.address}) cannot serve it: "
+            f"{exc.details()} [{info.reason}]. That is the owner's trouble, not the "
+            "node you called, which forwarded the call; retry with the same request_id: "
+            "if the owner stays unable, another node takes the conversation over when "
+            "its lease runs out",
+            reason="OWNER_UNAVAILABLE",
+            metadata={**where, "owner_reason": info.reason},
+        )
+    return relayed.naming(where)
+
+
 class Router:
     """Routes ConversationService calls within the cluster."""
 
@@ -234,46 +275,7 @@ class Router:
             return response
         except grpc.aio.AioRpcError as exc:
             self._forwards.labels(method, exc.code().name).inc()
-            raise self._relayed(exc, request, owner) from None
-
-    def _relayed(
-        self, exc: grpc.aio.AioRpcError, request: Any, owner: Owner
-    ) -> ConvsvcError | RelayedStatus:
-        """What the caller of a forwarded call is told when it failed: which node failed and
-        what that means for the caller, never another node's trouble as if it were this
-        node's (its database is fine, and so is it)."""
-        assert owner.address is not None
-        cid = str(getattr(request, "conversation_id", "") or "")
-        where = {"owner_address": owner.address, "owner_node": owner.node_id or ""}
-        if cid:
-            where["conversation_id"] = cid
-        trailing = tuple(exc.trailing_metadata() or ())
-        relayed = RelayedStatus(exc.code(), exc.details() or "", trailing)
-        info = relayed.error_info()
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and info is None:
-            # No answer from the owner: down, stopped, or cut off from this node. The
-            # peer channel's keepalive notices within about two seconds, and from then on
-            # calls fail at once rather than waiting out their deadlines.
-            return Unavailable(
-                f"the node running this conversation ({owner.address}) does not answer "
-                "this node; a write may or may not have been made there: retry with the "
-                "same request_id. Another node takes the conversation over at once if "
-                "the owner crashed, or when its lease runs out if it stays silent",
-                reason="OWNER_UNREACHABLE",
-                metadata=where,
-            )
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and info is not None:
-            if info.reason == "OWNER_MOVED":
-                return relayed  # addressed to this caller already: where to go next
-            return Unavailable(
-                f"the node running this conversation ({owner.address}) cannot serve it: "
-                f"{exc.details()} [{info.reason}]. The node you called is healthy and "
-                "forwarded the call; retry with the same request_id: if the owner stays "
-                "unable, another node takes the conversation over when its lease runs out",
-                reason="OWNER_UNAVAILABLE",
-                metadata={**where, "owner_reason": info.reason},
-            )
-        return relayed.naming(where)
+            raise relayed_failure(exc, request, owner) from None
 
     async def watch_peer(
         self, address: str, request: pb.WatchConversationsRequest, resume_only: bool

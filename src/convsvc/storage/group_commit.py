@@ -104,6 +104,24 @@ def activity(events: Sequence[Event]) -> dict[str, tuple[datetime, str | None]]:
     return found
 
 
+class Durability(asyncio.Future[None]):
+    """The outcome of one submitted write. It cannot be cancelled while the writer runs: a
+    caller that leaves (its deadline passed, its client went away) waits for the outcome
+    before its cancellation takes effect, so that what it holds (a request id's slot, its
+    log's failure handling) is let go only once the write is known to have landed or not.
+    Otherwise a retry could find the request id free and no record yet, and log the event a
+    second time when the first commit lands after all. Commits are bounded in time."""
+
+    def __init__(self, store: GroupCommitStore) -> None:
+        super().__init__()
+        self._store = store
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._store.writing:
+            return False
+        return super().cancel(msg)
+
+
 WriteOutcome = Exception | None
 """None when the write committed; else why it did not (the rest of the batch committed)."""
 
@@ -142,6 +160,11 @@ class GroupCommitStore(ABC):
         Raises StoreUnavailable when the database could not be reached (nothing is known to
         have committed; the store stays open) and StorageError when the store is broken.
         """
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer runs (every queued write will get its outcome)."""
+        return self._writer_task is not None and not self._writer_task.done()
 
     def _start_writer(self) -> None:
         self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name}-writer")
@@ -234,7 +257,7 @@ class GroupCommitStore(ABC):
         if write.log is not None and write.log in self._failed_logs:
             raise self._failed_logs[write.log]
         self._stamp(write)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done = Durability(self)
         write.done = done
         self._queue.put_nowait(write)
         return done
