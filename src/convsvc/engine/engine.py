@@ -35,7 +35,7 @@ from convsvc.engine.admission import Admission
 from convsvc.engine.approvals import decision_answered, decision_event
 from convsvc.engine.connections import ConnectionRegistry
 from convsvc.engine.history import EventHistory
-from convsvc.engine.idempotency import RequestKey, RequestLedger
+from convsvc.engine.idempotency import LedgerCall, RequestKey, RequestLedger
 from convsvc.engine.lifecycle import TOO_MANY_CONVERSATIONS, Lifecycle
 from convsvc.engine.membership import Membership
 from convsvc.engine.queries import ConversationQueries
@@ -449,7 +449,7 @@ class ConversationEngine:
                 policy = busy_policy or self._config.busy_policy
                 if policy is not BusyPolicy.ENQUEUE and payload.get("action") == "message":
                     await self._mind_busy_agent(cid, user, policy)
-                result = await self._append_user_event(cid, user, payload, call.key)
+                result = await self._append_user_event(cid, user, payload, call)
                 call.answered(result, stored=True)
         return str(result["conversation_id"]), int(result["event_id"])
 
@@ -583,7 +583,7 @@ class ConversationEngine:
                         return None, runtime.agent_state
                     else:
                         try:
-                            result = await self._append_user_event(cid, user, payload, call.key)
+                            result = await self._append_user_event(cid, user, payload, call)
                         except BaseException:
                             if not_written is not None:
                                 not_written()
@@ -630,9 +630,10 @@ class ConversationEngine:
         )
 
     async def _append_user_event(
-        self, cid: str, user: str | None, payload: JsonObject, key: RequestKey | None
+        self, cid: str, user: str | None, payload: JsonObject, call: LedgerCall
     ) -> JsonObject:
         """Logs a user event (its idempotency record in the same commit) once durable."""
+        key = call.key
         runtime = await running_for(self._registry, self._store, cid, user)
         if runtime.agent.numbers_own_events:
             # Checked here, where it enters: the loop logs it later (and elsewhere).
@@ -648,14 +649,13 @@ class ConversationEngine:
             return {"conversation_id": cid, "event_id": event_id}
         # No await between finding the runtime running and queueing the event.
         result: JsonObject = {"conversation_id": cid, "event_id": runtime.next_event_id}
-        # A caller that leaves meanwhile still waits here for the commit's outcome (see
-        # group_commit.Durability): its request id stays taken until the event is known to
-        # be logged or not, so a retry never logs it twice.
-        await self._lifecycle.log.append(
-            runtime,
-            [(payload, EventSource.USER)],
-            key.record(result) if key else None,
-            max_bytes=self._config.max_event_bytes,
+        await call.committing(
+            self._lifecycle.log.append(
+                runtime,
+                [(payload, EventSource.USER)],
+                key.record(result) if key else None,
+                max_bytes=self._config.max_event_bytes,
+            )
         )
         return result
 

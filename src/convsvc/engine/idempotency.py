@@ -19,6 +19,7 @@ from convsvc import validation
 from convsvc.domain import IdempotencyRecord, JsonObject
 from convsvc.errors import AlreadyExists
 from convsvc.storage import ConversationStore
+from convsvc.storage.base import Durability
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,7 +39,7 @@ class LedgerCall:
     """One call under a request id, as the ledger sees it (an async context manager: see
     ``RequestLedger.call``; without a request id it does nothing)."""
 
-    __slots__ = ("_ledger", "answer", "finished", "key", "recorded", "stored")
+    __slots__ = ("_ledger", "answer", "effect", "finished", "key", "recorded", "stored")
 
     def __init__(self, key: RequestKey | None, ledger: RequestLedger) -> None:
         self.key = key
@@ -49,6 +50,15 @@ class LedgerCall:
         self.answer: JsonObject | None = None
         self.stored = False
         self.finished: asyncio.Event | None = None
+        self.effect: Durability | None = None
+        """The commit that makes the call's effect (and its record) durable, once queued."""
+
+    def committing(self, effect: Durability) -> Durability:
+        """Registers the commit of the call's effect: if the caller leaves before it is
+        known (its deadline, a cancel), the request id stays taken until it is, so that a
+        retry reads the recorded answer rather than making the effect a second time."""
+        self.effect = effect
+        return effect
 
     def answered(self, result: JsonObject, *, stored: bool) -> None:
         """The call's answer; ``stored``: its record was written atomically with its effect
@@ -113,6 +123,12 @@ class RequestLedger:
     async def _exit(self, call: LedgerCall, failed: bool) -> None:
         key, finished = call.key, call.finished
         assert key is not None and finished is not None
+        effect = call.effect
+        if failed and effect is not None and not effect.settled.done():
+            # The caller left while its effect was being committed: it may still land.
+            slot = (key.scope, key.request_id)
+            effect.settled.add_done_callback(lambda _: self._release(slot, finished))
+            return
         try:
             if not failed and call.answer is not None and not call.stored:
                 # Shielded: once the effect has happened its answer must be recorded, even if

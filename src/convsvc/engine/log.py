@@ -32,6 +32,7 @@ from convsvc.engine.subscriptions import Broadcaster
 from convsvc.engine.watch import ChangeFeed, ChangeKind
 from convsvc.errors import InvalidArgument
 from convsvc.storage import ConversationLogError, ConversationStore
+from convsvc.storage.base import Durability
 from convsvc.tracing import current_trace_parent
 
 MAX_UNCOMMITTED_EMITS = 1000
@@ -72,7 +73,7 @@ class EventLog:
         idempotency: IdempotencyRecord | None = None,
         *,
         max_bytes: int | None = None,
-    ) -> asyncio.Future[None]:
+    ) -> Durability:
         """Gives events the next ids, encodes them and queues them for commit; hands user
         actions to the loop at once. Returns the future of their durability.
 
@@ -114,7 +115,9 @@ class EventLog:
             events.append(event)
         durable = self._store.submit_events(events, idempotency)
         runtime.next_event_id = first_id + len(events)  # only once queued: a failure skips no id
-        durable.add_done_callback(lambda done: self._after_append(runtime, done))
+        # On ``settled``: its outcome arrives even when the caller has left (and ``durable``
+        # was cancelled with it).
+        durable.settled.add_done_callback(lambda settled: self._after_append(runtime, settled))
         if not runtime.agent.numbers_own_events:
             for event in events:
                 if event.source == EventSource.USER and event.kind is EventKind.ACTION:
@@ -204,10 +207,10 @@ class EventLog:
 
     # -- after a commit ----------------------------------------------------------------------
 
-    def _after_append(self, runtime: ConversationRuntime, durable: asyncio.Future[None]) -> None:
-        if durable.cancelled():
-            return
-        error = durable.exception()
+    def _after_append(
+        self, runtime: ConversationRuntime, settled: asyncio.Future[Exception | None]
+    ) -> None:
+        error = settled.result()
         if isinstance(error, ConversationLogError) and not runtime.closing:
             self._on_broken(runtime, error)
 

@@ -73,6 +73,17 @@ class OwnerMoved(ConversationLogError):
         self.owner_address = owner_address
 
 
+class Durability(asyncio.Future[None]):
+    """The outcome of one submitted write, awaited by its caller. ``settled`` gets the same
+    outcome (None, or the error) even when the caller has left and this future was
+    cancelled with it: what must outlive the caller (a request id's slot, the handling of a
+    log whose commit failed) waits on ``settled``, without delaying the caller's wake-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settled: asyncio.Future[Exception | None] = self.get_loop().create_future()
+
+
 class StoreUnavailable(StorageError):
     """The database cannot be reached now; the store recovers once it can."""
 
@@ -137,7 +148,7 @@ class ConversationStore(Protocol):
         idempotency: IdempotencyRecord | None = None,
         events: Sequence[Event] = (),
         notifications: Sequence[Notification] = (),
-    ) -> asyncio.Future[None]:
+    ) -> Durability:
         """Queues a conversation record like ``submit_events`` queues events (and, in the
         same commit, the first ``events`` of its log: a fork's copied history, which notifies
         nothing)."""
@@ -162,7 +173,7 @@ class ConversationStore(Protocol):
 
     def submit_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
+    ) -> Durability:
         """Queues encoded events (ids already assigned) and, atomically with them, an
         idempotency record, behind every earlier submission; returns at once.
 
@@ -208,7 +219,7 @@ class ConversationStore(Protocol):
     async def get_idempotency(self, scope: str, request_id: str) -> IdempotencyRecord | None:
         """Returns the recorded answer of an earlier call with this request id."""
 
-    def submit_idempotency(self, record: IdempotencyRecord) -> asyncio.Future[None]:
+    def submit_idempotency(self, record: IdempotencyRecord) -> Durability:
         """Queues the answer of a call that changed no event log (its future completes once
         it is durable)."""
 

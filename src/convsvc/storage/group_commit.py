@@ -32,6 +32,7 @@ from convsvc.metrics import Metrics
 from convsvc.storage.base import (
     CommitListener,
     ConversationLogError,
+    Durability,
     LogInterrupted,
     StorageError,
     StoreUnavailable,
@@ -65,7 +66,7 @@ class PendingWrite:
     """Conversations' last activity and agent state (None: unchanged) to store with it."""
     epoch: int | None = None
     """The lease epoch the writer held when it submitted (clustered backends fence on it)."""
-    done: asyncio.Future[None] | None = None
+    done: Durability | None = None
 
     @property
     def log(self) -> str | None:
@@ -102,24 +103,6 @@ def activity(events: Sequence[Event]) -> dict[str, tuple[datetime, str | None]]:
             state = str(extras.get("agent_state", "")) or state
         found[event.conversation_id] = (event.timestamp, state)
     return found
-
-
-class Durability(asyncio.Future[None]):
-    """The outcome of one submitted write. It cannot be cancelled while the writer runs: a
-    caller that leaves (its deadline passed, its client went away) waits for the outcome
-    before its cancellation takes effect, so that what it holds (a request id's slot, its
-    log's failure handling) is let go only once the write is known to have landed or not.
-    Otherwise a retry could find the request id free and no record yet, and log the event a
-    second time when the first commit lands after all. Commits are bounded in time."""
-
-    def __init__(self, store: GroupCommitStore) -> None:
-        super().__init__()
-        self._store = store
-
-    def cancel(self, msg: Any = None) -> bool:
-        if self._store.writing:
-            return False
-        return super().cancel(msg)
 
 
 WriteOutcome = Exception | None
@@ -161,11 +144,6 @@ class GroupCommitStore(ABC):
         have committed; the store stays open) and StorageError when the store is broken.
         """
 
-    @property
-    def writing(self) -> bool:
-        """Whether the writer runs (every queued write will get its outcome)."""
-        return self._writer_task is not None and not self._writer_task.done()
-
     def _start_writer(self) -> None:
         self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name}-writer")
 
@@ -192,7 +170,7 @@ class GroupCommitStore(ABC):
         idempotency: IdempotencyRecord | None = None,
         events: Sequence[Event] = (),
         notifications: Sequence[Notification] = (),
-    ) -> asyncio.Future[None]:
+    ) -> Durability:
         return self._submit(
             PendingWrite(
                 conversations=[record],
@@ -205,7 +183,7 @@ class GroupCommitStore(ABC):
 
     def submit_events(
         self, events: Sequence[Event], idempotency: IdempotencyRecord | None = None
-    ) -> asyncio.Future[None]:
+    ) -> Durability:
         return self._submit(
             PendingWrite(events=events, requests=[idempotency] if idempotency else [])
         )
@@ -230,7 +208,7 @@ class GroupCommitStore(ABC):
                 AUDIT_LINGER_SECONDS, self._queue.put_nowait, PendingWrite()
             )
 
-    def submit_idempotency(self, record: IdempotencyRecord) -> asyncio.Future[None]:
+    def submit_idempotency(self, record: IdempotencyRecord) -> Durability:
         return self._submit(PendingWrite(requests=[record]))
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
@@ -249,7 +227,7 @@ class GroupCommitStore(ABC):
         """Whether a commit failed in a way that stops all writes."""
         return self._failure is not None
 
-    def _submit(self, write: PendingWrite) -> asyncio.Future[None]:
+    def _submit(self, write: PendingWrite) -> Durability:
         if self._failure is not None:
             raise self._failure
         if self._writer_task is None:
@@ -257,7 +235,7 @@ class GroupCommitStore(ABC):
         if write.log is not None and write.log in self._failed_logs:
             raise self._failed_logs[write.log]
         self._stamp(write)
-        done = Durability(self)
+        done = Durability()
         write.done = done
         self._queue.put_nowait(write)
         return done
@@ -408,6 +386,7 @@ class GroupCommitStore(ABC):
         for write in committed:
             if write.done is not None and not write.done.done():
                 write.done.set_result(None)
+            _settle(write, None)
         events = [e for w in committed for e in w.events]
         if events:
             for listener in self._listeners:
@@ -444,6 +423,11 @@ def _fields(entry: AuditEntry) -> dict[str, Any]:
     }
 
 
+def _settle(write: PendingWrite, error: Exception | None) -> None:
+    if isinstance(write.done, Durability) and not write.done.settled.done():
+        write.done.settled.set_result(error)
+
+
 def _fail(write: PendingWrite, error: StorageError) -> None:
     if write.done is None:  # audit entries riding the commit: nobody waits for them
         if write.audit:
@@ -451,3 +435,4 @@ def _fail(write: PendingWrite, error: StorageError) -> None:
         return
     if not write.done.done():
         write.done.set_exception(error)
+    _settle(write, error)

@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+RELEASE_SECONDS = 5.0
+"""How long a pooled connection may take to be made ready for reuse before it is dropped."""
 REVOCATIONS_CHANNEL = "convsvc_revocations"
 """Where a revocation is announced to every node (PostgreSQL LISTEN/NOTIFY)."""
 
@@ -244,8 +246,16 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
             raise StorageError("the store is closed")
         patience = None if heartbeat else self._patience()
         try:
-            async with asyncio.timeout(patience), self._pool.acquire() as conn:
-                return await work(conn)
+            async with asyncio.timeout(patience):
+                conn = await self._pool.acquire()
+                try:
+                    return await work(conn)
+                finally:
+                    # A connection whose query was cancelled keeps its slot until the
+                    # cancel request reaches the server, which under a partition is never:
+                    # the pool would run dry. Cut off, such a connection is dropped at once.
+                    budget = 0.1 if self.heartbeats_failing else RELEASE_SECONDS
+                    await self._pool.release(conn, timeout=budget)
         except UNREACHABLE as exc:
             raise unavailable(exc) from exc
 
