@@ -10,7 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tests.postgres import PostgresServer, postgres_bin_dir
 
 # Leases short enough for a test to sit through several; the defaults are in the README.
 LAB_CLUSTER = {
-    "CONVSVC_CLUSTER__LEASE_TTL_SECONDS": "4",
+    "CONVSVC_CLUSTER__LEASE_TTL_SECONDS": "3",
     "CONVSVC_CLUSTER__HEARTBEAT_INTERVAL_SECONDS": "0.5",
     "CONVSVC_CLUSTER__TAKEOVER_SCAN_SECONDS": "0.5",
     "CONVSVC_SHUTDOWN_GRACE_SECONDS": "2",
@@ -75,22 +76,29 @@ class LabCluster:
     nodes: list[LabNode] = field(default_factory=list)
     proxies: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    clients: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """How to stop the test's clients (a failed test leaves them running)."""
 
-    def start_node(self, *, dsn: str | None = None, **extra_env: str) -> LabNode:
-        name = f"n{len(self.nodes) + 1}"
-        host = self.lab.add_host(name)
-        home = self.root / name
-        home.mkdir()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")}
-        env.update(LAB_CLUSTER)
-        env.update({"CONVSVC_DATABASE_URL": dsn or self.dsn, **extra_env})
-        process = ServerProcess(
-            home / "data", env, listen=f"{host.address}:{NODE_PORT}", wrapper=host.command()
-        )
-        process.start()
-        node = LabNode(name, host, process)
-        self.nodes.append(node)
-        return node
+    def start_nodes(self, count: int, *, dsn: str | None = None, **extra_env: str) -> list[LabNode]:
+        """``count`` nodes, each on a host of its own, started side by side."""
+        made: list[LabNode] = []
+        for _ in range(count):
+            name = f"n{len(self.nodes) + 1}"
+            host = self.lab.add_host(name)
+            home = self.root / name
+            home.mkdir()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSVC_")}
+            env.update(LAB_CLUSTER)
+            env.update({"CONVSVC_DATABASE_URL": dsn or self.dsn, **extra_env})
+            process = ServerProcess(
+                home / "data", env, listen=f"{host.address}:{NODE_PORT}", wrapper=host.command()
+            )
+            node = LabNode(name, host, process)
+            self.nodes.append(node)
+            made.append(node)
+        with ThreadPoolExecutor(count) as starting:
+            list(starting.map(lambda node: node.process.start(), made))
+        return made
 
     def start_worker(self, node: LabNode, worker_id: str) -> subprocess.Popen[bytes]:
         """An echo agent worker on ``node``'s host (its namespace), attached to it: cut off
@@ -173,6 +181,8 @@ async def lab_cluster(lab: Lab) -> AsyncIterator[LabCluster]:
         group.dsn = postgres.create_database()
         yield group
     finally:
+        for stop_clients in group.clients:
+            await stop_clients()
         logs = ARTIFACTS / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for node in group.nodes:

@@ -69,6 +69,12 @@ class Workload:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Stops every client at once (after a failure: nothing is waited for)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _sender(self, name: str, home: int, mode: str) -> None:
         owner: LabNode | None = None
         for n in itertools.count():

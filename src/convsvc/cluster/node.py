@@ -302,13 +302,23 @@ class ClusterNode:
                 return Owner(node_id, address, True)
         return None  # nobody has room: it waits here for a worker, as on one node
 
-    async def adopt(self, conversation_id: str) -> None:
-        """Takes over one conversation whose owner is gone, at a caller's request."""
+    async def adopt(self, conversation_id: str, *, may_place_elsewhere: bool) -> Owner | None:
+        """Takes over one conversation whose owner is gone, at a caller's request; or, when
+        its agent runs on workers that this node has no room for and another node's have
+        (and the call was not placed here by a peer already), names that node: the call
+        goes there, and that node takes the conversation over. Taken here, it would wait
+        for a worker that never comes."""
         if conversation_id in self._pending_releases:
-            return  # its loop ended here; the lease is released as soon as the database lets
+            return None  # its loop ended here; the lease is released once the database lets
         record = await self._store.get_conversation(conversation_id)
-        if record is not None:
-            await self._take_over(record)
+        if record is None:
+            return None
+        if may_place_elsewhere:
+            elsewhere = await self.placement(record.agent)
+            if elsewhere is not None:
+                return elsewhere
+        await self._take_over(record)
+        return None
 
     async def _take_over(self, record: ConversationRecord) -> None:
         if await self._engine.take_over(record):

@@ -213,9 +213,10 @@ class Router:
         if not owner.alive or owner.node_id in (None, self._node.node_id):
             # Running by intent, but nobody runs its loop: its owner is gone, handed it
             # over, or is this node, which lost it when the database went away. Take it
-            # over now rather than at the next scan.
-            await self._node.adopt(cid)
-            return None
+            # over now rather than at the next scan (where its workers have room).
+            return await self._node.adopt(
+                cid, may_place_elsewhere=header(context, FORWARDED) is None
+            )
         if header(context, FORWARDED) is not None:
             raise owner_moved(cid, owner)  # the caller's idea of the owner was stale
         return owner
