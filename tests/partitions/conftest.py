@@ -160,7 +160,7 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-async def lab_cluster(lab: Lab) -> AsyncIterator[LabCluster]:
+async def lab_cluster(lab: Lab, request: pytest.FixtureRequest) -> AsyncIterator[LabCluster]:
     """PostgreSQL in its own namespace, a fresh database; nodes are started by the test."""
     database_host = lab.add_host("pg")
     root = Path(tempfile.mkdtemp(prefix="convsvc-lab-"))
@@ -183,7 +183,7 @@ async def lab_cluster(lab: Lab) -> AsyncIterator[LabCluster]:
     finally:
         for stop_clients in group.clients:
             await stop_clients()
-        logs = ARTIFACTS / "logs"
+        logs = ARTIFACTS / "logs" / request.node.name
         logs.mkdir(parents=True, exist_ok=True)
         for node in group.nodes:
             if node.channel is not None:

@@ -212,6 +212,14 @@ class PostgresStore(SqlReads, GroupCommitStore, PostgresOutbox):
                 min_size=1,
                 max_size=self._pool_size,
                 command_timeout=30,
+                # A node cut off in the middle of a transaction leaves it open on the server,
+                # holding its row locks (a takeover's claim waits on them) until the server
+                # notices the connection is dead, which under a partition can take hours.
+                # The server ends such a transaction after half a lease: a node never waits
+                # that long between two statements of one.
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(max(1, int(self._ttl * 500)))
+                },
             )
         except UNREACHABLE as exc:
             raise unavailable(exc) from exc
