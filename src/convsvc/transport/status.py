@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -64,28 +65,36 @@ class RelayedStatus(Exception):
         answered); reason and message unchanged: they are the caller's to act on."""
         trailing: list[Any] = []
         for key, value in self.trailing_metadata:
-            if key == "grpc-status-details-bin":
+            if key == _DETAILS:
                 status = status_pb2.Status.FromString(value)
-                for detail in status.details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        for name, said in extra.items():
-                            if name not in info.metadata:
-                                info.metadata[name] = said
-                        detail.Pack(info)
+                for detail, info in _error_infos(status):
+                    for name, said in extra.items():
+                        if name not in info.metadata:
+                            info.metadata[name] = said
+                    detail.Pack(info)
                 value = status.SerializeToString()
             trailing.append((key, value))
         return RelayedStatus(self.code, self.details, tuple(trailing))
 
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
         for key, value in self.trailing_metadata:
-            if key == "grpc-status-details-bin":
-                status = status_pb2.Status.FromString(value)
-                for detail in status.details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        return info
+            if key == _DETAILS:
+                for _, info in _error_infos(status_pb2.Status.FromString(value)):
+                    return info
         return None
+
+
+_DETAILS = "grpc-status-details-bin"
+
+
+def _error_infos(
+    status: status_pb2.Status,
+) -> Iterator[tuple[any_pb2.Any, error_details_pb2.ErrorInfo]]:
+    """The ErrorInfo details of a status, each with the detail that packs it."""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            yield detail, info
 
 
 def failure_parts(
